@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Where no Vulkan driver is installed (a machine without a GPU), it
+# first installs Mesa's software Vulkan driver (llvmpipe/lavapipe), which runs the shaders on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 \
+   || ! ldconfig -p | grep -q libvulkan.so.1; then
+  echo "no Vulkan driver found: installing Mesa's software Vulkan driver"
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+
+export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+
+cargo test --workspace --locked "$@"

@@ -1,0 +1,764 @@
+//! The GPU context: adapter and device choice, limits and features, tensors, the pipeline cache
+//! and the one way work is put on the GPU (a [`Dispatch`]).
+
+pub mod shader;
+mod tensor;
+
+pub use tensor::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What the engine may use of an adapter. Everything defaults to "use it if present"; switching
+/// a feature off here makes the engine run its fallback path (tests use this).
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub allow_f16: bool,
+    pub allow_subgroups: bool,
+    pub allow_timestamps: bool,
+    pub allow_cooperative_matrix: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            allow_f16: true,
+            allow_subgroups: true,
+            allow_timestamps: true,
+            allow_cooperative_matrix: true,
+        }
+    }
+}
+
+/// How a binding is used by a shader; binding `i` of group 0 is the `i`-th of a dispatch's list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BindKind {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+/// One resource bound to a dispatch.
+pub enum Bind<'a> {
+    /// A uniform buffer (shape parameters).
+    Uniform(&'a wgpu::Buffer),
+    /// A tensor the shader only reads.
+    Read(&'a Tensor),
+    /// A tensor the shader writes (and may read).
+    Write(&'a Tensor),
+}
+
+impl Bind<'_> {
+    fn kind(&self) -> BindKind {
+        match self {
+            Bind::Uniform(_) => BindKind::Uniform,
+            Bind::Read(_) => BindKind::Read,
+            Bind::Write(_) => BindKind::ReadWrite,
+        }
+    }
+}
+
+/// Everything that identifies a compute pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub defines: Vec<(String, String)>,
+    pub layout: Vec<BindKind>,
+}
+
+impl PipelineKey {
+    fn label(&self) -> String {
+        let defs: Vec<String> = self.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}::{}[{}]", self.shader, self.entry, defs.join(","))
+    }
+}
+
+/// A cached pipeline and the layout its bind groups are made with.
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub bind_group_layout: wgpu::BindGroupLayout,
+    pub label: String,
+}
+
+/// A ready-to-record compute dispatch: pipeline, bind group (made once) and grid.
+#[derive(Clone)]
+pub struct Dispatch {
+    /// What this dispatch computes, e.g. `block3.attn.c_attn.forward`.
+    pub label: String,
+    /// The op family it belongs to (for profiles), e.g. `matmul`.
+    pub family: &'static str,
+    pub pipeline: Arc<Pipeline>,
+    pub bind_group: wgpu::BindGroup,
+    pub workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    /// Records the dispatch into a compute pass.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// Relabels the dispatch (the executor names each dispatch after its place in the model).
+    pub fn named(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+}
+
+/// Everything needed to build a [`Dispatch`].
+pub struct DispatchDesc<'a> {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub defines: Vec<(String, String)>,
+    pub bindings: &'a [Bind<'a>],
+    pub workgroups: [u32; 3],
+    pub label: String,
+    pub family: &'static str,
+}
+
+/// Helper to build define lists: `defines![("T", "f32"), ("BIAS", true)]`.
+#[macro_export]
+macro_rules! defines {
+    ($(($k:expr, $v:expr)),* $(,)?) => {
+        vec![$(($k.to_string(), $v.to_string())),*]
+    };
+}
+
+/// The device and everything derived from it. One per process; shared by reference.
+pub struct Gpu {
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    /// Smallest and largest subgroup size the adapter may use (when SUBGROUP is enabled).
+    pub subgroup_sizes: (u32, u32),
+    /// Cooperative-matrix (tensor core) configurations, when that feature is enabled.
+    pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    layouts: Mutex<HashMap<Vec<BindKind>, wgpu::BindGroupLayout>>,
+    modules: Mutex<HashMap<(String, Vec<(String, String)>), wgpu::ShaderModule>>,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter: the one named by `WGPU_ADAPTER_NAME` if set, else a discrete GPU
+    /// before an integrated one before a software one, among the backends `WGPU_BACKEND` allows.
+    pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        pollster::block_on(Self::new_async(options))
+    }
+
+    async fn new_async(options: &GpuOptions) -> Result<Gpu> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = if std::env::var_os("WGPU_ADAPTER_NAME").is_some() {
+            wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
+                .await
+                .map_err(|e| Error::Gpu(format!("no adapter matches WGPU_ADAPTER_NAME: {e}")))?
+        } else {
+            let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+            let mut adapters = instance.enumerate_adapters(backends).await;
+            adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
+            adapters.into_iter().next().ok_or_else(|| {
+                Error::Gpu(
+                    "no GPU adapter found. Install a Vulkan driver (on Debian/Ubuntu without a GPU: \
+                     `apt-get install mesa-vulkan-drivers`) or check WGPU_BACKEND"
+                        .into(),
+                )
+            })?
+        };
+        Self::from_adapter(adapter, options).await
+    }
+
+    /// The features the engine asks for on `adapter`, given `options`.
+    pub fn wanted_features(adapter: &wgpu::Adapter, options: &GpuOptions) -> wgpu::Features {
+        let have = adapter.features();
+        let mut want = wgpu::Features::empty();
+        if options.allow_f16 {
+            want |= wgpu::Features::SHADER_F16;
+        }
+        if options.allow_subgroups {
+            want |= wgpu::Features::SUBGROUP;
+        }
+        if options.allow_timestamps {
+            want |= wgpu::Features::TIMESTAMP_QUERY
+                | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+                | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        }
+        if options.allow_cooperative_matrix {
+            want |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        want & have
+    }
+
+    async fn from_adapter(adapter: wgpu::Adapter, options: &GpuOptions) -> Result<Gpu> {
+        let features = Self::wanted_features(&adapter, options);
+        // The default limits cap a storage binding at 128 MiB, too small for GPT-2's embedding:
+        // ask for everything the adapter offers.
+        let limits = adapter.limits();
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: the cooperative-matrix kernels are checked against the tiled kernel at
+            // start-up before they are used (see ops::matmul).
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpt device"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: experimental,
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("could not open the device: {e}")))?;
+        Ok(Self::from_device(adapter, device, queue))
+    }
+
+    /// Wraps a device opened elsewhere (the desktop app shares eframe's device).
+    pub fn from_device(adapter: wgpu::Adapter, device: wgpu::Device, queue: wgpu::Queue) -> Gpu {
+        let info = adapter.get_info();
+        let features = device.features();
+        let limits = device.limits();
+        let adapter_info_subgroups = {
+            let a = adapter.get_info();
+            (a.subgroup_min_size, a.subgroup_max_size)
+        };
+        let cooperative_matrix = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        {
+            adapter.cooperative_matrix_properties()
+        } else {
+            Vec::new()
+        };
+        let lost = Arc::new(Mutex::new(None));
+        let lost_cb = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = lost_cb.lock() {
+                *l = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        Gpu {
+            adapter,
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            subgroup_sizes: adapter_info_subgroups,
+            cooperative_matrix,
+            pipelines: Mutex::new(HashMap::new()),
+            layouts: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            lost,
+        }
+    }
+
+    pub fn has_f16(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    pub fn has_subgroups(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+    }
+
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Whether the adapter is a software rasteriser (llvmpipe/lavapipe, WARP, SwiftShader).
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// Whether a 16x16x16 f16 cooperative-matrix configuration with f32 accumulation is offered.
+    pub fn has_coop_mat16_f16_f32(&self) -> bool {
+        self.cooperative_matrix.iter().any(|p| {
+            p.m_size == 16
+                && p.n_size == 16
+                && p.k_size == 16
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    }
+
+    /// One line: adapter, backend, type and the optional features in use.
+    pub fn summary(&self) -> String {
+        let mut feats = Vec::new();
+        if self.has_f16() {
+            feats.push("shader-f16".to_string());
+        }
+        if self.has_subgroups() {
+            feats.push(format!("subgroup({}..{})", self.subgroup_sizes.0, self.subgroup_sizes.1));
+        }
+        if self.has_timestamps() {
+            feats.push("timestamp-query".to_string());
+        }
+        if self.has_coop_mat16_f16_f32() {
+            feats.push("cooperative-matrix-16x16".to_string());
+        }
+        if feats.is_empty() {
+            feats.push("none".to_string());
+        }
+        format!(
+            "adapter: {} ({:?}, {:?}, driver {} {}) | features: {} | max binding {} MiB",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info,
+            feats.join(", "),
+            self.limits.max_storage_buffer_binding_size >> 20
+        )
+    }
+
+    /// The alignment every tensor view's byte offset must respect.
+    pub fn alignment(&self) -> u64 {
+        (self.limits.min_storage_buffer_offset_alignment as u64).max(4)
+    }
+
+    /// Errors if the device was lost.
+    pub fn check_lost(&self) -> Result<()> {
+        if let Ok(l) = self.lost.lock() {
+            if let Some(msg) = l.as_ref() {
+                return Err(Error::Gpu(format!(
+                    "the device was lost ({msg}); restart the program. If it happens again, \
+                     reduce the batch size or sequence length"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes, so that wgpu errors become
+    /// `Err` values naming `context` instead of aborting the process.
+    pub fn scoped<T>(&self, context: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = v.or(o) {
+            return Err(Error::GpuValidation {
+                context: context.to_string(),
+                message: e.to_string(),
+            });
+        }
+        self.check_lost()?;
+        Ok(value)
+    }
+
+    fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
+        let max = self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size);
+        if bytes > max {
+            return Err(Error::Limit {
+                what: what.to_string(),
+                needed: format!("a buffer of {} MiB", bytes.div_ceil(1 << 20)),
+                available: format!("at most {} MiB per buffer", max >> 20),
+                adapter: self.info.name.clone(),
+                hint: "use a smaller model, batch or sequence length, or f16 precision".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new zero-filled tensor.
+    pub fn zeros(&self, label: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let bytes = ((n * dtype.size()) as u64).div_ceil(256).max(1) * 256;
+        self.check_size(label, bytes)?;
+        let buffer = self.scoped(label, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(Tensor {
+            buffer,
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// A new tensor holding `data` (converted to `dtype`).
+    pub fn upload(&self, label: &str, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self.zeros(label, shape, dtype)?;
+        self.write(&t, data)?;
+        Ok(t)
+    }
+
+    /// A new u32 tensor holding `data`.
+    pub fn upload_u32(&self, label: &str, data: &[u32], shape: &[usize]) -> Result<Tensor> {
+        let t = self.zeros(label, shape, DType::U32)?;
+        self.write_u32(&t, data)?;
+        Ok(t)
+    }
+
+    /// Encodes f32 values as the bytes of `dtype`.
+    pub fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
+        match dtype {
+            DType::F32 => bytemuck::cast_slice(data).to_vec(),
+            DType::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+            DType::U32 => {
+                let u: Vec<u32> = data.iter().map(|&x| x as u32).collect();
+                bytemuck::cast_slice(&u).to_vec()
+            }
+        }
+    }
+
+    /// Writes `data` into `t` (queued; visible to the next submission).
+    pub fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {
+        t.expect_len("write", "data", data.len())?;
+        self.write_bytes(t, &Self::encode(data, t.dtype))
+    }
+
+    pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<()> {
+        t.expect_len("write", "data", data.len())?;
+        self.write_bytes(t, bytemuck::cast_slice(data))
+    }
+
+    /// Writes raw bytes at the start of `t`, padded to whole words.
+    pub fn write_bytes(&self, t: &Tensor, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if bytes.len() % 4 == 0 {
+            self.queue.write_buffer(&t.buffer, t.offset, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            self.queue.write_buffer(&t.buffer, t.offset, &padded);
+        }
+        Ok(())
+    }
+
+    /// Fills `t` with NaN (f32/f16) or 0xFFFFFFFF (u32), so an element a kernel fails to write
+    /// is caught by the comparison that follows.
+    pub fn poison(&self, t: &Tensor) -> Result<()> {
+        let words = (t.byte_size() / 4) as usize;
+        let word: u32 = match t.dtype {
+            DType::F32 => 0x7fc0_0000,
+            DType::F16 => 0x7e00_7e00,
+            DType::U32 => u32::MAX,
+        };
+        self.write_bytes(t, bytemuck::cast_slice(&vec![word; words]))
+    }
+
+    /// Copies `t` back to the CPU as raw bytes (exactly `len * size` bytes).
+    pub fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let size = t.byte_size();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read-back staging"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read-back"),
+            });
+        encoder.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, size);
+        self.scoped("read-back", || self.queue.submit([encoder.finish()]))?;
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("read-back never completed".into()))?
+            .map_err(|e| Error::Gpu(format!("read-back failed: {e}")))?;
+        let mut bytes = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("read-back mapping failed: {e}")))?;
+            view.to_vec()
+        };
+        staging.unmap();
+        bytes.truncate(t.len() * t.dtype.size());
+        Ok(bytes)
+    }
+
+    /// Copies `t` back to the CPU as f32 values.
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(t)?;
+        Ok(match t.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
+            DType::F16 => {
+                let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes);
+                h.iter().map(|x| x.to_f32()).collect()
+            }
+            DType::U32 => {
+                let u: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+                u.iter().map(|&x| x as f32).collect()
+            }
+        })
+    }
+
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        self.check_lost()
+    }
+
+    /// A uniform buffer holding `value`.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        let mut bytes = bytemuck::bytes_of(value).to_vec();
+        bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    fn bind_group_layout(&self, kinds: &[BindKind]) -> wgpu::BindGroupLayout {
+        let mut layouts = self.layouts.lock().unwrap_or_else(|p| p.into_inner());
+        layouts
+            .entry(kinds.to_vec())
+            .or_insert_with(|| {
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: match k {
+                            BindKind::Uniform => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Uniform,
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            BindKind::Read => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Storage { read_only: true },
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            BindKind::ReadWrite => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Storage { read_only: false },
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let label: Vec<&str> = kinds
+                    .iter()
+                    .map(|k| match k {
+                        BindKind::Uniform => "u",
+                        BindKind::Read => "r",
+                        BindKind::ReadWrite => "w",
+                    })
+                    .collect();
+                self.device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(&format!("layout {}", label.join(""))),
+                        entries: &entries,
+                    })
+            })
+            .clone()
+    }
+
+    /// The pipeline for `key`, compiled on first use and cached.
+    pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<Pipeline>> {
+        if let Some(p) = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return Ok(p.clone());
+        }
+        let label = key.label();
+        let module_key = (key.shader.to_string(), key.defines.clone());
+        let cached_module = self
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&module_key)
+            .cloned();
+        let module = match cached_module {
+            Some(m) => m,
+            None => {
+                let text = shader::preprocess(key.shader, shader::source(key.shader)?, &key.defines)?;
+                let m = self.scoped(&format!("compiling shaders/{}.wgsl", key.shader), || {
+                    self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(&label),
+                        source: wgpu::ShaderSource::Wgsl(text.into()),
+                    })
+                })?;
+                self.modules
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(module_key, m.clone());
+                m
+            }
+        };
+        let bind_group_layout = self.bind_group_layout(&key.layout);
+        let pipeline = self.scoped(&format!("pipeline {label}"), || {
+            let layout = self
+                .device
+                .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(&label),
+                    bind_group_layouts: &[Some(&bind_group_layout)],
+                    immediate_size: 0,
+                });
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: Some(&layout),
+                    module: &module,
+                    entry_point: Some(key.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+        })?;
+        let p = Arc::new(Pipeline {
+            pipeline,
+            bind_group_layout,
+            label,
+        });
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), p.clone());
+        Ok(p)
+    }
+
+    /// Builds a dispatch: pipeline from the cache, a bind group made now, and the grid.
+    pub fn dispatch(&self, desc: DispatchDesc<'_>) -> Result<Dispatch> {
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if desc.workgroups.iter().any(|&w| w > max) {
+            return Err(Error::Limit {
+                what: desc.label.clone(),
+                needed: format!("a grid of {:?} workgroups", desc.workgroups),
+                available: format!("at most {max} per dimension"),
+                adapter: self.info.name.clone(),
+                hint: "use a smaller batch or sequence length".into(),
+            });
+        }
+        let key = PipelineKey {
+            shader: desc.shader,
+            entry: desc.entry,
+            defines: desc.defines,
+            layout: desc.bindings.iter().map(|b| b.kind()).collect(),
+        };
+        let pipeline = self.pipeline(&key)?;
+        for b in desc.bindings {
+            if let Bind::Read(t) | Bind::Write(t) = b {
+                if t.byte_size() > self.limits.max_storage_buffer_binding_size {
+                    return Err(Error::Limit {
+                        what: format!("{} (a tensor of shape {:?})", desc.label, t.shape),
+                        needed: format!("a binding of {} MiB", t.byte_size().div_ceil(1 << 20)),
+                        available: format!(
+                            "{} MiB per storage binding",
+                            self.limits.max_storage_buffer_binding_size >> 20
+                        ),
+                        adapter: self.info.name.clone(),
+                        hint: "use a smaller model, batch or sequence length, or f16 precision"
+                            .into(),
+                    });
+                }
+            }
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = desc
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: match b {
+                    Bind::Uniform(u) => u.as_entire_binding(),
+                    Bind::Read(t) | Bind::Write(t) => t.binding(),
+                },
+            })
+            .collect();
+        let bind_group = self.scoped(&desc.label, || {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&desc.label),
+                layout: &pipeline.bind_group_layout,
+                entries: &entries,
+            })
+        })?;
+        Ok(Dispatch {
+            label: desc.label,
+            family: desc.family,
+            pipeline,
+            bind_group,
+            workgroups: desc.workgroups,
+        })
+    }
+
+    /// A grid of `n` workgroups laid out within the per-dimension limit: `[x, y, 1]` with
+    /// `x * y >= n`. Shaders recover the linear id as `wid.x + wid.y * nwg.x` and skip ids >= n.
+    pub fn grid(&self, n: u32) -> [u32; 3] {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        if n <= max {
+            [n.max(1), 1, 1]
+        } else {
+            let y = n.div_ceil(max);
+            [n.div_ceil(y), y, 1]
+        }
+    }
+
+    /// Records `dispatches` into one compute pass, submits, and waits for the GPU to finish.
+    pub fn run(&self, dispatches: &[&Dispatch]) -> Result<()> {
+        let context = dispatches
+            .first()
+            .map(|d| d.label.clone())
+            .unwrap_or_else(|| "empty run".into());
+        self.scoped(&context, || {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some(&context),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(&context),
+                    timestamp_writes: None,
+                });
+                for d in dispatches {
+                    d.record(&mut pass);
+                }
+            }
+            self.queue.submit([encoder.finish()]);
+        })?;
+        self.wait()
+    }
+}

@@ -1,0 +1,73 @@
+//! Launchers for `shaders/elementwise.wgsl`: GELU forward/backward, residual add, casts.
+
+use super::{check_float, check_u32_range, Params4};
+use crate::defines;
+use crate::error::Result;
+use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+
+const WG: u32 = 256;
+
+fn flat(
+    gpu: &Gpu,
+    op: &'static str,
+    entry: &'static str,
+    inputs: &[(&str, &Tensor)],
+    out: &Tensor,
+) -> Result<Dispatch> {
+    let n = out.len();
+    for (what, t) in inputs {
+        check_float(gpu, op, what, t)?;
+        t.expect_len(op, what, n)?;
+    }
+    check_float(gpu, op, "output", out)?;
+    let n32 = check_u32_range(op, "element count", n)?;
+    let in_t = inputs[0].1.dtype.wgsl();
+    let grad_t = inputs.get(1).map(|(_, t)| t.dtype.wgsl()).unwrap_or("f32");
+    let params = gpu.uniform(op, &Params4 { a: n32, b: 0, c: 0, d: 0 });
+    let mut bindings = vec![Bind::Uniform(&params)];
+    bindings.extend(inputs.iter().map(|(_, t)| Bind::Read(t)));
+    bindings.push(Bind::Write(out));
+    gpu.dispatch(DispatchDesc {
+        shader: "elementwise",
+        entry,
+        defines: defines![("IN_T", in_t), ("GRAD_T", grad_t), ("OUT_T", out.dtype.wgsl())],
+        bindings: &bindings,
+        workgroups: gpu.grid(n32.div_ceil(WG)),
+        label: op.to_string(),
+        family: "elementwise",
+    })
+}
+
+/// `out = gelu(inp)`, tanh approximation. Any shape; `out` has as many elements as `inp`.
+pub fn gelu_forward(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
+    flat(gpu, "gelu_forward", "gelu_forward", &[("inp", inp)], out)
+}
+
+/// `dinp = gelu'(inp) * dout`. (In place is not possible: wgpu forbids binding one buffer
+/// both read-only and writable in a dispatch.)
+pub fn gelu_backward(gpu: &Gpu, dinp: &Tensor, inp: &Tensor, dout: &Tensor) -> Result<Dispatch> {
+    flat(
+        gpu,
+        "gelu_backward",
+        "gelu_backward",
+        &[("inp", inp), ("dout", dout)],
+        dinp,
+    )
+}
+
+/// `out = a + b`.
+pub fn residual_forward(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Dispatch> {
+    flat(gpu, "residual_forward", "residual_forward", &[("a", a), ("b", b)], out)
+}
+
+/// `out = inp` converted to `out`'s dtype (f32 <-> f16).
+pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
+    flat(gpu, "cast", "cast_dtype", &[("inp", inp)], out)
+}
+
+pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
+    super::combinations(
+        "elementwise",
+        &[("IN_T", &["f32", "f16"]), ("GRAD_T", &["f32", "f16"]), ("OUT_T", &["f32", "f16"])],
+    )
+}

@@ -1,0 +1,114 @@
+//! Shared test harness: one GPU per test binary, seeded inputs, comparisons with a reference.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+use wgpt::gpu::{DType, Gpu, GpuOptions, Tensor};
+use wgpt::rng::Rng;
+
+/// The GPU every test in this binary shares. `WGPU_BACKEND` defaults to vulkan here.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            // SAFETY: set once, before any other thread of this binary reads the environment
+            // through wgpu (this runs inside the OnceLock initialiser, before the instance).
+            unsafe { std::env::set_var("WGPU_BACKEND", "vulkan") };
+        }
+        let g = Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("no GPU for tests: {e}"));
+        eprintln!("{}", g.summary());
+        g
+    })
+}
+
+/// The float dtypes this adapter can run: f32 always, f16 where SHADER_F16 is present.
+pub fn float_dtypes() -> Vec<DType> {
+    if gpu().has_f16() {
+        vec![DType::F32, DType::F16]
+    } else {
+        eprintln!("adapter has no SHADER_F16: f16 variants skipped");
+        vec![DType::F32]
+    }
+}
+
+pub fn rng(seed: u64) -> Rng {
+    Rng::new(seed)
+}
+
+/// Rounds values through f16 (what the GPU sees when a tensor is stored in f16).
+pub fn round_to(data: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        _ => data.to_vec(),
+    }
+}
+
+/// Uploads `data` as `dtype`; returns the tensor and the values as stored (rounded for f16).
+pub fn upload(label: &str, data: &[f32], shape: &[usize], dtype: DType) -> (Tensor, Vec<f32>) {
+    let t = gpu().upload(label, data, shape, dtype).expect("upload");
+    (t, round_to(data, dtype))
+}
+
+/// A tensor full of NaN, so that any element a kernel fails to write shows up.
+pub fn poisoned(label: &str, shape: &[usize], dtype: DType) -> Tensor {
+    let t = gpu().zeros(label, shape, dtype).expect("alloc");
+    gpu().poison(&t).expect("poison");
+    t
+}
+
+pub fn read(t: &Tensor) -> Vec<f32> {
+    gpu().read(t).expect("read-back")
+}
+
+/// The tolerance DESIGN.md sets for kernels whose inputs are stored in `dtype`.
+pub fn tol_for(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => 1e-2,
+        _ => 1e-5,
+    }
+}
+
+/// Relative error in the max norm: max |got - want| / max |want|. NaN if anything is non-finite.
+pub fn rel_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs())).max(1e-30);
+    let mut worst = 0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f32::NAN;
+        }
+        worst = worst.max((g as f64 - w as f64).abs());
+    }
+    (worst / scale) as f32
+}
+
+/// Fails, with the first mismatching elements, unless `got` is within `tol` of `want`.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let err = rel_error(got, want);
+    if !(err <= tol) {
+        let scale = want.iter().fold(0f32, |m, &w| m.max(w.abs()));
+        let mut shown = 0;
+        let mut msg = String::new();
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            if !g.is_finite() || (g - w).abs() > tol * scale {
+                msg.push_str(&format!("\n  failed at index {i}: computed {g} vs expected {w}"));
+                shown += 1;
+                if shown == 8 {
+                    break;
+                }
+            }
+        }
+        panic!("{what}: relative error {err:e} > {tol:e} (max |ref| = {scale}){msg}");
+    }
+    eprintln!("{what}: relative error {err:.3e} (tolerance {tol:.0e})");
+}
+
+/// Bitwise equality of two f32 slices.
+pub fn assert_bitwise_eq(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: length mismatch");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            x.to_bits() == y.to_bits(),
+            "{what}: runs differ at index {i}: {x} vs {y}"
+        );
+    }
+}
