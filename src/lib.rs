@@ -8,3 +8,6 @@ pub mod rng;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Dispatch, Gpu, GpuOptions, Tensor};
+pub mod data;
+pub mod model;
+pub mod train;

@@ -73,7 +73,9 @@ impl Rng {
 
     /// `n` values ~ N(0, std^2).
     pub fn vec_normal(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n).map(|_| (self.normal() * std as f64) as f32).collect()
+        (0..n)
+            .map(|_| (self.normal() * std as f64) as f32)
+            .collect()
     }
 
     /// Uniform integer in [0, n).

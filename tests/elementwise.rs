@@ -16,10 +16,17 @@ fn gelu_forward_matches_reference() {
             let x = r.vec_uniform(n, -6.0, 6.0);
             let (xt, x) = upload("x", &x, &[n], dtype);
             let out = poisoned("out", &[n], dtype);
-            gpu().run(&[&ew::gelu_forward(gpu(), &out, &xt).unwrap()]).unwrap();
+            gpu()
+                .run(&[&ew::gelu_forward(gpu(), &out, &xt).unwrap()])
+                .unwrap();
             let mut want = vec![0.0; n];
             cpu::gelu_forward(&mut want, &x);
-            assert_close(&format!("gelu_forward {dtype:?} n={n}"), &read(&out), &round_to(&want, dtype), tol_for(dtype));
+            assert_close(
+                &format!("gelu_forward {dtype:?} n={n}"),
+                &read(&out),
+                &round_to(&want, dtype),
+                tol_for(dtype),
+            );
         }
     }
 }
@@ -32,10 +39,17 @@ fn gelu_backward_matches_reference() {
             let (xt, x) = upload("x", &r.vec_uniform(n, -6.0, 6.0), &[n], dtype);
             let (dt, d) = upload("dout", &r.vec_uniform(n, -1.0, 1.0), &[n], dtype);
             let out = poisoned("dinp", &[n], dtype);
-            gpu().run(&[&ew::gelu_backward(gpu(), &out, &xt, &dt).unwrap()]).unwrap();
+            gpu()
+                .run(&[&ew::gelu_backward(gpu(), &out, &xt, &dt).unwrap()])
+                .unwrap();
             let mut want = vec![0.0; n];
             cpu::gelu_backward(&mut want, &x, &d);
-            assert_close(&format!("gelu_backward {dtype:?} n={n}"), &read(&out), &round_to(&want, dtype), tol_for(dtype));
+            assert_close(
+                &format!("gelu_backward {dtype:?} n={n}"),
+                &read(&out),
+                &round_to(&want, dtype),
+                tol_for(dtype),
+            );
         }
     }
 }
@@ -58,7 +72,9 @@ fn gelu_is_finite_for_large_inputs() {
     let x = [-1e4f32, -80.0, -20.0, 20.0, 80.0, 1e4];
     let (xt, _) = upload("x", &x, &[6], DType::F32);
     let out = poisoned("out", &[6], DType::F32);
-    gpu().run(&[&ew::gelu_forward(gpu(), &out, &xt).unwrap()]).unwrap();
+    gpu()
+        .run(&[&ew::gelu_forward(gpu(), &out, &xt).unwrap()])
+        .unwrap();
     let mut want = vec![0.0; 6];
     cpu::gelu_forward(&mut want, &x);
     assert_close("gelu_forward extremes", &read(&out), &want, 1e-6);
@@ -72,10 +88,17 @@ fn residual_forward_matches_reference() {
             let (at, a) = upload("a", &r.vec_uniform(n, -3.0, 3.0), &[n], DType::F32);
             let (bt, b) = upload("b", &r.vec_uniform(n, -3.0, 3.0), &[n], dtype);
             let out = poisoned("out", &[n], DType::F32);
-            gpu().run(&[&ew::residual_forward(gpu(), &out, &at, &bt).unwrap()]).unwrap();
+            gpu()
+                .run(&[&ew::residual_forward(gpu(), &out, &at, &bt).unwrap()])
+                .unwrap();
             let mut want = vec![0.0; n];
             cpu::residual_forward(&mut want, &a, &b);
-            assert_close(&format!("residual_forward {dtype:?} n={n}"), &read(&out), &want, 1e-6);
+            assert_close(
+                &format!("residual_forward {dtype:?} n={n}"),
+                &read(&out),
+                &want,
+                1e-6,
+            );
         }
     }
 }
@@ -92,7 +115,12 @@ fn casts_round_trip() {
         let (xt, x) = upload("x", &x, &[n], DType::F32);
         let h = poisoned("h", &[n], DType::F16);
         let back = poisoned("back", &[n], DType::F32);
-        gpu().run(&[&ew::cast(gpu(), &h, &xt).unwrap(), &ew::cast(gpu(), &back, &h).unwrap()]).unwrap();
+        gpu()
+            .run(&[
+                &ew::cast(gpu(), &h, &xt).unwrap(),
+                &ew::cast(gpu(), &back, &h).unwrap(),
+            ])
+            .unwrap();
         // f16 rounding is to nearest: the GPU must agree with half's conversion exactly.
         assert_bitwise_eq("f32 -> f16 -> f32", &read(&back), &round_to(&x, DType::F16));
     }
@@ -102,6 +130,8 @@ fn casts_round_trip() {
 fn shape_mismatch_is_an_error() {
     let (a, _) = upload("a", &[1.0; 10], &[10], DType::F32);
     let out = poisoned("out", &[11], DType::F32);
-    let err = ew::gelu_forward(gpu(), &out, &a).err().expect("mismatch must be refused");
+    let err = ew::gelu_forward(gpu(), &out, &a)
+        .err()
+        .expect("mismatch must be refused");
     assert!(err.to_string().contains("gelu_forward"), "{err}");
 }

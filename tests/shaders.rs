@@ -10,7 +10,11 @@ fn every_shader_variant_validates() {
     let mut failures = Vec::new();
     for file in SHADERS {
         let mine: Vec<_> = variants.iter().filter(|v| v.shader == file.name).collect();
-        assert!(!mine.is_empty(), "shaders/{}.wgsl is used by no launcher", file.name);
+        assert!(
+            !mine.is_empty(),
+            "shaders/{}.wgsl is used by no launcher",
+            file.name
+        );
         for v in mine {
             let path = format!("shaders/{}.wgsl", file.name);
             let text = match preprocess(file.name, file.source, &v.defines) {
@@ -23,7 +27,11 @@ fn every_shader_variant_validates() {
             let module = match naga::front::wgsl::parse_str(&text) {
                 Ok(m) => m,
                 Err(e) => {
-                    failures.push(format!("{:?}\n{}", v.defines, e.emit_to_string_with_path(&text, &path)));
+                    failures.push(format!(
+                        "{:?}\n{}",
+                        v.defines,
+                        e.emit_to_string_with_path(&text, &path)
+                    ));
                     continue;
                 }
             };
@@ -32,9 +40,18 @@ fn every_shader_variant_validates() {
                 naga::valid::Capabilities::all(),
             );
             if let Err(e) = validator.validate(&module) {
-                failures.push(format!("{:?}\n{}", v.defines, e.emit_to_string_with_path(&text, &path)));
+                failures.push(format!(
+                    "{:?}\n{}",
+                    v.defines,
+                    e.emit_to_string_with_path(&text, &path)
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} shader variant(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} shader variant(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -70,7 +70,11 @@ pub struct PipelineKey {
 
 impl PipelineKey {
     fn label(&self) -> String {
-        let defs: Vec<String> = self.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let defs: Vec<String> = self
+            .defines
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         format!("{}::{}[{}]", self.shader, self.entry, defs.join(","))
     }
 }
@@ -242,12 +246,12 @@ impl Gpu {
             let a = adapter.get_info();
             (a.subgroup_min_size, a.subgroup_max_size)
         };
-        let cooperative_matrix = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
-        {
-            adapter.cooperative_matrix_properties()
-        } else {
-            Vec::new()
-        };
+        let cooperative_matrix =
+            if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+                adapter.cooperative_matrix_properties()
+            } else {
+                Vec::new()
+            };
         let lost = Arc::new(Mutex::new(None));
         let lost_cb = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -306,7 +310,10 @@ impl Gpu {
             feats.push("shader-f16".to_string());
         }
         if self.has_subgroups() {
-            feats.push(format!("subgroup({}..{})", self.subgroup_sizes.0, self.subgroup_sizes.1));
+            feats.push(format!(
+                "subgroup({}..{})",
+                self.subgroup_sizes.0, self.subgroup_sizes.1
+            ));
         }
         if self.has_timestamps() {
             feats.push("timestamp-query".to_string());
@@ -366,7 +373,10 @@ impl Gpu {
     }
 
     fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
-        let max = self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size);
+        let max = self
+            .limits
+            .max_buffer_size
+            .min(self.limits.max_storage_buffer_binding_size);
         if bytes > max {
             return Err(Error::Limit {
                 what: what.to_string(),
@@ -403,7 +413,13 @@ impl Gpu {
     }
 
     /// A new tensor holding `data` (converted to `dtype`).
-    pub fn upload(&self, label: &str, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+    pub fn upload(
+        &self,
+        label: &str,
+        data: &[f32],
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
         let t = self.zeros(label, shape, dtype)?;
         self.write(&t, data)?;
         Ok(t)
@@ -615,12 +631,14 @@ impl Gpu {
         let module = match cached_module {
             Some(m) => m,
             None => {
-                let text = shader::preprocess(key.shader, shader::source(key.shader)?, &key.defines)?;
+                let text =
+                    shader::preprocess(key.shader, shader::source(key.shader)?, &key.defines)?;
                 let m = self.scoped(&format!("compiling shaders/{}.wgsl", key.shader), || {
-                    self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(&label),
-                        source: wgpu::ShaderSource::Wgsl(text.into()),
-                    })
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(&label),
+                            source: wgpu::ShaderSource::Wgsl(text.into()),
+                        })
                 })?;
                 self.modules
                     .lock()

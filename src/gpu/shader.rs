@@ -151,7 +151,9 @@ mod tests {
 
     #[test]
     fn reports_missing_define_with_line() {
-        let e = preprocess("t", "ok\n{{NOPE}}", &[]).unwrap_err().to_string();
+        let e = preprocess("t", "ok\n{{NOPE}}", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("shaders/t.wgsl:2") && e.contains("NOPE"), "{e}");
         assert!(preprocess("t", "#if X\n", &[]).is_err());
         assert!(preprocess("t", "#endif\n", &[]).is_err());

@@ -66,7 +66,11 @@ impl Tensor {
         if n != self.len() {
             return Err(Error::shape(
                 "reshape",
-                format!("cannot view {:?} ({} elements) as {shape:?}", self.shape, self.len()),
+                format!(
+                    "cannot view {:?} ({} elements) as {shape:?}",
+                    self.shape,
+                    self.len()
+                ),
             ));
         }
         Ok(Tensor {
@@ -82,14 +86,20 @@ impl Tensor {
         if start + n > self.len() {
             return Err(Error::shape(
                 "slice",
-                format!("elements {start}..{} are outside a tensor of {}", start + n, self.len()),
+                format!(
+                    "elements {start}..{} are outside a tensor of {}",
+                    start + n,
+                    self.len()
+                ),
             ));
         }
         let offset = self.offset + (start * self.dtype.size()) as u64;
         if offset % alignment != 0 {
             return Err(Error::shape(
                 "slice",
-                format!("byte offset {offset} is not a multiple of the adapter's alignment {alignment}"),
+                format!(
+                    "byte offset {offset} is not a multiple of the adapter's alignment {alignment}"
+                ),
             ));
         }
         Ok(Tensor {
@@ -116,7 +126,11 @@ impl Tensor {
         if self.len() != n {
             return Err(Error::shape(
                 op,
-                format!("{what} has {} elements (shape {:?}), expected {n}", self.len(), self.shape),
+                format!(
+                    "{what} has {} elements (shape {:?}), expected {n}",
+                    self.len(),
+                    self.shape
+                ),
             ));
         }
         Ok(())
@@ -126,7 +140,10 @@ impl Tensor {
         if !dtypes.contains(&self.dtype) {
             return Err(Error::shape(
                 op,
-                format!("{what} is {}, expected one of {dtypes:?}", self.dtype.name()),
+                format!(
+                    "{what} is {}, expected one of {dtypes:?}",
+                    self.dtype.name()
+                ),
             ));
         }
         Ok(())

@@ -23,14 +23,26 @@ fn flat(
     let n32 = check_u32_range(op, "element count", n)?;
     let in_t = inputs[0].1.dtype.wgsl();
     let grad_t = inputs.get(1).map(|(_, t)| t.dtype.wgsl()).unwrap_or("f32");
-    let params = gpu.uniform(op, &Params4 { a: n32, b: 0, c: 0, d: 0 });
+    let params = gpu.uniform(
+        op,
+        &Params4 {
+            a: n32,
+            b: 0,
+            c: 0,
+            d: 0,
+        },
+    );
     let mut bindings = vec![Bind::Uniform(&params)];
     bindings.extend(inputs.iter().map(|(_, t)| Bind::Read(t)));
     bindings.push(Bind::Write(out));
     gpu.dispatch(DispatchDesc {
         shader: "elementwise",
         entry,
-        defines: defines![("IN_T", in_t), ("GRAD_T", grad_t), ("OUT_T", out.dtype.wgsl())],
+        defines: defines![
+            ("IN_T", in_t),
+            ("GRAD_T", grad_t),
+            ("OUT_T", out.dtype.wgsl())
+        ],
         bindings: &bindings,
         workgroups: gpu.grid(n32.div_ceil(WG)),
         label: op.to_string(),
@@ -57,7 +69,13 @@ pub fn gelu_backward(gpu: &Gpu, dinp: &Tensor, inp: &Tensor, dout: &Tensor) -> R
 
 /// `out = a + b`.
 pub fn residual_forward(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Dispatch> {
-    flat(gpu, "residual_forward", "residual_forward", &[("a", a), ("b", b)], out)
+    flat(
+        gpu,
+        "residual_forward",
+        "residual_forward",
+        &[("a", a), ("b", b)],
+        out,
+    )
 }
 
 /// `out = inp` converted to `out`'s dtype (f32 <-> f16).
@@ -68,6 +86,10 @@ pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
     super::combinations(
         "elementwise",
-        &[("IN_T", &["f32", "f16"]), ("GRAD_T", &["f32", "f16"]), ("OUT_T", &["f32", "f16"])],
+        &[
+            ("IN_T", &["f32", "f16"]),
+            ("GRAD_T", &["f32", "f16"]),
+            ("OUT_T", &["f32", "f16"]),
+        ],
     )
 }

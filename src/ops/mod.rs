@@ -20,9 +20,15 @@ pub(crate) fn check_float(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor) -
         DType::F16 if gpu.has_f16() => Ok(()),
         DType::F16 => Err(Error::shape(
             op,
-            format!("{what} is f16 but the adapter '{}' has no SHADER_F16; use f32", gpu.info.name),
+            format!(
+                "{what} is f16 but the adapter '{}' has no SHADER_F16; use f32",
+                gpu.info.name
+            ),
         )),
-        DType::U32 => Err(Error::shape(op, format!("{what} is u32, expected f32 or f16"))),
+        DType::U32 => Err(Error::shape(
+            op,
+            format!("{what} is u32, expected f32 or f16"),
+        )),
     }
 }
 
@@ -72,10 +78,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
 }
 
 /// All combinations of the given define values, for `shader_variants`.
-pub(crate) fn combinations(
-    shader: &'static str,
-    axes: &[(&str, &[&str])],
-) -> Vec<ShaderVariant> {
+pub(crate) fn combinations(shader: &'static str, axes: &[(&str, &[&str])]) -> Vec<ShaderVariant> {
     let mut out: Vec<Vec<(String, String)>> = vec![Vec::new()];
     for (name, values) in axes {
         out = out

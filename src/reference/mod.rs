@@ -7,4 +7,5 @@ pub mod elementwise;
 pub mod embedding;
 pub mod layernorm;
 pub mod matmul;
+pub mod model;
 pub mod optimizer;

@@ -14,7 +14,8 @@ pub fn gpu() -> &'static Gpu {
             // through wgpu (this runs inside the OnceLock initialiser, before the instance).
             unsafe { std::env::set_var("WGPU_BACKEND", "vulkan") };
         }
-        let g = Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("no GPU for tests: {e}"));
+        let g =
+            Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("no GPU for tests: {e}"));
         eprintln!("{}", g.summary());
         g
     })
@@ -37,7 +38,10 @@ pub fn rng(seed: u64) -> Rng {
 /// Rounds values through f16 (what the GPU sees when a tensor is stored in f16).
 pub fn round_to(data: &[f32], dtype: DType) -> Vec<f32> {
     match dtype {
-        DType::F16 => data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        DType::F16 => data
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect(),
         _ => data.to_vec(),
     }
 }
@@ -70,7 +74,10 @@ pub fn tol_for(dtype: DType) -> f32 {
 /// Relative error in the max norm: max |got - want| / max |want|. NaN if anything is non-finite.
 pub fn rel_error(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "length mismatch");
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs())).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |m, &w| m.max((w as f64).abs()))
+        .max(1e-30);
     let mut worst = 0f64;
     for (&g, &w) in got.iter().zip(want) {
         if !g.is_finite() {
@@ -90,7 +97,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         let mut msg = String::new();
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             if !g.is_finite() || (g - w).abs() > tol * scale {
-                msg.push_str(&format!("\n  failed at index {i}: computed {g} vs expected {w}"));
+                msg.push_str(&format!(
+                    "\n  failed at index {i}: computed {g} vs expected {w}"
+                ));
                 shown += 1;
                 if shown == 8 {
                     break;

@@ -1,0 +1,3 @@
+//! Training: schedule, optimiser settings, the training loop.
+
+pub mod schedule;
