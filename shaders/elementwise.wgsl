@@ -84,3 +84,14 @@ fn cast_dtype(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (i >= p.n) { return; }
     c_out[i] = {{OUT_T}}(f32(c_inp[i]));
 }
+
+// ---- fill: out = value (value's f32 bits in p._pad0) ----------------------------------------
+@group(0) @binding(1) var<storage, read_write> f_out: array<{{OUT_T}}>; // (n)
+
+@compute @workgroup_size(256)
+fn fill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    f_out[i] = {{OUT_T}}(bitcast<f32>(p._pad0));
+}

@@ -8,6 +8,7 @@ pub mod rng;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Dispatch, Gpu, GpuOptions, Tensor};
+pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod train;

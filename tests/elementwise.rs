@@ -135,3 +135,19 @@ fn shape_mismatch_is_an_error() {
         .expect("mismatch must be refused");
     assert!(err.to_string().contains("gelu_forward"), "{err}");
 }
+
+#[test]
+fn fill_writes_every_element() {
+    for dtype in float_dtypes() {
+        for &n in &SIZES {
+            let out = poisoned("out", &[n], dtype);
+            gpu().run(&[&ew::fill(gpu(), &out, -2.5).unwrap()]).unwrap();
+            assert_close(
+                &format!("fill {dtype:?} n={n}"),
+                &read(&out),
+                &vec![-2.5; n],
+                0.0,
+            );
+        }
+    }
+}

@@ -83,6 +83,34 @@ pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
     flat(gpu, "cast", "cast_dtype", &[("inp", inp)], out)
 }
 
+/// `out[i] = value` for every element (zeroing an accumulator, for instance).
+pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<Dispatch> {
+    check_float(gpu, "fill", "output", out)?;
+    let n32 = check_u32_range("fill", "element count", out.len())?;
+    let params = gpu.uniform(
+        "fill",
+        &Params4 {
+            a: n32,
+            b: value.to_bits(),
+            c: 0,
+            d: 0,
+        },
+    );
+    gpu.dispatch(DispatchDesc {
+        shader: "elementwise",
+        entry: "fill",
+        defines: defines![
+            ("IN_T", "f32"),
+            ("GRAD_T", "f32"),
+            ("OUT_T", out.dtype.wgsl())
+        ],
+        bindings: &[Bind::Uniform(&params), Bind::Write(out)],
+        workgroups: gpu.grid(n32.div_ceil(WG)),
+        label: "fill".to_string(),
+        family: "elementwise",
+    })
+}
+
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
     super::combinations(
         "elementwise",

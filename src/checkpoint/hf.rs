@@ -1,0 +1,229 @@
+//! Hugging Face GPT-2 (`model.safetensors` + `config.json`) import and export.
+//!
+//! Keys as in openai-community/gpt2, optionally prefixed with `transformer.`; the four Conv1D
+//! weights (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are stored [in, out] there
+//! and [out, in] here; there is no `lm_head.weight` (it is `wte`); `attn.bias` and
+//! `attn.masked_bias` are causal-mask buffers, not parameters, and are skipped.
+
+use super::{parse, read_file, tensor_f32, write_safetensors_atomic, Checkpoint};
+use crate::error::{Error, Result};
+use crate::model::config::pad_vocab;
+use crate::model::{GptConfig, ParamLayout};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const CONV1D: [&str; 4] = [
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+];
+
+fn is_conv1d(name: &str) -> bool {
+    CONV1D.iter().any(|s| name.ends_with(s))
+}
+
+/// Where the weights and the config of `path` are: a directory holding `model.safetensors` and
+/// `config.json`, or the safetensors file itself (config.json beside it).
+pub fn resolve(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (file, dir) = if path.is_dir() {
+        (path.join("model.safetensors"), path.to_path_buf())
+    } else {
+        let dir = path
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from("."));
+        (path.to_path_buf(), dir)
+    };
+    if !file.exists() {
+        return Err(Error::io(
+            &file,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not found; --init-from takes a Hugging Face GPT-2 folder (model.safetensors + config.json), that file, or a checkpoint",
+            ),
+        ));
+    }
+    Ok((file, dir.join("config.json")))
+}
+
+/// Reads GPT-2's shape from a Hugging Face `config.json`.
+pub fn read_config(path: &Path) -> Result<GptConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("malformed JSON: {e}")))?;
+    let get = |k: &str| -> Result<usize> {
+        let x = v
+            .get(k)
+            .ok_or_else(|| Error::format(path, format!("config.json has no '{k}'")))?;
+        x.as_u64()
+            .filter(|&n| n > 0 && n < (1 << 31))
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("config.json '{k}' is not a positive integer: {x}"),
+                )
+            })
+    };
+    let vocab_size = get("vocab_size")?;
+    let config = GptConfig {
+        n_layer: get("n_layer")?,
+        n_head: get("n_head")?,
+        n_embd: get("n_embd")?,
+        block_size: get("n_positions")?,
+        vocab_size,
+        padded_vocab_size: pad_vocab(vocab_size),
+    };
+    config
+        .validate()
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    Ok(config)
+}
+
+/// Whether `file` is one of our checkpoints (rather than a Hugging Face file).
+pub fn is_own_checkpoint(file: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(file) else {
+        return false;
+    };
+    safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| {
+            m.metadata()
+                .as_ref()
+                .and_then(|md| md.get("format").cloned())
+        })
+        .is_some_and(|f| f == super::FORMAT)
+}
+
+/// Imports Hugging Face GPT-2 weights (gpt2, -medium, -large, -xl shapes; f32, f16 or bf16).
+pub fn import(path: &Path) -> Result<Checkpoint> {
+    let (file, config_path) = resolve(path)?;
+    let config = read_config(&config_path)?;
+    let bytes = read_file(&file)?;
+    let st = parse(&file, &bytes)?;
+    let names = st.names();
+    let prefixed = names.iter().any(|n| n.starts_with("transformer."));
+    let layout = ParamLayout::new(&config);
+    let mut params = vec![0f32; layout.total];
+    let c = config.n_embd;
+    for e in &layout.entries {
+        let key = if prefixed {
+            format!("transformer.{}", e.name)
+        } else {
+            e.name.clone()
+        };
+        let view = st.tensor(&key).map_err(|_| {
+            Error::format(
+                &file,
+                format!("missing tensor '{key}' (the file does not match config.json's shape)"),
+            )
+        })?;
+        let dst = &mut params[e.offset..e.offset + e.len()];
+        if e.name == "wte.weight" {
+            let data = tensor_f32(&file, &key, &view, &[config.vocab_size, c])?;
+            dst[..data.len()].copy_from_slice(&data);
+        } else if is_conv1d(&e.name) {
+            let (out, inp) = (e.shape[0], e.shape[1]);
+            let data = tensor_f32(&file, &key, &view, &[inp, out])?;
+            for i in 0..inp {
+                for o in 0..out {
+                    dst[o * inp + i] = data[i * out + o];
+                }
+            }
+        } else {
+            dst.copy_from_slice(&tensor_f32(&file, &key, &view, &e.shape)?);
+        }
+    }
+    Ok(Checkpoint {
+        config,
+        params,
+        moments: None,
+        state: None,
+    })
+}
+
+/// Writes `model.safetensors` + `config.json` in the Hugging Face GPT-2 layout into `dir`:
+/// Conv1D weights [in, out], no lm_head, padded vocabulary rows dropped, metadata format=pt.
+pub fn export(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
+    let layout = ParamLayout::new(config);
+    if params.len() != layout.total {
+        return Err(Error::Other(format!(
+            "export: {} parameters for a layout of {}",
+            params.len(),
+            layout.total
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let c = config.n_embd;
+    let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for e in &layout.entries {
+        let src = &params[e.offset..e.offset + e.len()];
+        if e.name == "wte.weight" {
+            owned.push((
+                e.name.clone(),
+                vec![config.vocab_size, c],
+                src[..config.vocab_size * c].to_vec(),
+            ));
+        } else if is_conv1d(&e.name) {
+            let (out, inp) = (e.shape[0], e.shape[1]);
+            let mut t = vec![0f32; out * inp];
+            for o in 0..out {
+                for i in 0..inp {
+                    t[i * out + o] = src[o * inp + i];
+                }
+            }
+            owned.push((e.name.clone(), vec![inp, out], t));
+        } else {
+            owned.push((e.name.clone(), e.shape.clone(), src.to_vec()));
+        }
+    }
+    let tensors = owned
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
+        .collect();
+    let mut md = HashMap::new();
+    md.insert("format".to_string(), "pt".to_string());
+    write_safetensors_atomic(&dir.join("model.safetensors"), tensors, md)?;
+    let cfg = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_inner": null,
+        "vocab_size": config.vocab_size,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+    });
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Other(e.to_string()))?;
+    let path = dir.join("config.json");
+    let tmp = dir.join(".config.json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(())
+}
+
+/// Loads weights for `--init-from`: one of our checkpoints, or a Hugging Face GPT-2 folder/file.
+pub fn load_any(path: &Path) -> Result<Checkpoint> {
+    if path.is_file() && is_own_checkpoint(path) {
+        return Checkpoint::load(path);
+    }
+    if path.is_dir() && !path.join("model.safetensors").exists() {
+        // A checkpoint directory: take its newest checkpoint.
+        if let Ok((_, c)) = super::load_newest(path) {
+            return Ok(c);
+        }
+    }
+    import(path)
+}
