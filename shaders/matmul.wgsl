@@ -1,1 +1,332 @@
-// (to be written)
+// Matrix products and the bias-gradient column sum.
+//
+// matmul_tiled: C[rows, cols] (=|+=) epilogue(A x B), one kernel for every product of a Linear layer:
+//   forward          out[M,N]  = inp[M,K] @ weight[N,K]^T   A = inp  [rows, inner], B = weight [cols, inner] (B_TRANS)
+//   backward input   dinp[M,K] = dout[M,N] @ weight[N,K]    A = dout [rows, inner], B = weight [inner, cols]
+//   backward weight  dw[N,K]   = dout[M,N]^T @ inp[M,K]     A = dout [inner, rows] (A_TRANS), B = inp [inner, cols]
+// Each workgroup (256 threads, 16 x 16) owns a BM x BN output tile, BM = 16*TM and BN = 16*TN; a
+// thread owns TM x TN outputs in 4 x 4 blocks spread 64 apart, so that neighbouring threads read
+// neighbouring vec4s of the shared tiles (no bank conflicts) and the compute loop reads vec4s.
+// Each step stages a BM x BK slice of A and a BK x BN slice of B in workgroup memory, k-major,
+// converted to f32; the next step's global loads are issued before the current step's
+// arithmetic (register prefetch) to hide memory latency with a single shared buffer.
+// Every output element is summed over k = 0, 1, ..., inner-1 in order by one thread, so results do
+// not depend on the tile size and two runs are bitwise equal.
+//
+// Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, TM, TN (4|8), BK (multiple
+// of 8), ACCUMULATE, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
+// Grid: one workgroup per output tile, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
+//
+// column_sum_partial / column_sum_finish (COLUMN_SUM): dbias[cols] (=|+=) sum over rows of
+// dout[rows, cols], in two deterministic stages through a scratch of (chunks, cols) partial sums.
+
+#if !COLUMN_SUM
+struct Params {
+    rows: u32,
+    cols: u32,
+    inner: u32,
+    tiles_m: u32, // ceil(rows / BM)
+    tiles_n: u32, // ceil(cols / BN)
+    tiles: u32,   // tiles_m * tiles_n
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+#if A_TRANS
+@group(0) @binding(1) var<storage, read> a: array<{{A_T}}>;        // (inner, rows)
+#else
+@group(0) @binding(1) var<storage, read> a: array<{{A_T}}>;        // (rows, inner)
+#endif
+#if B_TRANS
+@group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (cols, inner)
+#else
+@group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (inner, cols)
+#endif
+@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols)
+#if BIAS
+@group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
+#endif
+#if GELU_FWD
+// The pre-activation A x B + bias is stored here and C receives gelu(pre).
+@group(0) @binding({{PRE_BINDING}}) var<storage, read_write> pre: array<{{PRE_T}}>; // (rows, cols)
+#endif
+#if GELU_BWD
+// C receives (A x B) * gelu'(pre).
+@group(0) @binding({{PRE_BINDING}}) var<storage, read> pre: array<{{PRE_T}}>;       // (rows, cols)
+#endif
+
+const TM: u32 = {{TM}}u;
+const TN: u32 = {{TN}}u;
+const BK: u32 = {{BK}}u;
+const BM: u32 = 16u * TM;
+const BN: u32 = 16u * TN;
+const TM4: u32 = TM / 4u;
+const TN4: u32 = TN / 4u;
+// Row strides of the shared tiles in vec4s. The extra vec4 makes the word stride 4 (mod 32
+// banks), so the transposing stores of a k-contiguous operand (8 k x 4 rows per 32 threads, see
+// a_tile_coord) hit 32 different banks.
+const SA: u32 = BM / 4u + 1u;
+const SB: u32 = BN / 4u + 1u;
+// Elements of each tile every thread stages per step.
+const A_LOADS: u32 = BM * BK / 256u;
+const B_LOADS: u32 = BN * BK / 256u;
+// Consecutive row tiles of one group run next to each other so that they share B in cache.
+const GROUP_M: u32 = 8u;
+
+var<workgroup> a_tile: array<vec4<f32>, BK * SA>; // [k][m / 4][m % 4]
+var<workgroup> b_tile: array<vec4<f32>, BK * SB>; // [k][n / 4][n % 4]
+
+// (m, k) within the A tile of staged element e (0 <= e < BM * BK). Consecutive threads take
+// consecutive addresses of the operand's contiguous dimension; for a k-contiguous operand 8
+// threads cover 8 k of one row (a 32-byte sector in f32) and the next 8 the next row.
+fn a_tile_coord(e: u32) -> vec2<u32> {
+#if A_TRANS
+    return vec2<u32>(e % BM, e / BM);
+#else
+    return vec2<u32>((e / 8u) % BM, (e / (8u * BM)) * 8u + e % 8u);
+#endif
+}
+
+// (n, k) within the B tile of staged element e (0 <= e < BN * BK).
+fn b_tile_coord(e: u32) -> vec2<u32> {
+#if B_TRANS
+    return vec2<u32>((e / 8u) % BN, (e / (8u * BN)) * 8u + e % 8u);
+#else
+    return vec2<u32>(e % BN, e / BN);
+#endif
+}
+
+// A[row, k] as f32, 0 outside the matrix.
+fn load_a(row: u32, k: u32) -> f32 {
+    if (row >= p.rows || k >= p.inner) {
+        return 0.0;
+    }
+#if A_TRANS
+    return f32(a[k * p.rows + row]);
+#else
+    return f32(a[row * p.inner + k]);
+#endif
+}
+
+// B[k, col] as f32, 0 outside the matrix.
+fn load_b(k: u32, col: u32) -> f32 {
+    if (col >= p.cols || k >= p.inner) {
+        return 0.0;
+    }
+#if B_TRANS
+    return f32(b[col * p.inner + k]);
+#else
+    return f32(b[k * p.cols + col]);
+#endif
+}
+
+const GELU_SCALE: f32 = 0.7978845608028654; // sqrt(2 / pi)
+
+// Same formulas as shaders/elementwise.wgsl: 0.5 * (1 + tanh(u)) as the logistic function of 2u,
+// finite for every u and free of cancellation when u is very negative.
+fn half_one_plus_tanh(u: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-2.0 * u));
+}
+
+fn gelu(x: f32) -> f32 {
+    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
+    return x * half_one_plus_tanh(u);
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
+    let s = half_one_plus_tanh(u);
+    let sech2 = 4.0 * s * (1.0 - s); // 1 - tanh(u)^2
+    return s + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+}
+
+// Applies the epilogue to one finished sum and writes C[row, col]; the only thread that touches
+// this element, so `+=` is an exact read-add-write.
+fn store_output(row: u32, col: u32, sum: f32) {
+    let idx = row * p.cols + col;
+    var v = sum;
+#if BIAS
+    v = v + f32(bias[col]);
+#endif
+#if GELU_FWD
+    // GELU of the value as stored, so the fused pass equals matmul-then-gelu at any precision
+    // and the backward pass sees the same pre-activation.
+    let stored = {{PRE_T}}(v);
+    pre[idx] = stored;
+    v = gelu(f32(stored));
+#endif
+#if GELU_BWD
+    v = v * gelu_grad(f32(pre[idx]));
+#endif
+#if ACCUMULATE
+    v = f32(c[idx]) + v;
+#endif
+    c[idx] = {{C_T}}(v);
+}
+
+@compute @workgroup_size(256)
+fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    if (tile >= p.tiles) {
+        return;
+    }
+    // Grouped tile order: GROUP_M row tiles sweep the columns together.
+    let per_group = GROUP_M * p.tiles_n;
+    let first_m = (tile / per_group) * GROUP_M;
+    let group_rows = min(p.tiles_m - first_m, GROUP_M);
+    let in_group = tile % per_group;
+    let row0 = (first_m + in_group % group_rows) * BM;
+    let col0 = (in_group / group_rows) * BN;
+
+    // This thread's outputs: rows row0 + 4*ty + 64*i + r, cols col0 + 4*tx + 64*j + q.
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+
+    var acc: array<vec4<f32>, TM * TN4>; // [i*4 + r][j] holds cols q = 0..3
+    var a_next: array<f32, A_LOADS>;
+    var b_next: array<f32, B_LOADS>;
+
+    for (var l = 0u; l < A_LOADS; l++) {
+        let mk = a_tile_coord(l * 256u + lid);
+        a_next[l] = load_a(row0 + mk.x, mk.y);
+    }
+    for (var l = 0u; l < B_LOADS; l++) {
+        let nk = b_tile_coord(l * 256u + lid);
+        b_next[l] = load_b(nk.y, col0 + nk.x);
+    }
+
+    let steps = (p.inner + BK - 1u) / BK;
+    for (var s = 0u; s < steps; s++) {
+        for (var l = 0u; l < A_LOADS; l++) {
+            let mk = a_tile_coord(l * 256u + lid);
+            a_tile[mk.y * SA + mk.x / 4u][mk.x % 4u] = a_next[l];
+        }
+        for (var l = 0u; l < B_LOADS; l++) {
+            let nk = b_tile_coord(l * 256u + lid);
+            b_tile[nk.y * SB + nk.x / 4u][nk.x % 4u] = b_next[l];
+        }
+        workgroupBarrier();
+
+        // Issue the next step's global loads now; they complete during the arithmetic below.
+        if (s + 1u < steps) {
+            let k0 = (s + 1u) * BK;
+            for (var l = 0u; l < A_LOADS; l++) {
+                let mk = a_tile_coord(l * 256u + lid);
+                a_next[l] = load_a(row0 + mk.x, k0 + mk.y);
+            }
+            for (var l = 0u; l < B_LOADS; l++) {
+                let nk = b_tile_coord(l * 256u + lid);
+                b_next[l] = load_b(k0 + nk.y, col0 + nk.x);
+            }
+        }
+
+        for (var k = 0u; k < BK; k++) {
+            var av: array<vec4<f32>, TM4>;
+            var bv: array<vec4<f32>, TN4>;
+            for (var i = 0u; i < TM4; i++) {
+                av[i] = a_tile[k * SA + ty + 16u * i];
+            }
+            for (var j = 0u; j < TN4; j++) {
+                bv[j] = b_tile[k * SB + tx + 16u * j];
+            }
+            for (var i = 0u; i < TM4; i++) {
+                for (var r = 0u; r < 4u; r++) {
+                    let ar = av[i][r];
+                    for (var j = 0u; j < TN4; j++) {
+                        let o = (i * 4u + r) * TN4 + j;
+                        acc[o] = acc[o] + ar * bv[j];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < TM4; i++) {
+        for (var r = 0u; r < 4u; r++) {
+            let row = row0 + 4u * ty + 64u * i + r;
+            if (row < p.rows) {
+                for (var j = 0u; j < TN4; j++) {
+                    let v = acc[(i * 4u + r) * TN4 + j];
+                    for (var q = 0u; q < 4u; q++) {
+                        let col = col0 + 4u * tx + 64u * j + q;
+                        if (col < p.cols) {
+                            store_output(row, col, v[q]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+#if COLUMN_SUM
+struct SumParams {
+    rows: u32,
+    cols: u32,
+    col_blocks: u32, // ceil(cols / SUM_COLS)
+    chunks: u32,     // ceil(rows / CHUNK_ROWS)
+}
+
+@group(0) @binding(0) var<uniform> sp: SumParams;
+
+// Stage 1: workgroup (chunk, block) sums rows [chunk*CHUNK_ROWS, +CHUNK_ROWS) of SUM_COLS columns;
+// 4 lanes of 64 threads read 64 consecutive columns of 4 rows at a time.
+const SUM_COLS: u32 = 64u;
+const CHUNK_ROWS: u32 = 128u;
+
+@group(0) @binding(1) var<storage, read> cs_dout: array<{{DOUT_T}}>;    // (rows, cols)
+@group(0) @binding(2) var<storage, read_write> cs_partial: array<f32>; // (chunks, cols)
+
+var<workgroup> lane_sums: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn column_sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let id = wid.x + wid.y * nwg.x;
+    if (id >= sp.col_blocks * sp.chunks) {
+        return;
+    }
+    let chunk = id / sp.col_blocks;
+    let col = (id % sp.col_blocks) * SUM_COLS + lid % SUM_COLS;
+    let lane = lid / SUM_COLS;
+    var s = 0.0;
+    if (col < sp.cols) {
+        let end = min(sp.rows, (chunk + 1u) * CHUNK_ROWS);
+        for (var r = chunk * CHUNK_ROWS + lane; r < end; r += 4u) {
+            s = s + f32(cs_dout[r * sp.cols + col]);
+        }
+    }
+    lane_sums[lid] = s;
+    workgroupBarrier();
+    if (lane == 0u && col < sp.cols) {
+        let c = lid;
+        cs_partial[chunk * sp.cols + col] =
+            ((lane_sums[c] + lane_sums[c + 64u]) + lane_sums[c + 128u]) + lane_sums[c + 192u];
+    }
+}
+
+// Stage 2: one thread per column adds the chunks' partial sums in chunk order.
+@group(0) @binding(1) var<storage, read> cf_partial: array<f32>;       // (chunks, cols)
+@group(0) @binding(2) var<storage, read_write> cf_dbias: array<f32>;   // (cols)
+
+@compute @workgroup_size(64)
+fn column_sum_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let col = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (col >= sp.cols) {
+        return;
+    }
+    var s = 0.0;
+    for (var chunk = 0u; chunk < sp.chunks; chunk++) {
+        s = s + cf_partial[chunk * sp.cols + col];
+    }
+#if ACCUMULATE
+    s = cf_dbias[col] + s;
+#endif
+    cf_dbias[col] = s;
+}
+#endif

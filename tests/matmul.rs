@@ -1,0 +1,568 @@
+//! The Linear-layer products and the bias gradient against the CPU reference.
+
+mod common;
+use common::*;
+use wgpt::gpu::{DType, Tensor};
+use wgpt::ops::matmul::{
+    self as mm, MatmulBackwardInput, MatmulForward, MatmulKernel, TileConfig, TILE_CONFIGS,
+};
+use wgpt::reference::elementwise::{gelu, gelu_grad};
+use wgpt::reference::matmul as cpu;
+
+/// (M, K, N): one element; odd sizes below and above a tile with K not a multiple of the k step;
+/// exactly one 64x64 tile.
+const SHAPES: [(usize, usize, usize); 4] = [(1, 1, 1), (37, 29, 53), (130, 70, 200), (64, 64, 64)];
+
+fn uniform(seed: u64, n: usize) -> Vec<f32> {
+    rng(seed).vec_uniform(n, -1.0, 1.0)
+}
+
+fn forward_want(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut want = vec![0.0; m * n];
+    cpu::matmul_forward(&mut want, x, w, bias, m, k, n);
+    want
+}
+
+fn backward_input_want(dout: &[f32], w: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    let mut want = vec![0.0; m * k];
+    cpu::matmul_backward_input(&mut want, dout, w, m, k, n);
+    want
+}
+
+fn backward_weight_want(dout: &[f32], x: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    let mut want = vec![0.0; n * k];
+    cpu::matmul_backward_weight(&mut want, dout, x, m, k, n);
+    want
+}
+
+fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// The inputs of a forward product at `shape`, stored as `dtype`.
+struct Forward {
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    xv: Vec<f32>,
+    wv: Vec<f32>,
+    bv: Vec<f32>,
+}
+
+fn forward_inputs(seed: u64, (m, k, n): (usize, usize, usize), dtype: DType) -> Forward {
+    let (x, xv) = upload("inp", &uniform(seed, m * k), &[m, k], dtype);
+    let (w, wv) = upload("weight", &uniform(seed + 1, n * k), &[n, k], dtype);
+    let (b, bv) = upload("bias", &uniform(seed + 2, n), &[n], dtype);
+    Forward {
+        x,
+        w,
+        b,
+        xv,
+        wv,
+        bv,
+    }
+}
+
+#[test]
+fn forward_matches_reference() {
+    for dtype in float_dtypes() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let (m, _, n) = shape;
+            let f = forward_inputs(10 * i as u64, shape, dtype);
+            for with_bias in [false, true] {
+                let out = poisoned("out", &[m, n], dtype);
+                let opts = MatmulForward {
+                    bias: with_bias.then_some(&f.b),
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
+                    .unwrap();
+                let want = forward_want(&f.xv, &f.wv, with_bias.then_some(&f.bv[..]), shape);
+                assert_close(
+                    &format!("matmul_forward {dtype:?} {shape:?} bias={with_bias}"),
+                    &read(&out),
+                    &round_to(&want, dtype),
+                    tol_for(dtype),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_f16_inputs_f32_output() {
+    if !gpu().has_f16() {
+        eprintln!("adapter has no SHADER_F16: skipped");
+        return;
+    }
+    for (i, &shape) in SHAPES.iter().enumerate() {
+        let (m, _, n) = shape;
+        let f = forward_inputs(20 + i as u64, shape, DType::F16);
+        let (b, bv) = upload("bias", &uniform(30 + i as u64, n), &[n], DType::F32);
+        let out = poisoned("out", &[m, n], DType::F32);
+        let opts = MatmulForward {
+            bias: Some(&b),
+            ..Default::default()
+        };
+        gpu()
+            .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
+            .unwrap();
+        let want = forward_want(&f.xv, &f.wv, Some(&bv), shape);
+        assert_close(
+            &format!("matmul_forward f16->f32 {shape:?}"),
+            &read(&out),
+            &want,
+            tol_for(DType::F16),
+        );
+    }
+}
+
+#[test]
+fn forward_gelu_epilogue_matches_reference() {
+    for dtype in float_dtypes() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let (m, _, n) = shape;
+            let with_bias = i % 2 == 1;
+            let f = forward_inputs(40 + i as u64, shape, dtype);
+            let out = poisoned("out", &[m, n], dtype);
+            let pre = poisoned("pre", &[m, n], dtype);
+            let opts = MatmulForward {
+                bias: with_bias.then_some(&f.b),
+                gelu_pre: Some(&pre),
+                ..Default::default()
+            };
+            gpu()
+                .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
+                .unwrap();
+            let pre_want = round_to(
+                &forward_want(&f.xv, &f.wv, with_bias.then_some(&f.bv[..]), shape),
+                dtype,
+            );
+            let out_want: Vec<f32> = pre_want.iter().map(|&x| gelu(x)).collect();
+            let what = format!("matmul_forward+gelu {dtype:?} {shape:?} bias={with_bias}");
+            assert_close(
+                &format!("{what} pre"),
+                &read(&pre),
+                &pre_want,
+                tol_for(dtype),
+            );
+            assert_close(
+                &format!("{what} out"),
+                &read(&out),
+                &round_to(&out_want, dtype),
+                tol_for(dtype),
+            );
+        }
+    }
+}
+
+#[test]
+fn forward_accumulate_adds_to_output() {
+    for dtype in float_dtypes() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let (m, _, n) = shape;
+            let f = forward_inputs(50 + i as u64, shape, dtype);
+            for with_gelu in [false, true] {
+                let (out, start) = upload("out", &uniform(60 + i as u64, m * n), &[m, n], dtype);
+                let pre = poisoned("pre", &[m, n], dtype);
+                let opts = MatmulForward {
+                    bias: Some(&f.b),
+                    gelu_pre: with_gelu.then_some(&pre),
+                    accumulate: true,
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
+                    .unwrap();
+                let mut y = round_to(&forward_want(&f.xv, &f.wv, Some(&f.bv), shape), dtype);
+                if with_gelu {
+                    y = y.iter().map(|&x| gelu(x)).collect();
+                }
+                assert_close(
+                    &format!("matmul_forward accumulate {dtype:?} {shape:?} gelu={with_gelu}"),
+                    &read(&out),
+                    &round_to(&add(&start, &y), dtype),
+                    tol_for(dtype),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_input_matches_reference() {
+    for dtype in float_dtypes() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let (m, k, n) = shape;
+            let (dout, doutv) = upload("dout", &uniform(70 + i as u64, m * n), &[m, n], dtype);
+            let (w, wv) = upload("weight", &uniform(80 + i as u64, n * k), &[n, k], dtype);
+            let (pre, prev) = upload(
+                "pre",
+                &rng(90 + i as u64).vec_uniform(m * k, -4.0, 4.0),
+                &[m, k],
+                dtype,
+            );
+            let base = backward_input_want(&doutv, &wv, shape);
+            for with_gelu in [false, true] {
+                for accumulate in [false, true] {
+                    let (dinp, start) = if accumulate {
+                        upload("dinp", &uniform(100 + i as u64, m * k), &[m, k], dtype)
+                    } else {
+                        (poisoned("dinp", &[m, k], dtype), vec![0.0; m * k])
+                    };
+                    let opts = MatmulBackwardInput {
+                        gelu_pre: with_gelu.then_some(&pre),
+                        accumulate,
+                        ..Default::default()
+                    };
+                    gpu()
+                        .run(&[&mm::matmul_backward_input(gpu(), &dinp, &dout, &w, &opts).unwrap()])
+                        .unwrap();
+                    let mut want = base.clone();
+                    if with_gelu {
+                        want = want
+                            .iter()
+                            .zip(&prev)
+                            .map(|(&g, &x)| g * gelu_grad(x))
+                            .collect();
+                    }
+                    assert_close(
+                        &format!("matmul_backward_input {dtype:?} {shape:?} gelu={with_gelu} accumulate={accumulate}"),
+                        &read(&dinp),
+                        &round_to(&add(&start, &want), dtype),
+                        tol_for(dtype),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_weight_matches_reference() {
+    for dtype in float_dtypes() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let (m, k, n) = shape;
+            let (dout, doutv) = upload("dout", &uniform(110 + i as u64, m * n), &[m, n], dtype);
+            let (x, xv) = upload("inp", &uniform(120 + i as u64, m * k), &[m, k], dtype);
+            let want = backward_weight_want(&doutv, &xv, shape);
+            for accumulate in [false, true] {
+                // Weight gradients are f32 whatever the activations are.
+                let (dw, start) = if accumulate {
+                    upload(
+                        "dweight",
+                        &uniform(130 + i as u64, n * k),
+                        &[n, k],
+                        DType::F32,
+                    )
+                } else {
+                    (poisoned("dweight", &[n, k], DType::F32), vec![0.0; n * k])
+                };
+                gpu()
+                    .run(&[&mm::matmul_backward_weight(gpu(), &dw, &dout, &x, accumulate).unwrap()])
+                    .unwrap();
+                assert_close(
+                    &format!("matmul_backward_weight {dtype:?} {shape:?} accumulate={accumulate}"),
+                    &read(&dw),
+                    &add(&start, &want),
+                    tol_for(dtype),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_bias_matches_reference() {
+    // M = 300 spans three 128-row chunks; N = 200 four 64-column blocks, the last one partial.
+    let shapes = [(1, 1), (37, 53), (300, 200), (64, 64)];
+    for dtype in float_dtypes() {
+        for (i, &(m, n)) in shapes.iter().enumerate() {
+            let (dout, doutv) = upload("dout", &uniform(140 + i as u64, m * n), &[m, n], dtype);
+            let scratch = poisoned(
+                "scratch",
+                &[mm::matmul_backward_bias_scratch_len(m, n)],
+                DType::F32,
+            );
+            let mut want = vec![0.0; n];
+            cpu::matmul_backward_bias(&mut want, &doutv, m, n);
+            for accumulate in [false, true] {
+                let (db, start) = if accumulate {
+                    upload("dbias", &uniform(150 + i as u64, n), &[n], DType::F32)
+                } else {
+                    (poisoned("dbias", &[n], DType::F32), vec![0.0; n])
+                };
+                let ds = mm::matmul_backward_bias(gpu(), &db, &dout, &scratch, accumulate).unwrap();
+                gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
+                assert_close(
+                    &format!("matmul_backward_bias {dtype:?} ({m}, {n}) accumulate={accumulate}"),
+                    &read(&db),
+                    &add(&start, &want),
+                    tol_for(dtype),
+                );
+            }
+        }
+    }
+}
+
+/// Small shapes make the launcher pick the smallest tile; every tile shape is forced here, on
+/// shapes that are not multiples of any of them, including K below one k step.
+#[test]
+fn every_tile_config_matches_reference() {
+    let shapes = [(130, 70, 200), (200, 3, 150)];
+    for tile in TILE_CONFIGS {
+        let kernel = Some(MatmulKernel::Tiled(tile));
+        for dtype in float_dtypes() {
+            // The f16 specialisations only for the largest tile, to keep the test quick.
+            if dtype == DType::F16 && tile != TILE_CONFIGS[0] {
+                continue;
+            }
+            for (i, &shape) in shapes.iter().enumerate() {
+                let (m, k, n) = shape;
+                let seed = 200 + 10 * i as u64;
+                let tag = format!("{dtype:?} {shape:?} tile {}x{}", tile.bm(), tile.bn());
+
+                let f = forward_inputs(seed, shape, dtype);
+                let out = poisoned("out", &[m, n], dtype);
+                let opts = MatmulForward {
+                    bias: Some(&f.b),
+                    kernel,
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
+                    .unwrap();
+                let want = forward_want(&f.xv, &f.wv, Some(&f.bv), shape);
+                assert_close(
+                    &format!("matmul_forward {tag}"),
+                    &read(&out),
+                    &round_to(&want, dtype),
+                    tol_for(dtype),
+                );
+
+                let (dout, doutv) = upload("dout", &uniform(seed + 5, m * n), &[m, n], dtype);
+                let dinp = poisoned("dinp", &[m, k], dtype);
+                let opts = MatmulBackwardInput {
+                    kernel,
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_backward_input(gpu(), &dinp, &dout, &f.w, &opts).unwrap()])
+                    .unwrap();
+                let want = backward_input_want(&doutv, &f.wv, shape);
+                assert_close(
+                    &format!("matmul_backward_input {tag}"),
+                    &read(&dinp),
+                    &round_to(&want, dtype),
+                    tol_for(dtype),
+                );
+
+                let dw = poisoned("dweight", &[n, k], DType::F32);
+                let d = mm::matmul_backward_weight_with(gpu(), &dw, &dout, &f.x, false, kernel)
+                    .unwrap();
+                gpu().run(&[&d]).unwrap();
+                let want = backward_weight_want(&doutv, &f.xv, shape);
+                assert_close(
+                    &format!("matmul_backward_weight {tag}"),
+                    &read(&dw),
+                    &want,
+                    tol_for(dtype),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn leading_dimensions_are_flattened() {
+    // inp (B, T, K) = (3, 5, 29) with weight (53, 29): M = 15.
+    let shape = (15, 29, 53);
+    let (x, xv) = upload("inp", &uniform(300, 15 * 29), &[3, 5, 29], DType::F32);
+    let (w, wv) = upload("weight", &uniform(301, 53 * 29), &[53, 29], DType::F32);
+    let out = poisoned("out", &[3, 5, 53], DType::F32);
+    gpu()
+        .run(&[&mm::matmul_forward(gpu(), &out, &x, &w, &MatmulForward::default()).unwrap()])
+        .unwrap();
+    assert_close(
+        "matmul_forward (3, 5, 29)",
+        &read(&out),
+        &forward_want(&xv, &wv, None, shape),
+        1e-5,
+    );
+}
+
+#[test]
+fn runs_are_bitwise_deterministic() {
+    let shape = (130, 70, 200);
+    let (m, k, n) = shape;
+    let f = forward_inputs(400, shape, DType::F32);
+    let (dout, _) = upload("dout", &uniform(401, m * n), &[m, n], DType::F32);
+    let out = poisoned("out", &[m, n], DType::F32);
+    let pre = poisoned("pre", &[m, n], DType::F32);
+    let dinp = poisoned("dinp", &[m, k], DType::F32);
+    let dw = poisoned("dweight", &[n, k], DType::F32);
+    let db = poisoned("dbias", &[n], DType::F32);
+    let scratch = gpu()
+        .zeros(
+            "scratch",
+            &[mm::matmul_backward_bias_scratch_len(m, n)],
+            DType::F32,
+        )
+        .unwrap();
+    let fwd = mm::matmul_forward(
+        gpu(),
+        &out,
+        &f.x,
+        &f.w,
+        &MatmulForward {
+            bias: Some(&f.b),
+            gelu_pre: Some(&pre),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bwd_in =
+        mm::matmul_backward_input(gpu(), &dinp, &dout, &f.w, &MatmulBackwardInput::default())
+            .unwrap();
+    let bwd_w = mm::matmul_backward_weight(gpu(), &dw, &dout, &f.x, false).unwrap();
+    let bwd_b = mm::matmul_backward_bias(gpu(), &db, &dout, &scratch, false).unwrap();
+    let mut all = vec![&fwd, &bwd_in, &bwd_w];
+    all.extend(bwd_b.iter());
+    let outputs = [&out, &pre, &dinp, &dw, &db];
+    gpu().run(&all).unwrap();
+    let first: Vec<Vec<f32>> = outputs.iter().map(|t| read(t)).collect();
+    for t in outputs {
+        gpu().poison(t).unwrap();
+    }
+    gpu().run(&all).unwrap();
+    for (t, a) in outputs.iter().zip(&first) {
+        assert_bitwise_eq("matmul run twice", &read(t), a);
+    }
+}
+
+#[test]
+fn flops_count_multiply_adds_twice() {
+    assert_eq!(
+        mm::matmul_flops(16384, 768, 2304),
+        2.0 * 16384.0 * 768.0 * 2304.0
+    );
+}
+
+#[test]
+fn bad_shapes_and_aliases_are_errors() {
+    let f32_ = DType::F32;
+    let x = gpu().zeros("inp", &[37, 29], f32_).unwrap();
+    let w = gpu().zeros("weight", &[53, 29], f32_).unwrap();
+    let w_bad = gpu().zeros("weight", &[53, 30], f32_).unwrap();
+    let out = gpu().zeros("out", &[37, 53], f32_).unwrap();
+    let out_bad = gpu().zeros("out", &[37, 52], f32_).unwrap();
+    let bias_bad = gpu().zeros("bias", &[52], f32_).unwrap();
+    let ids = gpu().zeros("ids", &[37, 29], DType::U32).unwrap();
+    let fwd = |out: &Tensor, x: &Tensor, w: &Tensor, opts: &MatmulForward| {
+        mm::matmul_forward(gpu(), out, x, w, opts)
+            .err()
+            .expect("must be refused")
+            .to_string()
+    };
+    let none = MatmulForward::default();
+    let e = fwd(&out, &x, &w_bad, &none);
+    assert!(e.contains("matmul_forward") && e.contains("inp"), "{e}");
+    assert!(fwd(&out_bad, &x, &w, &none).contains("out"));
+    assert!(fwd(&out, &ids, &w, &none).contains("u32"));
+    let e = fwd(
+        &out,
+        &x,
+        &w,
+        &MatmulForward {
+            bias: Some(&bias_bad),
+            ..none
+        },
+    );
+    assert!(e.contains("bias"), "{e}");
+    let pre_bad = gpu().zeros("pre", &[37, 52], f32_).unwrap();
+    assert!(fwd(
+        &out,
+        &x,
+        &w,
+        &MatmulForward {
+            gelu_pre: Some(&pre_bad),
+            ..none
+        }
+    )
+    .contains("gelu_pre"));
+    assert!(fwd(
+        &out,
+        &x,
+        &w,
+        &MatmulForward {
+            gelu_pre: Some(&out),
+            ..none
+        }
+    )
+    .contains("overlaps"));
+    let bad_tile = MatmulKernel::Tiled(TileConfig {
+        tm: 2,
+        tn: 4,
+        bk: 16,
+    });
+    assert!(fwd(
+        &out,
+        &x,
+        &w,
+        &MatmulForward {
+            kernel: Some(bad_tile),
+            ..none
+        }
+    )
+    .contains("tile"));
+
+    // An output in the same buffer as an input: two views of one allocation.
+    let both = gpu().zeros("both", &[2 * 37 * 64], f32_).unwrap();
+    let x_view = both.slice(0, &[37, 29], gpu().alignment()).unwrap();
+    let out_view = both.slice(37 * 64, &[37, 53], gpu().alignment()).unwrap();
+    assert!(fwd(&out_view, &x_view, &w, &none).contains("alias"));
+
+    let dinp = gpu().zeros("dinp", &[37, 29], f32_).unwrap();
+    let e = mm::matmul_backward_input(gpu(), &dinp, &out, &w_bad, &MatmulBackwardInput::default())
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(e.contains("matmul_backward_input"), "{e}");
+    let e = mm::matmul_backward_input(gpu(), &dinp, &out_bad, &w, &MatmulBackwardInput::default())
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(e.contains("dout"), "{e}");
+
+    let dw = gpu().zeros("dweight", &[53, 29], f32_).unwrap();
+    let x_short = gpu().zeros("inp", &[36, 29], f32_).unwrap();
+    let e = mm::matmul_backward_weight(gpu(), &dw, &out, &x_short, true)
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(
+        e.contains("matmul_backward_weight") && e.contains("inp"),
+        "{e}"
+    );
+    assert!(mm::matmul_backward_weight(gpu(), &x, &out, &x, true).is_err());
+
+    let db = gpu().zeros("dbias", &[53], f32_).unwrap();
+    let scratch_small = gpu().zeros("scratch", &[52], f32_).unwrap();
+    let e = mm::matmul_backward_bias(gpu(), &db, &out, &scratch_small, true)
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(e.contains("scratch"), "{e}");
+    let scratch = gpu().zeros("scratch", &[53], f32_).unwrap();
+    assert!(mm::matmul_backward_bias(gpu(), &db, &out_bad, &scratch, true).is_err());
+    let db16 = gpu().zeros("dbias", &[53], DType::F16);
+    if let Ok(db16) = db16 {
+        assert!(mm::matmul_backward_bias(gpu(), &db16, &out, &scratch, true).is_err());
+    }
+}
