@@ -1,1 +1,132 @@
-// (to be written)
+// Fused softmax + cross-entropy over a padded vocabulary, and the mean of the per-row losses.
+//
+// Sections: FORWARD_BACKWARD (defines LOGIT_T: f32 | f16, BACKWARD: whether dlogits are written),
+// LOSS_MEAN. All arithmetic is f32.
+
+const WG: u32 = 256u;
+
+#if FORWARD_BACKWARD
+// ---- crossentropy_forward_backward --------------------------------------------------------------
+// One workgroup per row; thread `lid` owns the columns lid, lid + 256, ... (coalesced). Pass 1: a
+// running (max, sum of exp(x - max)) per thread over the first V columns (online softmax: one read
+// of the row), merged in a fixed-shape tree. Pass 2 (BACKWARD): each thread overwrites its own
+// columns with dlogits, so reading and writing the row through one binding is race-free; the
+// target's logit is read by thread 0 before the tree's barriers, i.e. before any write.
+struct Params {
+    n: u32,  // rows (B*T)
+    vp: u32, // padded columns per row
+    v: u32,  // real vocabulary: columns >= v are masked out and get zero gradient
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> logits: array<{{LOGIT_T}}>; // (N, Vp), dlogits after
+@group(0) @binding(2) var<storage, read> targets: array<u32>;              // (N)
+@group(0) @binding(3) var<storage, read> dloss: array<f32>;                // (1)
+@group(0) @binding(4) var<storage, read_write> losses: array<f32>;         // (N)
+
+var<workgroup> red_max: array<f32, 256>;
+var<workgroup> red_sum: array<f32, 256>;
+
+// A finite stand-in for -inf: exp(LOWEST - m) is 0 for any real m, and LOWEST - LOWEST = 0 keeps
+// empty partials NaN-free.
+const LOWEST: f32 = -3.0e38;
+
+@compute @workgroup_size(256)
+fn crossentropy_forward_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                                 @builtin(num_workgroups) nwg: vec3<u32>,
+                                 @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.n) { return; }
+    let base = row * p.vp;
+    // An out-of-range target (bad data) is clamped so nothing is read out of bounds.
+    let tgt = min(targets[row], p.v - 1u);
+    var target_logit = 0.0;
+    if (lid == 0u) {
+        target_logit = f32(logits[base + tgt]);
+    }
+
+    var m = LOWEST;
+    var s = 0.0;
+    for (var j = lid; j < p.v; j += WG) {
+        let x = f32(logits[base + j]);
+        if (x > m) {
+            s = s * exp(m - x) + 1.0;
+            m = x;
+        } else {
+            s += exp(x - m);
+        }
+    }
+    red_max[lid] = m;
+    red_sum[lid] = s;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (lid < st) {
+            let m1 = red_max[lid];
+            let m2 = red_max[lid + st];
+            let mm = max(m1, m2);
+            red_sum[lid] = red_sum[lid] * exp(m1 - mm) + red_sum[lid + st] * exp(m2 - mm);
+            red_max[lid] = mm;
+        }
+        workgroupBarrier();
+    }
+    let row_max = red_max[0];
+    let row_sum = red_sum[0];
+    if (lid == 0u) {
+        losses[row] = row_max + log(row_sum) - target_logit;
+    }
+
+#if BACKWARD
+    let scale = dloss[0];
+    let inv_sum = 1.0 / row_sum;
+    for (var j = lid; j < p.vp; j += WG) {
+        var d = 0.0;
+        if (j < p.v) {
+            let prob = exp(f32(logits[base + j]) - row_max) * inv_sum;
+            d = (prob - select(0.0, 1.0, j == tgt)) * scale;
+        }
+        logits[base + j] = {{LOGIT_T}}(d);
+    }
+#endif
+}
+#endif
+
+#if LOSS_MEAN
+// ---- loss_mean: out = (accumulate ? out : 0) + scale * sum(losses) -----------------------------
+// A single workgroup: per-thread strided sums, then a fixed-shape tree (deterministic).
+struct MeanParams {
+    n: u32,
+    accumulate: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> mp: MeanParams;
+@group(0) @binding(1) var<storage, read> lm_losses: array<f32>;     // (N)
+@group(0) @binding(2) var<storage, read_write> lm_out: array<f32>;  // (1)
+
+var<workgroup> red: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn loss_mean(@builtin(local_invocation_index) lid: u32) {
+    var s = 0.0;
+    for (var i = lid; i < mp.n; i += WG) {
+        s += lm_losses[i];
+    }
+    red[lid] = s;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (lid < st) {
+            red[lid] = red[lid] + red[lid + st];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        var prev = 0.0;
+        if (mp.accumulate != 0u) {
+            prev = lm_out[0];
+        }
+        lm_out[0] = prev + mp.scale * red[0];
+    }
+}
+#endif

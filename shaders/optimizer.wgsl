@@ -1,1 +1,179 @@
-// (to be written)
+// The optimiser over the one flat f32 buffer that holds every parameter gradient: the global
+// gradient norm (two-stage deterministic reduction) and fused AdamW over the whole parameter
+// buffer in one dispatch.
+//
+// Sections: NORM_PARTIALS, NORM_FINISH, ADAMW (define COPY_T = f16: also refresh an f16 copy of
+// the parameters in the same pass).
+
+const WG: u32 = 256u;
+
+// Exponent bits all ones: inf or NaN. A bit test, because comparisons with NaN may be folded
+// away by shader compilers.
+fn is_non_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+// Written by the CPU each step (GradNormScalars in src/ops/optimizer.rs).
+struct GradNormScalars {
+    inv_loss_scale: f32,
+    max_norm: f32, // clipping threshold; <= 0 disables clipping
+    _pad0: f32,
+    _pad1: f32,
+}
+
+struct NormParams {
+    n: u32,      // gradient elements
+    groups: u32, // stage-1 workgroups = partials in scratch
+    _pad0: u32,
+    _pad1: u32,
+}
+
+#if NORM_PARTIALS
+// ---- grad_norm_partials (stage 1) --------------------------------------------------------------
+// A fixed number of workgroups walk the buffer with a grid stride (any n, no 65535-workgroup
+// limit); each thread sums (g * inv_loss_scale)^2 in f32 over about n / (groups * 256) elements
+// (scaling first keeps the loss-scaled squares from overflowing), then a fixed-shape tree.
+// scratch[g] = partial sum, scratch[groups + g] = 1.0 if a non-finite gradient was seen.
+@group(0) @binding(0) var<uniform> np: NormParams;
+@group(0) @binding(1) var<storage, read> gp_grads: array<f32>;              // (n)
+@group(0) @binding(2) var<storage, read> gp_scalars: GradNormScalars;
+@group(0) @binding(3) var<storage, read_write> gp_scratch: array<f32>;      // (2 * groups)
+
+var<workgroup> red_sum: array<f32, 256>;
+var<workgroup> red_bad: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x;
+    let inv = gp_scalars.inv_loss_scale;
+    let stride = np.groups * WG;
+    var s = 0.0;
+    var bad = 0u;
+    for (var i = g * WG + lid; i < np.n; i += stride) {
+        let x = gp_grads[i];
+        if (is_non_finite(x)) {
+            bad = 1u;
+        }
+        let y = x * inv;
+        s += y * y;
+    }
+    red_sum[lid] = s;
+    red_bad[lid] = bad;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (lid < st) {
+            red_sum[lid] = red_sum[lid] + red_sum[lid + st];
+            red_bad[lid] = red_bad[lid] | red_bad[lid + st];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u && g < np.groups) {
+        gp_scratch[g] = red_sum[0];
+        gp_scratch[np.groups + g] = f32(red_bad[0]);
+    }
+}
+#endif
+
+#if NORM_FINISH
+// ---- grad_norm_finish (stage 2): status = [norm, clip_coef, finite, 0] ---------------------------
+@group(0) @binding(0) var<uniform> fp: NormParams;
+@group(0) @binding(1) var<storage, read> gf_scratch: array<f32>;            // (2 * groups)
+@group(0) @binding(2) var<storage, read> gf_scalars: GradNormScalars;
+@group(0) @binding(3) var<storage, read_write> gf_status: array<f32>;       // (4)
+
+var<workgroup> fred_sum: array<f32, 256>;
+var<workgroup> fred_bad: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn grad_norm_finish(@builtin(local_invocation_index) lid: u32) {
+    var s = 0.0;
+    var bad = 0.0;
+    for (var g = lid; g < fp.groups; g += WG) {
+        s += gf_scratch[g];
+        bad = max(bad, gf_scratch[fp.groups + g]);
+    }
+    fred_sum[lid] = s;
+    fred_bad[lid] = bad;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (lid < st) {
+            fred_sum[lid] = fred_sum[lid] + fred_sum[lid + st];
+            fred_bad[lid] = max(fred_bad[lid], fred_bad[lid + st]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let norm = sqrt(fred_sum[0]);
+        // The sum of squares can overflow even when every gradient is finite.
+        let finite = fred_bad[0] == 0.0 && !is_non_finite(norm);
+        var clip = 1.0;
+        if (finite && gf_scalars.max_norm > 0.0) {
+            clip = min(1.0, gf_scalars.max_norm / (norm + 1e-6));
+        }
+        gf_status[0] = norm;
+        gf_status[1] = clip;
+        gf_status[2] = select(0.0, 1.0, finite);
+        gf_status[3] = 0.0;
+    }
+}
+#endif
+
+#if ADAMW
+// ---- adamw: one thread per element of the flat parameter buffer ----------------------------------
+// PyTorch AdamW: g = grad * inv_loss_scale * clip; p *= 1 - lr * wd (only i < n_decay);
+// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p -= lr * (m / bc1) / (sqrt(v / bc2) + eps).
+// A step whose gradients are not finite (status[2] == 0) changes nothing: dynamic loss scaling
+// skips it.
+struct AdamWHyper {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bias_correction1: f32, // 1 - beta1^t
+    bias_correction2: f32, // 1 - beta2^t
+    inv_loss_scale: f32,
+}
+
+struct AdamParams {
+    n: u32,
+    n_decay: u32, // elements [0, n_decay) get weight decay
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> ap: AdamParams;
+@group(0) @binding(1) var<storage, read_write> ad_params: array<f32>;       // (n)
+@group(0) @binding(2) var<storage, read> ad_grads: array<f32>;              // (n)
+@group(0) @binding(3) var<storage, read_write> ad_m: array<f32>;            // (n)
+@group(0) @binding(4) var<storage, read_write> ad_v: array<f32>;            // (n)
+@group(0) @binding(5) var<storage, read> ad_status: array<f32>;             // (4) from grad_norm
+@group(0) @binding(6) var<storage, read> ad_hyper: AdamWHyper;
+#if COPY_T
+@group(0) @binding(7) var<storage, read_write> ad_params_copy: array<{{COPY_T}}>;   // (n)
+#endif
+
+@compute @workgroup_size(256)
+fn adamw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= ap.n || ad_status[2] == 0.0) { return; }
+    let h = ad_hyper;
+    let g = ad_grads[i] * (h.inv_loss_scale * ad_status[1]);
+    var p = ad_params[i];
+    if (i < ap.n_decay) {
+        p *= 1.0 - h.lr * h.weight_decay;
+    }
+    let m = h.beta1 * ad_m[i] + (1.0 - h.beta1) * g;
+    let v = h.beta2 * ad_v[i] + (1.0 - h.beta2) * g * g;
+    let m_hat = m / h.bias_correction1;
+    let v_hat = v / h.bias_correction2;
+    p -= h.lr * m_hat / (sqrt(v_hat) + h.eps);
+    ad_params[i] = p;
+    ad_m[i] = m;
+    ad_v[i] = v;
+#if COPY_T
+    ad_params_copy[i] = {{COPY_T}}(p);
+#endif
+}
+#endif

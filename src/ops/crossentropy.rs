@@ -1,5 +1,158 @@
-//! (to be written)
+//! Launchers for `shaders/crossentropy.wgsl`: fused softmax + cross-entropy (forward and,
+//! optionally, the logits' gradient written in place) and the mean of the per-row losses.
+
+use super::{check_f32, check_float, check_u32, check_u32_range, Params4};
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+
+/// Per-row losses and (with `backward`) the logits' gradient, in one pass over each row.
+///
+/// - `losses`: `[N]` f32, overwritten: `logsumexp(logits[i, :v]) - logits[i, targets[i]]`.
+/// - `logits`: `[N, Vp]` (any shape whose last dimension is Vp) f32 | f16, bound writable. With
+///   `backward` it is OVERWRITTEN in place by dlogits: `(softmax_j - [j == target]) * dloss[0]`
+///   for `j < v`, exactly 0 for the padded columns `j >= v`. Without it, it is left unchanged.
+/// - `targets`: `[N]` u32. An id `>= v` cannot be checked here (it lives on the GPU); the shader
+///   clamps it to `v - 1` so nothing is read out of bounds (see [`check_targets`] for the CPU).
+/// - `dloss`: `[1]` f32, read on the GPU each run (e.g. loss_scale / (B*T*grad_accum)).
+/// - `v`: the real vocabulary, `1 <= v <= Vp`.
+pub fn crossentropy_forward_backward(
+    gpu: &Gpu,
+    losses: &Tensor,
+    logits: &Tensor,
+    targets: &Tensor,
+    dloss: &Tensor,
+    v: usize,
+    backward: bool,
+) -> Result<Dispatch> {
+    const OP: &str = "crossentropy_forward_backward";
+    check_float(gpu, OP, "logits", logits)?;
+    let vp = *logits.shape.last().unwrap_or(&0);
+    if vp == 0 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "logits has shape {:?}, expected [N, Vp] with Vp > 0",
+                logits.shape
+            ),
+        ));
+    }
+    if v == 0 || v > vp {
+        return Err(Error::shape(
+            OP,
+            format!("vocabulary v = {v} must be in 1..={vp} (the logits' last dimension)"),
+        ));
+    }
+    let n = logits.len() / vp;
+    check_f32(OP, "losses", losses)?;
+    losses.expect_len(OP, "losses", n)?;
+    check_u32(OP, "targets", targets)?;
+    targets.expect_len(OP, "targets", n)?;
+    check_f32(OP, "dloss", dloss)?;
+    dloss.expect_len(OP, "dloss", 1)?;
+    check_u32_range(OP, "N * Vp", logits.len())?;
+    let params = gpu.uniform(
+        OP,
+        &Params4 {
+            a: n as u32,
+            b: vp as u32,
+            c: v as u32,
+            d: 0,
+        },
+    );
+    gpu.dispatch(DispatchDesc {
+        shader: "crossentropy",
+        entry: "crossentropy_forward_backward",
+        defines: defines![
+            ("FORWARD_BACKWARD", 1),
+            ("LOGIT_T", logits.dtype.wgsl()),
+            ("BACKWARD", backward)
+        ],
+        bindings: &[
+            Bind::Uniform(&params),
+            Bind::Write(logits),
+            Bind::Read(targets),
+            Bind::Read(dloss),
+            Bind::Write(losses),
+        ],
+        workgroups: gpu.grid(n as u32),
+        label: OP.to_string(),
+        family: "crossentropy",
+    })
+}
+
+/// Checks on the CPU that every target id is a real token (`< v`); the data loader's guard for
+/// what the shader can only clamp.
+pub fn check_targets(targets: &[u32], v: usize) -> Result<()> {
+    match targets.iter().position(|&t| t as usize >= v) {
+        Some(i) => Err(Error::shape(
+            "crossentropy_forward_backward",
+            format!(
+                "target {} at position {i} is outside the vocabulary of {v}",
+                targets[i]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MeanParams {
+    n: u32,
+    accumulate: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// `out[0] = scale * sum(losses)` (or `+=` with `accumulate`), one workgroup, a fixed summation
+/// order. `out`: `[1]` f32; `losses`: `[N]` f32 (any shape). For the mean loss of a step with
+/// gradient accumulation, scale = 1 / (N * grad_accum) and accumulate on every micro-step but
+/// the first.
+pub fn loss_mean(
+    gpu: &Gpu,
+    out: &Tensor,
+    losses: &Tensor,
+    scale: f32,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    const OP: &str = "loss_mean";
+    check_f32(OP, "out", out)?;
+    out.expect_len(OP, "out", 1)?;
+    check_f32(OP, "losses", losses)?;
+    let n = check_u32_range(OP, "N", losses.len())?;
+    let params = gpu.uniform(
+        OP,
+        &MeanParams {
+            n,
+            accumulate: accumulate as u32,
+            scale,
+            _pad: 0,
+        },
+    );
+    gpu.dispatch(DispatchDesc {
+        shader: "crossentropy",
+        entry: "loss_mean",
+        defines: defines![("LOSS_MEAN", 1)],
+        bindings: &[Bind::Uniform(&params), Bind::Read(losses), Bind::Write(out)],
+        workgroups: [1, 1, 1],
+        label: OP.to_string(),
+        family: "crossentropy",
+    })
+}
 
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    Vec::new()
+    let mut v = super::combinations(
+        "crossentropy",
+        &[
+            ("FORWARD_BACKWARD", &["1"]),
+            ("LOGIT_T", &["f32", "f16"]),
+            ("BACKWARD", &["true", "false"]),
+        ],
+    );
+    v.extend(super::combinations(
+        "crossentropy",
+        &[("LOSS_MEAN", &["1"])],
+    ));
+    v
 }

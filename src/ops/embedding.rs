@@ -1,5 +1,264 @@
-//! (to be written)
+//! Launchers for `shaders/embedding.wgsl`: token + position embedding forward, and its backward
+//! pass, made deterministic without float atomics by grouping the positions by token on the CPU
+//! ([`bucket_tokens`]: the data loader knows the tokens anyway).
+
+use super::{check_f32, check_float, check_u32, check_u32_range, Params4};
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+
+const WG: u32 = 256;
+
+/// Checks `t` is `[rows, c]` (2-D) with `rows >= min_rows`; returns (rows, c).
+fn table(op: &'static str, what: &str, t: &Tensor, min_rows: usize) -> Result<(usize, usize)> {
+    match t.shape[..] {
+        [rows, c] if rows >= min_rows.max(1) && c > 0 => Ok((rows, c)),
+        _ => Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}, expected [rows >= {}, C > 0]",
+                t.shape,
+                min_rows.max(1)
+            ),
+        )),
+    }
+}
+
+/// Checks `t` has `b * t * c` elements and, when it is 3-D or 2-D, the matching shape.
+fn activations(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    b: usize,
+    tt: usize,
+    c: usize,
+) -> Result<()> {
+    let ok = t.shape == [b, tt, c] || t.shape == [b * tt, c];
+    if !ok {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}, expected [{b}, {tt}, {c}] or [{}, {c}]",
+                t.shape,
+                b * tt
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`.
+///
+/// - `out`: `[B, T, C]` (or `[B*T, C]`) f32, overwritten.
+/// - `tokens`: `[B*T]` (any shape of B*T elements) u32; ids `>= Vp` are clamped to `Vp - 1`.
+/// - `wte`: `[Vp, C]` f32 | f16. `wpe`: `[block, C]` f32 | f16 with `block >= T`.
+pub fn embedding_forward(
+    gpu: &Gpu,
+    out: &Tensor,
+    tokens: &Tensor,
+    wte: &Tensor,
+    wpe: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<Dispatch> {
+    const OP: &str = "embedding_forward";
+    if b == 0 || t == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("B = {b} and T = {t} must be positive"),
+        ));
+    }
+    check_float(gpu, OP, "wte", wte)?;
+    check_float(gpu, OP, "wpe", wpe)?;
+    let (vp, c) = table(OP, "wte", wte, 1)?;
+    let (_, cp) = table(OP, "wpe", wpe, t)?;
+    if cp != c {
+        return Err(Error::shape(
+            OP,
+            format!("wpe has C = {cp} but wte has C = {c}"),
+        ));
+    }
+    check_f32(OP, "out", out)?;
+    activations(OP, "out", out, b, t, c)?;
+    check_u32(OP, "tokens", tokens)?;
+    tokens.expect_len(OP, "tokens", b * t)?;
+    check_u32_range(OP, "B * T * C", b * t * c)?;
+    check_u32_range(OP, "Vp * C", wte.len())?;
+    let n = (b * t * c) as u32;
+    let params = gpu.uniform(
+        OP,
+        &Params4 {
+            a: (b * t) as u32,
+            b: t as u32,
+            c: c as u32,
+            d: vp as u32,
+        },
+    );
+    gpu.dispatch(DispatchDesc {
+        shader: "embedding",
+        entry: "embedding_forward",
+        defines: defines![
+            ("FORWARD", 1),
+            ("WTE_T", wte.dtype.wgsl()),
+            ("WPE_T", wpe.dtype.wgsl())
+        ],
+        bindings: &[
+            Bind::Uniform(&params),
+            Bind::Read(tokens),
+            Bind::Read(wte),
+            Bind::Read(wpe),
+            Bind::Write(out),
+        ],
+        workgroups: gpu.grid(n.div_ceil(WG)),
+        label: OP.to_string(),
+        family: "embedding",
+    })
+}
+
+/// Length (u32 elements) of the buckets tensor for `positions` = B*T token positions:
+/// a count, then room for `positions` buckets (token, start, count), then the positions.
+pub fn embedding_buckets_len(positions: usize) -> usize {
+    1 + 4 * positions
+}
+
+/// Groups the positions `0..tokens.len()` by token id for [`embedding_backward`]: buckets in
+/// ascending token order, positions ascending within a bucket. Ids `>= vp` count as `vp - 1`
+/// (as the forward pass clamps them). The result has exactly
+/// [`embedding_buckets_len`]`(tokens.len())` elements (zero-padded); its layout is described in
+/// `shaders/embedding.wgsl`.
+pub fn bucket_tokens(tokens: &[u32], vp: usize) -> Vec<u32> {
+    let p = tokens.len();
+    let last = vp.saturating_sub(1).min(u32::MAX as usize) as u32;
+    let id = |pos: usize| tokens[pos].min(last);
+    let mut order: Vec<u32> = (0..p as u32).collect();
+    // A stable sort keeps the positions of one token ascending.
+    order.sort_by_key(|&pos| id(pos as usize));
+    let mut out = vec![0u32; embedding_buckets_len(p)];
+    let mut k = 0;
+    let mut start = 0;
+    while start < p {
+        let tok = id(order[start] as usize);
+        let mut end = start + 1;
+        while end < p && id(order[end] as usize) == tok {
+            end += 1;
+        }
+        out[1 + 3 * k] = tok;
+        out[2 + 3 * k] = start as u32;
+        out[3 + 3 * k] = (end - start) as u32;
+        k += 1;
+        start = end;
+    }
+    out[0] = k as u32;
+    out[1 + 3 * p..].copy_from_slice(&order);
+    out
+}
+
+/// Embedding backward: `dwte[tok, :] += sum of dout[pos, :]` over the positions holding `tok`
+/// (in position order), and `dwpe[t, :] += sum over b of dout[b, t, :]`. Returns two dispatches
+/// (independent of each other).
+///
+/// - `dwte`: `[Vp, C]` f32, ACCUMULATED (rows of tokens absent from the batch are untouched).
+/// - `dwpe`: `[block, C]` f32 with `block >= T`, ACCUMULATED (rows `>= T` untouched).
+/// - `dout`: `[B, T, C]` (or `[B*T, C]`) f32 | f16.
+/// - `buckets`: u32 with [`embedding_buckets_len`]`(B*T)` elements, holding
+///   [`bucket_tokens`] of this batch's tokens. The grid is sized for the worst case (every
+///   position a distinct token), so the dispatch can be recorded once and only the buckets
+///   rewritten each step.
+pub fn embedding_backward(
+    gpu: &Gpu,
+    dwte: &Tensor,
+    dwpe: &Tensor,
+    dout: &Tensor,
+    buckets: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "embedding_backward";
+    if b == 0 || t == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("B = {b} and T = {t} must be positive"),
+        ));
+    }
+    check_f32(OP, "dwte", dwte)?;
+    check_f32(OP, "dwpe", dwpe)?;
+    let (vp, c) = table(OP, "dwte", dwte, 1)?;
+    let (_, cp) = table(OP, "dwpe", dwpe, t)?;
+    if cp != c {
+        return Err(Error::shape(
+            OP,
+            format!("dwpe has C = {cp} but dwte has C = {c}"),
+        ));
+    }
+    check_float(gpu, OP, "dout", dout)?;
+    activations(OP, "dout", dout, b, t, c)?;
+    check_u32(OP, "buckets", buckets)?;
+    let positions = b * t;
+    buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
+    check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
+    check_u32_range(OP, "B * T * C", positions * c)?;
+    check_u32_range(OP, "Vp * C", dwte.len())?;
+    let dout_t = dout.dtype.wgsl();
+
+    let wte_params = gpu.uniform(
+        OP,
+        &Params4 {
+            a: positions as u32,
+            b: c as u32,
+            c: vp as u32,
+            d: 0,
+        },
+    );
+    let wte = gpu.dispatch(DispatchDesc {
+        shader: "embedding",
+        entry: "embedding_backward_wte",
+        defines: defines![("BACKWARD_WTE", 1), ("DOUT_T", dout_t)],
+        bindings: &[
+            Bind::Uniform(&wte_params),
+            Bind::Read(buckets),
+            Bind::Read(dout),
+            Bind::Write(dwte),
+        ],
+        workgroups: gpu.grid(positions as u32),
+        label: format!("{OP}.wte"),
+        family: "embedding",
+    })?;
+    let wpe_params = gpu.uniform(
+        OP,
+        &Params4 {
+            a: b as u32,
+            b: t as u32,
+            c: c as u32,
+            d: 0,
+        },
+    );
+    let wpe = gpu.dispatch(DispatchDesc {
+        shader: "embedding",
+        entry: "embedding_backward_wpe",
+        defines: defines![("BACKWARD_WPE", 1), ("DOUT_T", dout_t)],
+        bindings: &[
+            Bind::Uniform(&wpe_params),
+            Bind::Read(dout),
+            Bind::Write(dwpe),
+        ],
+        workgroups: gpu.grid(((t * c) as u32).div_ceil(WG)),
+        label: format!("{OP}.wpe"),
+        family: "embedding",
+    })?;
+    Ok(vec![wte, wpe])
+}
 
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    Vec::new()
+    let f = &["f32", "f16"][..];
+    let one = &["1"][..];
+    let mut v = super::combinations("embedding", &[("FORWARD", one), ("WTE_T", f), ("WPE_T", f)]);
+    v.extend(super::combinations(
+        "embedding",
+        &[("BACKWARD_WTE", one), ("DOUT_T", f)],
+    ));
+    v.extend(super::combinations(
+        "embedding",
+        &[("BACKWARD_WPE", one), ("DOUT_T", f)],
+    ));
+    v
 }

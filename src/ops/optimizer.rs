@@ -1,5 +1,332 @@
-//! (to be written)
+//! Launchers for `shaders/optimizer.wgsl`: the global gradient norm (with the clipping
+//! coefficient and a finiteness flag for dynamic loss scaling) and fused AdamW over the one flat
+//! parameter buffer.
+//!
+//! Per step the CPU writes two small f32 tensors: [`GradNormScalars`] and [`AdamWHyper`]; the GPU
+//! writes the status tensor (`[norm, clip_coef, finite, 0]`) that AdamW reads, so clipping and
+//! the skip of non-finite steps need no read-back.
+
+use super::{check_f32, check_u32_range};
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+
+const WG: u32 = 256;
+
+/// Most workgroups of the norm's first stage: with a grid-stride loop any n works (GPT-2's 124M
+/// gradients: about 240 elements per thread), and the second stage sums at most this many
+/// partials in one workgroup.
+pub const GRAD_NORM_MAX_GROUPS: usize = 2048;
+
+/// Elements of the status tensor `grad_norm` writes: `[norm, clip_coef, finite, unused]`.
+pub const STATUS_LEN: usize = 4;
+
+/// What the gradient norm reads each step, as an f32 tensor of [`GradNormScalars::LEN`] elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GradNormScalars {
+    /// 1 / loss scale: the gradients in the buffer are multiplied by the loss scale.
+    pub inv_loss_scale: f32,
+    /// Clip the global norm to this; `<= 0` disables clipping (clip_coef = 1).
+    pub max_norm: f32,
+    pub _pad: [f32; 2],
+}
+
+impl GradNormScalars {
+    pub const LEN: usize = 4;
+
+    pub fn new(inv_loss_scale: f32, max_norm: f32) -> Self {
+        GradNormScalars {
+            inv_loss_scale,
+            max_norm,
+            _pad: [0.0; 2],
+        }
+    }
+
+    /// Writes these values into `t` (f32, [`Self::LEN`] elements).
+    pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
+        check_f32("grad_norm", "scalars", t)?;
+        t.expect_len("grad_norm", "scalars", Self::LEN)?;
+        gpu.write_bytes(t, bytemuck::bytes_of(self))
+    }
+}
+
+/// AdamW's hyper-parameters for one step, as an f32 tensor of [`AdamWHyper::LEN`] elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AdamWHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1 - beta1^t for the 1-based step t.
+    pub bias_correction1: f32,
+    /// 1 - beta2^t.
+    pub bias_correction2: f32,
+    pub inv_loss_scale: f32,
+}
+
+impl AdamWHyper {
+    pub const LEN: usize = 8;
+
+    /// The values for 1-based step `step`, bias corrections computed in f64.
+    pub fn new(
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: u32,
+        inv_loss_scale: f32,
+    ) -> Self {
+        AdamWHyper {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            bias_correction1: (1.0 - (beta1 as f64).powi(step as i32)) as f32,
+            bias_correction2: (1.0 - (beta2 as f64).powi(step as i32)) as f32,
+            inv_loss_scale,
+        }
+    }
+
+    /// Writes these values into `t` (f32, [`Self::LEN`] elements).
+    pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
+        check_f32("adamw", "hyper", t)?;
+        t.expect_len("adamw", "hyper", Self::LEN)?;
+        gpu.write_bytes(t, bytemuck::bytes_of(self))
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    other: u32, // groups (norm) or n_decay (AdamW)
+    _pad: [u32; 2],
+}
+
+fn norm_groups(n: usize, max_groups: usize) -> usize {
+    n.div_ceil(WG as usize).clamp(1, max_groups.max(1))
+}
+
+/// Length (f32 elements) of the scratch tensor `grad_norm` needs for `n` gradients.
+pub fn grad_norm_scratch_len(n: usize) -> usize {
+    2 * norm_groups(n, GRAD_NORM_MAX_GROUPS)
+}
+
+/// Global L2 norm of the gradients, two deterministic stages. Returns two dispatches to run in
+/// order.
+///
+/// - `status`: `[4]` f32, overwritten with `[norm, clip_coef, finite, 0]`: norm =
+///   `sqrt(sum (g * inv_loss_scale)^2)`; clip_coef = `min(1, max_norm / (norm + 1e-6))`, or 1
+///   when `max_norm <= 0` or the gradients are not finite; finite = 1.0, or 0.0 when any gradient
+///   is inf/NaN (or the sum of squares overflows).
+/// - `grads`: `[n]` f32 (any shape), every parameter gradient in one buffer.
+/// - `scratch`: f32 with at least [`grad_norm_scratch_len`]`(n)` elements (contents on entry do
+///   not matter).
+/// - `scalars`: f32 `[GradNormScalars::LEN]` holding a [`GradNormScalars`].
+pub fn grad_norm(
+    gpu: &Gpu,
+    status: &Tensor,
+    grads: &Tensor,
+    scratch: &Tensor,
+    scalars: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    grad_norm_with_groups(gpu, status, grads, scratch, scalars, GRAD_NORM_MAX_GROUPS)
+}
+
+/// [`grad_norm`] with the first stage capped at `max_groups` workgroups instead of
+/// [`GRAD_NORM_MAX_GROUPS`], so that tests can make each thread stride over the buffer many
+/// times, as GPT-2 sized buffers do, with small inputs. The scratch must then hold
+/// `2 * min(ceil(n / 256), max_groups)` elements.
+#[doc(hidden)]
+pub fn grad_norm_with_groups(
+    gpu: &Gpu,
+    status: &Tensor,
+    grads: &Tensor,
+    scratch: &Tensor,
+    scalars: &Tensor,
+    max_groups: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "grad_norm";
+    check_f32(OP, "status", status)?;
+    status.expect_len(OP, "status", STATUS_LEN)?;
+    check_f32(OP, "grads", grads)?;
+    check_f32(OP, "scalars", scalars)?;
+    scalars.expect_len(OP, "scalars", GradNormScalars::LEN)?;
+    check_f32(OP, "scratch", scratch)?;
+    let n = grads.len();
+    let groups = norm_groups(n, max_groups.min(GRAD_NORM_MAX_GROUPS));
+    if scratch.len() < 2 * groups {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "scratch has {} elements, needs at least {} (grad_norm_scratch_len)",
+                scratch.len(),
+                2 * groups
+            ),
+        ));
+    }
+    // The grid-stride loop's index (up to n + stride) must not wrap around.
+    check_u32_range(
+        OP,
+        "gradient elements plus the grid stride",
+        n + groups * WG as usize,
+    )?;
+    let n32 = n as u32;
+    let params = gpu.uniform(
+        OP,
+        &Params {
+            n: n32,
+            other: groups as u32,
+            _pad: [0; 2],
+        },
+    );
+    let partials = gpu.dispatch(DispatchDesc {
+        shader: "optimizer",
+        entry: "grad_norm_partials",
+        defines: defines![("NORM_PARTIALS", 1)],
+        bindings: &[
+            Bind::Uniform(&params),
+            Bind::Read(grads),
+            Bind::Read(scalars),
+            Bind::Write(scratch),
+        ],
+        workgroups: [groups as u32, 1, 1],
+        label: OP.to_string(),
+        family: "optimizer",
+    })?;
+    let finish = gpu.dispatch(DispatchDesc {
+        shader: "optimizer",
+        entry: "grad_norm_finish",
+        defines: defines![("NORM_FINISH", 1)],
+        bindings: &[
+            Bind::Uniform(&params),
+            Bind::Read(scratch),
+            Bind::Read(scalars),
+            Bind::Write(status),
+        ],
+        workgroups: [1, 1, 1],
+        label: format!("{OP}.finish"),
+        family: "optimizer",
+    })?;
+    Ok(vec![partials, finish])
+}
+
+/// Fused AdamW (PyTorch semantics) over the whole flat parameter buffer in one dispatch:
+/// `g = grad * inv_loss_scale * clip_coef`; `p *= 1 - lr * wd` for elements `[0, n_decay)`
+/// only; `m = b1 m + (1 - b1) g`; `v = b2 v + (1 - b2) g^2`;
+/// `p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)`. When `status[2]` (finite) is 0 nothing is
+/// written at all.
+///
+/// - `params`, `m`, `v`: `[n]` f32, updated in place. `grads`: `[n]` f32, read.
+/// - `params_f16`: optional `[n]` f16 copy of the parameters, rewritten from the updated f32
+///   values in the same pass (mixed precision).
+/// - `status`: `[4]` f32 from [`grad_norm`]. `hyper`: f32 `[AdamWHyper::LEN]` holding an
+///   [`AdamWHyper`].
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    gpu: &Gpu,
+    params: &Tensor,
+    grads: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    params_f16: Option<&Tensor>,
+    status: &Tensor,
+    hyper: &Tensor,
+    n_decay: usize,
+) -> Result<Dispatch> {
+    let max = gpu.limits.max_compute_workgroups_per_dimension;
+    adamw_with_grid_limit(
+        gpu, params, grads, m, v, params_f16, status, hyper, n_decay, max,
+    )
+}
+
+/// [`adamw`] with the grid laid out as if at most `max_per_dim` workgroups fitted in one
+/// dimension, so that tests reach the 2-D grid GPT-2's 124M parameters need (485k workgroups)
+/// with small inputs.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_with_grid_limit(
+    gpu: &Gpu,
+    params: &Tensor,
+    grads: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    params_f16: Option<&Tensor>,
+    status: &Tensor,
+    hyper: &Tensor,
+    n_decay: usize,
+    max_per_dim: u32,
+) -> Result<Dispatch> {
+    const OP: &str = "adamw";
+    let n = params.len();
+    for (what, t) in [("params", params), ("grads", grads), ("m", m), ("v", v)] {
+        check_f32(OP, what, t)?;
+        t.expect_len(OP, what, n)?;
+    }
+    check_f32(OP, "status", status)?;
+    status.expect_len(OP, "status", STATUS_LEN)?;
+    check_f32(OP, "hyper", hyper)?;
+    hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
+    if n_decay > n {
+        return Err(Error::shape(
+            OP,
+            format!("n_decay = {n_decay} is beyond the {n} parameters"),
+        ));
+    }
+    if let Some(copy) = params_f16 {
+        copy.expect_dtype(OP, "params_f16", &[DType::F16])?;
+        copy.expect_len(OP, "params_f16", n)?;
+        super::check_float(gpu, OP, "params_f16", copy)?;
+    }
+    let n32 = check_u32_range(OP, "parameter count", n)?;
+    let uniform = gpu.uniform(
+        OP,
+        &Params {
+            n: n32,
+            other: n_decay as u32,
+            _pad: [0; 2],
+        },
+    );
+    let mut bindings = vec![
+        Bind::Uniform(&uniform),
+        Bind::Write(params),
+        Bind::Read(grads),
+        Bind::Write(m),
+        Bind::Write(v),
+        Bind::Read(status),
+        Bind::Read(hyper),
+    ];
+    let mut defines = defines![("ADAMW", 1)];
+    if let Some(copy) = params_f16 {
+        bindings.push(Bind::Write(copy));
+        defines.push(("COPY_T".into(), "f16".into()));
+    }
+    let groups = n32.div_ceil(WG).max(1);
+    let max = max_per_dim.clamp(1, gpu.limits.max_compute_workgroups_per_dimension);
+    let y = groups.div_ceil(max);
+    gpu.dispatch(DispatchDesc {
+        shader: "optimizer",
+        entry: "adamw",
+        defines,
+        bindings: &bindings,
+        workgroups: [groups.div_ceil(y), y, 1],
+        label: OP.to_string(),
+        family: "optimizer",
+    })
+}
 
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    Vec::new()
+    let mut v = super::combinations("optimizer", &[("NORM_PARTIALS", &["1"])]);
+    v.extend(super::combinations("optimizer", &[("NORM_FINISH", &["1"])]));
+    v.extend(super::combinations("optimizer", &[("ADAMW", &["1"])]));
+    v.extend(super::combinations(
+        "optimizer",
+        &[("ADAMW", &["1"]), ("COPY_T", &["f16"])],
+    ));
+    v
 }

@@ -1,0 +1,380 @@
+//! Global gradient norm and fused AdamW against the CPU reference (AdamW state followed in f64
+//! over several steps), including the grid-stride and 2-D grid paths GPT-2 sized buffers take,
+//! clipping, the f16 parameter copy and the skip of non-finite steps.
+
+mod common;
+use common::*;
+use wgpt::gpu::{DType, Tensor};
+use wgpt::ops::optimizer as opt;
+use wgpt::ops::optimizer::{AdamWHyper, GradNormScalars};
+use wgpt::reference::optimizer as cpu;
+
+/// Gradient buffers: tiny, around the workgroup size, and bigger than the first stage's
+/// 2048 x 256 threads so that each thread strides over the buffer several times.
+const SIZES: [usize; 5] = [1, 255, 257, 70_001, 1_300_001];
+
+fn f32_tensor(label: &str, data: &[f32]) -> Tensor {
+    gpu()
+        .upload(label, data, &[data.len()], DType::F32)
+        .unwrap()
+}
+
+/// Runs grad_norm (capped at `max_groups` first-stage workgroups) and returns the status.
+fn gpu_norm(grads: &[f32], inv_loss_scale: f32, max_norm: f32, max_groups: usize) -> Vec<f32> {
+    let g = f32_tensor("grads", grads);
+    let status = poisoned("status", &[opt::STATUS_LEN], DType::F32);
+    let scratch = poisoned(
+        "scratch",
+        &[opt::grad_norm_scratch_len(grads.len())],
+        DType::F32,
+    );
+    let scalars = gpu()
+        .zeros("scalars", &[GradNormScalars::LEN], DType::F32)
+        .unwrap();
+    GradNormScalars::new(inv_loss_scale, max_norm)
+        .write(gpu(), &scalars)
+        .unwrap();
+    let ds =
+        opt::grad_norm_with_groups(gpu(), &status, &g, &scratch, &scalars, max_groups).unwrap();
+    gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
+    read(&status)
+}
+
+fn check_status(what: &str, got: &[f32], want: &cpu::NormStatus) {
+    assert_close(
+        &format!("{what} norm"),
+        &got[..1],
+        &[want.norm as f32],
+        1e-5,
+    );
+    assert_close(
+        &format!("{what} clip_coef"),
+        &got[1..2],
+        &[want.clip_coef as f32],
+        1e-5,
+    );
+    assert_eq!(
+        got[2],
+        if want.finite { 1.0 } else { 0.0 },
+        "{what}: finite flag"
+    );
+    assert_eq!(got[3], 0.0, "{what}: unused slot");
+}
+
+#[test]
+fn grad_norm_matches_reference() {
+    for (s, &n) in SIZES.iter().enumerate() {
+        let mut r = rng(700 + s as u64);
+        // Gradients as mixed precision leaves them: multiplied by the loss scale.
+        let loss_scale = 1024.0f32;
+        let grads: Vec<f32> = r
+            .vec_normal(n, 0.01)
+            .iter()
+            .map(|g| g * loss_scale)
+            .collect();
+        for max_norm in [0.0f32, 0.05, 1e9] {
+            let got = gpu_norm(
+                &grads,
+                1.0 / loss_scale,
+                max_norm,
+                opt::GRAD_NORM_MAX_GROUPS,
+            );
+            let want = cpu::grad_norm(&grads, 1.0 / loss_scale, max_norm);
+            check_status(&format!("grad_norm n={n} max_norm={max_norm}"), &got, &want);
+        }
+    }
+}
+
+#[test]
+fn grad_norm_grid_stride_with_few_workgroups() {
+    // The same code path as GPT-2's 124M gradients (each thread strides over the buffer many
+    // times), reached with a small buffer by capping the first stage's workgroups.
+    let n = 100_003;
+    let mut r = rng(710);
+    let grads = r.vec_normal(n, 1.0);
+    let want = cpu::grad_norm(&grads, 1.0, 1.0);
+    for groups in [1, 3, 7, 391] {
+        let got = gpu_norm(&grads, 1.0, 1.0, groups);
+        check_status(
+            &format!("grad_norm n={n} with {groups} workgroups"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+fn grad_norm_is_deterministic() {
+    let mut r = rng(720);
+    let grads = r.vec_normal(1_000_003, 1.0);
+    let a = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
+    let b = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
+    assert_bitwise_eq("grad_norm status", &a, &b);
+}
+
+#[test]
+fn grad_norm_flags_non_finite_gradients() {
+    let mut r = rng(730);
+    let n = 70_001;
+    for (what, index, value) in [
+        ("NaN", 12_345, f32::NAN),
+        ("+inf", n - 1, f32::INFINITY),
+        ("-inf", 0, f32::NEG_INFINITY),
+        // Finite gradients whose squares overflow f32: the norm is not finite either.
+        ("overflowing squares", 7, 1e30),
+    ] {
+        let mut grads = r.vec_normal(n, 1.0);
+        grads[index] = value;
+        if what == "overflowing squares" {
+            grads[8] = 1e30;
+        }
+        let got = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
+        assert_eq!(got[2], 0.0, "{what}: finite flag must be 0, status {got:?}");
+        assert_eq!(got[1], 1.0, "{what}: clip_coef is neutral, status {got:?}");
+    }
+}
+
+/// Everything one AdamW test case holds on the GPU.
+struct AdamState {
+    params: Tensor,
+    grads: Tensor,
+    m: Tensor,
+    v: Tensor,
+    copy: Option<Tensor>,
+    status: Tensor,
+    _scratch: Tensor,
+    scalars: Tensor,
+    hyper: Tensor,
+    dispatches: Vec<wgpt::Dispatch>,
+}
+
+fn adam_state(
+    p0: &[f32],
+    m0: &[f32],
+    v0: &[f32],
+    with_copy: bool,
+    n_decay: usize,
+    grid_limit: u32,
+) -> AdamState {
+    let n = p0.len();
+    let params = f32_tensor("params", p0);
+    let grads = gpu().zeros("grads", &[n], DType::F32).unwrap();
+    let m = f32_tensor("m", m0);
+    let v = f32_tensor("v", v0);
+    let copy = with_copy.then(|| poisoned("params_f16", &[n], DType::F16));
+    let status = poisoned("status", &[opt::STATUS_LEN], DType::F32);
+    let scratch = poisoned("scratch", &[opt::grad_norm_scratch_len(n)], DType::F32);
+    let scalars = gpu()
+        .zeros("scalars", &[GradNormScalars::LEN], DType::F32)
+        .unwrap();
+    let hyper = gpu()
+        .zeros("hyper", &[AdamWHyper::LEN], DType::F32)
+        .unwrap();
+    let mut dispatches = opt::grad_norm(gpu(), &status, &grads, &scratch, &scalars).unwrap();
+    dispatches.push(
+        opt::adamw_with_grid_limit(
+            gpu(),
+            &params,
+            &grads,
+            &m,
+            &v,
+            copy.as_ref(),
+            &status,
+            &hyper,
+            n_decay,
+            grid_limit,
+        )
+        .unwrap(),
+    );
+    AdamState {
+        params,
+        grads,
+        m,
+        v,
+        copy,
+        status,
+        _scratch: scratch,
+        scalars,
+        hyper,
+        dispatches,
+    }
+}
+
+fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn to_f32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+#[test]
+fn adamw_matches_reference_over_several_steps() {
+    // (n, n_decay, max_norm, f16 copy, workgroups per grid dimension)
+    let cases: [(usize, usize, f32, bool, u32); 6] = [
+        (1, 1, 1e-3, false, 65_535),
+        (1000, 0, 1e9, true, 65_535),     // clipping inactive, no decay
+        (4097, 4097, 0.0, false, 65_535), // clipping disabled, all decayed
+        (70_001, 40_000, 0.5, true, 65_535), // clipping active, decay split
+        (70_001, 12_345, 1e9, true, 16),  // the 2-D grid GPT-2 needs, with a small grid limit
+        (300_007, 299_999, 0.5, false, 7),
+    ];
+    let f16_ok = gpu().has_f16();
+    for (s, &(n, n_decay, max_norm, copy, grid_limit)) in cases.iter().enumerate() {
+        let copy = copy && f16_ok;
+        let mut r = rng(800 + s as u64);
+        let p0 = r.vec_normal(n, 1.0);
+        let m0 = r.vec_normal(n, 0.01);
+        let v0: Vec<f32> = r.vec_normal(n, 0.01).iter().map(|x| x * x).collect();
+        let k = adam_state(&p0, &m0, &v0, copy, n_decay, grid_limit);
+        let (mut p, mut m, mut v) = (to_f64(&p0), to_f64(&m0), to_f64(&v0));
+        let loss_scale = 256.0f32;
+        let mut clipped = 0;
+        for step in 1..=4u32 {
+            let grads: Vec<f32> = r
+                .vec_normal(n, 0.02)
+                .iter()
+                .map(|g| g * loss_scale)
+                .collect();
+            gpu().write(&k.grads, &grads).unwrap();
+            GradNormScalars::new(1.0 / loss_scale, max_norm)
+                .write(gpu(), &k.scalars)
+                .unwrap();
+            let lr = 1e-2 / step as f32;
+            let hyper = AdamWHyper::new(lr, 0.9, 0.95, 1e-8, 0.1, step, 1.0 / loss_scale);
+            hyper.write(gpu(), &k.hyper).unwrap();
+            gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
+
+            let status = cpu::grad_norm(&grads, 1.0 / loss_scale, max_norm);
+            if status.clip_coef < 1.0 {
+                clipped += 1;
+            }
+            let hp = cpu::AdamW {
+                lr: lr as f64,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step,
+                inv_loss_scale: 1.0 / loss_scale as f64,
+            };
+            cpu::adamw_step(&mut p, &mut m, &mut v, &grads, &status, &hp, n_decay);
+            let what = format!("adamw n={n} n_decay={n_decay} max_norm={max_norm} step {step}");
+            check_status(&what, &read(&k.status), &status);
+            let got_p = read(&k.params);
+            assert_close(&format!("{what} params"), &got_p, &to_f32(&p), 1e-5);
+            assert_close(&format!("{what} m"), &read(&k.m), &to_f32(&m), 1e-5);
+            assert_close(&format!("{what} v"), &read(&k.v), &to_f32(&v), 1e-5);
+            if let Some(c) = &k.copy {
+                // The copy is exactly the f16 rounding of the updated f32 parameters.
+                assert_bitwise_eq(
+                    &format!("{what} f16 copy"),
+                    &read(c),
+                    &round_to(&got_p, DType::F16),
+                );
+            }
+        }
+        let active = max_norm > 0.0 && max_norm < 1e9;
+        assert_eq!(
+            clipped > 0,
+            active,
+            "case {s}: clipping should be active exactly when max_norm is small"
+        );
+    }
+}
+
+#[test]
+fn adamw_skips_a_step_with_non_finite_gradients() {
+    let n = 5000;
+    let mut r = rng(900);
+    let p0 = r.vec_normal(n, 1.0);
+    let m0 = r.vec_normal(n, 0.01);
+    let v0: Vec<f32> = r.vec_normal(n, 0.01).iter().map(|x| x * x).collect();
+    let k = adam_state(&p0, &m0, &v0, gpu().has_f16(), 3000, 65_535);
+    let copy_before = vec![0.5f32; n];
+    if let Some(c) = &k.copy {
+        gpu().write(c, &copy_before).unwrap();
+    }
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut grads = r.vec_normal(n, 1.0);
+        grads[4321] = bad;
+        gpu().write(&k.grads, &grads).unwrap();
+        GradNormScalars::new(1.0, 1.0)
+            .write(gpu(), &k.scalars)
+            .unwrap();
+        AdamWHyper::new(1e-2, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
+            .write(gpu(), &k.hyper)
+            .unwrap();
+        gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(read(&k.status)[2], 0.0, "finite flag");
+        assert_bitwise_eq(
+            &format!("params after a {bad} gradient"),
+            &read(&k.params),
+            &p0,
+        );
+        assert_bitwise_eq(&format!("m after a {bad} gradient"), &read(&k.m), &m0);
+        assert_bitwise_eq(&format!("v after a {bad} gradient"), &read(&k.v), &v0);
+        if let Some(c) = &k.copy {
+            assert_bitwise_eq("f16 copy after a skipped step", &read(c), &copy_before);
+        }
+    }
+    // A finite step afterwards updates as usual.
+    let grads = r.vec_normal(n, 1.0);
+    gpu().write(&k.grads, &grads).unwrap();
+    gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(read(&k.status)[2], 1.0);
+    let got = read(&k.params);
+    assert!(
+        got.iter().zip(&p0).filter(|(a, b)| a != b).count() > n / 2,
+        "a finite step must update"
+    );
+}
+
+#[test]
+fn shape_errors_are_reported() {
+    let g = gpu();
+    let f = DType::F32;
+    let z = |n: usize, dtype| g.zeros("t", &[n], dtype).unwrap();
+    let n = 1000;
+    let (grads, status, scratch, scalars) = (
+        z(n, f),
+        z(4, f),
+        z(opt::grad_norm_scratch_len(n), f),
+        z(4, f),
+    );
+    assert!(opt::grad_norm(g, &status, &grads, &scratch, &scalars).is_ok());
+    let e = opt::grad_norm(g, &status, &grads, &z(1, f), &scalars)
+        .err()
+        .expect("scratch");
+    assert!(e.to_string().contains("scratch"), "{e}");
+    assert!(opt::grad_norm(g, &z(3, f), &grads, &scratch, &scalars).is_err());
+    assert!(opt::grad_norm(g, &status, &z(n, DType::F16), &scratch, &scalars).is_err());
+    assert!(opt::grad_norm(g, &status, &grads, &scratch, &z(2, f)).is_err());
+
+    let (p, m, v, hyper) = (z(n, f), z(n, f), z(n, f), z(AdamWHyper::LEN, f));
+    assert!(opt::adamw(g, &p, &grads, &m, &v, None, &status, &hyper, n).is_ok());
+    let e = opt::adamw(g, &p, &grads, &m, &v, None, &status, &hyper, n + 1)
+        .err()
+        .expect("n_decay");
+    assert!(e.to_string().contains("adamw"), "{e}");
+    assert!(opt::adamw(g, &p, &z(n - 1, f), &m, &v, None, &status, &hyper, 0).is_err());
+    assert!(opt::adamw(
+        g,
+        &p,
+        &grads,
+        &z(n, DType::F16),
+        &v,
+        None,
+        &status,
+        &hyper,
+        0
+    )
+    .is_err());
+    assert!(opt::adamw(g, &p, &grads, &m, &v, Some(&z(n, f)), &status, &hyper, 0).is_err());
+    assert!(opt::adamw(g, &p, &grads, &m, &v, None, &status, &z(4, f), 0).is_err());
+    assert!(opt::adamw(g, &p, &grads, &m, &v, None, &z(2, f), &hyper, 0).is_err());
+    assert!(GradNormScalars::new(1.0, 1.0).write(g, &z(3, f)).is_err());
+    assert!(AdamWHyper::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
+        .write(g, &z(4, f))
+        .is_err());
+}
