@@ -1,5 +1,775 @@
-//! (to be written)
+//! Launchers for causal self-attention in the GPT-2 layout: flash attention
+//! (`shaders/attention_flash.wgsl`) and the naive path that materialises the score matrix
+//! (`shaders/attention_naive.wgsl`).
+//!
+//! Layout (as in GPT-2 / llm.c): `qkv` (B, T, 3C) is the `c_attn` output, q = channels [0, C),
+//! k = [C, 2C), v = [2C, 3C); head h uses channels h*hs .. (h+1)*hs of each, hs = C / NH. The
+//! output `out` (B, T, C) keeps the heads in that channel layout, ready for `c_proj`. Scores are
+//! scaled by 1/sqrt(hs) and causal (key j visible to query i when j <= i).
+//!
+//! Storage types: `qkv`, `out`, `dout` and `dqkv` are each f32 or f16 (f16 needs SHADER_F16);
+//! `lse`, the backward scratch and the naive score matrices are always f32, and all arithmetic is
+//! f32. Every launcher overwrites its outputs (no accumulation) and writes every element.
+//!
+//! Dispatches: flash forward 1, flash backward 3 (D, dK/dV, dQ), naive forward 3 (scores,
+//! softmax, values), naive backward 4 (dP, softmax backward, dQ, dK/dV). Record them in order.
+//!
+//! Scratch tensors:
+//! - flash forward: `lse` (B, NH, T) f32, 4*B*NH*T bytes: kept for the backward pass.
+//! - flash backward: `d_scratch` (B, NH, T) f32, 4*B*NH*T bytes: D = rowsum(dout * out).
+//! - naive forward: `att` (B, NH, T, T) f32, 4*B*NH*T^2 bytes: the probabilities, kept for the
+//!   backward pass (4 MiB per (b, h) at T=1024: 768 MiB for GPT-2's B=16, NH=12).
+//! - naive backward: `datt_scratch` (B, NH, T, T) f32, the same size again.
 
+use super::check_u32_range;
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+
+/// The largest head size the kernels accept.
+pub const MAX_HEAD_SIZE: usize = 128;
+
+const FAMILY: &str = "attention";
+
+/// Uniform block of `shaders/attention_flash.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct FlashParams {
+    b: u32,
+    t: u32,
+    nh: u32,
+    c: u32,
+    n_blocks: u32,
+    n_work: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// Uniform block of `shaders/attention_naive.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct NaiveParams {
+    b: u32,
+    t: u32,
+    nh: u32,
+    c: u32,
+    hs: u32,
+    n_work: u32,
+    scale: f32,
+    n_tiles: u32,
+}
+
+/// FLOPs of the causal attention forward pass (q k^T and P v over the visible half of the score
+/// matrix, 2 per multiply-add): 4 * B * NH * hs * T(T+1)/2. For profiles.
+pub fn attention_flops(b: usize, t: usize, nh: usize, hs: usize) -> u64 {
+    4 * (b * nh * hs) as u64 * (t as u64 * (t as u64 + 1) / 2)
+}
+
+/// FLOPs of the backward pass counted the same way: four products (dP, dV, dQ, dK), twice the
+/// forward. The flash kernels do three products more (q k^T in both of their kernels and
+/// dout v^T again in the dQ kernel), which this count of useful work leaves out.
+pub fn attention_backward_flops(b: usize, t: usize, nh: usize, hs: usize) -> u64 {
+    2 * attention_flops(b, t, nh, hs)
+}
+
+/// The problem size, validated.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    t: usize,
+    nh: usize,
+    c: usize,
+    hs: usize,
+}
+
+impl Dims {
+    /// Derives C from `qkv` (B*T*3C elements) and checks everything that does not depend on the
+    /// other tensors.
+    fn new(
+        gpu: &Gpu,
+        op: &'static str,
+        qkv: &Tensor,
+        b: usize,
+        t: usize,
+        nh: usize,
+    ) -> Result<Dims> {
+        if b == 0 || t == 0 || nh == 0 {
+            return Err(Error::shape(
+                op,
+                format!("B={b}, T={t} and NH={nh} must all be positive"),
+            ));
+        }
+        super::check_float(gpu, op, "qkv", qkv)?;
+        let rows = b * t * 3;
+        if qkv.is_empty() || !qkv.len().is_multiple_of(rows) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "qkv has {} elements (shape {:?}), not B*T*3C for B={b}, T={t}",
+                    qkv.len(),
+                    qkv.shape
+                ),
+            ));
+        }
+        let c = qkv.len() / rows;
+        if !c.is_multiple_of(nh) {
+            return Err(Error::shape(
+                op,
+                format!("C={c} is not divisible by NH={nh}"),
+            ));
+        }
+        let hs = c / nh;
+        if hs > MAX_HEAD_SIZE {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "head size C/NH = {hs} is above the supported {MAX_HEAD_SIZE}; use more heads"
+                ),
+            ));
+        }
+        check_u32_range(op, "B*T*3C", qkv.len())?;
+        Ok(Dims { b, t, nh, c, hs })
+    }
+
+    fn scale(&self) -> f32 {
+        (1.0 / (self.hs as f64).sqrt()) as f32
+    }
+
+    fn bt(&self) -> usize {
+        self.b * self.t
+    }
+
+    fn bht(&self) -> usize {
+        self.b * self.nh * self.t
+    }
+}
+
+fn check_tensor(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+    super::check_float(gpu, op, what, t)?;
+    t.expect_len(op, what, n)
+}
+
+fn check_f32_tensor(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+    super::check_f32(op, what, t)?;
+    t.expect_len(op, what, n)
+}
+
+/// wgpu refuses a buffer bound both read-only and writable in one dispatch; say so by name.
+fn check_distinct(
+    op: &'static str,
+    writes: &[(&str, &Tensor)],
+    reads: &[(&str, &Tensor)],
+) -> Result<()> {
+    for (wn, w) in writes {
+        for (rn, r) in reads {
+            if w.buffer == r.buffer {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{wn} and {rn} share a buffer; the output must live in a buffer of its own"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The accumulate layout's number of threads across the head dimension: the largest power of
+/// two up to 16 that divides hs, so that no thread idles on a partial column group.
+fn dims_group(hs: usize) -> u32 {
+    let mut g = 16;
+    while !hs.is_multiple_of(g) {
+        g /= 2;
+    }
+    g as u32
+}
+
+// ---- flash attention ---------------------------------------------------------------------------
+
+/// Tile sizes of the flash kernels. Multiples of 16 (the score layout is a 16 x 16 thread grid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashTiles {
+    /// Forward: query rows per workgroup.
+    pub br: u32,
+    /// Forward: keys per inner block.
+    pub bc: u32,
+    /// Backward: query rows per block (dQ: per workgroup; dK/dV: per inner block).
+    pub bq: u32,
+    /// Backward: keys per block (dK/dV: per workgroup; dQ: per inner block).
+    pub bk: u32,
+}
+
+/// Forward (BR, BC) in order of preference: the most query rows per workgroup first (fewer
+/// reloads of K and V), then the longest key blocks (fewer barriers).
+const FORWARD_TILES: [(u32, u32); 5] = [(64, 32), (64, 16), (32, 32), (32, 16), (16, 16)];
+/// Backward (BQ, BK) in order of preference.
+const BACKWARD_TILES: [(u32, u32); 4] = [(32, 32), (16, 32), (32, 16), (16, 16)];
+
+impl FlashTiles {
+    /// Workgroup memory of the forward kernel: Q and K blocks padded to hs+1 floats a row, the V
+    /// block, the score block (rows padded to BC+1) and one float per row.
+    pub fn forward_bytes(br: u32, bc: u32, hs: u32) -> u64 {
+        let (br, bc, hs) = (br as u64, bc as u64, hs as u64);
+        4 * (br * (hs + 1) + bc * (hs + 1) + bc * hs + br * (bc + 1) + br)
+    }
+
+    /// Workgroup memory of the larger backward kernel (dK/dV): K, V, Q and dout blocks padded to
+    /// hs+1 floats a row, P and dS blocks (rows padded to BK+1), lse and D per query row.
+    pub fn backward_bytes(bq: u32, bk: u32, hs: u32) -> u64 {
+        let (bq, bk, hs) = (bq as u64, bk as u64, hs as u64);
+        4 * (2 * bk * (hs + 1) + 2 * bq * (hs + 1) + 2 * bq * (bk + 1) + 2 * bq)
+    }
+
+    /// The preferred tiles that fit `limit` bytes of workgroup memory at head size `hs`.
+    pub fn for_limit(limit: u32, hs: usize) -> Option<FlashTiles> {
+        let hs = hs as u32;
+        let (br, bc) = *FORWARD_TILES
+            .iter()
+            .find(|&&(r, c)| Self::forward_bytes(r, c, hs) <= limit as u64)?;
+        let (bq, bk) = *BACKWARD_TILES
+            .iter()
+            .find(|&&(q, k)| Self::backward_bytes(q, k, hs) <= limit as u64)?;
+        Some(FlashTiles { br, bc, bq, bk })
+    }
+
+    /// Every tile choice the launchers accept that fits `limit` bytes at head size `hs`.
+    pub fn all_for_limit(limit: u32, hs: usize) -> Vec<FlashTiles> {
+        let hs32 = hs as u32;
+        let mut v = Vec::new();
+        for &(br, bc) in &FORWARD_TILES {
+            for &(bq, bk) in &BACKWARD_TILES {
+                if Self::forward_bytes(br, bc, hs32) <= limit as u64
+                    && Self::backward_bytes(bq, bk, hs32) <= limit as u64
+                {
+                    v.push(FlashTiles { br, bc, bq, bk });
+                }
+            }
+        }
+        v
+    }
+
+    /// The tiles for this adapter's workgroup memory at head size `hs`.
+    pub fn choose(gpu: &Gpu, hs: usize) -> Result<FlashTiles> {
+        let limit = gpu.limits.max_compute_workgroup_storage_size;
+        Self::for_limit(limit, hs).ok_or_else(|| Error::Limit {
+            what: format!("flash attention at head size {hs}"),
+            needed: format!(
+                "{} bytes of workgroup memory",
+                Self::forward_bytes(16, 16, hs as u32).max(Self::backward_bytes(16, 16, hs as u32))
+            ),
+            available: format!("{limit} bytes"),
+            adapter: gpu.info.name.clone(),
+            hint: "use a smaller head size (more heads) or the naive attention path".into(),
+        })
+    }
+
+    fn check(&self, gpu: &Gpu, op: &'static str, hs: usize) -> Result<()> {
+        if !FORWARD_TILES.contains(&(self.br, self.bc))
+            || !BACKWARD_TILES.contains(&(self.bq, self.bk))
+        {
+            return Err(Error::shape(
+                op,
+                format!("unsupported tiles {self:?}; forward (BR, BC) one of {FORWARD_TILES:?}, backward (BQ, BK) one of {BACKWARD_TILES:?}"),
+            ));
+        }
+        let limit = gpu.limits.max_compute_workgroup_storage_size as u64;
+        let need = Self::forward_bytes(self.br, self.bc, hs as u32)
+            .max(Self::backward_bytes(self.bq, self.bk, hs as u32));
+        if need > limit {
+            return Err(Error::Limit {
+                what: format!("{op} with tiles {self:?} at head size {hs}"),
+                needed: format!("{need} bytes of workgroup memory"),
+                available: format!("{limit} bytes"),
+                adapter: gpu.info.name.clone(),
+                hint: "use FlashTiles::choose".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn flash_params(d: &Dims, n_blocks: usize, n_work: u32) -> FlashParams {
+    FlashParams {
+        b: d.b as u32,
+        t: d.t as u32,
+        nh: d.nh as u32,
+        c: d.c as u32,
+        n_blocks: n_blocks as u32,
+        n_work,
+        scale: d.scale(),
+        _pad: 0,
+    }
+}
+
+/// Flash attention forward: `out` (B, T, C) and `lse` (B, NH, T) f32 from `qkv` (B, T, 3C).
+/// C is taken from `qkv`'s length. Tiles from [`FlashTiles::choose`]. One dispatch.
+pub fn flash_attention_forward(
+    gpu: &Gpu,
+    out: &Tensor,
+    lse: &Tensor,
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    let d = Dims::new(gpu, "flash_attention_forward", qkv, b, t, nh)?;
+    let tiles = FlashTiles::choose(gpu, d.hs)?;
+    flash_attention_forward_tiled(gpu, tiles, out, lse, qkv, b, t, nh)
+}
+
+/// [`flash_attention_forward`] with explicit tiles (which must fit the adapter).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_forward_tiled(
+    gpu: &Gpu,
+    tiles: FlashTiles,
+    out: &Tensor,
+    lse: &Tensor,
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "flash_attention_forward";
+    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
+    tiles.check(gpu, OP, d.hs)?;
+    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
+    check_f32_tensor(OP, "lse", lse, d.bht())?;
+    check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+    let n_qb = d.t.div_ceil(tiles.br as usize);
+    let n_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
+    let params = gpu.uniform(OP, &flash_params(&d, n_qb, n_work));
+    let dispatch = gpu.dispatch(DispatchDesc {
+        shader: "attention_flash",
+        entry: "flash_attention_forward",
+        defines: defines![
+            ("FORWARD", 1),
+            ("QKV_T", qkv.dtype.wgsl()),
+            ("OUT_T", out.dtype.wgsl()),
+            ("HS", d.hs),
+            ("DG", dims_group(d.hs)),
+            ("BR", tiles.br),
+            ("BC", tiles.bc),
+        ],
+        bindings: &[
+            Bind::Uniform(&params),
+            Bind::Read(qkv),
+            Bind::Write(out),
+            Bind::Write(lse),
+        ],
+        workgroups: gpu.grid(n_work),
+        label: OP.to_string(),
+        family: FAMILY,
+    })?;
+    Ok(vec![dispatch])
+}
+
+/// Flash attention backward: writes every element of `dqkv` (B, T, 3C) from `dout` (B, T, C),
+/// the forward's `qkv`, `out` and `lse`. `d_scratch` (B, NH, T) f32 receives
+/// D = rowsum(dout * out). Three dispatches: D, then dK/dV (one workgroup per key block), then
+/// dQ (one workgroup per query block); deterministic (no atomics).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    gpu: &Gpu,
+    dqkv: &Tensor,
+    dout: &Tensor,
+    qkv: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_scratch: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    let d = Dims::new(gpu, "flash_attention_backward", qkv, b, t, nh)?;
+    let tiles = FlashTiles::choose(gpu, d.hs)?;
+    flash_attention_backward_tiled(gpu, tiles, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
+}
+
+/// [`flash_attention_backward`] with explicit tiles (which must fit the adapter).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward_tiled(
+    gpu: &Gpu,
+    tiles: FlashTiles,
+    dqkv: &Tensor,
+    dout: &Tensor,
+    qkv: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_scratch: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "flash_attention_backward";
+    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
+    tiles.check(gpu, OP, d.hs)?;
+    check_tensor(gpu, OP, "dqkv", dqkv, d.bt() * 3 * d.c)?;
+    check_tensor(gpu, OP, "dout", dout, d.bt() * d.c)?;
+    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
+    check_f32_tensor(OP, "lse", lse, d.bht())?;
+    check_f32_tensor(OP, "d_scratch", d_scratch, d.bht())?;
+    check_distinct(
+        OP,
+        &[("d_scratch", d_scratch)],
+        &[("dout", dout), ("out", out)],
+    )?;
+    check_distinct(
+        OP,
+        &[("dqkv", dqkv)],
+        &[
+            ("qkv", qkv),
+            ("dout", dout),
+            ("lse", lse),
+            ("d_scratch", d_scratch),
+        ],
+    )?;
+    let hs_defines = |gate: &str| {
+        defines![
+            (gate, 1),
+            ("QKV_T", qkv.dtype.wgsl()),
+            ("DOUT_T", dout.dtype.wgsl()),
+            ("DQKV_T", dqkv.dtype.wgsl()),
+            ("HS", d.hs),
+            ("DG", dims_group(d.hs)),
+            ("BQ", tiles.bq),
+            ("BK", tiles.bk),
+        ]
+    };
+
+    let n_rows = check_u32_range(OP, "B*T*NH", d.bht())?;
+    let pre_params = gpu.uniform(OP, &flash_params(&d, 0, n_rows));
+    let preprocess = gpu.dispatch(DispatchDesc {
+        shader: "attention_flash",
+        entry: "flash_attention_backward_preprocess",
+        defines: defines![
+            ("BACKWARD_PREPROCESS", 1),
+            ("DOUT_T", dout.dtype.wgsl()),
+            ("OUT_T", out.dtype.wgsl()),
+        ],
+        bindings: &[
+            Bind::Uniform(&pre_params),
+            Bind::Read(dout),
+            Bind::Read(out),
+            Bind::Write(d_scratch),
+        ],
+        workgroups: gpu.grid(n_rows.div_ceil(256)),
+        label: format!("{OP}.preprocess"),
+        family: FAMILY,
+    })?;
+
+    let n_kb = d.t.div_ceil(tiles.bk as usize);
+    let kv_work = check_u32_range(OP, "workgroups", n_kb * d.b * d.nh)?;
+    let kv_params = gpu.uniform(OP, &flash_params(&d, n_kb, kv_work));
+    let dkdv = gpu.dispatch(DispatchDesc {
+        shader: "attention_flash",
+        entry: "flash_attention_backward_dkdv",
+        defines: hs_defines("BACKWARD_DKDV"),
+        bindings: &[
+            Bind::Uniform(&kv_params),
+            Bind::Read(qkv),
+            Bind::Read(dout),
+            Bind::Read(lse),
+            Bind::Read(d_scratch),
+            Bind::Write(dqkv),
+        ],
+        workgroups: gpu.grid(kv_work),
+        label: format!("{OP}.dkdv"),
+        family: FAMILY,
+    })?;
+
+    let n_qb = d.t.div_ceil(tiles.bq as usize);
+    let q_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
+    let q_params = gpu.uniform(OP, &flash_params(&d, n_qb, q_work));
+    let dq = gpu.dispatch(DispatchDesc {
+        shader: "attention_flash",
+        entry: "flash_attention_backward_dq",
+        defines: hs_defines("BACKWARD_DQ"),
+        bindings: &[
+            Bind::Uniform(&q_params),
+            Bind::Read(qkv),
+            Bind::Read(dout),
+            Bind::Read(lse),
+            Bind::Read(d_scratch),
+            Bind::Write(dqkv),
+        ],
+        workgroups: gpu.grid(q_work),
+        label: format!("{OP}.dq"),
+        family: FAMILY,
+    })?;
+    Ok(vec![preprocess, dkdv, dq])
+}
+
+// ---- naive attention ---------------------------------------------------------------------------
+
+fn naive_params(d: &Dims, n_work: u32) -> NaiveParams {
+    NaiveParams {
+        b: d.b as u32,
+        t: d.t as u32,
+        nh: d.nh as u32,
+        c: d.c as u32,
+        hs: d.hs as u32,
+        n_work,
+        scale: d.scale(),
+        n_tiles: d.t.div_ceil(16) as u32,
+    }
+}
+
+/// Workgroup counts of the naive kernels: (score tiles, rows, (row tile x head-dim tile)s).
+fn naive_grids(op: &'static str, d: &Dims) -> Result<(u32, u32, u32)> {
+    let bh = d.b * d.nh;
+    let tiles_t = d.t.div_ceil(16);
+    check_u32_range(op, "B*NH*T*T", bh * d.t * d.t)?;
+    Ok((
+        check_u32_range(op, "workgroups", bh * tiles_t * tiles_t)?,
+        check_u32_range(op, "workgroups", bh * d.t)?,
+        check_u32_range(op, "workgroups", bh * tiles_t * d.hs.div_ceil(16))?,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn naive_dispatch(
+    gpu: &Gpu,
+    d: &Dims,
+    entry: &'static str,
+    gate: &str,
+    types: &[(&str, DType)],
+    bindings: &[Bind<'_>],
+    n_work: u32,
+    label: String,
+) -> Result<Dispatch> {
+    let mut defs = defines![(gate, 1)];
+    defs.extend(
+        types
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.wgsl().to_string())),
+    );
+    let params = gpu.uniform(entry, &naive_params(d, n_work));
+    let mut all = vec![Bind::Uniform(&params)];
+    all.extend(bindings.iter().map(|b| match b {
+        Bind::Uniform(u) => Bind::Uniform(u),
+        Bind::Read(t) => Bind::Read(t),
+        Bind::Write(t) => Bind::Write(t),
+    }));
+    gpu.dispatch(DispatchDesc {
+        shader: "attention_naive",
+        entry,
+        defines: defs,
+        bindings: &all,
+        workgroups: gpu.grid(n_work),
+        label,
+        family: FAMILY,
+    })
+}
+
+/// Naive attention forward: `att` (B, NH, T, T) f32 receives the softmax probabilities (exactly
+/// 0 above the diagonal) and `out` (B, T, C) = att v. Three dispatches: scores, softmax in
+/// place, values.
+pub fn naive_attention_forward(
+    gpu: &Gpu,
+    out: &Tensor,
+    att: &Tensor,
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "naive_attention_forward";
+    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
+    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
+    check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
+    check_distinct(OP, &[("out", out), ("att", att)], &[("qkv", qkv)])?;
+    let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
+    let q = ("QKV_T", qkv.dtype);
+    Ok(vec![
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_scores",
+            "SCORES",
+            &[q],
+            &[Bind::Read(qkv), Bind::Write(att)],
+            score_wg,
+            format!("{OP}.scores"),
+        )?,
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_softmax",
+            "SOFTMAX",
+            &[],
+            &[Bind::Write(att)],
+            row_wg,
+            format!("{OP}.softmax"),
+        )?,
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_values",
+            "VALUES",
+            &[q, ("OUT_T", out.dtype)],
+            &[Bind::Read(att), Bind::Read(qkv), Bind::Write(out)],
+            value_wg,
+            format!("{OP}.values"),
+        )?,
+    ])
+}
+
+/// Naive attention backward: writes every element of `dqkv` (B, T, 3C) from `dout` (B, T, C),
+/// `qkv` and the forward's probabilities `att` (B, NH, T, T) f32. `datt_scratch` (B, NH, T, T)
+/// f32 receives dP = dout v^T, then in place dS = scale * P * (dP - rowsum(P * dP)). Four
+/// dispatches: dP, softmax backward, dq, dk and dv; deterministic.
+#[allow(clippy::too_many_arguments)]
+pub fn naive_attention_backward(
+    gpu: &Gpu,
+    dqkv: &Tensor,
+    datt_scratch: &Tensor,
+    dout: &Tensor,
+    qkv: &Tensor,
+    att: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "naive_attention_backward";
+    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
+    check_tensor(gpu, OP, "dqkv", dqkv, d.bt() * 3 * d.c)?;
+    check_tensor(gpu, OP, "dout", dout, d.bt() * d.c)?;
+    check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
+    check_f32_tensor(OP, "datt_scratch", datt_scratch, d.bht() * d.t)?;
+    check_distinct(
+        OP,
+        &[("datt_scratch", datt_scratch)],
+        &[("dout", dout), ("qkv", qkv), ("att", att)],
+    )?;
+    check_distinct(
+        OP,
+        &[("dqkv", dqkv)],
+        &[
+            ("dout", dout),
+            ("qkv", qkv),
+            ("att", att),
+            ("datt_scratch", datt_scratch),
+        ],
+    )?;
+    let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
+    let q = ("QKV_T", qkv.dtype);
+    let g = ("DOUT_T", dout.dtype);
+    let dq = ("DQKV_T", dqkv.dtype);
+    Ok(vec![
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_dscores",
+            "DSCORES",
+            &[g, q],
+            &[Bind::Read(dout), Bind::Read(qkv), Bind::Write(datt_scratch)],
+            score_wg,
+            format!("{OP}.dscores"),
+        )?,
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_softmax_backward",
+            "SOFTMAX_BACKWARD",
+            &[],
+            &[Bind::Read(att), Bind::Write(datt_scratch)],
+            row_wg,
+            format!("{OP}.softmax_backward"),
+        )?,
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_dq",
+            "DQ",
+            &[q, dq],
+            &[Bind::Read(datt_scratch), Bind::Read(qkv), Bind::Write(dqkv)],
+            value_wg,
+            format!("{OP}.dq"),
+        )?,
+        naive_dispatch(
+            gpu,
+            &d,
+            "naive_attention_dkdv",
+            "DKDV",
+            &[q, g, dq],
+            &[
+                Bind::Read(att),
+                Bind::Read(datt_scratch),
+                Bind::Read(qkv),
+                Bind::Read(dout),
+                Bind::Write(dqkv),
+            ],
+            value_wg,
+            format!("{OP}.dkdv"),
+        )?,
+    ])
+}
+
+/// Every specialisation the launchers can ask for: every head size 1..=MAX_HEAD_SIZE with every
+/// tile size in f32, and every storage-type combination at the head sizes GPT-2 and the tests
+/// use (the types only change loads and stores; the head size and tiles shape everything else).
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    Vec::new()
+    use super::{combinations, ShaderVariant};
+    let ty: &[&str] = &["f32", "f16"];
+    let f32_only: &[&str] = &["f32"];
+    let mut v = Vec::new();
+    let mut flash = |defs: Vec<(String, String)>, axes: &[(&str, &[&str])]| {
+        for mut c in combinations("attention_flash", axes) {
+            let mut d = defs.clone();
+            d.append(&mut c.defines);
+            v.push(ShaderVariant {
+                shader: "attention_flash",
+                defines: d,
+            });
+        }
+    };
+    flash(
+        defines![("BACKWARD_PREPROCESS", 1)],
+        &[("DOUT_T", ty), ("OUT_T", ty)],
+    );
+    for hs in 1..=MAX_HEAD_SIZE {
+        let types = if [8, 16, 24, 32, 64, 128].contains(&hs) {
+            ty
+        } else {
+            f32_only
+        };
+        let common = defines![("HS", hs), ("DG", dims_group(hs))];
+        for (br, bc) in FORWARD_TILES {
+            let mut fwd = defines![("FORWARD", 1), ("BR", br), ("BC", bc)];
+            fwd.extend(common.clone());
+            flash(fwd, &[("QKV_T", types), ("OUT_T", types)]);
+        }
+        for (bq, bk) in BACKWARD_TILES {
+            for gate in ["BACKWARD_DKDV", "BACKWARD_DQ"] {
+                let mut bwd = defines![(gate, 1), ("BQ", bq), ("BK", bk)];
+                bwd.extend(common.clone());
+                flash(
+                    bwd,
+                    &[("QKV_T", types), ("DOUT_T", types), ("DQKV_T", types)],
+                );
+            }
+        }
+    }
+    let naive: [(&str, &[&str]); 7] = [
+        ("SCORES", &["QKV_T"]),
+        ("SOFTMAX", &[]),
+        ("VALUES", &["QKV_T", "OUT_T"]),
+        ("DSCORES", &["DOUT_T", "QKV_T"]),
+        ("SOFTMAX_BACKWARD", &[]),
+        ("DQ", &["QKV_T", "DQKV_T"]),
+        ("DKDV", &["QKV_T", "DOUT_T", "DQKV_T"]),
+    ];
+    for (gate, types) in naive {
+        let axes: Vec<(&str, &[&str])> = types.iter().map(|&t| (t, ty)).collect();
+        for mut c in combinations("attention_naive", &axes) {
+            let mut d = defines![(gate, 1)];
+            d.append(&mut c.defines);
+            v.push(ShaderVariant {
+                shader: "attention_naive",
+                defines: d,
+            });
+        }
+    }
+    v
 }
