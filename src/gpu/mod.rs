@@ -1,6 +1,7 @@
 //! The GPU context: adapter and device choice, limits and features, tensors, the pipeline cache
 //! and the one way work is put on the GPU (a [`Dispatch`]).
 
+pub mod profile;
 pub mod shader;
 mod tensor;
 

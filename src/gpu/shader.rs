@@ -33,6 +33,7 @@ shader_files!(
     "crossentropy",
     "embedding",
     "optimizer",
+    "sample",
 );
 
 /// The source of a shader file by name.

@@ -179,11 +179,16 @@ impl Graph {
         for (i, (_, node)) in order.iter().enumerate() {
             for &id in node.reads.iter().chain(&node.writes) {
                 if id >= n_decl {
-                    return Err(Error::Other(format!("node {} uses an undeclared tensor", node.label)));
+                    return Err(Error::Other(format!(
+                        "node {} uses an undeclared tensor",
+                        node.label
+                    )));
                 }
                 if first[id] == usize::MAX {
                     first[id] = i;
-                    if matches!(self.decls[id].storage, Storage::Planned) && node.reads.contains(&id) {
+                    if matches!(self.decls[id].storage, Storage::Planned)
+                        && node.reads.contains(&id)
+                    {
                         return Err(Error::Other(format!(
                             "graph: {} reads {} before anything wrote it",
                             node.label, self.decls[id].name
@@ -204,7 +209,9 @@ impl Graph {
         let mut phys: Vec<Phys> = Vec::new();
         let mut assign = vec![usize::MAX; n_decl];
         let mut planned: Vec<TensorId> = (0..n_decl)
-            .filter(|&i| matches!(self.decls[i].storage, Storage::Planned) && first[i] != usize::MAX)
+            .filter(|&i| {
+                matches!(self.decls[i].storage, Storage::Planned) && first[i] != usize::MAX
+            })
             .collect();
         planned.sort_by_key(|&i| (first[i], std::cmp::Reverse(tensor_bytes(&self.decls[i]))));
         for &id in &planned {
@@ -236,7 +243,11 @@ impl Graph {
         }
         for (i, p) in phys.iter_mut().enumerate() {
             planned_bytes += p.bytes;
-            let t = gpu.zeros(&format!("activations.{i}"), &[p.bytes as usize / 4], DType::F32)?;
+            let t = gpu.zeros(
+                &format!("activations.{i}"),
+                &[p.bytes as usize / 4],
+                DType::F32,
+            )?;
             p.buffer = Some(t.buffer);
         }
 
@@ -293,7 +304,11 @@ impl Graph {
                     },
                     other => other,
                 })?;
-                built.push(ds.into_iter().map(|d| d.named(node.label.clone())).collect());
+                built.push(
+                    ds.into_iter()
+                        .map(|d| d.named(node.label.clone()))
+                        .collect(),
+                );
             }
             let c = CompiledNode {
                 label: node.label,
@@ -350,7 +365,11 @@ pub struct CompiledGraph {
 
 impl CompiledGraph {
     /// Records a whole step into `pass`.
-    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, mut observer: Option<&mut dyn NodeObserver>) {
+    pub fn record(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        mut observer: Option<&mut dyn NodeObserver>,
+    ) {
         let mut emit = |pass: &mut wgpu::ComputePass<'_>, node: &CompiledNode, k: usize| {
             if let Some(o) = observer.as_deref_mut() {
                 o.before(pass, node);
@@ -375,10 +394,30 @@ impl CompiledGraph {
         }
     }
 
+    /// Records head and body only (forward and backward, no optimiser step).
+    pub fn record_without_tail(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for n in &self.head {
+            for d in n.dispatches(0) {
+                d.record(pass);
+            }
+        }
+        for k in 0..self.micro {
+            for n in &self.body {
+                for d in n.dispatches(k) {
+                    d.record(pass);
+                }
+            }
+        }
+    }
+
     /// Dispatches recorded per step.
     pub fn dispatch_count(&self) -> usize {
-        let count = |nodes: &[CompiledNode], k: usize| -> usize { nodes.iter().map(|n| n.dispatches(k).len()).sum() };
-        count(&self.head, 0) + (0..self.micro).map(|k| count(&self.body, k)).sum::<usize>() + count(&self.tail, 0)
+        let count = |nodes: &[CompiledNode], k: usize| -> usize {
+            nodes.iter().map(|n| n.dispatches(k).len()).sum()
+        };
+        count(&self.head, 0)
+            + (0..self.micro).map(|k| count(&self.body, k)).sum::<usize>()
+            + count(&self.tail, 0)
     }
 
     /// Nodes recorded per step, in order.

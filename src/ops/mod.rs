@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod layernorm;
 pub mod matmul;
 pub mod optimizer;
+pub mod sample;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
@@ -74,6 +75,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
     v.extend(crossentropy::shader_variants());
     v.extend(embedding::shader_variants());
     v.extend(optimizer::shader_variants());
+    v.extend(sample::shader_variants());
     v
 }
 

@@ -1,3 +1,5 @@
 //! Training: schedule, optimiser settings, the training loop.
 
 pub mod schedule;
+pub mod settings;
+pub mod trainer;

@@ -1,0 +1,251 @@
+//! Launchers for `shaders/sample.wgsl`: incremental decoding with a key/value cache and
+//! top-k / temperature sampling on the GPU.
+//!
+//! Every dispatch binds the same small `step` uniform ([`DecodeStep`]), which the caller
+//! rewrites before each token; everything else is fixed when the dispatch is built.
+
+use super::{check_float, check_u32, check_u32_range};
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+
+/// The decode problem's fixed sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeDims {
+    /// Samples decoded together.
+    pub s: usize,
+    pub c: usize,
+    pub nh: usize,
+    /// Positions the cache holds (the model's block size).
+    pub t_max: usize,
+    /// Real and padded vocabulary.
+    pub v: usize,
+    pub vp: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ShapeUniform {
+    s: u32,
+    c: u32,
+    nh: u32,
+    t_max: u32,
+    v: u32,
+    vp: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// What changes from one token to the next.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DecodeStep {
+    /// The position being decoded.
+    pub pos: u32,
+    /// Candidates kept by top-k sampling (<= 1: greedy).
+    pub top_k: u32,
+    /// Softmax temperature (<= 0: greedy).
+    pub temperature: f32,
+    pub _pad: u32,
+}
+
+/// A uniform buffer for [`DecodeStep`], rewritten with `queue.write_buffer` before each token.
+pub fn step_buffer(gpu: &Gpu) -> wgpu::Buffer {
+    gpu.uniform(
+        "decode step",
+        &DecodeStep {
+            pos: 0,
+            top_k: 1,
+            temperature: 1.0,
+            _pad: 0,
+        },
+    )
+}
+
+/// Workgroup memory holds one score per cached position.
+pub fn max_positions(gpu: &Gpu) -> usize {
+    (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(1024) / 4
+}
+
+fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<wgpu::Buffer> {
+    if d.s == 0
+        || d.c == 0
+        || d.nh == 0
+        || d.c % d.nh != 0
+        || d.t_max == 0
+        || d.v == 0
+        || d.vp < d.v
+    {
+        return Err(Error::shape(op, format!("invalid decode sizes {d:?}")));
+    }
+    let u = |what: &str, x: usize| check_u32_range(op, what, x);
+    Ok(gpu.uniform(
+        op,
+        &ShapeUniform {
+            s: u("samples", d.s)?,
+            c: u("channels", d.c)?,
+            nh: u("heads", d.nh)?,
+            t_max: u("positions", d.t_max)?,
+            v: u("vocabulary", d.v)?,
+            vp: u("padded vocabulary", d.vp)?,
+            _pad0: 0,
+            _pad1: 0,
+        },
+    ))
+}
+
+/// `out[s] = wte[tokens[s]] + wpe[step.pos]` for every sample.
+/// out: (S, C) f32; tokens: (S) u32; wte: (Vp, C), wpe: (block, C), f32 or f16 (same dtype).
+pub fn embedding_at(
+    gpu: &Gpu,
+    d: &DecodeDims,
+    step: &wgpu::Buffer,
+    out: &Tensor,
+    tokens: &Tensor,
+    wte: &Tensor,
+    wpe: &Tensor,
+) -> Result<Dispatch> {
+    const OP: &str = "embedding_at";
+    out.expect_dtype(OP, "out", &[DType::F32])?;
+    out.expect_len(OP, "out", d.s * d.c)?;
+    check_u32(OP, "tokens", tokens)?;
+    tokens.expect_len(OP, "tokens", d.s)?;
+    check_float(gpu, OP, "wte", wte)?;
+    wte.expect_len(OP, "wte", d.vp * d.c)?;
+    check_float(gpu, OP, "wpe", wpe)?;
+    wpe.expect_dtype(OP, "wpe", &[wte.dtype])?;
+    if wpe.len() < d.t_max * d.c {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "wpe has {} elements, fewer than {} positions",
+                wpe.len(),
+                d.t_max
+            ),
+        ));
+    }
+    let shape = shape_uniform(gpu, OP, d)?;
+    gpu.dispatch(DispatchDesc {
+        shader: "sample",
+        entry: "embedding_at",
+        defines: defines![
+            ("W_T", wte.dtype.wgsl()),
+            ("ACT_T", "f32"),
+            ("T_MAX", d.t_max)
+        ],
+        bindings: &[
+            Bind::Uniform(&shape),
+            Bind::Uniform(step),
+            Bind::Read(tokens),
+            Bind::Read(wte),
+            Bind::Read(wpe),
+            Bind::Write(out),
+        ],
+        workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
+        label: OP.into(),
+        family: "embedding",
+    })
+}
+
+/// One query per (sample, head) attending over cached positions `0..=step.pos`; the new k and v
+/// (from `qkv`) are first written into the cache at `step.pos`.
+/// out: (S, C); cache: (T_MAX, S, 3C); qkv: (S, 3C); all the same float dtype.
+pub fn attention_decode(
+    gpu: &Gpu,
+    d: &DecodeDims,
+    step: &wgpu::Buffer,
+    out: &Tensor,
+    cache: &Tensor,
+    qkv: &Tensor,
+) -> Result<Dispatch> {
+    const OP: &str = "attention_decode";
+    for (what, t, n) in [
+        ("out", out, d.s * d.c),
+        ("cache", cache, d.t_max * d.s * 3 * d.c),
+        ("qkv", qkv, d.s * 3 * d.c),
+    ] {
+        check_float(gpu, OP, what, t)?;
+        t.expect_dtype(OP, what, &[qkv.dtype])?;
+        t.expect_len(OP, what, n)?;
+    }
+    if d.t_max > max_positions(gpu) {
+        return Err(Error::Limit {
+            what: "the key/value cache's scores".into(),
+            needed: format!("{} positions", d.t_max),
+            available: format!("{} positions of workgroup memory", max_positions(gpu)),
+            adapter: gpu.info.name.clone(),
+            hint: "use a model with a smaller block size".into(),
+        });
+    }
+    let shape = shape_uniform(gpu, OP, d)?;
+    gpu.dispatch(DispatchDesc {
+        shader: "sample",
+        entry: "attention_decode",
+        defines: defines![
+            ("W_T", "f32"),
+            ("ACT_T", qkv.dtype.wgsl()),
+            ("T_MAX", d.t_max)
+        ],
+        bindings: &[
+            Bind::Uniform(&shape),
+            Bind::Uniform(step),
+            Bind::Read(qkv),
+            Bind::Write(cache),
+            Bind::Write(out),
+        ],
+        workgroups: [check_u32_range(OP, "samples x heads", d.s * d.nh)?, 1, 1],
+        label: OP.into(),
+        family: "attention",
+    })
+}
+
+/// One token per sample drawn from softmax(top-k(logits[s, :V]) / temperature) with the uniform
+/// number `uniforms[s]`; greedy when `step.top_k <= 1` or `step.temperature <= 0`.
+/// tokens: (S) u32; logits: (S, Vp) f32 or f16; uniforms: (S) f32 in [0, 1).
+pub fn topk_sample(
+    gpu: &Gpu,
+    d: &DecodeDims,
+    step: &wgpu::Buffer,
+    tokens: &Tensor,
+    logits: &Tensor,
+    uniforms: &Tensor,
+) -> Result<Dispatch> {
+    const OP: &str = "topk_sample";
+    check_u32(OP, "tokens", tokens)?;
+    tokens.expect_len(OP, "tokens", d.s)?;
+    check_float(gpu, OP, "logits", logits)?;
+    logits.expect_len(OP, "logits", d.s * d.vp)?;
+    uniforms.expect_dtype(OP, "uniforms", &[DType::F32])?;
+    uniforms.expect_len(OP, "uniforms", d.s)?;
+    let shape = shape_uniform(gpu, OP, d)?;
+    gpu.dispatch(DispatchDesc {
+        shader: "sample",
+        entry: "topk_sample",
+        defines: defines![
+            ("W_T", "f32"),
+            ("ACT_T", logits.dtype.wgsl()),
+            ("T_MAX", d.t_max)
+        ],
+        bindings: &[
+            Bind::Uniform(&shape),
+            Bind::Uniform(step),
+            Bind::Read(logits),
+            Bind::Read(uniforms),
+            Bind::Write(tokens),
+        ],
+        workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
+        label: OP.into(),
+        family: "sample",
+    })
+}
+
+pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
+    super::combinations(
+        "sample",
+        &[
+            ("W_T", &["f32", "f16"]),
+            ("ACT_T", &["f32", "f16"]),
+            ("T_MAX", &["64", "1024"]),
+        ],
+    )
+}

@@ -1,0 +1,174 @@
+//! A training run's settings: everything that decides what a step computes.
+
+use crate::error::{Error, Result};
+use crate::model::GptConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// f16 matmul inputs and activations with f32 accumulation, f32 master weights, f32
+    /// LayerNorm statistics, softmax, loss and gradient norm; dynamic loss scaling.
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "f16" | "fp16" => Ok(Precision::F16),
+            other => Err(Error::Config(format!(
+                "precision must be f32 or f16, not '{other}'"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// Tiled in workgroup memory with an online softmax; no T x T matrix in memory.
+    Flash,
+    /// Materialises the T x T scores (the plain reference path).
+    Naive,
+}
+
+impl std::str::FromStr for AttentionKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "flash" => Ok(AttentionKind::Flash),
+            "naive" => Ok(AttentionKind::Naive),
+            other => Err(Error::Config(format!(
+                "attention must be flash or naive, not '{other}'"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttentionKind::Flash => "flash",
+            AttentionKind::Naive => "naive",
+        })
+    }
+}
+
+/// What a training step computes and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub config: GptConfig,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub steps: usize,
+    pub max_lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub precision: Precision,
+    pub attention: AttentionKind,
+    /// Kernel fusion (bias+GELU in the matmul epilogue, residual+LayerNorm, GELU backward in
+    /// the matmul backward). Off only to measure what it buys.
+    pub fused: bool,
+    /// One AdamW dispatch over all parameters (off: one per tensor).
+    pub fused_optimizer: bool,
+}
+
+impl TrainSettings {
+    /// The recipe's defaults for a model shape.
+    pub fn new(config: GptConfig, batch_size: usize, seq_len: usize) -> TrainSettings {
+        TrainSettings {
+            config,
+            batch_size,
+            seq_len,
+            grad_accum: 1,
+            steps: 50,
+            max_lr: 6e-4,
+            min_lr_ratio: 0.1,
+            warmup_steps: 10,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            seed: 1337,
+            precision: Precision::F32,
+            attention: AttentionKind::Flash,
+            fused: true,
+            fused_optimizer: true,
+        }
+    }
+
+    /// Tokens per optimiser step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.seq_len * self.grad_accum
+    }
+
+    pub fn schedule(&self) -> super::schedule::LrSchedule {
+        super::schedule::LrSchedule {
+            max_lr: self.max_lr,
+            min_lr: self.max_lr * self.min_lr_ratio,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.steps,
+        }
+    }
+
+    /// Range checks with messages that say what to change.
+    pub fn validate(&self) -> Result<()> {
+        self.config.validate()?;
+        let bad = |m: String| Err(Error::Config(m));
+        if self.batch_size == 0 {
+            return bad("--batch-size must be at least 1".into());
+        }
+        if self.seq_len == 0 {
+            return bad("--seq-len must be at least 1".into());
+        }
+        if self.seq_len > self.config.block_size {
+            return bad(format!(
+                "--seq-len {} is longer than the model's block size {}; lower -T or raise --block-size",
+                self.seq_len, self.config.block_size
+            ));
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum must be at least 1".into());
+        }
+        if !(self.max_lr > 0.0 && self.max_lr.is_finite()) {
+            return bad(format!(
+                "--max-lr must be a positive number (got {})",
+                self.max_lr
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "--min-lr-ratio must be within [0, 1] (got {})",
+                self.min_lr_ratio
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(format!(
+                "--weight-decay must be >= 0 (got {})",
+                self.weight_decay
+            ));
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return bad(format!(
+                "--grad-clip must be >= 0 (0 disables clipping; got {})",
+                self.grad_clip
+            ));
+        }
+        Ok(())
+    }
+}
