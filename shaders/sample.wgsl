@@ -195,20 +195,20 @@ fn topk_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     if (lid == 0u) {
         var total = 0.0;
         for (var t = 0u; t < TS_THREADS; t++) { total += ts_sum[t]; }
-        let target = select(ts_uniform[s] * total, 0.0, greedy);
+        let goal = select(ts_uniform[s] * total, 0.0, greedy);
         var acc = 0.0;
         var chosen = 0xffffffffu;
         var last = 0u;
         for (var t = 0u; t < TS_THREADS && chosen == 0xffffffffu; t++) {
             let c_lo = min(t * chunk, v);
             let c_hi = min(c_lo + chunk, v);
-            if (ts_sum[t] > 0.0 && acc + ts_sum[t] > target) {
+            if (ts_sum[t] > 0.0 && acc + ts_sum[t] > goal) {
                 for (var i = c_lo; i < c_hi; i++) {
                     let x = f32(ts_logits[row + i]);
                     if (order_key(x) >= thresh) {
                         acc += exp((x - max_logit) / temp);
                         last = i;
-                        if (acc > target) { chosen = i; break; }
+                        if (acc > goal) { chosen = i; break; }
                     }
                 }
                 // Rounding can leave the walk just short: take the chunk's last candidate.
