@@ -303,3 +303,10 @@ fn forced_overflow_is_skipped_and_halves_the_scale() {
     tr.set_loss_scale(1024.0);
     assert!(!tr.step().unwrap().skipped);
 }
+
+#[test]
+fn trainer_and_generator_can_move_to_another_thread() {
+    fn is_send<T: Send>() {}
+    is_send::<Trainer>();
+    is_send::<wgpt::sample::Generator>();
+}

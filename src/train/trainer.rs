@@ -238,6 +238,12 @@ impl Trainer {
         Ok(())
     }
 
+    /// The master weights' GPU buffer (flat f32, layout order). A [`crate::sample::Generator`]
+    /// built on it samples from the current weights without copying them.
+    pub fn params_tensor(&self) -> &Tensor {
+        &self.io.params
+    }
+
     /// Master weights, flat.
     pub fn params(&self) -> Result<Vec<f32>> {
         self.gpu.read(&self.io.params)
