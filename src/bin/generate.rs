@@ -39,7 +39,7 @@ struct Args {
     /// Keep the k most likely tokens (1: greedy decoding).
     #[arg(long = "top-k", default_value_t = 50)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     temperature: f32,
     #[arg(long, default_value_t = 42)]
     seed: u64,

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use wgpt::checkpoint::{self, hf, Checkpoint};
 use wgpt::error::{Error, Result};
+use wgpt::gpu::profile::{by_family, NodeTime, Profiler};
 use wgpt::gpu::{Gpu, GpuOptions};
 use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
@@ -19,7 +20,8 @@ use wgpt::train::trainer::{StepStats, Trainer};
 #[command(
     name = "headless-train",
     about = "Train GPT-2 on WGSL compute shaders",
-    version
+    version,
+    args_override_self = true
 )]
 struct Args {
     /// Model preset: gpt2 (124M) or tiny. Default: gpt2 on a GPU adapter, tiny on a CPU adapter.
@@ -37,13 +39,13 @@ struct Args {
     /// Optimiser steps the schedule spans.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    #[arg(long = "max-lr", default_value_t = 6e-4, allow_negative_numbers = true)]
+    #[arg(long = "max-lr", default_value_t = 6e-4, allow_hyphen_values = true)]
     max_lr: f64,
     /// min_lr = max_lr * this.
     #[arg(
         long = "min-lr-ratio",
         default_value_t = 0.1,
-        allow_negative_numbers = true
+        allow_hyphen_values = true
     )]
     min_lr_ratio: f64,
     #[arg(long = "warmup-steps", default_value_t = 10)]
@@ -51,15 +53,11 @@ struct Args {
     #[arg(
         long = "weight-decay",
         default_value_t = 0.1,
-        allow_negative_numbers = true
+        allow_hyphen_values = true
     )]
     weight_decay: f64,
     /// Clip the global gradient norm to this (0 disables).
-    #[arg(
-        long = "grad-clip",
-        default_value_t = 1.0,
-        allow_negative_numbers = true
-    )]
+    #[arg(long = "grad-clip", default_value_t = 1.0, allow_hyphen_values = true)]
     grad_clip: f64,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -113,6 +111,22 @@ struct Args {
     /// Append one JSON object per step to this file.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Time every op family on the GPU (timestamp queries) and print a profile at the end:
+    /// share of the step, dispatches per step (with and without fusion), model FLOPs utilisation.
+    #[arg(long)]
+    profile: bool,
+    /// Peak FLOP/s of the adapter in TFLOP/s, for the utilisation figure of --profile
+    /// (default: known for some GPUs, e.g. 989 for H100/H200 f16 tensor cores).
+    #[arg(long = "peak-tflops")]
+    peak_tflops: Option<f64>,
+    /// Run the speed ladder instead of training: the same short run with each switch turned on
+    /// in turn (f32 + naive attention + vocab 50257; f16; fusion; flash; vocab 50304; fused
+    /// optimiser), one table row per rung.
+    #[arg(long = "bench-ladder")]
+    bench_ladder: bool,
+    /// Steps per ladder rung (default 12 on a GPU, 4 on a CPU adapter); the first 2 are warm-up.
+    #[arg(long = "ladder-steps")]
+    ladder_steps: Option<usize>,
 }
 
 fn default_data() -> PathBuf {
@@ -129,6 +143,220 @@ fn step_line(s: &StepStats) -> String {
         "step {:4} | loss: {:.6} | lr {:.4e} | norm: {:.4} | dt: {:.2}ms | tok/sec: {:.2}",
         s.step, s.loss, s.lr, s.norm, s.dt_ms, s.tok_per_sec
     )
+}
+
+/// Node times summed over the profiled steps.
+#[derive(Default)]
+struct ProfileTotals {
+    steps: usize,
+    step_ms: f64,
+    nodes: Vec<NodeTime>,
+}
+
+impl ProfileTotals {
+    fn add(&mut self, times: &[NodeTime], step_ms: f64) {
+        self.steps += 1;
+        self.step_ms += step_ms;
+        self.nodes.extend_from_slice(times);
+    }
+
+    fn print(
+        &self,
+        gpu: &Gpu,
+        flops: f64,
+        dispatches: usize,
+        (fused, unfused): (usize, usize),
+        peak: Option<f64>,
+    ) {
+        if self.steps == 0 {
+            println!("profile: run at least 2 steps (the first is warm-up)");
+            return;
+        }
+        let n = self.steps as f64;
+        let gpu_ms: f64 = self.nodes.iter().map(|t| t.ms).sum::<f64>() / n;
+        let step_ms = self.step_ms / n;
+        println!(
+            "profile over {} steps on {} (GPU time from timestamps; step time is wall clock)",
+            self.steps, gpu.info.name
+        );
+        println!(
+            "{:<14} {:>10} {:>7} {:>10}",
+            "op family", "ms/step", "share", "GFLOP/s"
+        );
+        for (family, ms, fl) in by_family(&self.nodes) {
+            let ms = ms / n;
+            let tf = if fl > 0.0 && ms > 0.0 {
+                format!("{:.1}", fl / n / (ms * 1e-3) / 1e9)
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:<14} {:>10.3} {:>6.1}% {:>10}",
+                family,
+                ms,
+                100.0 * ms / gpu_ms.max(1e-9),
+                tf
+            );
+        }
+        let mut per_node: Vec<(String, f64)> = Vec::new();
+        for t in &self.nodes {
+            match per_node.iter_mut().find(|(l, _)| *l == t.label) {
+                Some(e) => e.1 += t.ms / n,
+                None => per_node.push((t.label.clone(), t.ms / n)),
+            }
+        }
+        per_node.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("slowest nodes (ms per step):");
+        for (label, ms) in per_node.iter().take(8) {
+            println!("  {label:<40} {ms:>9.3}");
+        }
+        println!("GPU time per step {gpu_ms:.2} ms of {step_ms:.2} ms wall clock");
+        println!(
+            "dispatches per step: {dispatches} ({fused} per micro-step fused, {unfused} unfused)"
+        );
+        let achieved = flops / (step_ms * 1e-3);
+        let peak = peak
+            .map(|t| t * 1e12)
+            .or_else(|| known_peak_flops(&gpu.info.name));
+        match peak {
+            Some(p) => println!(
+                "model FLOPs per step {:.3e}: {:.2} TFLOP/s achieved, MFU {:.1}% of {:.0} TFLOP/s",
+                flops,
+                achieved / 1e12,
+                100.0 * achieved / p,
+                p / 1e12
+            ),
+            None => println!(
+                "model FLOPs per step {:.3e}: {:.3} TFLOP/s achieved (pass --peak-tflops for MFU)",
+                flops,
+                achieved / 1e12
+            ),
+        }
+    }
+}
+
+/// Dense f16 tensor-core peak of a few well-known GPUs.
+fn known_peak_flops(name: &str) -> Option<f64> {
+    let n = name.to_lowercase();
+    let tf = if n.contains("h100") || n.contains("h200") || n.contains("gh200") {
+        989.0
+    } else if n.contains("a100") {
+        312.0
+    } else if n.contains("l40") {
+        181.0
+    } else if n.contains("4090") {
+        165.0
+    } else {
+        return None;
+    };
+    Some(tf * 1e12)
+}
+
+/// One rung of the speed ladder: a switch turned on over the previous rung.
+struct Rung {
+    name: &'static str,
+    apply: fn(&mut TrainSettings),
+}
+
+fn bench_ladder(
+    args: &Args,
+    gpu: Arc<Gpu>,
+    tokens: Arc<Vec<u32>>,
+    base: TrainSettings,
+) -> Result<()> {
+    let rungs = [
+        Rung {
+            name: "f32, naive attention, vocab 50257",
+            apply: |s| {
+                s.precision = Precision::F32;
+                s.attention = AttentionKind::Naive;
+                s.fused = false;
+                s.fused_optimizer = false;
+                s.config.padded_vocab_size = s.config.vocab_size;
+            },
+        },
+        Rung {
+            name: "+ f16 mixed precision",
+            apply: |s| s.precision = Precision::F16,
+        },
+        Rung {
+            name: "+ kernel fusion",
+            apply: |s| s.fused = true,
+        },
+        Rung {
+            name: "+ flash attention",
+            apply: |s| s.attention = AttentionKind::Flash,
+        },
+        Rung {
+            name: "+ vocab padded to 50304",
+            apply: |s| s.config.padded_vocab_size = pad_vocab(s.config.vocab_size),
+        },
+        Rung {
+            name: "+ fused optimiser",
+            apply: |s| s.fused_optimizer = true,
+        },
+    ];
+    let steps = args
+        .ladder_steps
+        .unwrap_or(if gpu.is_cpu() { 4 } else { 12 })
+        .max(3);
+    let warmup = 2;
+    println!(
+        "speed ladder on {} ({:?}): {} | B {} | T {} | {} steps per rung, median tok/sec after {} warm-up steps",
+        gpu.info.name,
+        gpu.info.backend,
+        base.config.describe(),
+        base.batch_size,
+        base.seq_len,
+        steps,
+        warmup
+    );
+    println!(
+        "{:<36} {:>10} {:>12} {:>10} {:>8}",
+        "rung", "dispatches", "tok/sec", "step ms", "speedup"
+    );
+    let mut s = base;
+    s.steps = steps;
+    let mut first = None;
+    for rung in rungs {
+        (rung.apply)(&mut s);
+        if s.precision == Precision::F16 && !gpu.has_f16() {
+            println!("{:<36} skipped: the adapter has no SHADER_F16", rung.name);
+            s.precision = Precision::F32;
+            continue;
+        }
+        let mut t = match Trainer::new(gpu.clone(), s.clone(), tokens.clone(), None) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("{:<36} skipped: {e}", rung.name);
+                continue;
+            }
+        };
+        let mut tps = Vec::new();
+        let mut ms = Vec::new();
+        for i in 0..steps {
+            let st = t.step()?;
+            if i >= warmup {
+                tps.push(st.tok_per_sec);
+                ms.push(st.dt_ms);
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (tp, sm) = (med(&mut tps), med(&mut ms));
+        let base_tps = *first.get_or_insert(tp);
+        println!(
+            "{:<36} {:>10} {:>12.1} {:>10.2} {:>7.2}x",
+            rung.name,
+            t.graph().dispatch_count(),
+            tp,
+            sm,
+            tp / base_tps
+        );
+    }
+    Ok(())
 }
 
 fn run(args: Args) -> Result<()> {
@@ -250,7 +478,11 @@ fn run(args: Args) -> Result<()> {
         settings.steps
     );
 
+    if args.bench_ladder {
+        return bench_ladder(&args, gpu, tokens, settings);
+    }
     let weights = resumed.as_ref().or(init.as_ref());
+    let tokens_for_count = tokens.clone();
     let mut trainer = Trainer::new(gpu.clone(), settings.clone(), tokens, weights)?;
     let ((dt, dp), (nt, np)) = trainer.layout().counts();
     println!("num decayed parameter tensors: {dt}, with {dp} parameters");
@@ -268,12 +500,29 @@ fn run(args: Args) -> Result<()> {
         None => None,
     };
 
+    let mut profiler = if args.profile {
+        let nodes = trainer.graph().node_sequence().len();
+        Some(Profiler::new(&gpu, nodes + 2)?)
+    } else {
+        None
+    };
+    let mut profile = ProfileTotals::default();
     let mut done_this_run = 0;
     while trainer.step_index() < settings.steps {
         if args.stop_after.is_some_and(|n| done_this_run >= n) {
             break;
         }
-        let s = trainer.step()?;
+        let s = match profiler.as_mut() {
+            Some(p) => {
+                let (s, times) = trainer.step_profiled(p)?;
+                // The first step compiles pipelines and warms caches: leave it out.
+                if done_this_run > 0 {
+                    profile.add(&times, s.dt_ms);
+                }
+                s
+            }
+            None => trainer.step()?,
+        };
         done_this_run += 1;
         if s.skipped {
             println!(
@@ -318,6 +567,25 @@ fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.export_hf {
         hf::export(dir, &settings.config, &trainer.params()?)?;
         println!("exported Hugging Face GPT-2 to {}", dir.display());
+    }
+    if args.profile {
+        let flops = trainer.graph().flops();
+        let dispatches = trainer.graph().dispatch_count();
+        drop(trainer);
+        let unfused = {
+            let mut u = settings.clone();
+            u.fused = false;
+            u.fused_optimizer = false;
+            u.grad_accum = 1;
+            let mut one = settings.clone();
+            one.grad_accum = 1;
+            let per_micro = |s: &TrainSettings| -> Result<usize> {
+                let t = Trainer::new(gpu.clone(), s.clone(), tokens_for_count.clone(), None)?;
+                Ok(t.graph().dispatch_count())
+            };
+            (per_micro(&one)?, per_micro(&u)?)
+        };
+        profile.print(&gpu, flops, dispatches, unfused, args.peak_tflops);
     }
     Ok(())
 }

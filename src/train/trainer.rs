@@ -5,6 +5,7 @@ use super::settings::{Precision, TrainSettings};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::DataLoader;
 use crate::error::{Error, Result};
+use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::graph::gpt::{build_train_graph, StepTensors};
 use crate::graph::{CompiledGraph, NodeObserver};
@@ -306,11 +307,7 @@ impl Trainer {
     }
 
     /// Records and submits `head + body * micro (+ tail)`, then reads [loss, norm, clip, finite].
-    fn submit(
-        &self,
-        include_tail: bool,
-        observer: Option<&mut dyn NodeObserver>,
-    ) -> Result<[f32; 5]> {
+    fn submit(&self, include_tail: bool, mut profiler: Option<&mut Profiler>) -> Result<[f32; 5]> {
         let gpu = &self.gpu;
         gpu.scoped("training step", || {
             let mut enc = gpu
@@ -324,10 +321,14 @@ impl Trainer {
                     timestamp_writes: None,
                 });
                 if include_tail {
+                    let observer = profiler.as_deref_mut().map(|p| p as &mut dyn NodeObserver);
                     self.graph.record(&mut pass, observer);
                 } else {
                     self.graph.record_without_tail(&mut pass);
                 }
+            }
+            if let Some(p) = profiler.as_deref() {
+                p.resolve(&mut enc);
             }
             enc.copy_buffer_to_buffer(&self.io.loss.buffer, 0, &self.staging, 0, 4);
             enc.copy_buffer_to_buffer(&self.io.status.buffer, 0, &self.staging, 16, 16);
@@ -355,11 +356,16 @@ impl Trainer {
     /// One optimiser step: `grad_accum` micro-batches forward and backward, gradient norm,
     /// clipping and AdamW, in one submission.
     pub fn step(&mut self) -> Result<StepStats> {
-        self.step_observed(None)
+        self.step_inner(None)
     }
 
-    /// [`Trainer::step`] with an observer of each node (timestamp profiling).
-    pub fn step_observed(&mut self, observer: Option<&mut dyn NodeObserver>) -> Result<StepStats> {
+    /// [`Trainer::step`] with a timestamp before every node: also returns each node's GPU time.
+    pub fn step_profiled(&mut self, profiler: &mut Profiler) -> Result<(StepStats, Vec<NodeTime>)> {
+        let stats = self.step_inner(Some(&mut *profiler))?;
+        Ok((stats, profiler.read(&self.gpu)?))
+    }
+
+    fn step_inner(&mut self, profiler: Option<&mut Profiler>) -> Result<StepStats> {
         let start = Instant::now();
         let batches: Vec<_> = (0..self.settings.grad_accum)
             .map(|_| {
@@ -370,7 +376,7 @@ impl Trainer {
         self.upload_batches(&batches)?;
         let lr = self.settings.schedule().lr(self.step);
         self.write_step_scalars(lr)?;
-        let [loss, norm, _clip, finite, _] = self.submit(true, observer)?;
+        let [loss, norm, _clip, finite, _] = self.submit(true, profiler)?;
         let dt = start.elapsed().as_secs_f64();
         let skipped = self.scaler.update(finite == 1.0);
         if !skipped {

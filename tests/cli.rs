@@ -1,0 +1,205 @@
+//! The binaries end to end: the log-line contract, metrics, checkpoint + resume through the
+//! command line, Hugging Face export, and bad input giving clear errors with a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgpt-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small model on the bundled corpus: one step takes a fraction of a second on the CPU driver.
+const SMALL: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "16",
+    "-B",
+    "2",
+    "-T",
+    "16",
+];
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_headless-train"))
+        .args(args)
+        .env(
+            "WGPU_BACKEND",
+            std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "vulkan".into()),
+        )
+        .output()
+        .expect("run headless-train")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn losses(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.starts_with("step "))
+        .map(|l| l.split(" | ").nth(1).unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn log_lines_follow_the_contract() {
+    let dir = tmp("log");
+    let metrics = dir.join("m.jsonl");
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "3", "--metrics", metrics.to_str().unwrap()]);
+    let o = train(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("loaded 354013 tokens\n"), "{out}");
+    assert!(out.contains("adapter: "));
+    assert!(out.contains("num decayed parameter tensors: 6"), "{out}");
+    let steps: Vec<&str> = out.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 3);
+    for (i, l) in steps.iter().enumerate() {
+        // step {step:4} | loss: {:.6} | lr {:.4e} | norm: {:.4} | dt: {:.2}ms | tok/sec: {:.2}
+        let f: Vec<&str> = l.split(" | ").collect();
+        assert_eq!(f.len(), 6, "{l}");
+        assert_eq!(f[0], format!("step {i:4}"));
+        let loss = f[1].strip_prefix("loss: ").unwrap();
+        assert_eq!(loss.split('.').nth(1).unwrap().len(), 6, "{l}");
+        let lr: f64 = f[2].strip_prefix("lr ").unwrap().parse().unwrap();
+        assert!((lr - 6e-4 * (i + 1) as f64 / 10.0).abs() < 1e-9, "{l}");
+        assert!(
+            f[3].starts_with("norm: ") && f[3].split('.').nth(1).unwrap().len() == 4,
+            "{l}"
+        );
+        assert!(f[4].starts_with("dt: ") && f[4].ends_with("ms"), "{l}");
+        assert!(f[5].starts_with("tok/sec: "), "{l}");
+    }
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    let rows: Vec<serde_json::Value> = m
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[2]["step"], 2);
+    let logged: f64 = losses(&out)[2]
+        .strip_prefix("loss: ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((rows[2]["loss"].as_f64().unwrap() - logged).abs() < 1e-5);
+}
+
+#[test]
+fn stop_checkpoint_and_resume_reproduce_the_uninterrupted_losses() {
+    let dir = tmp("resume");
+    let ck = dir.join("ck");
+    let mut whole = SMALL.to_vec();
+    whole.extend(["--steps", "6"]);
+    let o = train(&whole);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = losses(&stdout(&o));
+    let mut first = whole.clone();
+    first.extend([
+        "--stop-after",
+        "3",
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+    ]);
+    let o1 = train(&first);
+    assert!(o1.status.success(), "{}", stderr(&o1));
+    assert!(ck.join("ckpt_step00000003.safetensors").exists());
+    let o2 = train(&["--resume", ck.to_str().unwrap()]);
+    assert!(o2.status.success(), "{}", stderr(&o2));
+    let mut got = losses(&stdout(&o1));
+    got.extend(losses(&stdout(&o2)));
+    assert_eq!(got, want);
+}
+
+#[test]
+fn export_with_zero_steps_converts_the_initial_weights() {
+    let dir = tmp("export");
+    let hf = dir.join("hf");
+    let mut args = SMALL.to_vec();
+    args.extend(["--steps", "0", "--export-hf", hf.to_str().unwrap()]);
+    let o = train(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = wgpt::checkpoint::hf::import(&hf).unwrap();
+    assert_eq!(c.config.n_embd, 32);
+    // and the export trains on: --init-from the exported folder
+    let o = train(&[
+        "--init-from",
+        hf.to_str().unwrap(),
+        "-B",
+        "2",
+        "-T",
+        "16",
+        "--steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&stdout(&o)).len(), 1);
+}
+
+fn expect_error(args: &[&str], needle: &str) -> String {
+    let o = train(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    err.lines()
+        .rev()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
+    let dir = tmp("bad");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let binary = dir.join("bin.dat");
+    std::fs::write(&binary, [0u8, 159, 146, 150, 255]).unwrap();
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "a few words only").unwrap();
+    let notdir = dir.join("nothing-here");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--data".into(), p(&dir.join("missing.txt"))],
+            "missing.txt",
+        ),
+        (vec!["--data".into(), p(&empty)], "empty"),
+        (vec!["--data".into(), p(&binary)], "not UTF-8"),
+        (vec!["--data".into(), p(&short)], "B*T+1"),
+        (vec!["-T".into(), "17".into()], "block size"),
+        (vec!["--n-head".into(), "3".into()], "divisible"),
+        (vec!["--vocab-size".into(), "1000".into()], "tokenizer"),
+        (vec!["-B".into(), "0".into()], "batch-size"),
+        (vec!["--max-lr".into(), "0".into()], "max-lr"),
+        (vec!["--max-lr".into(), "-1e-3".into()], "max-lr"),
+        (vec!["--resume".into(), p(&notdir)], "nothing-here"),
+        (vec!["--init-from".into(), p(&notdir)], "nothing-here"),
+        (vec!["--preset".into(), "gpt5".into()], "unknown preset"),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();
+        args.extend(["--steps".into(), "1".into()]);
+        args.extend(extra);
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let line = expect_error(&refs, needle);
+        eprintln!("{:?} -> {line}", &refs[SMALL.len() + 2..]);
+    }
+}
