@@ -129,6 +129,10 @@ struct Args {
     ladder_steps: Option<usize>,
 }
 
+/// Mixed precision halves the loss scale on each overflow; this many skipped steps in a row mean
+/// the training itself diverged.
+const MAX_SKIPPED_IN_A_ROW: usize = 25;
+
 fn default_data() -> PathBuf {
     let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare.txt");
     if bundled.exists() {
@@ -508,6 +512,7 @@ fn run(args: Args) -> Result<()> {
     };
     let mut profile = ProfileTotals::default();
     let mut done_this_run = 0;
+    let mut skipped_in_a_row = 0;
     while trainer.step_index() < settings.steps {
         if args.stop_after.is_some_and(|n| done_this_run >= n) {
             break;

@@ -150,6 +150,7 @@ pub struct Gpu {
     layouts: Mutex<HashMap<Vec<BindKind>, wgpu::BindGroupLayout>>,
     modules: Mutex<HashMap<(String, Vec<(String, String)>), wgpu::ShaderModule>>,
     lost: Arc<Mutex<Option<String>>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u32 {
@@ -260,6 +261,15 @@ impl Gpu {
                 *l = Some(format!("{reason:?}: {message}"));
             }
         });
+        // wgpu's default handler panics on an error raised outside an error scope; keep the
+        // first one instead and report it from the next check.
+        let uncaptured = Arc::new(Mutex::new(None));
+        let uncaptured_cb = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut u) = uncaptured_cb.lock() {
+                u.get_or_insert_with(|| e.to_string());
+            }
+        }));
         Gpu {
             adapter,
             device,
@@ -273,6 +283,7 @@ impl Gpu {
             layouts: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             lost,
+            uncaptured,
         }
     }
 
@@ -342,7 +353,7 @@ impl Gpu {
         (self.limits.min_storage_buffer_offset_alignment as u64).max(4)
     }
 
-    /// Errors if the device was lost.
+    /// Errors if the device was lost or raised an error outside any error scope.
     pub fn check_lost(&self) -> Result<()> {
         if let Ok(l) = self.lost.lock() {
             if let Some(msg) = l.as_ref() {
@@ -350,6 +361,14 @@ impl Gpu {
                     "the device was lost ({msg}); restart the program. If it happens again, \
                      reduce the batch size or sequence length"
                 )));
+            }
+        }
+        if let Ok(mut u) = self.uncaptured.lock() {
+            if let Some(msg) = u.take() {
+                return Err(Error::GpuValidation {
+                    context: "GPU work".into(),
+                    message: msg,
+                });
             }
         }
         Ok(())
