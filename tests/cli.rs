@@ -193,6 +193,21 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         (vec!["--resume".into(), p(&notdir)], "nothing-here"),
         (vec!["--init-from".into(), p(&notdir)], "nothing-here"),
         (vec!["--preset".into(), "gpt5".into()], "unknown preset"),
+        // logits of 4096 x 1024 x 50304 f32 exceed any adapter's buffer
+        (
+            vec![
+                "--block-size".into(),
+                "1024".into(),
+                "-T".into(),
+                "1024".into(),
+                "-B".into(),
+                "4096".into(),
+                "--precision".into(),
+                "f32".into(),
+            ],
+            "offers",
+        ),
+        (vec!["--grad-accum".into(), "0".into()], "grad-accum"),
     ];
     for (extra, needle) in cases {
         let mut args: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();

@@ -535,7 +535,16 @@ fn run(args: Args) -> Result<()> {
                 step_line(&s),
                 s.loss_scale
             );
+            skipped_in_a_row += 1;
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+                return Err(Error::Other(format!(
+                    "the gradients were non-finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (loss {}); \
+                     stopping (the last checkpoint is kept). Lower --max-lr or use --precision f32",
+                    s.loss
+                )));
+            }
         } else {
+            skipped_in_a_row = 0;
             println!("{}", step_line(&s));
         }
         if let Some(m) = metrics.as_mut() {

@@ -134,6 +134,9 @@ macro_rules! defines {
     };
 }
 
+/// A shader file and its defines: one compiled module.
+type ModuleKey = (String, Vec<(String, String)>);
+
 /// The device and everything derived from it. One per process; shared by reference.
 pub struct Gpu {
     pub adapter: wgpu::Adapter,
@@ -148,7 +151,7 @@ pub struct Gpu {
     pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     layouts: Mutex<HashMap<Vec<BindKind>, wgpu::BindGroupLayout>>,
-    modules: Mutex<HashMap<(String, Vec<(String, String)>), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -483,7 +486,7 @@ impl Gpu {
         if bytes.is_empty() {
             return Ok(());
         }
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(&t.buffer, t.offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
@@ -521,7 +524,15 @@ impl Gpu {
             });
         encoder.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, size);
         self.scoped("read-back", || self.queue.submit([encoder.finish()]))?;
-        let slice = staging.slice(..);
+        let mut bytes = self.map_read(&staging, size)?;
+        bytes.truncate(t.len() * t.dtype.size());
+        Ok(bytes)
+    }
+
+    /// Waits for the GPU, then maps the first `len` bytes of a MAP_READ buffer (filled by work
+    /// already submitted) and copies them out.
+    pub fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        let slice = staging.slice(..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -530,14 +541,13 @@ impl Gpu {
         rx.recv()
             .map_err(|_| Error::Gpu("read-back never completed".into()))?
             .map_err(|e| Error::Gpu(format!("read-back failed: {e}")))?;
-        let mut bytes = {
+        let bytes = {
             let view = slice
                 .get_mapped_range()
                 .map_err(|e| Error::Gpu(format!("read-back mapping failed: {e}")))?;
             view.to_vec()
         };
         staging.unmap();
-        bytes.truncate(t.len() * t.dtype.size());
         Ok(bytes)
     }
 

@@ -83,22 +83,8 @@ impl Profiler {
         let n = self.written as usize;
         let mut out = Vec::new();
         if n >= 2 {
-            let slice = self.staging.slice(..n as u64 * 8);
-            let (tx, rx) = std::sync::mpsc::channel();
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            gpu.wait()?;
-            rx.recv()
-                .map_err(|_| Error::Gpu("timestamp read-back never completed".into()))?
-                .map_err(|e| Error::Gpu(format!("timestamp read-back failed: {e}")))?;
-            let ticks: Vec<u64> = {
-                let view = slice
-                    .get_mapped_range()
-                    .map_err(|e| Error::Gpu(format!("timestamp mapping failed: {e}")))?;
-                bytemuck::pod_collect_to_vec(&view)
-            };
-            self.staging.unmap();
+            let ticks: Vec<u64> =
+                bytemuck::pod_collect_to_vec(&gpu.map_read(&self.staging, n as u64 * 8)?);
             for i in 0..n - 1 {
                 let (label, family, flops) = self.labels[i].clone();
                 let dt = ticks[i + 1].saturating_sub(ticks[i]) as f64 * self.period_ns * 1e-6;

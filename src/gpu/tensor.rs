@@ -94,7 +94,7 @@ impl Tensor {
             ));
         }
         let offset = self.offset + (start * self.dtype.size()) as u64;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(Error::shape(
                 "slice",
                 format!(

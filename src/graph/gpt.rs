@@ -194,35 +194,19 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     let mut saved: Vec<Saved> = Vec::with_capacity(l);
     let mut res = emb;
     // With fusion, each layer's first LayerNorm is computed together with the previous residual.
-    let mut pending_ln1: Option<(TensorId, TensorId, TensorId)> = None;
+    let mut pending_ln1: Option<Ln> = None;
     for (i, bl) in blocks.iter().enumerate() {
         let name = |s: &str| format!("h.{i}.{s}");
-        let (ln1, ln1_mean, ln1_rstd) = match pending_ln1.take() {
+        let Ln {
+            out: ln1,
+            mean: ln1_mean,
+            rstd: ln1_rstd,
+        } = match pending_ln1.take() {
             Some(x) => x,
             None => {
-                let ln1 = g.planned(name("ln_1 out"), &[n, c], act);
-                let mean = g.planned(name("ln_1 mean"), &[n], DType::F32);
-                let rstd = g.planned(name("ln_1 rstd"), &[n], DType::F32);
-                let (w, bb) = (bl.ln1_w.p, bl.ln1_b.p);
-                g.node(
-                    name("ln_1.forward"),
-                    "layernorm",
-                    &[res, w, bb],
-                    &[ln1, mean, rstd],
-                    0.0,
-                    move |gpu, r| {
-                        Ok(vec![layernorm::layernorm_forward(
-                            gpu,
-                            r.t(ln1),
-                            r.t(mean),
-                            r.t(rstd),
-                            r.t(res),
-                            r.t(w),
-                            r.t(bb),
-                        )?])
-                    },
-                );
-                (ln1, mean, rstd)
+                let ln = ln_tensors(&mut g, &name("ln_1"), n, c, act);
+                layernorm_node(&mut g, &name("ln_1"), ln, res, bl.ln1_w.p, bl.ln1_b.p);
+                ln
             }
         };
         // attention
@@ -320,9 +304,12 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         );
         // residual + ln_2
         let res_mid = g.planned(name("residual mid"), &[n, c], DType::F32);
-        let ln2 = g.planned(name("ln_2 out"), &[n, c], act);
-        let ln2_mean = g.planned(name("ln_2 mean"), &[n], DType::F32);
-        let ln2_rstd = g.planned(name("ln_2 rstd"), &[n], DType::F32);
+        let ln2s = ln_tensors(&mut g, &name("ln_2"), n, c, act);
+        let Ln {
+            out: ln2,
+            mean: ln2_mean,
+            rstd: ln2_rstd,
+        } = ln2s;
         let (w, bb) = (bl.ln2_w.p, bl.ln2_b.p);
         residual_layernorm(
             &mut g,
@@ -331,9 +318,7 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             res,
             proj,
             res_mid,
-            ln2,
-            ln2_mean,
-            ln2_rstd,
+            ln2s,
             w,
             bb,
         );
@@ -422,13 +407,9 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
                 Some(next) => (next.ln1_w.p, next.ln1_b.p, format!("h.{}.ln_1", i + 1)),
                 None => (lnf_w.p, lnf_b.p, "ln_f".to_string()),
             };
-            let ln = g.planned(format!("{what} out"), &[n, c], act);
-            let mean = g.planned(format!("{what} mean"), &[n], DType::F32);
-            let rstd = g.planned(format!("{what} rstd"), &[n], DType::F32);
-            residual_layernorm(
-                &mut g, true, &what, res_mid, mlp_out, res_out, ln, mean, rstd, nw, nb,
-            );
-            pending_ln1 = Some((ln, mean, rstd));
+            let ln = ln_tensors(&mut g, &what, n, c, act);
+            residual_layernorm(&mut g, true, &what, res_mid, mlp_out, res_out, ln, nw, nb);
+            pending_ln1 = Some(ln);
         } else {
             g.node(
                 name("residual.forward"),
@@ -463,32 +444,16 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         });
         res = res_out;
     }
-    let (lnf, lnf_mean, lnf_rstd) = match pending_ln1.take() {
+    let Ln {
+        out: lnf,
+        mean: lnf_mean,
+        rstd: lnf_rstd,
+    } = match pending_ln1.take() {
         Some(x) => x,
         None => {
-            let lnf = g.planned("ln_f out", &[n, c], act);
-            let mean = g.planned("ln_f mean", &[n], DType::F32);
-            let rstd = g.planned("ln_f rstd", &[n], DType::F32);
-            let (w, bb) = (lnf_w.p, lnf_b.p);
-            g.node(
-                "ln_f.forward",
-                "layernorm",
-                &[res, w, bb],
-                &[lnf, mean, rstd],
-                0.0,
-                move |gpu, r| {
-                    Ok(vec![layernorm::layernorm_forward(
-                        gpu,
-                        r.t(lnf),
-                        r.t(mean),
-                        r.t(rstd),
-                        r.t(res),
-                        r.t(w),
-                        r.t(bb),
-                    )?])
-                },
-            );
-            (lnf, mean, rstd)
+            let ln = ln_tensors(&mut g, "ln_f", n, c, act);
+            layernorm_node(&mut g, "ln_f", ln, res, lnf_w.p, lnf_b.p);
+            ln
         }
     };
     // lm_head, tied to wte: logits = ln_f(x) @ wte^T over the padded vocabulary.
@@ -930,43 +895,67 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     Ok(g)
 }
 
+/// A LayerNorm's output and the statistics saved for its backward pass.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ln {
+    pub out: TensorId,
+    pub mean: TensorId,
+    pub rstd: TensorId,
+}
+
+/// Plans the tensors of a LayerNorm over `n` rows of `c`: output in `dtype`, f32 statistics.
+pub(crate) fn ln_tensors(g: &mut Graph, what: &str, n: usize, c: usize, dtype: DType) -> Ln {
+    Ln {
+        out: g.planned(format!("{what} out"), &[n, c], dtype),
+        mean: g.planned(format!("{what} mean"), &[n], DType::F32),
+        rstd: g.planned(format!("{what} rstd"), &[n], DType::F32),
+    }
+}
+
+/// `ln = LayerNorm(inp)`.
+pub(crate) fn layernorm_node(
+    g: &mut Graph,
+    what: &str,
+    ln: Ln,
+    inp: TensorId,
+    w: TensorId,
+    bias: TensorId,
+) {
+    let Ln { out, mean, rstd } = ln;
+    g.node(
+        format!("{what}.forward"),
+        "layernorm",
+        &[inp, w, bias],
+        &[out, mean, rstd],
+        0.0,
+        move |gpu, r| {
+            Ok(vec![layernorm::layernorm_forward(
+                gpu,
+                r.t(out),
+                r.t(mean),
+                r.t(rstd),
+                r.t(inp),
+                r.t(w),
+                r.t(bias),
+            )?])
+        },
+    );
+}
+
 /// `res_out = a + b; ln = LayerNorm(res_out)` (one fused dispatch, or two).
 #[allow(clippy::too_many_arguments)]
-fn residual_layernorm(
+pub(crate) fn residual_layernorm(
     g: &mut Graph,
     fused: bool,
     what: &str,
     a: TensorId,
     b: TensorId,
     res_out: TensorId,
-    ln: TensorId,
-    mean: TensorId,
-    rstd: TensorId,
+    ln: Ln,
     w: TensorId,
     bias: TensorId,
 ) {
-    if fused {
-        g.node(
-            format!("residual+{what}.forward"),
-            "layernorm",
-            &[a, b, w, bias],
-            &[res_out, ln, mean, rstd],
-            0.0,
-            move |gpu, r| {
-                Ok(vec![layernorm::fused_residual_layernorm_forward(
-                    gpu,
-                    r.t(res_out),
-                    r.t(ln),
-                    r.t(mean),
-                    r.t(rstd),
-                    r.t(a),
-                    r.t(b),
-                    r.t(w),
-                    r.t(bias),
-                )?])
-            },
-        );
-    } else {
+    if !fused {
         g.node(
             format!("residual before {what}"),
             "elementwise",
@@ -982,25 +971,30 @@ fn residual_layernorm(
                 )?])
             },
         );
-        g.node(
-            format!("{what}.forward"),
-            "layernorm",
-            &[res_out, w, bias],
-            &[ln, mean, rstd],
-            0.0,
-            move |gpu, r| {
-                Ok(vec![layernorm::layernorm_forward(
-                    gpu,
-                    r.t(ln),
-                    r.t(mean),
-                    r.t(rstd),
-                    r.t(res_out),
-                    r.t(w),
-                    r.t(bias),
-                )?])
-            },
-        );
+        layernorm_node(g, what, ln, res_out, w, bias);
+        return;
     }
+    let Ln { out, mean, rstd } = ln;
+    g.node(
+        format!("residual+{what}.forward"),
+        "layernorm",
+        &[a, b, w, bias],
+        &[res_out, out, mean, rstd],
+        0.0,
+        move |gpu, r| {
+            Ok(vec![layernorm::fused_residual_layernorm_forward(
+                gpu,
+                r.t(res_out),
+                r.t(out),
+                r.t(mean),
+                r.t(rstd),
+                r.t(a),
+                r.t(b),
+                r.t(w),
+                r.t(bias),
+            )?])
+        },
+    );
 }
 
 /// LayerNorm backward: adds into `dres` and the parameter gradients.

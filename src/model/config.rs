@@ -77,7 +77,7 @@ impl GptConfig {
                 "n_layer, n_head, n_embd, block_size and vocab_size must all be at least 1 (got {c:?})"
             )));
         }
-        if c.n_embd % c.n_head != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(Error::Config(format!(
                 "n_embd ({}) must be divisible by n_head ({}); pick n_head among the divisors of n_embd",
                 c.n_embd, c.n_head

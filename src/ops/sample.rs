@@ -71,7 +71,7 @@ fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<wgpu::Bu
     if d.s == 0
         || d.c == 0
         || d.nh == 0
-        || d.c % d.nh != 0
+        || !d.c.is_multiple_of(d.nh)
         || d.t_max == 0
         || d.v == 0
         || d.vp < d.v

@@ -551,8 +551,8 @@ impl ReferenceTrainer {
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
         let n_decay = self.model.layout.n_decay;
-        for i in 0..self.params.len() {
-            let g = grads[i] * clip;
+        for (i, g) in grads.iter().enumerate() {
+            let g = g * clip;
             let wd = if i < n_decay {
                 self.optim.weight_decay
             } else {

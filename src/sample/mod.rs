@@ -5,11 +5,12 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::graph::gpt::{layernorm_node, ln_tensors, residual_layernorm};
 use crate::graph::{CompiledGraph, Graph, TensorId};
 use crate::model::{GptConfig, ParamLayout};
+use crate::ops::matmul;
 use crate::ops::matmul::MatmulForward;
 use crate::ops::sample::{self as ops, DecodeDims, DecodeStep};
-use crate::ops::{layernorm, matmul};
 use crate::rng::Rng;
 use std::sync::Arc;
 
@@ -146,7 +147,7 @@ impl Generator {
             );
         }
         let mut x = x0;
-        for l in 0..config.n_layer {
+        for (l, cache) in caches.iter().enumerate() {
             let name = |s: &str| format!("h.{l}.{s}");
             let (w1, b1) = (
                 p(&mut g, &name("ln_1.weight"))?,
@@ -159,7 +160,7 @@ impl Generator {
                 p(&mut g, &name("attn.c_attn.bias"))?,
             );
             linear(&mut g, &name("attn.c_attn"), ln1, w, Some(bias), qkv, false);
-            let cache = g.fixed(name("kv cache"), &caches[l]);
+            let cache = g.fixed(name("kv cache"), cache);
             let atty = g.planned(name("attention out"), &[s, c], DType::F32);
             {
                 let (sb, d) = (step_buf.clone(), dims);
@@ -200,7 +201,9 @@ impl Generator {
                 p(&mut g, &name("ln_2.bias"))?,
             );
             let mid = g.planned(name("residual mid"), &[s, c], DType::F32);
-            let ln2 = residual_layer_norm(&mut g, &name("ln_2"), x, proj, mid, w2, b2, s, c);
+            let ln2 = ln_tensors(&mut g, &name("ln_2"), s, c, DType::F32);
+            residual_layernorm(&mut g, true, &name("ln_2"), x, proj, mid, ln2, w2, b2);
+            let ln2 = ln2.out;
             let fc = g.planned(name("mlp.gelu out"), &[s, 4 * c], DType::F32);
             let (w, bias) = (
                 p(&mut g, &name("mlp.c_fc.weight"))?,
@@ -328,22 +331,8 @@ impl Generator {
             );
             gpu.queue.submit([enc.finish()]);
         })?;
-        let slice = self.staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        gpu.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("decode read-back never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("decode read-back failed: {e}")))?;
-        let out: Vec<u32> = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("decode read-back mapping failed: {e}")))?;
-            bytemuck::pod_collect_to_vec(&view[..self.dims.s * 4])
-        };
-        self.staging.unmap();
+        let out: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&gpu.map_read(&self.staging, self.dims.s as u64 * 4)?);
         Ok(out)
     }
 
@@ -440,66 +429,9 @@ fn layer_norm(
     s: usize,
     c: usize,
 ) -> TensorId {
-    let out = g.planned(format!("{what} out"), &[s, c], DType::F32);
-    let mean = g.planned(format!("{what} mean"), &[s], DType::F32);
-    let rstd = g.planned(format!("{what} rstd"), &[s], DType::F32);
-    g.node(
-        format!("{what}.forward"),
-        "layernorm",
-        &[x, w, b],
-        &[out, mean, rstd],
-        0.0,
-        move |gpu, r| {
-            Ok(vec![layernorm::layernorm_forward(
-                gpu,
-                r.t(out),
-                r.t(mean),
-                r.t(rstd),
-                r.t(x),
-                r.t(w),
-                r.t(b),
-            )?])
-        },
-    );
-    out
-}
-
-#[allow(clippy::too_many_arguments)]
-fn residual_layer_norm(
-    g: &mut Graph,
-    what: &str,
-    a: TensorId,
-    b: TensorId,
-    res_out: TensorId,
-    w: TensorId,
-    bias: TensorId,
-    s: usize,
-    c: usize,
-) -> TensorId {
-    let out = g.planned(format!("{what} out"), &[s, c], DType::F32);
-    let mean = g.planned(format!("{what} mean"), &[s], DType::F32);
-    let rstd = g.planned(format!("{what} rstd"), &[s], DType::F32);
-    g.node(
-        format!("residual+{what}.forward"),
-        "layernorm",
-        &[a, b, w, bias],
-        &[res_out, out, mean, rstd],
-        0.0,
-        move |gpu, r| {
-            Ok(vec![layernorm::fused_residual_layernorm_forward(
-                gpu,
-                r.t(res_out),
-                r.t(out),
-                r.t(mean),
-                r.t(rstd),
-                r.t(a),
-                r.t(b),
-                r.t(w),
-                r.t(bias),
-            )?])
-        },
-    );
-    out
+    let ln = ln_tensors(g, what, s, c, DType::F32);
+    layernorm_node(g, what, ln, x, w, b);
+    ln.out
 }
 
 fn linear(

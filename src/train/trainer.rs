@@ -334,22 +334,7 @@ impl Trainer {
             enc.copy_buffer_to_buffer(&self.io.status.buffer, 0, &self.staging, 16, 16);
             gpu.queue.submit([enc.finish()]);
         })?;
-        let slice = self.staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        gpu.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("the step's read-back never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("the step's read-back failed: {e}")))?;
-        let vals: Vec<f32> = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("read-back mapping failed: {e}")))?;
-            bytemuck::pod_collect_to_vec(&view[..32])
-        };
-        self.staging.unmap();
+        let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&gpu.map_read(&self.staging, 32)?);
         Ok([vals[0], vals[4], vals[5], vals[6], vals[7]])
     }
 
