@@ -193,7 +193,7 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         (vec!["--resume".into(), p(&notdir)], "nothing-here"),
         (vec!["--init-from".into(), p(&notdir)], "nothing-here"),
         (vec!["--preset".into(), "gpt5".into()], "unknown preset"),
-        // logits of 4096 x 1024 x 50304 f32 exceed any adapter's buffer
+        // logits of 256 x 1024 x 50304 f32 (53 GB) exceed any adapter's buffer
         (
             vec![
                 "--block-size".into(),
@@ -201,7 +201,7 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
                 "-T".into(),
                 "1024".into(),
                 "-B".into(),
-                "4096".into(),
+                "256".into(),
                 "--precision".into(),
                 "f32".into(),
             ],
