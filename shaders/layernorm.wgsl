@@ -5,12 +5,15 @@
 // Row kernels run one workgroup of 256 threads per row. Thread `lid` owns the columns lid,
 // lid + 256, ... of its row: consecutive threads touch consecutive addresses (coalesced), and every
 // pass over a row touches the same elements from the same thread, so a thread may read back what
-// it wrote itself without a barrier. Row sums go through a fixed-shape tree in workgroup memory:
-// the order of additions never changes, so results are bitwise reproducible.
+// it wrote itself without a barrier. Row sums are reduced in a fixed order, so results are
+// bitwise reproducible on a given adapter: with SUBGROUPS, subgroupAdd within each subgroup and
+// then the per-subgroup partials in subgroup order (one barrier per sum); without, a fixed-shape
+// tree in workgroup memory.
 //
 // Each entry point sits in its own section (FORWARD, FUSED, BACKWARD, BACKWARD_PARAMS), so a
 // launcher sets only the defines its kernel uses: IN_T (inp / a), B_T (b), OUT_T (out), DOUT_T
-// (dout): f32 | f16; ROWS: rows per workgroup of the backward kernel.
+// (dout): f32 | f16; ROWS: rows per workgroup of the backward kernel; SUBGROUPS: whether the row
+// kernels reduce with subgroup operations (the device has the SUBGROUP feature).
 
 const WG: u32 = 256u;
 const EPS: f32 = 1e-5;
@@ -24,11 +27,70 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
+// An invocation's place in its (1-D) workgroup and, with SUBGROUPS, in its subgroup.
+struct Thread {
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUPS
+    @builtin(subgroup_id) sg: u32,                 // which subgroup of the workgroup
+    @builtin(num_subgroups) sg_count: u32,
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+#endif
+}
+
+#if SUBGROUPS
+// One partial per subgroup, indexed by subgroup_id: no assumption on the subgroup size (the
+// driver may pick any, and wgpu lets it vary per pipeline) nor on how invocations are laid out
+// in subgroups. Vulkan does not promise full subgroups either, so there may in principle be as
+// many subgroups as invocations: WG slots. (local_invocation_index / subgroup_size would not do:
+// llvmpipe with 1024-bit vectors reports 32 lanes but fills 16 per subgroup.) Two sets of slots,
+// which consecutive calls alternate between (`slot`), so one barrier per sum suffices: a thread
+// can only overwrite set k after the barrier of the next call, which every thread reaches after
+// reading set k.
+var<workgroup> partials1: array<f32, 512>;        // (2, WG)
+var<workgroup> partials2: array<vec2<f32>, 512>;  // (2, WG)
+
+// Sum of `v` over the workgroup, returned to every thread (the same bits everywhere: every thread
+// adds the partials in the same order). Must be called in uniform control flow; consecutive calls
+// must pass different `slot`s (0, 1).
+fn block_sum(t: Thread, v: f32, slot: u32) -> f32 {
+    let s = subgroupAdd(v);
+    // Only the first active lane writes: subgroups need not be full nor start at lane 0.
+    let first = subgroupBroadcastFirst(t.sg_lane);
+    let base = slot * WG;
+    if (t.sg_lane == first) {
+        partials1[base + t.sg] = s;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var k = 0u; k < t.sg_count; k++) {
+        total += partials1[base + k];
+    }
+    return total;
+}
+
+// Two sums at once (the backward pass needs two per row).
+fn block_sum2(t: Thread, v: vec2<f32>, slot: u32) -> vec2<f32> {
+    let s = subgroupAdd(v);
+    let first = subgroupBroadcastFirst(t.sg_lane);
+    let base = slot * WG;
+    if (t.sg_lane == first) {
+        partials2[base + t.sg] = s;
+    }
+    workgroupBarrier();
+    var total = vec2<f32>(0.0, 0.0);
+    for (var k = 0u; k < t.sg_count; k++) {
+        total += partials2[base + k];
+    }
+    return total;
+}
+#else
 var<workgroup> red1: array<f32, 256>;
 var<workgroup> red2: array<vec2<f32>, 256>;
 
 // Sum of `v` over the workgroup, returned to every thread. Must be called in uniform control flow.
-fn block_sum(lid: u32, v: f32) -> f32 {
+// `slot` is for the subgroup version's alternating partials; the tree does not need it.
+fn block_sum(t: Thread, v: f32, slot: u32) -> f32 {
+    let lid = t.lid;
     red1[lid] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {
@@ -44,7 +106,8 @@ fn block_sum(lid: u32, v: f32) -> f32 {
 }
 
 // Two sums at once (the backward pass needs two per row).
-fn block_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
+fn block_sum2(t: Thread, v: vec2<f32>, slot: u32) -> vec2<f32> {
+    let lid = t.lid;
     red2[lid] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {
@@ -57,6 +120,7 @@ fn block_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
     workgroupBarrier();
     return total;
 }
+#endif
 
 fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
@@ -73,7 +137,8 @@ fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 
 @compute @workgroup_size(256)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32) {
+                     t: Thread) {
+    let lid = t.lid;
     let row = group_id(wid, nwg);
     if (row >= p.n) { return; }
     let base = row * p.c;
@@ -85,13 +150,13 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     for (var c = lid; c < p.c; c += WG) {
         s += f32(lf_inp[base + c]);
     }
-    let mean = block_sum(lid, s) * inv_c;
+    let mean = block_sum(t, s, 0u) * inv_c;
     var q = 0.0;
     for (var c = lid; c < p.c; c += WG) {
         let d = f32(lf_inp[base + c]) - mean;
         q += d * d;
     }
-    let rstd = 1.0 / sqrt(block_sum(lid, q) * inv_c + EPS);
+    let rstd = 1.0 / sqrt(block_sum(t, q, 1u) * inv_c + EPS);
     for (var c = lid; c < p.c; c += WG) {
         let xhat = (f32(lf_inp[base + c]) - mean) * rstd;
         lf_out[base + c] = {{OUT_T}}(xhat * lf_weight[c] + lf_bias[c]);
@@ -117,7 +182,8 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(256)
 fn fused_residual_layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
                                     @builtin(num_workgroups) nwg: vec3<u32>,
-                                    @builtin(local_invocation_index) lid: u32) {
+                                    t: Thread) {
+    let lid = t.lid;
     let row = group_id(wid, nwg);
     if (row >= p.n) { return; }
     let base = row * p.c;
@@ -129,14 +195,14 @@ fn fused_residual_layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
         rf_residual[base + c] = x;
         s += x;
     }
-    let mean = block_sum(lid, s) * inv_c;
+    let mean = block_sum(t, s, 0u) * inv_c;
     // The residual elements read below were written by this same thread above.
     var q = 0.0;
     for (var c = lid; c < p.c; c += WG) {
         let d = rf_residual[base + c] - mean;
         q += d * d;
     }
-    let rstd = 1.0 / sqrt(block_sum(lid, q) * inv_c + EPS);
+    let rstd = 1.0 / sqrt(block_sum(t, q, 1u) * inv_c + EPS);
     for (var c = lid; c < p.c; c += WG) {
         let xhat = (rf_residual[base + c] - mean) * rstd;
         rf_out[base + c] = {{OUT_T}}(xhat * rf_weight[c] + rf_bias[c]);
@@ -165,7 +231,8 @@ fn fused_residual_layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 
 @compute @workgroup_size(256)
 fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) lid: u32) {
+                      t: Thread) {
+    let lid = t.lid;
     let g = group_id(wid, nwg);
     if (g >= p.groups) { return; }
     let row0 = g * {{ROWS}}u;
@@ -183,7 +250,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
             let dnorm = lb_weight[c] * f32(lb_dout[base + c]);
             acc += vec2<f32>(dnorm, dnorm * xhat);
         }
-        let means = block_sum2(lid, acc) * inv_c; // (mean(dnorm), mean(dnorm * xhat))
+        let means = block_sum2(t, acc, r & 1u) * inv_c; // (mean(dnorm), mean(dnorm * xhat))
         for (var c = lid; c < p.c; c += WG) {
             let xhat = (f32(lb_inp[base + c]) - mean) * rstd;
             let dnorm = lb_weight[c] * f32(lb_dout[base + c]);

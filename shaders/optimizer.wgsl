@@ -3,9 +3,30 @@
 // buffer in one dispatch.
 //
 // Sections: NORM_PARTIALS, NORM_FINISH, ADAMW (define COPY_T = f16: also refresh an f16 copy of
-// the parameters in the same pass).
+// the parameters in the same pass). The norm's sections take SUBGROUPS: whether their workgroup
+// reductions use subgroup operations (the device has the SUBGROUP feature) instead of a
+// fixed-shape tree in workgroup memory.
+//
+// Subgroup reductions: a subgroup operation within each subgroup, the first active lane writes the
+// subgroup's partial to slot subgroup_id, one barrier, then thread 0 adds the partials in slot
+// order. Indexing by subgroup_id assumes nothing about the subgroup size (the driver may pick
+// any, and wgpu lets it vary per pipeline) or the layout of invocations in subgroups; as Vulkan
+// does not promise full subgroups, there may be as many subgroups as invocations: WG slots.
+// (local_invocation_index / subgroup_size would not do: llvmpipe with 1024-bit vectors reports
+// 32 lanes but fills 16 per subgroup.) The order of operations is fixed for a given adapter, so
+// results are bitwise reproducible.
 
 const WG: u32 = 256u;
+
+// An invocation's place in its (1-D) workgroup and, with SUBGROUPS, in its subgroup.
+struct Thread {
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUPS
+    @builtin(subgroup_id) sg: u32,                 // which subgroup of the workgroup
+    @builtin(num_subgroups) sg_count: u32,
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+#endif
+}
 
 // Exponent bits all ones: inf or NaN. A bit test, because comparisons with NaN may be folded
 // away by shader compilers.
@@ -32,18 +53,24 @@ struct NormParams {
 // ---- grad_norm_partials (stage 1) --------------------------------------------------------------
 // A fixed number of workgroups walk the buffer with a grid stride (any n, no 65535-workgroup
 // limit); each thread sums (g * inv_loss_scale)^2 in f32 over about n / (groups * 256) elements
-// (scaling first keeps the loss-scaled squares from overflowing), then a fixed-shape tree.
+// (scaling first keeps the loss-scaled squares from overflowing), then a workgroup reduction.
 // scratch[g] = partial sum, scratch[groups + g] = 1.0 if a non-finite gradient was seen.
 @group(0) @binding(0) var<uniform> np: NormParams;
 @group(0) @binding(1) var<storage, read> gp_grads: array<f32>;              // (n)
 @group(0) @binding(2) var<storage, read> gp_scalars: GradNormScalars;
 @group(0) @binding(3) var<storage, read_write> gp_scratch: array<f32>;      // (2 * groups)
 
+#if SUBGROUPS
+var<workgroup> part_sum: array<f32, 256>;   // (WG) one sum per subgroup
+var<workgroup> part_bad: array<u32, 256>;   // (WG) 1 if the subgroup saw a non-finite gradient
+#else
 var<workgroup> red_sum: array<f32, 256>;
 var<workgroup> red_bad: array<u32, 256>;
+#endif
 
 @compute @workgroup_size(256)
-fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, t: Thread) {
+    let lid = t.lid;
     let g = wid.x;
     let inv = gp_scalars.inv_loss_scale;
     let stride = np.groups * WG;
@@ -57,6 +84,27 @@ fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invo
         let y = x * inv;
         s += y * y;
     }
+#if SUBGROUPS
+    let sg_sum = subgroupAdd(s);
+    let sg_bad = subgroupMax(bad);
+    // Only the first active lane writes: subgroups need not be full nor start at lane 0.
+    let first = subgroupBroadcastFirst(t.sg_lane);
+    if (t.sg_lane == first) {
+        part_sum[t.sg] = sg_sum;
+        part_bad[t.sg] = sg_bad;
+    }
+    workgroupBarrier();
+    if (lid == 0u && g < np.groups) {
+        var total = 0.0;
+        var any_bad = 0u;
+        for (var k = 0u; k < t.sg_count; k++) {
+            total += part_sum[k];
+            any_bad |= part_bad[k];
+        }
+        gp_scratch[g] = total;
+        gp_scratch[np.groups + g] = f32(any_bad);
+    }
+#else
     red_sum[lid] = s;
     red_bad[lid] = bad;
     workgroupBarrier();
@@ -71,6 +119,7 @@ fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invo
         gp_scratch[g] = red_sum[0];
         gp_scratch[np.groups + g] = f32(red_bad[0]);
     }
+#endif
 }
 #endif
 
@@ -81,17 +130,42 @@ fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invo
 @group(0) @binding(2) var<storage, read> gf_scalars: GradNormScalars;
 @group(0) @binding(3) var<storage, read_write> gf_status: array<f32>;       // (4)
 
+#if SUBGROUPS
+var<workgroup> fpart_sum: array<f32, 256>;  // (WG) one sum per subgroup
+var<workgroup> fpart_bad: array<f32, 256>;  // (WG) max of the subgroup's flags
+#else
 var<workgroup> fred_sum: array<f32, 256>;
 var<workgroup> fred_bad: array<f32, 256>;
+#endif
 
 @compute @workgroup_size(256)
-fn grad_norm_finish(@builtin(local_invocation_index) lid: u32) {
+fn grad_norm_finish(t: Thread) {
+    let lid = t.lid;
     var s = 0.0;
     var bad = 0.0;
     for (var g = lid; g < fp.groups; g += WG) {
         s += gf_scratch[g];
         bad = max(bad, gf_scratch[fp.groups + g]);
     }
+#if SUBGROUPS
+    let sg_sum = subgroupAdd(s);
+    let sg_bad = subgroupMax(bad);
+    let first = subgroupBroadcastFirst(t.sg_lane);
+    if (t.sg_lane == first) {
+        fpart_sum[t.sg] = sg_sum;
+        fpart_bad[t.sg] = sg_bad;
+    }
+    workgroupBarrier();
+    if (lid == 0u) {
+        var sum = 0.0;
+        var any_bad = 0.0;
+        for (var k = 0u; k < t.sg_count; k++) {
+            sum += fpart_sum[k];
+            any_bad = max(any_bad, fpart_bad[k]);
+        }
+        write_status(sum, any_bad);
+    }
+#else
     fred_sum[lid] = s;
     fred_bad[lid] = bad;
     workgroupBarrier();
@@ -103,18 +177,24 @@ fn grad_norm_finish(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let norm = sqrt(fred_sum[0]);
-        // The sum of squares can overflow even when every gradient is finite.
-        let finite = fred_bad[0] == 0.0 && !is_non_finite(norm);
-        var clip = 1.0;
-        if (finite && gf_scalars.max_norm > 0.0) {
-            clip = min(1.0, gf_scalars.max_norm / (norm + 1e-6));
-        }
-        gf_status[0] = norm;
-        gf_status[1] = clip;
-        gf_status[2] = select(0.0, 1.0, finite);
-        gf_status[3] = 0.0;
+        write_status(fred_sum[0], fred_bad[0]);
     }
+#endif
+}
+
+// status = [norm, clip_coef, finite, 0] from the sum of squares and the non-finite flag.
+fn write_status(sum_squares: f32, bad: f32) {
+    let norm = sqrt(sum_squares);
+    // The sum of squares can overflow even when every gradient is finite.
+    let finite = bad == 0.0 && !is_non_finite(norm);
+    var clip = 1.0;
+    if (finite && gf_scalars.max_norm > 0.0) {
+        clip = min(1.0, gf_scalars.max_norm / (norm + 1e-6));
+    }
+    gf_status[0] = norm;
+    gf_status[1] = clip;
+    gf_status[2] = select(0.0, 1.0, finite);
+    gf_status[3] = 0.0;
 }
 #endif
 

@@ -63,75 +63,94 @@ fn check_status(what: &str, got: &[f32], want: &cpu::NormStatus) {
 
 #[test]
 fn grad_norm_matches_reference() {
-    for (s, &n) in SIZES.iter().enumerate() {
-        let mut r = rng(700 + s as u64);
-        // Gradients as mixed precision leaves them: multiplied by the loss scale.
-        let loss_scale = 1024.0f32;
-        let grads: Vec<f32> = r
-            .vec_normal(n, 0.01)
-            .iter()
-            .map(|g| g * loss_scale)
-            .collect();
-        for max_norm in [0.0f32, 0.05, 1e9] {
-            let got = gpu_norm(
-                &grads,
-                1.0 / loss_scale,
-                max_norm,
-                opt::GRAD_NORM_MAX_GROUPS,
-            );
-            let want = cpu::grad_norm(&grads, 1.0 / loss_scale, max_norm);
-            check_status(&format!("grad_norm n={n} max_norm={max_norm}"), &got, &want);
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        for (s, &n) in SIZES.iter().enumerate() {
+            let mut r = rng(700 + s as u64);
+            // Gradients as mixed precision leaves them: multiplied by the loss scale.
+            let loss_scale = 1024.0f32;
+            let grads: Vec<f32> = r
+                .vec_normal(n, 0.01)
+                .iter()
+                .map(|g| g * loss_scale)
+                .collect();
+            for max_norm in [0.0f32, 0.05, 1e9] {
+                let got = gpu_norm(
+                    &grads,
+                    1.0 / loss_scale,
+                    max_norm,
+                    opt::GRAD_NORM_MAX_GROUPS,
+                );
+                let want = cpu::grad_norm(&grads, 1.0 / loss_scale, max_norm);
+                check_status(
+                    &format!("{path}: grad_norm n={n} max_norm={max_norm}"),
+                    &got,
+                    &want,
+                );
+            }
         }
-    }
+    });
 }
 
 #[test]
 fn grad_norm_grid_stride_with_few_workgroups() {
-    // The same code path as GPT-2's 124M gradients (each thread strides over the buffer many
-    // times), reached with a small buffer by capping the first stage's workgroups.
-    let n = 100_003;
-    let mut r = rng(710);
-    let grads = r.vec_normal(n, 1.0);
-    let want = cpu::grad_norm(&grads, 1.0, 1.0);
-    for groups in [1, 3, 7, 391] {
-        let got = gpu_norm(&grads, 1.0, 1.0, groups);
-        check_status(
-            &format!("grad_norm n={n} with {groups} workgroups"),
-            &got,
-            &want,
-        );
-    }
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        // The same code path as GPT-2's 124M gradients (each thread strides over the buffer many
+        // times), reached with a small buffer by capping the first stage's workgroups.
+        let n = 100_003;
+        let mut r = rng(710);
+        let grads = r.vec_normal(n, 1.0);
+        let want = cpu::grad_norm(&grads, 1.0, 1.0);
+        for groups in [1, 3, 7, 391] {
+            let got = gpu_norm(&grads, 1.0, 1.0, groups);
+            check_status(
+                &format!("{path}: grad_norm n={n} with {groups} workgroups"),
+                &got,
+                &want,
+            );
+        }
+    });
 }
 
 #[test]
 fn grad_norm_is_deterministic() {
-    let mut r = rng(720);
-    let grads = r.vec_normal(1_000_003, 1.0);
-    let a = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
-    let b = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
-    assert_bitwise_eq("grad_norm status", &a, &b);
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        let mut r = rng(720);
+        let grads = r.vec_normal(1_000_003, 1.0);
+        let a = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
+        let b = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
+        assert_bitwise_eq(&format!("{path}: grad_norm status"), &a, &b);
+    });
 }
 
 #[test]
 fn grad_norm_flags_non_finite_gradients() {
-    let mut r = rng(730);
-    let n = 70_001;
-    for (what, index, value) in [
-        ("NaN", 12_345, f32::NAN),
-        ("+inf", n - 1, f32::INFINITY),
-        ("-inf", 0, f32::NEG_INFINITY),
-        // Finite gradients whose squares overflow f32: the norm is not finite either.
-        ("overflowing squares", 7, 1e30),
-    ] {
-        let mut grads = r.vec_normal(n, 1.0);
-        grads[index] = value;
-        if what == "overflowing squares" {
-            grads[8] = 1e30;
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        let mut r = rng(730);
+        let n = 70_001;
+        for (what, index, value) in [
+            ("NaN", 12_345, f32::NAN),
+            ("+inf", n - 1, f32::INFINITY),
+            ("-inf", 0, f32::NEG_INFINITY),
+            // Finite gradients whose squares overflow f32: the norm is not finite either.
+            ("overflowing squares", 7, 1e30),
+        ] {
+            let mut grads = r.vec_normal(n, 1.0);
+            grads[index] = value;
+            if what == "overflowing squares" {
+                grads[8] = 1e30;
+            }
+            let got = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
+            assert_eq!(
+                got[2], 0.0,
+                "{path}: {what}: finite flag must be 0, status {got:?}"
+            );
+            assert_eq!(got[1], 1.0, "{what}: clip_coef is neutral, status {got:?}");
         }
-        let got = gpu_norm(&grads, 1.0, 1.0, opt::GRAD_NORM_MAX_GROUPS);
-        assert_eq!(got[2], 0.0, "{what}: finite flag must be 0, status {got:?}");
-        assert_eq!(got[1], 1.0, "{what}: clip_coef is neutral, status {got:?}");
-    }
+    });
 }
 
 /// Everything one AdamW test case holds on the GPU.
@@ -210,124 +229,152 @@ fn to_f32(x: &[f64]) -> Vec<f32> {
 
 #[test]
 fn adamw_matches_reference_over_several_steps() {
-    // (n, n_decay, max_norm, f16 copy, workgroups per grid dimension)
-    let cases: [(usize, usize, f32, bool, u32); 6] = [
-        (1, 1, 1e-3, false, 65_535),
-        (1000, 0, 1e9, true, 65_535),     // clipping inactive, no decay
-        (4097, 4097, 0.0, false, 65_535), // clipping disabled, all decayed
-        (70_001, 40_000, 0.5, true, 65_535), // clipping active, decay split
-        (70_001, 12_345, 1e9, true, 16),  // the 2-D grid GPT-2 needs, with a small grid limit
-        (300_007, 299_999, 0.5, false, 7),
-    ];
-    let f16_ok = gpu().has_f16();
-    for (s, &(n, n_decay, max_norm, copy, grid_limit)) in cases.iter().enumerate() {
-        let copy = copy && f16_ok;
-        let mut r = rng(800 + s as u64);
-        let p0 = r.vec_normal(n, 1.0);
-        let m0 = r.vec_normal(n, 0.01);
-        let v0: Vec<f32> = r.vec_normal(n, 0.01).iter().map(|x| x * x).collect();
-        let k = adam_state(&p0, &m0, &v0, copy, n_decay, grid_limit);
-        let (mut p, mut m, mut v) = (to_f64(&p0), to_f64(&m0), to_f64(&v0));
-        let loss_scale = 256.0f32;
-        let mut clipped = 0;
-        for step in 1..=4u32 {
-            let grads: Vec<f32> = r
-                .vec_normal(n, 0.02)
-                .iter()
-                .map(|g| g * loss_scale)
-                .collect();
-            gpu().write(&k.grads, &grads).unwrap();
-            GradNormScalars::new(1.0 / loss_scale, max_norm)
-                .write(gpu(), &k.scalars)
-                .unwrap();
-            let lr = 1e-2 / step as f32;
-            let hyper = AdamWHyper::new(lr, 0.9, 0.95, 1e-8, 0.1, step, 1.0 / loss_scale);
-            hyper.write(gpu(), &k.hyper).unwrap();
-            gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        // (n, n_decay, max_norm, f16 copy, workgroups per grid dimension)
+        let cases: [(usize, usize, f32, bool, u32); 6] = [
+            (1, 1, 1e-3, false, 65_535),
+            (1000, 0, 1e9, true, 65_535), // clipping inactive, no decay
+            (4097, 4097, 0.0, false, 65_535), // clipping disabled, all decayed
+            (70_001, 40_000, 0.5, true, 65_535), // clipping active, decay split
+            (70_001, 12_345, 1e9, true, 16), // the 2-D grid GPT-2 needs, with a small grid limit
+            (300_007, 299_999, 0.5, false, 7),
+        ];
+        let f16_ok = gpu().has_f16();
+        for (s, &(n, n_decay, max_norm, copy, grid_limit)) in cases.iter().enumerate() {
+            let copy = copy && f16_ok;
+            let mut r = rng(800 + s as u64);
+            let p0 = r.vec_normal(n, 1.0);
+            let m0 = r.vec_normal(n, 0.01);
+            let v0: Vec<f32> = r.vec_normal(n, 0.01).iter().map(|x| x * x).collect();
+            let k = adam_state(&p0, &m0, &v0, copy, n_decay, grid_limit);
+            let (mut p, mut m, mut v) = (to_f64(&p0), to_f64(&m0), to_f64(&v0));
+            let loss_scale = 256.0f32;
+            let mut clipped = 0;
+            for step in 1..=4u32 {
+                let grads: Vec<f32> = r
+                    .vec_normal(n, 0.02)
+                    .iter()
+                    .map(|g| g * loss_scale)
+                    .collect();
+                gpu().write(&k.grads, &grads).unwrap();
+                GradNormScalars::new(1.0 / loss_scale, max_norm)
+                    .write(gpu(), &k.scalars)
+                    .unwrap();
+                let lr = 1e-2 / step as f32;
+                let hyper = AdamWHyper::new(lr, 0.9, 0.95, 1e-8, 0.1, step, 1.0 / loss_scale);
+                hyper.write(gpu(), &k.hyper).unwrap();
+                gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
 
-            let status = cpu::grad_norm(&grads, 1.0 / loss_scale, max_norm);
-            if status.clip_coef < 1.0 {
-                clipped += 1;
-            }
-            let hp = cpu::AdamW {
-                lr: lr as f64,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step,
-                inv_loss_scale: 1.0 / loss_scale as f64,
-            };
-            cpu::adamw_step(&mut p, &mut m, &mut v, &grads, &status, &hp, n_decay);
-            let what = format!("adamw n={n} n_decay={n_decay} max_norm={max_norm} step {step}");
-            check_status(&what, &read(&k.status), &status);
-            let got_p = read(&k.params);
-            assert_close(&format!("{what} params"), &got_p, &to_f32(&p), 1e-5);
-            assert_close(&format!("{what} m"), &read(&k.m), &to_f32(&m), 1e-5);
-            assert_close(&format!("{what} v"), &read(&k.v), &to_f32(&v), 1e-5);
-            if let Some(c) = &k.copy {
-                // The copy is exactly the f16 rounding of the updated f32 parameters.
-                assert_bitwise_eq(
-                    &format!("{what} f16 copy"),
-                    &read(c),
-                    &round_to(&got_p, DType::F16),
+                let status = cpu::grad_norm(&grads, 1.0 / loss_scale, max_norm);
+                if status.clip_coef < 1.0 {
+                    clipped += 1;
+                }
+                let hp = cpu::AdamW {
+                    lr: lr as f64,
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                    step,
+                    inv_loss_scale: 1.0 / loss_scale as f64,
+                };
+                cpu::adamw_step(&mut p, &mut m, &mut v, &grads, &status, &hp, n_decay);
+                let what = format!(
+                    "{path}: adamw n={n} n_decay={n_decay} max_norm={max_norm} step {step}"
                 );
+                check_status(&what, &read(&k.status), &status);
+                let got_p = read(&k.params);
+                assert_close(&format!("{what} params"), &got_p, &to_f32(&p), 1e-5);
+                assert_close(&format!("{what} m"), &read(&k.m), &to_f32(&m), 1e-5);
+                assert_close(&format!("{what} v"), &read(&k.v), &to_f32(&v), 1e-5);
+                if let Some(c) = &k.copy {
+                    // The copy is exactly the f16 rounding of the updated f32 parameters.
+                    assert_bitwise_eq(
+                        &format!("{what} f16 copy"),
+                        &read(c),
+                        &round_to(&got_p, DType::F16),
+                    );
+                }
             }
+            let active = max_norm > 0.0 && max_norm < 1e9;
+            assert_eq!(
+                clipped > 0,
+                active,
+                "case {s}: clipping should be active exactly when max_norm is small"
+            );
         }
-        let active = max_norm > 0.0 && max_norm < 1e9;
-        assert_eq!(
-            clipped > 0,
-            active,
-            "case {s}: clipping should be active exactly when max_norm is small"
-        );
-    }
+    });
 }
 
 #[test]
 fn adamw_skips_a_step_with_non_finite_gradients() {
-    let n = 5000;
-    let mut r = rng(900);
-    let p0 = r.vec_normal(n, 1.0);
-    let m0 = r.vec_normal(n, 0.01);
-    let v0: Vec<f32> = r.vec_normal(n, 0.01).iter().map(|x| x * x).collect();
-    let k = adam_state(&p0, &m0, &v0, gpu().has_f16(), 3000, 65_535);
-    let copy_before = vec![0.5f32; n];
-    if let Some(c) = &k.copy {
-        gpu().write(c, &copy_before).unwrap();
-    }
-    for bad in [f32::NAN, f32::INFINITY] {
-        let mut grads = r.vec_normal(n, 1.0);
-        grads[4321] = bad;
-        gpu().write(&k.grads, &grads).unwrap();
-        GradNormScalars::new(1.0, 1.0)
-            .write(gpu(), &k.scalars)
-            .unwrap();
-        AdamWHyper::new(1e-2, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
-            .write(gpu(), &k.hyper)
-            .unwrap();
-        gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
-        assert_eq!(read(&k.status)[2], 0.0, "finite flag");
-        assert_bitwise_eq(
-            &format!("params after a {bad} gradient"),
-            &read(&k.params),
-            &p0,
-        );
-        assert_bitwise_eq(&format!("m after a {bad} gradient"), &read(&k.m), &m0);
-        assert_bitwise_eq(&format!("v after a {bad} gradient"), &read(&k.v), &v0);
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        let n = 5000;
+        let mut r = rng(900);
+        let p0 = r.vec_normal(n, 1.0);
+        let m0 = r.vec_normal(n, 0.01);
+        let v0: Vec<f32> = r.vec_normal(n, 0.01).iter().map(|x| x * x).collect();
+        let k = adam_state(&p0, &m0, &v0, gpu().has_f16(), 3000, 65_535);
+        let copy_before = vec![0.5f32; n];
         if let Some(c) = &k.copy {
-            assert_bitwise_eq("f16 copy after a skipped step", &read(c), &copy_before);
+            gpu().write(c, &copy_before).unwrap();
         }
-    }
-    // A finite step afterwards updates as usual.
-    let grads = r.vec_normal(n, 1.0);
-    gpu().write(&k.grads, &grads).unwrap();
-    gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
-    assert_eq!(read(&k.status)[2], 1.0);
-    let got = read(&k.params);
-    assert!(
-        got.iter().zip(&p0).filter(|(a, b)| a != b).count() > n / 2,
-        "a finite step must update"
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut grads = r.vec_normal(n, 1.0);
+            grads[4321] = bad;
+            gpu().write(&k.grads, &grads).unwrap();
+            GradNormScalars::new(1.0, 1.0)
+                .write(gpu(), &k.scalars)
+                .unwrap();
+            AdamWHyper::new(1e-2, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
+                .write(gpu(), &k.hyper)
+                .unwrap();
+            gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
+            assert_eq!(read(&k.status)[2], 0.0, "{path}: finite flag");
+            assert_bitwise_eq(
+                &format!("params after a {bad} gradient"),
+                &read(&k.params),
+                &p0,
+            );
+            assert_bitwise_eq(&format!("m after a {bad} gradient"), &read(&k.m), &m0);
+            assert_bitwise_eq(&format!("v after a {bad} gradient"), &read(&k.v), &v0);
+            if let Some(c) = &k.copy {
+                assert_bitwise_eq("f16 copy after a skipped step", &read(c), &copy_before);
+            }
+        }
+        // A finite step afterwards updates as usual.
+        let grads = r.vec_normal(n, 1.0);
+        gpu().write(&k.grads, &grads).unwrap();
+        gpu().run(&k.dispatches.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(read(&k.status)[2], 1.0);
+        let got = read(&k.params);
+        assert!(
+            got.iter().zip(&p0).filter(|(a, b)| a != b).count() > n / 2,
+            "a finite step must update"
+        );
+    });
+}
+
+/// Both stages of the norm run their subgroup variant exactly when the device has subgroups, and
+/// the tree fallback on the GPU opened without them.
+#[test]
+fn grad_norm_picks_the_reduction_variant_of_the_device() {
+    eprintln!(
+        "SUBGROUP feature: {}, subgroup sizes {:?}",
+        gpu().has_subgroups(),
+        gpu().subgroup_sizes
     );
+    for_each_reduction_path(|| {
+        let g = gpu();
+        let z = |n: usize| g.zeros("t", &[n], DType::F32).unwrap();
+        let n = 1000;
+        let ds = opt::grad_norm(g, &z(4), &z(n), &z(opt::grad_norm_scratch_len(n)), &z(4)).unwrap();
+        for d in &ds {
+            assert_reduction_variant(d);
+        }
+    });
 }
 
 #[test]

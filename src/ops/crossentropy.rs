@@ -1,7 +1,9 @@
 //! Launchers for `shaders/crossentropy.wgsl`: fused softmax + cross-entropy (forward and,
 //! optionally, the logits' gradient written in place) and the mean of the per-row losses.
 
-use super::{check_f32, check_float, check_u32, check_u32_range, Params4};
+use super::{
+    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, Params4,
+};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
@@ -66,7 +68,8 @@ pub fn crossentropy_forward_backward(
         defines: defines![
             ("FORWARD_BACKWARD", 1),
             ("LOGIT_T", logits.dtype.wgsl()),
-            ("BACKWARD", backward)
+            ("BACKWARD", backward),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
         ],
         bindings: &[
             Bind::Uniform(&params),
@@ -133,7 +136,10 @@ pub fn loss_mean(
     gpu.dispatch(DispatchDesc {
         shader: "crossentropy",
         entry: "loss_mean",
-        defines: defines![("LOSS_MEAN", 1)],
+        defines: defines![
+            ("LOSS_MEAN", 1),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
+        ],
         bindings: &[Bind::Uniform(&params), Bind::Read(losses), Bind::Write(out)],
         workgroups: [1, 1, 1],
         label: OP.to_string(),
@@ -148,11 +154,12 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
             ("FORWARD_BACKWARD", &["1"]),
             ("LOGIT_T", &["f32", "f16"]),
             ("BACKWARD", &["true", "false"]),
+            super::SUBGROUPS_AXIS,
         ],
     );
     v.extend(super::combinations(
         "crossentropy",
-        &[("LOSS_MEAN", &["1"])],
+        &[("LOSS_MEAN", &["1"]), super::SUBGROUPS_AXIS],
     ));
     v
 }

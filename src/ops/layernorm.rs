@@ -5,7 +5,7 @@
 //! Activations are any shape whose last dimension is C (so `[B, T, C]` and `[B*T, C]` both work);
 //! N is the number of rows. `weight`, `bias`, `mean`, `rstd` and all gradients are f32.
 
-use super::{check_f32, check_float, check_u32_range, Params4};
+use super::{check_f32, check_float, check_u32_range, uses_subgroup_reductions, Params4};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
@@ -130,7 +130,8 @@ pub fn layernorm_forward(
         defines: defines![
             ("FORWARD", 1),
             ("IN_T", inp.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl())
+            ("OUT_T", out.dtype.wgsl()),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
         ],
         bindings: &[
             Bind::Uniform(&params),
@@ -190,7 +191,8 @@ pub fn fused_residual_layernorm_forward(
             ("FUSED", 1),
             ("IN_T", a.dtype.wgsl()),
             ("B_T", b.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl())
+            ("OUT_T", out.dtype.wgsl()),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
         ],
         bindings: &[
             Bind::Uniform(&params),
@@ -274,7 +276,8 @@ pub fn layernorm_backward(
             ("BACKWARD", 1),
             ("IN_T", inp.dtype.wgsl()),
             ("DOUT_T", dout.dtype.wgsl()),
-            ("ROWS", rows)
+            ("ROWS", rows),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
         ],
         bindings: &[
             Bind::Uniform(&params),
@@ -311,10 +314,14 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
     let f = &["f32", "f16"][..];
     let one = &["1"][..];
     let rows = BACKWARD_ROWS_PER_GROUP.to_string();
-    let mut v = super::combinations("layernorm", &[("FORWARD", one), ("IN_T", f), ("OUT_T", f)]);
+    let sg = super::SUBGROUPS_AXIS;
+    let mut v = super::combinations(
+        "layernorm",
+        &[("FORWARD", one), ("IN_T", f), ("OUT_T", f), sg],
+    );
     v.extend(super::combinations(
         "layernorm",
-        &[("FUSED", one), ("IN_T", f), ("B_T", f), ("OUT_T", f)],
+        &[("FUSED", one), ("IN_T", f), ("B_T", f), ("OUT_T", f), sg],
     ));
     v.extend(super::combinations(
         "layernorm",
@@ -323,6 +330,7 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
             ("IN_T", f),
             ("DOUT_T", f),
             ("ROWS", &[rows.as_str()]),
+            sg,
         ],
     ));
     v.extend(super::combinations(

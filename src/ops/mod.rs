@@ -33,6 +33,19 @@ pub(crate) fn check_float(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor) -
     }
 }
 
+/// Whether the row-reduction kernels (LayerNorm statistics and backward row sums, the
+/// cross-entropy row max / sum of exponentials and loss mean, the gradient norm's partial sums)
+/// use their subgroup variant on `gpu` (define `SUBGROUPS`): wherever the SUBGROUP feature is
+/// enabled. Those variants are right for any subgroup size, including partly filled subgroups;
+/// the fixed-shape trees in workgroup memory are the fallback. Both are bitwise reproducible on
+/// a given adapter, but they add in different orders, so their results differ in the last bits.
+pub fn uses_subgroup_reductions(gpu: &Gpu) -> bool {
+    gpu.has_subgroups()
+}
+
+/// The values of the `SUBGROUPS` define, for `shader_variants` of the kernels that take it.
+pub(crate) const SUBGROUPS_AXIS: (&str, &[&str]) = ("SUBGROUPS", &["false", "true"]);
+
 /// Checks `t` is f32.
 pub(crate) fn check_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
     t.expect_dtype(op, what, &[DType::F32])

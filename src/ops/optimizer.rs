@@ -6,7 +6,7 @@
 //! writes the status tensor (`[norm, clip_coef, finite, 0]`) that AdamW reads, so clipping and
 //! the skip of non-finite steps need no read-back.
 
-use super::{check_f32, check_u32_range};
+use super::{check_f32, check_u32_range, uses_subgroup_reductions};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
@@ -188,7 +188,10 @@ pub fn grad_norm_with_groups(
     let partials = gpu.dispatch(DispatchDesc {
         shader: "optimizer",
         entry: "grad_norm_partials",
-        defines: defines![("NORM_PARTIALS", 1)],
+        defines: defines![
+            ("NORM_PARTIALS", 1),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
+        ],
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(grads),
@@ -202,7 +205,10 @@ pub fn grad_norm_with_groups(
     let finish = gpu.dispatch(DispatchDesc {
         shader: "optimizer",
         entry: "grad_norm_finish",
-        defines: defines![("NORM_FINISH", 1)],
+        defines: defines![
+            ("NORM_FINISH", 1),
+            ("SUBGROUPS", uses_subgroup_reductions(gpu))
+        ],
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(scratch),
@@ -321,8 +327,12 @@ pub fn adamw_with_grid_limit(
 }
 
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let mut v = super::combinations("optimizer", &[("NORM_PARTIALS", &["1"])]);
-    v.extend(super::combinations("optimizer", &[("NORM_FINISH", &["1"])]));
+    let sg = super::SUBGROUPS_AXIS;
+    let mut v = super::combinations("optimizer", &[("NORM_PARTIALS", &["1"]), sg]);
+    v.extend(super::combinations(
+        "optimizer",
+        &[("NORM_FINISH", &["1"]), sg],
+    ));
     v.extend(super::combinations("optimizer", &[("ADAMW", &["1"])]));
     v.extend(super::combinations(
         "optimizer",

@@ -1,24 +1,91 @@
 //! Shared test harness: one GPU per test binary, seeded inputs, comparisons with a reference.
 #![allow(dead_code)]
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use wgpt::gpu::{DType, Gpu, GpuOptions, Tensor};
 use wgpt::rng::Rng;
 
-/// The GPU every test in this binary shares. `WGPU_BACKEND` defaults to vulkan here.
+thread_local! {
+    /// Set while a test body runs on the GPU without subgroups (see `for_each_reduction_path`).
+    static WITHOUT_SUBGROUPS: Cell<bool> = const { Cell::new(false) };
+}
+
+fn open_gpu(options: &GpuOptions) -> Gpu {
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        // SAFETY: set before any other thread of this binary reads the environment through wgpu
+        // (this runs inside a OnceLock initialiser, before the first instance).
+        unsafe { std::env::set_var("WGPU_BACKEND", "vulkan") };
+    }
+    let g = Gpu::new(options).unwrap_or_else(|e| panic!("no GPU for tests: {e}"));
+    eprintln!("{}", g.summary());
+    g
+}
+
+/// The GPU every test in this binary shares. `WGPU_BACKEND` defaults to vulkan here. Inside
+/// `for_each_reduction_path` it is, on the second pass, the GPU without subgroups.
 pub fn gpu() -> &'static Gpu {
+    if WITHOUT_SUBGROUPS.with(|w| w.get()) {
+        return gpu_without_subgroups();
+    }
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| open_gpu(&GpuOptions::default()))
+}
+
+/// A second device on the same adapter with the SUBGROUP feature switched off, so that kernels
+/// with a subgroup variant take their fallback path.
+pub fn gpu_without_subgroups() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
-        if std::env::var_os("WGPU_BACKEND").is_none() {
-            // SAFETY: set once, before any other thread of this binary reads the environment
-            // through wgpu (this runs inside the OnceLock initialiser, before the instance).
-            unsafe { std::env::set_var("WGPU_BACKEND", "vulkan") };
-        }
-        let g =
-            Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("no GPU for tests: {e}"));
-        eprintln!("{}", g.summary());
-        g
+        open_gpu(&GpuOptions {
+            allow_subgroups: false,
+            ..Default::default()
+        })
     })
+}
+
+/// Runs `body` on the default GPU and then, when that one has subgroups, again with `gpu()` (and
+/// so every helper here) returning [`gpu_without_subgroups`]: the kernels' subgroup and fallback
+/// paths both go through the same checks.
+pub fn for_each_reduction_path(body: impl Fn()) {
+    body();
+    if !gpu().has_subgroups() {
+        eprintln!("adapter has no SUBGROUP feature: only the fallback path was tested");
+        return;
+    }
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WITHOUT_SUBGROUPS.with(|w| w.set(false));
+        }
+    }
+    let _restore = Restore;
+    WITHOUT_SUBGROUPS.with(|w| w.set(true));
+    body();
+}
+
+/// Which reduction path the kernels take on the current `gpu()`, for messages.
+pub fn reduction_path() -> String {
+    if wgpt::ops::uses_subgroup_reductions(gpu()) {
+        let (lo, hi) = gpu().subgroup_sizes;
+        format!("subgroups {lo}..{hi}")
+    } else {
+        "tree".to_string()
+    }
+}
+
+/// Checks that `dispatch` (made on `gpu()`) runs the variant its GPU calls for: `SUBGROUPS=true`
+/// exactly when the device has subgroups, `SUBGROUPS=false` otherwise.
+pub fn assert_reduction_variant(dispatch: &wgpt::Dispatch) {
+    let want = gpu().has_subgroups();
+    assert_eq!(wgpt::ops::uses_subgroup_reductions(gpu()), want);
+    let label = &dispatch.pipeline.label;
+    assert!(
+        label.contains(&format!("SUBGROUPS={want}")),
+        "{}: pipeline {label} is not the variant for a device with subgroups = {want}",
+        dispatch.label
+    );
+    eprintln!("{}: {label}", dispatch.label);
 }
 
 /// The float dtypes this adapter can run: f32 always, f16 where SHADER_F16 is present.
