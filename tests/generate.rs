@@ -24,12 +24,7 @@ fn tiny() -> GptConfig {
 }
 
 fn arc_gpu() -> Arc<wgpt::Gpu> {
-    static G: std::sync::OnceLock<Arc<wgpt::Gpu>> = std::sync::OnceLock::new();
-    G.get_or_init(|| {
-        let _ = gpu();
-        Arc::new(wgpt::Gpu::new(&wgpt::GpuOptions::default()).expect("gpu"))
-    })
-    .clone()
+    gpu_arc()
 }
 
 /// Random weights with larger than usual scale, so that logits differ clearly between tokens.

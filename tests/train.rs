@@ -51,13 +51,7 @@ fn tokens(n: usize, seed: u64) -> Arc<Vec<u32>> {
 }
 
 fn arc_gpu() -> Arc<wgpt::Gpu> {
-    // The harness's GPU lives for the whole test binary; share it without re-creating a device.
-    static G: std::sync::OnceLock<Arc<wgpt::Gpu>> = std::sync::OnceLock::new();
-    G.get_or_init(|| {
-        let _ = gpu();
-        Arc::new(wgpt::Gpu::new(&wgpt::GpuOptions::default()).expect("gpu"))
-    })
-    .clone()
+    gpu_arc()
 }
 
 fn saved_weights(seed: u64) -> Checkpoint {
@@ -70,8 +64,11 @@ fn saved_weights(seed: u64) -> Checkpoint {
         moments: None,
         state: None,
     };
+    // A path of its own per call: tests run in parallel and may ask for the same seed.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!(
-        "wgpt-train-init-{}-{seed}.safetensors",
+        "wgpt-train-init-{}-{seed}-{k}.safetensors",
         std::process::id()
     ));
     c.save(&path).unwrap();

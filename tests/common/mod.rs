@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use wgpt::gpu::{DType, Gpu, GpuOptions, Tensor};
 use wgpt::rng::Rng;
 
@@ -28,8 +28,17 @@ pub fn gpu() -> &'static Gpu {
     if WITHOUT_SUBGROUPS.with(|w| w.get()) {
         return gpu_without_subgroups();
     }
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| open_gpu(&GpuOptions::default()))
+    gpu_arc_static()
+}
+
+fn gpu_arc_static() -> &'static Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| Arc::new(open_gpu(&GpuOptions::default())))
+}
+
+/// The shared GPU as an `Arc`, for the trainer and the generator.
+pub fn gpu_arc() -> Arc<Gpu> {
+    gpu_arc_static().clone()
 }
 
 /// A second device on the same adapter with the SUBGROUP feature switched off, so that kernels
