@@ -2,7 +2,16 @@
 //! and backward, on the chosen adapter. On a CPU adapter the shapes are scaled down (the
 //! software rasteriser runs about a thousand times slower) and the table says so.
 //!
-//! `cargo run --release --bin kernel-bench [-- --precision f32|f16 --reps N]`
+//! `cargo run --release --bin kernel-bench [-- --precision f32|f16 --reps N --kernel K]`
+//!
+//! `--kernel auto` (the default) runs what the launchers choose, `tiled` forces the tiled kernel
+//! and `coop` the cooperative-matrix (tensor core) kernel, which needs `--precision f16`. Each
+//! matmul row says which kernel ran; a cooperative-matrix row also gives its relative difference
+//! from the tiled kernel on the same inputs (`--no-check` skips that). To see tensor cores on an
+//! NVIDIA GPU against the tiled kernel:
+//!
+//! `cargo run --release --bin kernel-bench -- --precision f16 --kernel coop`
+//! `cargo run --release --bin kernel-bench -- --precision f16 --kernel tiled`
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -10,7 +19,7 @@ use std::time::Instant;
 use wgpt::error::Result;
 use wgpt::gpu::{DType, Dispatch, Gpu, GpuOptions};
 use wgpt::ops::attention;
-use wgpt::ops::matmul::{self, MatmulBackwardInput, MatmulForward};
+use wgpt::ops::matmul::{self, MatmulBackwardInput, MatmulForward, MatmulKernel};
 use wgpt::rng::Rng;
 
 #[derive(Parser, Debug)]
@@ -25,6 +34,64 @@ struct Args {
     /// Timed repetitions per kernel (after one warm-up).
     #[arg(long)]
     reps: Option<usize>,
+    /// Matmul kernel: auto (the launchers' choice), tiled, coop (cooperative matrices), or
+    /// coop-emulated (the same kernel with its matrix operations in plain WGSL, for adapters
+    /// without cooperative matrices).
+    #[arg(long, default_value = "auto")]
+    kernel: String,
+    /// Skip comparing the cooperative-matrix kernel's outputs with the tiled kernel's.
+    #[arg(long)]
+    no_check: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum KernelChoice {
+    Auto,
+    Tiled,
+    Coop,
+    /// The cooperative-matrix kernel with its matrix operations in plain WGSL, 64x64 tiles:
+    /// runs where there are no tensor cores, to check the kernel and this tool there (on Mesa's
+    /// software rasteriser only up to an inner dimension of about 3000: it ends long loops).
+    CoopEmulated,
+}
+
+/// The kernel for a `rows x cols` output under `choice`.
+fn pick(
+    gpu: &Gpu,
+    choice: KernelChoice,
+    rows: usize,
+    cols: usize,
+    dt: DType,
+) -> Result<MatmulKernel> {
+    match choice {
+        KernelChoice::Auto => matmul::auto_kernel(gpu, rows, cols, dt, dt),
+        KernelChoice::Tiled => matmul::best_tiled_kernel(gpu, rows, cols),
+        KernelChoice::Coop => matmul::best_coop_kernel(gpu, rows, cols),
+        KernelChoice::CoopEmulated => Ok(MatmulKernel::CoopEmulated(matmul::COOP_TILES[2])),
+    }
+}
+
+/// Runs the product built by `build` into fresh poisoned outputs with `kernel` and with the
+/// tiled kernel; returns the relative difference (max-norm), or why it could not be had.
+fn against_tiled(
+    gpu: &Gpu,
+    shape: &[usize],
+    dt: DType,
+    kernel: MatmulKernel,
+    tiled: MatmulKernel,
+    build: &dyn Fn(&wgpt::gpu::Tensor, MatmulKernel) -> Result<Dispatch>,
+) -> Result<String> {
+    let got = gpu.zeros("check candidate", shape, dt)?;
+    let want = gpu.zeros("check tiled", shape, dt)?;
+    gpu.poison(&got)?;
+    gpu.poison(&want)?;
+    gpu.run(&[&build(&got, kernel)?, &build(&want, tiled)?])?;
+    Ok(
+        match matmul::relative_difference(&gpu.read(&got)?, &gpu.read(&want)?) {
+            Ok(e) => format!("{e:.2e}"),
+            Err(why) => format!("FAILED: {why}"),
+        },
+    )
 }
 
 /// Runs `dispatches` `reps` times in one submission; returns seconds per repetition.
@@ -62,13 +129,47 @@ fn run(args: Args) -> Result<()> {
         (16384, 768, 50304, "GPT-2 124M at B=16, T=1024")
     };
     let reps = args.reps.unwrap_or(if cpu { 2 } else { 20 });
+    let choice = match args.kernel.as_str() {
+        "auto" => KernelChoice::Auto,
+        "tiled" => KernelChoice::Tiled,
+        "coop" if dt == DType::F16 => KernelChoice::Coop,
+        "coop-emulated" if dt == DType::F16 => KernelChoice::CoopEmulated,
+        "coop" | "coop-emulated" => {
+            return Err(wgpt::Error::Config(
+                "the cooperative-matrix kernel takes f16 operands: add --precision f16".into(),
+            ))
+        }
+        other => {
+            return Err(wgpt::Error::Config(format!(
+                "--kernel {other}: expected auto, tiled, coop or coop-emulated"
+            )))
+        }
+    };
+    match choice {
+        KernelChoice::Coop => {
+            // Forced: runs whatever the self-check would say, but say what it says.
+            matmul::best_coop_kernel(&gpu, 1, 1)?;
+            for tile in matmul::COOP_TILES {
+                let k = MatmulKernel::Coop(tile);
+                match matmul::agreement_with_tiled(&gpu, k) {
+                    Ok(e) => println!("self-check {k}: agrees with the tiled kernel ({e:.2e})"),
+                    Err(why) => println!("self-check {k}: FAILED: {why}"),
+                }
+            }
+        }
+        KernelChoice::Auto if dt == DType::F16 => match matmul::coop_matmul_status(&gpu) {
+            Ok(()) => println!("cooperative matrices: enabled (self-check passed)"),
+            Err(why) => println!("cooperative matrices: not used: {why}"),
+        },
+        _ => {}
+    }
     println!(
         "matmul {} inputs, f32 accumulation; {scale_note}; {reps} reps",
         dt.name()
     );
     println!(
-        "{:<34} {:>7} {:>7} {:>7} {:>10} {:>9}",
-        "product", "M", "K", "N", "ms", "GFLOP/s"
+        "{:<34} {:>7} {:>7} {:>7} {:>10} {:>9}  {:<14} {:>9}",
+        "product", "M", "K", "N", "ms", "GFLOP/s", "kernel", "vs tiled"
     );
     let mut rng = Rng::new(1);
     let shapes = [
@@ -84,42 +185,69 @@ fn run(args: Args) -> Result<()> {
         let out = gpu.zeros("out", &[m, n], dt)?;
         let dinp = gpu.zeros("dinp", &[m, k], dt)?;
         let dw = gpu.zeros("dw", &[n, k], DType::F32)?;
-        let cases: [(&str, Dispatch); 3] = [
-            (
-                "forward",
-                matmul::matmul_forward(&gpu, &out, &inp, &w, &MatmulForward::default())?,
-            ),
-            (
-                "backward input",
-                matmul::matmul_backward_input(
-                    &gpu,
-                    &dinp,
-                    &out,
-                    &w,
-                    &MatmulBackwardInput::default(),
-                )?,
-            ),
-            (
-                "backward weight",
-                matmul::matmul_backward_weight(&gpu, &dw, &out, &inp, true)?,
-            ),
+        // (what, (M, K, N) of the product, output shape and dtype)
+        let cases = [
+            ("forward", (m, k, n), [m, n], dt),
+            ("backward input", (m, n, k), [m, k], dt),
+            ("backward weight", (n, m, k), [n, k], DType::F32),
         ];
-        for (what, d) in cases {
+        for (what, (mm, kk, nn), out_shape, out_dt) in cases {
+            let kernel = pick(&gpu, choice, mm, nn, dt)?;
+            let build = |o: &wgpt::gpu::Tensor, kern: MatmulKernel| -> Result<Dispatch> {
+                match what {
+                    "forward" => matmul::matmul_forward(
+                        &gpu,
+                        o,
+                        &inp,
+                        &w,
+                        &MatmulForward {
+                            kernel: Some(kern),
+                            ..Default::default()
+                        },
+                    ),
+                    "backward input" => matmul::matmul_backward_input(
+                        &gpu,
+                        o,
+                        &out,
+                        &w,
+                        &MatmulBackwardInput {
+                            kernel: Some(kern),
+                            ..Default::default()
+                        },
+                    ),
+                    _ => {
+                        matmul::matmul_backward_weight_with(&gpu, o, &out, &inp, false, Some(kern))
+                    }
+                }
+            };
+            // The timed dispatch writes the tensors the other products read (as in training,
+            // the weight gradient accumulates).
+            let d = match what {
+                "forward" => build(&out, kernel)?,
+                "backward input" => build(&dinp, kernel)?,
+                _ => {
+                    matmul::matmul_backward_weight_with(&gpu, &dw, &out, &inp, true, Some(kernel))?
+                }
+            };
             let s = time(&gpu, &[d], reps)?;
-            let (mm, kk, nn) = match what {
-                "forward" => (m, k, n),
-                "backward input" => (m, n, k),
-                _ => (n, m, k),
+            let check = match kernel {
+                MatmulKernel::Coop(_) | MatmulKernel::CoopEmulated(_) if !args.no_check => {
+                    let tiled = matmul::best_tiled_kernel(&gpu, mm, nn)?;
+                    against_tiled(&gpu, &out_shape, out_dt, kernel, tiled, &build)?
+                }
+                _ => "-".to_string(),
             };
             let flops = matmul::matmul_flops(mm, kk, nn);
             println!(
-                "{:<34} {:>7} {:>7} {:>7} {:>10.3} {:>9.1}",
+                "{:<34} {:>7} {:>7} {:>7} {:>10.3} {:>9.1}  {:<14} {:>9}",
                 format!("{name} {what}"),
                 mm,
                 kk,
                 nn,
                 s * 1e3,
-                flops / s / 1e9
+                flops / s / 1e9,
+                kernel.to_string(),
+                check
             );
         }
     }

@@ -149,6 +149,9 @@ pub struct Gpu {
     pub subgroup_sizes: (u32, u32),
     /// Cooperative-matrix (tensor core) configurations, when that feature is enabled.
     pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    /// Whether f16 matmuls may use the cooperative-matrix kernel (`Err` says why not): decided
+    /// once, by the start-up self-check in `ops::matmul`.
+    pub(crate) coop_matmul: std::sync::OnceLock<std::result::Result<(), String>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     layouts: Mutex<HashMap<Vec<BindKind>, wgpu::BindGroupLayout>>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
@@ -282,6 +285,7 @@ impl Gpu {
             limits,
             subgroup_sizes: adapter_info_subgroups,
             cooperative_matrix,
+            coop_matmul: std::sync::OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),

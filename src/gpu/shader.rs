@@ -27,6 +27,7 @@ macro_rules! shader_files {
 shader_files!(
     "elementwise",
     "matmul",
+    "matmul_coop",
     "layernorm",
     "attention_naive",
     "attention_flash",

@@ -1,9 +1,15 @@
 //! Launchers for `shaders/matmul.wgsl`: the three products of a Linear layer and its bias
 //! gradient, in PyTorch layout (weight (N, K) = (out, in)).
 //!
-//! Every product is the one tiled kernel `matmul_tiled` with its operands read in place
-//! (transposed or not), so no launcher copies or transposes anything. Which kernel and tile
+//! Every product is one kernel with its operands read in place (transposed or not), so no
+//! launcher copies or transposes anything: the tiled kernel `matmul_tiled` (shaders/matmul.wgsl),
+//! or, for f16 operands on adapters with 16x16 f16 cooperative matrices (tensor cores), the
+//! cooperative-matrix kernel `matmul_coop` (shaders/matmul_coop.wgsl). Which kernel and tile
 //! shape runs is decided in one place, `choose_kernel`; options may force one (tests do).
+//!
+//! Cooperative matrices are young in wgpu and drivers differ, so `matmul_coop` is only chosen
+//! after a self-check has compared it with `matmul_tiled` on this device (once per [`Gpu`], at
+//! the first f16 product; see [`coop_matmul_status`]). `WGPT_NO_COOPMAT=1` turns it off.
 //!
 //! Gradient convention of the executor: parameter gradients are cleared once per optimiser step
 //! and every weight and bias gradient is launched with `accumulate = true`. Accumulation is exact:
@@ -18,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
 
 const SHADER: &str = "matmul";
+const COOP_SHADER: &str = "matmul_coop";
 const FAMILY: &str = "matmul";
 /// Threads per workgroup of the tiled kernel (16 x 16).
 const TILED_THREADS: u32 = 256;
@@ -79,11 +86,114 @@ pub const TILE_CONFIGS: [TileConfig; 3] = [
     },
 ];
 
+/// Output tile of the cooperative-matrix kernel: a workgroup of `warps_m x warps_n` subgroups,
+/// each summing `frags_m x frags_n` fragments of 16 x 16 outputs, stepping [`CoopTile::BK`]
+/// along the inner dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopTile {
+    pub warps_m: u32,
+    pub warps_n: u32,
+    pub frags_m: u32,
+    pub frags_n: u32,
+}
+
+impl CoopTile {
+    /// Inner-dimension step (BK in the shader).
+    pub const BK: u32 = 32;
+
+    /// Output rows per workgroup.
+    pub const fn bm(self) -> u32 {
+        16 * self.frags_m * self.warps_m
+    }
+
+    /// Output columns per workgroup.
+    pub const fn bn(self) -> u32 {
+        16 * self.frags_n * self.warps_n
+    }
+
+    /// Subgroups per workgroup.
+    pub const fn warps(self) -> u32 {
+        self.warps_m * self.warps_n
+    }
+
+    /// Workgroup memory: the staged A and B slices in f16 with rows padded by 8 (for either
+    /// operand layout), and one 16 x 20 f32 fragment slot per subgroup plus a spare.
+    pub const fn workgroup_bytes(self) -> u32 {
+        const fn max(a: u32, b: u32) -> u32 {
+            if a > b {
+                a
+            } else {
+                b
+            }
+        }
+        let bk = Self::BK;
+        let a = max(self.bm() * (bk + 8), bk * (self.bm() + 8)) * 2;
+        let b = max(self.bn() * (bk + 8), bk * (self.bn() + 8)) * 2;
+        let c = (self.warps() + 1) * 16 * 20 * 4;
+        a + b + c
+    }
+
+    /// Whether every thread of a workgroup with subgroups of `subgroup` stages a whole number of
+    /// elements (the shader assumes it).
+    const fn divides(self, subgroup: u32) -> bool {
+        let threads = self.warps() * subgroup;
+        (self.bm() * Self::BK).is_multiple_of(threads)
+            && (self.bn() * Self::BK).is_multiple_of(threads)
+            && 256u32.is_multiple_of(subgroup)
+    }
+
+    fn tiles(self, rows: usize, cols: usize) -> u64 {
+        rows.div_ceil(self.bm() as usize) as u64 * cols.div_ceil(self.bn() as usize) as u64
+    }
+}
+
+/// The cooperative-matrix tiles, largest first: 128x128 (8 subgroups of 64x32), 128x64 and
+/// 64x64 (4 subgroups of 64x32 and of 32x32).
+pub const COOP_TILES: [CoopTile; 3] = [
+    CoopTile {
+        warps_m: 2,
+        warps_n: 4,
+        frags_m: 4,
+        frags_n: 2,
+    },
+    CoopTile {
+        warps_m: 2,
+        warps_n: 2,
+        frags_m: 4,
+        frags_n: 2,
+    },
+    CoopTile {
+        warps_m: 2,
+        warps_n: 2,
+        frags_m: 2,
+        frags_n: 2,
+    },
+];
+
 /// Which kernel computes a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MatmulKernel {
     /// `matmul_tiled`: workgroup-memory tiles, register blocking, f32 arithmetic.
     Tiled(TileConfig),
+    /// `matmul_coop`: f16 operands on 16x16x16 cooperative matrices with f32 sums.
+    Coop(CoopTile),
+    /// `matmul_coop` with its cooperative-matrix operations replaced by plain-WGSL stand-ins
+    /// that follow their SPIR-V definition (each lane of a subgroup sums its share of a fragment
+    /// from the staged tiles): runs on any adapter with f16 and subgroups, slowly (on Mesa's
+    /// software rasteriser only for inner dimensions up to about 3000, as it ends long loops).
+    /// For checking the kernel's staging, fragment offsets, subgroup mapping and epilogue where
+    /// there are no tensor cores; never chosen by the launchers.
+    CoopEmulated(CoopTile),
+}
+
+impl std::fmt::Display for MatmulKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MatmulKernel::Tiled(t) => write!(f, "tiled {}x{}", t.bm(), t.bn()),
+            MatmulKernel::Coop(t) => write!(f, "coop {}x{}", t.bm(), t.bn()),
+            MatmulKernel::CoopEmulated(t) => write!(f, "coop-emulated {}x{}", t.bm(), t.bn()),
+        }
+    }
 }
 
 /// Options of [`matmul_forward`].
@@ -154,9 +264,39 @@ struct TiledVariant {
     accumulate: bool,
 }
 
+fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+/// The epilogue defines, shared by both kernels: `BIAS` (+ `BIAS_T`), `GELU_FWD` or `GELU_BWD`
+/// (+ `PRE_T`, `PRE_BINDING`).
+fn epilogue_defines(
+    bias_dtype: Option<DType>,
+    gelu: Option<(DType, bool)>,
+) -> Vec<(String, String)> {
+    let mut d = Vec::new();
+    if let Some(bt) = bias_dtype {
+        d.extend(defines![("BIAS", "1"), ("BIAS_T", bt.wgsl())]);
+    }
+    if let Some((pt, forward)) = gelu {
+        let entry = if forward { "GELU_FWD" } else { "GELU_BWD" };
+        // Bindings are numbered in order: params, A, B, C, [bias], [pre].
+        let binding = 4 + u32::from(bias_dtype.is_some());
+        d.extend(defines![
+            (entry, "1"),
+            ("PRE_T", pt.wgsl()),
+            ("PRE_BINDING", binding)
+        ]);
+    }
+    d
+}
+
 impl TiledVariant {
     fn defines(&self) -> Vec<(String, String)> {
-        let flag = |b: bool| if b { "1" } else { "0" };
         let t = self.tile;
         let mut d = defines![
             ("A_T", self.a_dtype.wgsl()),
@@ -169,29 +309,93 @@ impl TiledVariant {
             ("BK", t.bk),
             ("ACCUMULATE", flag(self.accumulate)),
         ];
-        if let Some(bt) = self.bias_dtype {
-            d.extend(defines![("BIAS", "1"), ("BIAS_T", bt.wgsl())]);
-        }
-        if let Some((pt, forward)) = self.gelu {
-            let entry = if forward { "GELU_FWD" } else { "GELU_BWD" };
-            // Bindings are numbered in order: params, A, B, C, [bias], [pre].
-            let binding = 4 + u32::from(self.bias_dtype.is_some());
-            d.extend(defines![
-                (entry, "1"),
-                ("PRE_T", pt.wgsl()),
-                ("PRE_BINDING", binding)
-            ]);
-        }
+        d.extend(epilogue_defines(self.bias_dtype, self.gelu));
         d
     }
 }
 
-/// The kernel for a product: the one place that decides it.
-///
-/// The tiled kernel takes the biggest tile that still gives [`ENOUGH_TILES`] workgroups (big
-/// tiles reuse each loaded element more; small ones keep a large GPU busy when the output is
-/// small, e.g. the (768, 768) weight gradient), among those the adapter's workgroup memory holds.
+/// Define-level description of one `matmul_coop` specialisation (A and B are always f16).
+struct CoopVariant {
+    tile: CoopTile,
+    /// Invocations per subgroup the workgroup is sized for (the adapter's largest).
+    subgroup: u32,
+    c_dtype: DType,
+    a_trans: bool,
+    b_trans: bool,
+    bias_dtype: Option<DType>,
+    gelu: Option<(DType, bool)>,
+    accumulate: bool,
+    /// Plain-WGSL stand-ins for the cooperative-matrix operations (`EMULATE_COOP`).
+    emulate: bool,
+}
+
+impl CoopVariant {
+    fn defines(&self) -> Vec<(String, String)> {
+        let t = self.tile;
+        let mut d = defines![
+            ("AB_T", DType::F16.wgsl()),
+            ("C_T", self.c_dtype.wgsl()),
+            ("A_TRANS", flag(self.a_trans)),
+            ("B_TRANS", flag(self.b_trans)),
+            ("WM", t.warps_m),
+            ("WN", t.warps_n),
+            ("FM", t.frags_m),
+            ("FN", t.frags_n),
+            ("SG", self.subgroup),
+            ("ACCUMULATE", flag(self.accumulate)),
+        ];
+        if self.emulate {
+            d.extend(defines![("EMULATE_COOP", "1")]);
+        }
+        d.extend(epilogue_defines(self.bias_dtype, self.gelu));
+        d
+    }
+}
+
+/// The kernel for a product: the one place that decides it (see [`auto_kernel`]).
 fn choose_kernel(gpu: &Gpu, prod: &Product<'_>) -> Result<MatmulKernel> {
+    auto_kernel(gpu, prod.rows, prod.cols, prod.a.dtype, prod.b.dtype).map_err(|e| match e {
+        Error::Limit {
+            needed,
+            available,
+            adapter,
+            hint,
+            ..
+        } => Error::Limit {
+            what: prod.op.to_string(),
+            needed,
+            available,
+            adapter,
+            hint,
+        },
+        other => other,
+    })
+}
+
+/// The kernel the launchers pick for a `rows x cols` output with operands of these dtypes.
+///
+/// f16 operands run on cooperative matrices when [`coop_matmul_status`] allows it (which runs
+/// the self-check the first time), everything else on the tiled kernel. Either kernel takes its
+/// biggest tile that still gives 264 workgroups, two per streaming multiprocessor of an H100
+/// (big tiles reuse each loaded element more; small ones keep a large GPU busy when the output
+/// is small, e.g. the (768, 768) weight gradient), among those the adapter's limits allow.
+pub fn auto_kernel(
+    gpu: &Gpu,
+    rows: usize,
+    cols: usize,
+    a_dtype: DType,
+    b_dtype: DType,
+) -> Result<MatmulKernel> {
+    if a_dtype == DType::F16 && b_dtype == DType::F16 && coop_matmul_status(gpu).is_ok() {
+        if let Ok(kernel) = best_coop_kernel(gpu, rows, cols) {
+            return Ok(kernel);
+        }
+    }
+    best_tiled_kernel(gpu, rows, cols)
+}
+
+/// The tiled kernel's tile for a `rows x cols` output (the rule of [`auto_kernel`]).
+pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
     let fits = |t: &TileConfig| {
         t.workgroup_bytes() <= gpu.limits.max_compute_workgroup_storage_size
             && TILED_THREADS <= gpu.limits.max_compute_invocations_per_workgroup
@@ -200,7 +404,7 @@ fn choose_kernel(gpu: &Gpu, prod: &Product<'_>) -> Result<MatmulKernel> {
     let usable: Vec<TileConfig> = TILE_CONFIGS.iter().copied().filter(fits).collect();
     let Some(&smallest) = usable.last() else {
         return Err(Error::Limit {
-            what: prod.op.to_string(),
+            what: "matmul".to_string(),
             needed: format!(
                 "{TILED_THREADS} threads and {} bytes of workgroup memory",
                 TILE_CONFIGS[2].workgroup_bytes()
@@ -217,29 +421,305 @@ fn choose_kernel(gpu: &Gpu, prod: &Product<'_>) -> Result<MatmulKernel> {
     let tile = usable
         .iter()
         .copied()
-        .find(|t| t.tiles(prod.rows, prod.cols) >= ENOUGH_TILES)
+        .find(|t| t.tiles(rows, cols) >= ENOUGH_TILES)
         .unwrap_or(smallest);
     Ok(MatmulKernel::Tiled(tile))
 }
 
-/// Checks a forced kernel is one the shaders are built for and the adapter can run.
-fn check_kernel(gpu: &Gpu, op: &'static str, kernel: MatmulKernel) -> Result<()> {
-    let MatmulKernel::Tiled(t) = kernel;
-    if !TILE_CONFIGS.contains(&t) {
-        return Err(Error::shape(
-            op,
-            format!("tile {t:?} is not one of the configurations {TILE_CONFIGS:?}"),
+/// The cooperative-matrix kernel's tile for a `rows x cols` output (the rule of
+/// [`auto_kernel`]), whatever the self-check says; an error if the adapter cannot run it.
+pub fn best_coop_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
+    let usable = usable_coop_tiles(gpu).map_err(Error::Gpu)?;
+    let smallest = usable[usable.len() - 1];
+    let tile = usable
+        .iter()
+        .copied()
+        .find(|t| t.tiles(rows, cols) >= ENOUGH_TILES)
+        .unwrap_or(smallest);
+    Ok(MatmulKernel::Coop(tile))
+}
+
+/// The subgroup size `matmul_coop` is sized for on this adapter, or why the adapter cannot run
+/// it at all (with its cooperative-matrix operations emulated when `emulated`).
+fn coop_subgroup_size(gpu: &Gpu, emulated: bool) -> std::result::Result<u32, String> {
+    let name = &gpu.info.name;
+    if !emulated && !gpu.has_coop_mat16_f16_f32() {
+        return Err(format!(
+            "adapter '{name}' offers no 16x16 f16 cooperative-matrix configuration with f32 \
+             accumulation"
         ));
     }
-    if t.workgroup_bytes() > gpu.limits.max_compute_workgroup_storage_size {
-        return Err(Error::shape(
-            op,
-            format!(
-                "tile {t:?} needs {} bytes of workgroup memory, the adapter offers {}",
-                t.workgroup_bytes(),
-                gpu.limits.max_compute_workgroup_storage_size
-            ),
+    if !gpu.has_f16() {
+        return Err(format!("adapter '{name}' has no SHADER_F16"));
+    }
+    if !gpu.has_subgroups() {
+        return Err(format!("adapter '{name}' has no subgroup operations"));
+    }
+    // The largest size: smaller subgroups would only repeat work (see matmul_coop.wgsl).
+    let size = gpu.subgroup_sizes.1;
+    if !(size.is_power_of_two() && (8..=128).contains(&size)) {
+        return Err(format!(
+            "adapter '{name}' reports subgroups of up to {size} invocations; matmul_coop is \
+             written for 8 to 128"
         ));
+    }
+    Ok(size)
+}
+
+/// The cooperative-matrix tiles the adapter's limits allow, largest first (never empty).
+fn usable_coop_tiles(gpu: &Gpu) -> std::result::Result<Vec<CoopTile>, String> {
+    let subgroup = coop_subgroup_size(gpu, false)?;
+    let usable: Vec<CoopTile> = COOP_TILES
+        .iter()
+        .copied()
+        .filter(|t| coop_tile_fits(gpu, *t, subgroup))
+        .collect();
+    if usable.is_empty() {
+        return Err(format!(
+            "no cooperative-matrix tile fits adapter '{}': {} bytes of workgroup memory and {} \
+             invocations per workgroup",
+            gpu.info.name,
+            gpu.limits.max_compute_workgroup_storage_size,
+            gpu.limits.max_compute_invocations_per_workgroup
+        ));
+    }
+    Ok(usable)
+}
+
+fn coop_tile_fits(gpu: &Gpu, t: CoopTile, subgroup: u32) -> bool {
+    let threads = t.warps() * subgroup;
+    t.divides(subgroup)
+        && t.workgroup_bytes() <= gpu.limits.max_compute_workgroup_storage_size
+        && threads <= gpu.limits.max_compute_invocations_per_workgroup
+        && threads <= gpu.limits.max_compute_workgroup_size_x
+}
+
+/// Whether the value of `WGPT_NO_COOPMAT` turns the cooperative-matrix kernel off: any value but
+/// empty or `0`.
+pub fn coop_disabled_by_env(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Whether f16 products on `gpu` run on cooperative matrices: `Ok`, or `Err` saying why not
+/// (`WGPT_NO_COOPMAT` set, an adapter without 16x16 f16 cooperative matrices, or a failed
+/// self-check). Decided once per [`Gpu`], the first time it is asked (the launchers ask at
+/// their first f16 product): the self-check runs the three products of a Linear layer at
+/// awkward shapes through every usable cooperative-matrix tile and through the tiled kernel
+/// (see [`agreement_with_tiled`]); any relative difference above 1e-2, any NaN or any error
+/// turns cooperative matrices off for this device, with one line on stderr saying why.
+pub fn coop_matmul_status(gpu: &Gpu) -> std::result::Result<(), String> {
+    gpu.coop_matmul
+        .get_or_init(|| {
+            if coop_disabled_by_env(std::env::var_os("WGPT_NO_COOPMAT").as_deref()) {
+                return Err("WGPT_NO_COOPMAT is set".into());
+            }
+            let tiles = usable_coop_tiles(gpu)?;
+            for tile in tiles {
+                if let Err(why) = agreement_with_tiled(gpu, MatmulKernel::Coop(tile)) {
+                    eprintln!(
+                        "wgpt: cooperative matrices disabled on '{}': {why}; f16 matmuls use \
+                         the tiled kernel",
+                        gpu.info.name
+                    );
+                    return Err(why);
+                }
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+/// Largest relative difference the self-check accepts between a kernel and the tiled kernel.
+pub const SELF_CHECK_TOLERANCE: f32 = 1e-2;
+/// (M, K, N) of the self-check: more than one tile of every size in each output dimension, none
+/// a multiple of 16, and several k steps with a ragged last one, for all three products.
+const SELF_CHECK_SHAPE: (usize, usize, usize) = (133, 150, 141);
+
+/// Runs matmul_forward (with an f32 bias, f16 output), matmul_backward_input and
+/// matmul_backward_weight (f32 outputs) on seeded f16 inputs at (M, K, N) = (133, 150, 141)
+/// through `candidate` and through the tiled kernel, outputs poisoned with NaN first, and
+/// returns the largest relative difference (max-norm) of the candidate from the tiled kernel.
+/// `Err` says which product disagreed by more than [`SELF_CHECK_TOLERANCE`], left an output
+/// unwritten, or failed to run.
+pub fn agreement_with_tiled(
+    gpu: &Gpu,
+    candidate: MatmulKernel,
+) -> std::result::Result<f32, String> {
+    let (m, k, n) = SELF_CHECK_SHAPE;
+    let setup = || -> Result<[Tensor; 4]> {
+        let mut rng = crate::rng::Rng::new(0x5e1f_c4ec);
+        let f16 = DType::F16;
+        Ok([
+            gpu.upload(
+                "self-check inp",
+                &rng.vec_uniform(m * k, -1.0, 1.0),
+                &[m, k],
+                f16,
+            )?,
+            gpu.upload(
+                "self-check weight",
+                &rng.vec_uniform(n * k, -1.0, 1.0),
+                &[n, k],
+                f16,
+            )?,
+            gpu.upload(
+                "self-check dout",
+                &rng.vec_uniform(m * n, -1.0, 1.0),
+                &[m, n],
+                f16,
+            )?,
+            gpu.upload(
+                "self-check bias",
+                &rng.vec_uniform(n, -1.0, 1.0),
+                &[n],
+                DType::F32,
+            )?,
+        ])
+    };
+    if !gpu.has_f16() {
+        return Err(format!("adapter '{}' has no SHADER_F16", gpu.info.name));
+    }
+    let [inp, weight, dout, bias] = setup().map_err(|e| e.to_string())?;
+    let reference = MatmulKernel::Tiled(TILE_CONFIGS[TILE_CONFIGS.len() - 1]);
+    type Build<'a> = Box<dyn Fn(&Tensor, MatmulKernel) -> Result<Dispatch> + 'a>;
+    let cases: [(&str, [usize; 3], DType, Build); 3] = [
+        (
+            "matmul_forward",
+            [m, k, n],
+            DType::F16,
+            Box::new(|out, kernel| {
+                let opts = MatmulForward {
+                    bias: Some(&bias),
+                    kernel: Some(kernel),
+                    ..Default::default()
+                };
+                matmul_forward(gpu, out, &inp, &weight, &opts)
+            }),
+        ),
+        (
+            "matmul_backward_input",
+            [m, n, k],
+            DType::F32,
+            Box::new(|out, kernel| {
+                let opts = MatmulBackwardInput {
+                    kernel: Some(kernel),
+                    ..Default::default()
+                };
+                matmul_backward_input(gpu, out, &dout, &weight, &opts)
+            }),
+        ),
+        (
+            "matmul_backward_weight",
+            [n, m, k],
+            DType::F32,
+            Box::new(|out, kernel| {
+                matmul_backward_weight_with(gpu, out, &dout, &inp, false, Some(kernel))
+            }),
+        ),
+    ];
+    let mut worst = 0f32;
+    for (op, [rows, inner, cols], dtype, build) in cases {
+        let what = format!("{op} ({rows}x{inner} by {inner}x{cols}) on {candidate}");
+        let run = || -> Result<(Vec<f32>, Vec<f32>)> {
+            let want = gpu.zeros("self-check reference", &[rows, cols], dtype)?;
+            let got = gpu.zeros("self-check candidate", &[rows, cols], dtype)?;
+            gpu.poison(&want)?;
+            gpu.poison(&got)?;
+            let by_reference = build(&want, reference)?;
+            let by_candidate = build(&got, candidate)?;
+            gpu.run(&[&by_reference, &by_candidate])?;
+            Ok((gpu.read(&got)?, gpu.read(&want)?))
+        };
+        let (got, want) = run().map_err(|e| format!("{what} failed: {e}"))?;
+        let err = relative_difference(&got, &want).map_err(|e| format!("{what}: {e}"))?;
+        if err.is_nan() || err > SELF_CHECK_TOLERANCE {
+            return Err(format!(
+                "{what} differs from the tiled kernel by {err:.3e} (relative, max-norm; \
+                 allowed {SELF_CHECK_TOLERANCE:.0e})"
+            ));
+        }
+        worst = worst.max(err);
+    }
+    Ok(worst)
+}
+
+/// `max |got - want| / max |want|`, or `Err` naming the first non-finite element of either.
+pub fn relative_difference(got: &[f32], want: &[f32]) -> std::result::Result<f32, String> {
+    if got.len() != want.len() {
+        return Err(format!("{} elements against {}", got.len(), want.len()));
+    }
+    if let Some(i) = want.iter().position(|x| !x.is_finite()) {
+        return Err(format!("the tiled kernel's element {i} is {}", want[i]));
+    }
+    if let Some(i) = got.iter().position(|x| !x.is_finite()) {
+        return Err(format!(
+            "element {i} is {} (not written, or overflowed)",
+            got[i]
+        ));
+    }
+    let scale = want.iter().fold(0f64, |s, &w| s.max(f64::from(w).abs()));
+    let diff = got.iter().zip(want).fold(0f64, |d, (&g, &w)| {
+        d.max((f64::from(g) - f64::from(w)).abs())
+    });
+    Ok((diff / scale.max(1e-30)) as f32)
+}
+
+/// Checks a forced kernel is one the shaders are built for and the adapter can run.
+fn check_kernel(gpu: &Gpu, prod: &Product<'_>, kernel: MatmulKernel) -> Result<()> {
+    let op = prod.op;
+    match kernel {
+        MatmulKernel::Tiled(t) => {
+            if !TILE_CONFIGS.contains(&t) {
+                return Err(Error::shape(
+                    op,
+                    format!("tile {t:?} is not one of the configurations {TILE_CONFIGS:?}"),
+                ));
+            }
+            if t.workgroup_bytes() > gpu.limits.max_compute_workgroup_storage_size {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "tile {t:?} needs {} bytes of workgroup memory, the adapter offers {}",
+                        t.workgroup_bytes(),
+                        gpu.limits.max_compute_workgroup_storage_size
+                    ),
+                ));
+            }
+        }
+        MatmulKernel::Coop(t) | MatmulKernel::CoopEmulated(t) => {
+            let emulated = matches!(kernel, MatmulKernel::CoopEmulated(_));
+            if !COOP_TILES.contains(&t) {
+                return Err(Error::shape(
+                    op,
+                    format!("tile {t:?} is not one of the configurations {COOP_TILES:?}"),
+                ));
+            }
+            if prod.a.dtype != DType::F16 || prod.b.dtype != DType::F16 {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "the cooperative-matrix kernel needs f16 operands, got {} and {}",
+                        prod.a.dtype.name(),
+                        prod.b.dtype.name()
+                    ),
+                ));
+            }
+            let subgroup =
+                coop_subgroup_size(gpu, emulated).map_err(|why| Error::shape(op, why))?;
+            if !coop_tile_fits(gpu, t, subgroup) {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "tile {t:?} needs {} invocations and {} bytes of workgroup memory, the \
+                         adapter offers {} and {}",
+                        t.warps() * subgroup,
+                        t.workgroup_bytes(),
+                        gpu.limits.max_compute_invocations_per_workgroup,
+                        gpu.limits.max_compute_workgroup_storage_size
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -264,29 +744,61 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
     check_u32_range(op, "rows * cols", prod.rows * prod.cols)?;
     let kernel = match forced {
         Some(k) => {
-            check_kernel(gpu, op, k)?;
+            check_kernel(gpu, prod, k)?;
             k
         }
         None => choose_kernel(gpu, prod)?,
     };
-    let MatmulKernel::Tiled(tile) = kernel;
-    let variant = TiledVariant {
-        tile,
-        a_dtype: prod.a.dtype,
-        b_dtype: prod.b.dtype,
-        c_dtype: prod.c.dtype,
-        a_trans: prod.a_trans,
-        b_trans: prod.b_trans,
-        bias_dtype: prod.bias.map(|b| b.dtype),
-        gelu: match prod.epilogue {
-            Epilogue::Plain => None,
-            Epilogue::GeluForward(t) => Some((t.dtype, true)),
-            Epilogue::GeluBackward(t) => Some((t.dtype, false)),
-        },
-        accumulate: prod.accumulate,
+    let gelu = match prod.epilogue {
+        Epilogue::Plain => None,
+        Epilogue::GeluForward(t) => Some((t.dtype, true)),
+        Epilogue::GeluBackward(t) => Some((t.dtype, false)),
     };
-    let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(tile.bm() as usize))?;
-    let tiles_n = check_u32_range(op, "column tiles", prod.cols.div_ceil(tile.bn() as usize))?;
+    let (shader, entry, bm, bn, defines) = match kernel {
+        MatmulKernel::Tiled(tile) => {
+            let variant = TiledVariant {
+                tile,
+                a_dtype: prod.a.dtype,
+                b_dtype: prod.b.dtype,
+                c_dtype: prod.c.dtype,
+                a_trans: prod.a_trans,
+                b_trans: prod.b_trans,
+                bias_dtype: prod.bias.map(|b| b.dtype),
+                gelu,
+                accumulate: prod.accumulate,
+            };
+            (
+                SHADER,
+                "matmul_tiled",
+                tile.bm(),
+                tile.bn(),
+                variant.defines(),
+            )
+        }
+        MatmulKernel::Coop(tile) | MatmulKernel::CoopEmulated(tile) => {
+            let emulate = matches!(kernel, MatmulKernel::CoopEmulated(_));
+            let variant = CoopVariant {
+                tile,
+                subgroup: coop_subgroup_size(gpu, emulate).map_err(|why| Error::shape(op, why))?,
+                c_dtype: prod.c.dtype,
+                a_trans: prod.a_trans,
+                b_trans: prod.b_trans,
+                bias_dtype: prod.bias.map(|b| b.dtype),
+                gelu,
+                accumulate: prod.accumulate,
+                emulate,
+            };
+            (
+                COOP_SHADER,
+                "matmul_coop",
+                tile.bm(),
+                tile.bn(),
+                variant.defines(),
+            )
+        }
+    };
+    let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(bm as usize))?;
+    let tiles_n = check_u32_range(op, "column tiles", prod.cols.div_ceil(bn as usize))?;
     let tiles = check_u32_range(op, "tiles", tiles_m as usize * tiles_n as usize)?;
     let params = gpu.uniform(
         op,
@@ -315,9 +827,9 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         Epilogue::GeluBackward(pre) => bindings.push(Bind::Read(pre)),
     }
     gpu.dispatch(DispatchDesc {
-        shader: SHADER,
-        entry: "matmul_tiled",
-        defines: variant.defines(),
+        shader,
+        entry,
+        defines,
         bindings: &bindings,
         workgroups: gpu.grid(tiles),
         label: op.to_string(),
@@ -712,5 +1224,145 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
             });
         }
     }
+    out.extend(coop_shader_variants());
     out
+}
+
+/// Every `matmul_coop` specialisation: each tile, output dtype and epilogue for subgroups of
+/// 32 (NVIDIA), the plain products for the other subgroup sizes the launcher accepts, and the
+/// emulated kernel.
+fn coop_shader_variants() -> Vec<super::ShaderVariant> {
+    let floats = [DType::F32, DType::F16];
+    let mut variants = Vec::new();
+    for tile in COOP_TILES {
+        for c_dtype in floats {
+            for accumulate in [false, true] {
+                let base = CoopVariant {
+                    tile,
+                    subgroup: 32,
+                    c_dtype,
+                    a_trans: false,
+                    b_trans: false,
+                    bias_dtype: None,
+                    gelu: None,
+                    accumulate,
+                    emulate: false,
+                };
+                // matmul_forward: every bias and GELU combination.
+                for bias_dtype in [None, Some(DType::F32), Some(DType::F16)] {
+                    for gelu in [None, Some((DType::F32, true)), Some((DType::F16, true))] {
+                        variants.push(CoopVariant {
+                            b_trans: true,
+                            bias_dtype,
+                            gelu,
+                            ..base
+                        });
+                    }
+                }
+                // matmul_backward_input: plain or through a GELU.
+                for gelu in [None, Some((DType::F32, false)), Some((DType::F16, false))] {
+                    variants.push(CoopVariant { gelu, ..base });
+                }
+                // matmul_backward_weight.
+                variants.push(CoopVariant {
+                    a_trans: true,
+                    ..base
+                });
+            }
+        }
+        for subgroup in [8, 16, 64, 128] {
+            for (a_trans, b_trans) in [(false, true), (false, false), (true, false)] {
+                variants.push(CoopVariant {
+                    tile,
+                    subgroup,
+                    c_dtype: DType::F32,
+                    a_trans,
+                    b_trans,
+                    bias_dtype: None,
+                    gelu: None,
+                    accumulate: false,
+                    emulate: false,
+                });
+            }
+        }
+    }
+    // The emulated kernel (tests on adapters without cooperative matrices): the same
+    // specialisations for subgroups of 8 (Mesa's software rasteriser) and 32.
+    let emulated: Vec<CoopVariant> = variants
+        .iter()
+        .filter(|v| v.subgroup == 32)
+        .flat_map(|v| {
+            [8, 32].map(|subgroup| CoopVariant {
+                subgroup,
+                emulate: true,
+                ..*v
+            })
+        })
+        .collect();
+    variants.extend(emulated);
+    variants
+        .into_iter()
+        .map(|v| super::ShaderVariant {
+            shader: COOP_SHADER,
+            defines: v.defines(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn env_switch_reads_any_value_but_empty_or_zero_as_off() {
+        assert!(!coop_disabled_by_env(None));
+        assert!(!coop_disabled_by_env(Some(OsStr::new(""))));
+        assert!(!coop_disabled_by_env(Some(OsStr::new("0"))));
+        assert!(coop_disabled_by_env(Some(OsStr::new("1"))));
+        assert!(coop_disabled_by_env(Some(OsStr::new("yes"))));
+    }
+
+    #[test]
+    fn relative_difference_catches_mismatch_and_unwritten_elements() {
+        let want = [1.0, -2.0, 4.0];
+        assert_eq!(relative_difference(&want, &want), Ok(0.0));
+        let err = relative_difference(&[1.0, -2.0, 4.2], &want).unwrap();
+        assert!((err - 0.05).abs() < 1e-6, "{err}");
+        // A transposed or misplaced fragment gives an O(1) difference.
+        assert!(relative_difference(&[4.0, -2.0, 1.0], &want).unwrap() > SELF_CHECK_TOLERANCE);
+        let e = relative_difference(&[1.0, f32::NAN, 4.0], &want).unwrap_err();
+        assert!(e.contains("element 1"), "{e}");
+        assert!(relative_difference(&want, &[1.0, f32::INFINITY, 4.0]).is_err());
+        assert!(relative_difference(&want[..2], &want).is_err());
+    }
+
+    #[test]
+    fn coop_tiles_fit_nvidia_limits_and_divide_the_staging() {
+        for t in COOP_TILES {
+            // 48 KiB of workgroup memory, subgroups of 32, 1024 invocations.
+            assert!(t.workgroup_bytes() <= 48 * 1024, "{t:?}");
+            for subgroup in [8, 16, 32, 64, 128] {
+                assert!(t.divides(subgroup), "{t:?} subgroup {subgroup}");
+                assert!(t.warps() * subgroup <= 1024, "{t:?} subgroup {subgroup}");
+            }
+        }
+        assert_eq!(COOP_TILES[0].bm(), 128);
+        assert_eq!(COOP_TILES[0].bn(), 128);
+        assert_eq!(COOP_TILES[2].bm(), 64);
+    }
+
+    #[test]
+    fn self_check_shape_is_ragged_for_every_tile() {
+        let (m, k, n) = SELF_CHECK_SHAPE;
+        for t in COOP_TILES {
+            for (rows, cols) in [(m, n), (m, k), (n, k)] {
+                let (bm, bn) = (t.bm() as usize, t.bn() as usize);
+                assert!(rows > bm && rows % bm != 0 && cols > bn && cols % bn != 0);
+            }
+        }
+        for dim in [m, k, n] {
+            assert!(dim % 16 != 0 && dim > CoopTile::BK as usize);
+        }
+    }
 }

@@ -1,0 +1,421 @@
+#if !EMULATE_COOP
+enable wgpu_cooperative_matrix;
+#endif
+
+// Matrix products on cooperative matrices (tensor cores): f16 operands, f32 sums.
+//
+// matmul_coop: C[rows, cols] (=|+=) epilogue(A x B): the same products, operand layouts,
+// parameters, bindings and epilogues as matmul_tiled in matmul.wgsl, for f16 A and B only.
+//
+// A workgroup is WM x WN subgroups ("warps"); warp (wm, wn) owns FM x FN fragments of 16 x 16 of
+// the BM x BN output tile (BM = 16*FM*WM, BN = 16*FN*WN) and sums them in f32 cooperative
+// matrices. Each step stages a BM x BK slice of A and a BK x BN slice of B in workgroup memory as
+// f16, each in the layout the operand has in memory, so that the staging loads are plain
+// coalesced copies (0 outside the matrices: ragged edges add nothing). The fragment loads read
+// the staged tiles row-major (coopLoadT) or column-major (coopLoad); a fragment of role A is
+// 16 (m) x 16 (k), of role B 16 (k) x 16 (n), of role C 16 (m) x 16 (n):
+//   A (rows, inner)  staged a_tile[m][k]: A(m, k) at m*SA + k   row-major     coopLoadT
+//   A (inner, rows)  staged a_tile[k][m]: A(m, k) at k*SA + m   column-major  coopLoad
+//   B (inner, cols)  staged b_tile[k][n]: B(k, n) at k*SB + n   row-major     coopLoadT
+//   B (cols, inner)  staged b_tile[n][k]: B(k, n) at n*SB + k   column-major  coopLoad
+// (SPIR-V OpCooperativeMatrixLoadKHR: RowMajorKHR puts element (r, c) at pointer + r*stride + c,
+// ColumnMajorKHR at pointer + c*stride + r, the stride counted in elements of the array.)
+// At the end each warp stores one fragment at a time, row-major, into its slot of c_tile, and
+// every thread of the workgroup applies the epilogue to its share of the slots and writes C in
+// its storage type, exactly as matmul_tiled does.
+//
+// Sums: each fragment adds k in steps of 16 in the order the hardware's multiply-add uses, the
+// same on every run, so two runs are bitwise equal (but not equal to matmul_tiled's sums).
+//
+// Subgroups: the workgroup has THREADS = WM*WN*SG invocations, SG being the adapter's largest
+// subgroup size, and the warp is the subgroup_id builtin (a cooperative matrix belongs to one
+// subgroup, and the pointer and stride of its loads must be uniform in it). Should the
+// subgroups be smaller, the surplus ones repeat the last warp's products and store into a spare
+// slot that is never read; should they be larger, fragments would be missing, which the
+// start-up self-check in ops/matmul.rs (this kernel against matmul_tiled) detects.
+//
+// EMULATE_COOP replaces the cooperative-matrix operations by plain-WGSL stand-ins that follow
+// their SPIR-V definition: everything else in the kernel (staging, fragment offsets, subgroup
+// mapping, epilogue) then runs, slowly, on adapters without cooperative matrices, so that tests
+// can check it there.
+//
+// Defines: C_T (f32|f16), A_TRANS, B_TRANS, WM, WN, FM, FN, SG, ACCUMULATE, EMULATE_COOP, and the
+// epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING). AB_T is always f16.
+// Grid: one workgroup per output tile, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    inner: u32,
+    tiles_m: u32, // ceil(rows / BM)
+    tiles_n: u32, // ceil(cols / BN)
+    tiles: u32,   // tiles_m * tiles_n
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+#if A_TRANS
+@group(0) @binding(1) var<storage, read> a: array<{{AB_T}}>;       // (inner, rows)
+#else
+@group(0) @binding(1) var<storage, read> a: array<{{AB_T}}>;       // (rows, inner)
+#endif
+#if B_TRANS
+@group(0) @binding(2) var<storage, read> b: array<{{AB_T}}>;       // (cols, inner)
+#else
+@group(0) @binding(2) var<storage, read> b: array<{{AB_T}}>;       // (inner, cols)
+#endif
+@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols)
+#if BIAS
+@group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
+#endif
+#if GELU_FWD
+// The pre-activation A x B + bias is stored here and C receives gelu(pre).
+@group(0) @binding({{PRE_BINDING}}) var<storage, read_write> pre: array<{{PRE_T}}>; // (rows, cols)
+#endif
+#if GELU_BWD
+// C receives (A x B) * gelu'(pre).
+@group(0) @binding({{PRE_BINDING}}) var<storage, read> pre: array<{{PRE_T}}>;       // (rows, cols)
+#endif
+
+const WM: u32 = {{WM}}u;
+const WN: u32 = {{WN}}u;
+const FM: u32 = {{FM}}u;
+const FN: u32 = {{FN}}u;
+const SG: u32 = {{SG}}u;
+const WARPS: u32 = WM * WN;
+const THREADS: u32 = WARPS * SG;
+const BM: u32 = 16u * FM * WM;
+const BN: u32 = 16u * FN * WN;
+const BK: u32 = 32u;
+// Row strides of the staged tiles, in f16. A cooperative load needs its pointer and stride
+// 16-byte aligned; the 8 extra elements keep them so and put the 8 rows an 8 x 8 fragment load
+// reads in different banks.
+// A fragment is read row-major from a tile staged [m][k] (A) or [k][n] (B), column-major from
+// one staged [k][m] or [n][k].
+#if A_TRANS
+const SA: u32 = BM + 8u;
+const A_TILE_LEN: u32 = BK * SA;
+const A_ROW_MAJOR: bool = false;
+#else
+const SA: u32 = BK + 8u;
+const A_TILE_LEN: u32 = BM * SA;
+const A_ROW_MAJOR: bool = true;
+#endif
+#if B_TRANS
+const SB: u32 = BK + 8u;
+const B_TILE_LEN: u32 = BN * SB;
+const B_ROW_MAJOR: bool = false;
+#else
+const SB: u32 = BN + 8u;
+const B_TILE_LEN: u32 = BK * SB;
+const B_ROW_MAJOR: bool = true;
+#endif
+// Row stride (f32) of a fragment slot of c_tile: 16-byte aligned rows.
+const SC: u32 = 20u;
+const SLOT_LEN: u32 = 16u * SC;
+// One slot per warp and the spare one.
+const C_TILE_LEN: u32 = (WARPS + 1u) * SLOT_LEN;
+// Elements of each tile every thread stages per step (the launcher checks they divide).
+const A_LOADS: u32 = BM * BK / THREADS;
+const B_LOADS: u32 = BN * BK / THREADS;
+// Elements of the warps' slots every thread finishes per fragment: 256 * WARPS / THREADS.
+const EPILOGUE_LOADS: u32 = 256u / SG;
+// Consecutive row tiles of one group run next to each other so that they share B in cache.
+const GROUP_M: u32 = 8u;
+
+var<workgroup> a_tile: array<{{AB_T}}, A_TILE_LEN>;
+var<workgroup> b_tile: array<{{AB_T}}, B_TILE_LEN>;
+var<workgroup> c_tile: array<f32, C_TILE_LEN>;
+
+#if EMULATE_COOP
+// Stand-ins for the cooperative-matrix operations. Loads and stores follow SPIR-V's
+// OpCooperativeMatrixLoadKHR / StoreKHR: row-major (coopLoadT, coopStoreT) puts element (r, c)
+// at start + r*stride + c, column-major (coopLoad, coopStore) at start + c*stride + r. An A or B
+// fragment is where it lies in its staged tile (start, stride, row-major), read by the
+// multiply-add before the next barrier; a C fragment is spread over the subgroup as on real
+// hardware: lane l holds elements e = t*SG + l, (r, c) = (e / 16, e % 16).
+// Mesa's software rasteriser ends a shader's loops after 65535 iterations in all, which these
+// loops reach when the inner dimension is a few thousand: the emulation is for small products.
+alias FragA = vec3<u32>;
+alias FragB = vec3<u32>;
+alias FragC = array<f32, EMULATED_SHARE>;
+const EMULATED_SHARE: u32 = 256u / SG;
+
+fn emulated_offset(r: u32, c: u32, stride: u32, row_major: bool) -> u32 {
+    return select(c * stride + r, r * stride + c, row_major);
+}
+
+fn emulated_load(start: u32, stride: u32, row_major: bool) -> vec3<u32> {
+    return vec3<u32>(start, stride, u32(row_major));
+}
+
+// a (16 m x 16 k) times b (16 k x 16 n) plus c (16 m x 16 n), this lane's share of it.
+fn emulated_multiply_add(a: FragA, b: FragB, c: FragC, lane: u32) -> FragC {
+    var out = c;
+    for (var t = 0u; t < EMULATED_SHARE; t++) {
+        let e = t * SG + lane;
+        let r = e / 16u;
+        let q = e % 16u;
+        var s = out[t];
+        for (var k = 0u; k < 16u; k++) {
+            let x = f32(a_tile[a.x + emulated_offset(r, k, a.y, a.z != 0u)]);
+            let y = f32(b_tile[b.x + emulated_offset(k, q, b.y, b.z != 0u)]);
+            s = s + x * y;
+        }
+        out[t] = s;
+    }
+    return out;
+}
+
+fn emulated_store_c(m: FragC, start: u32, stride: u32, row_major: bool, lane: u32) {
+    for (var t = 0u; t < EMULATED_SHARE; t++) {
+        let e = t * SG + lane;
+        c_tile[start + emulated_offset(e / 16u, e % 16u, stride, row_major)] = m[t];
+    }
+}
+#else
+alias FragA = coop_mat16x16<{{AB_T}}, A>;
+alias FragB = coop_mat16x16<{{AB_T}}, B>;
+alias FragC = coop_mat16x16<f32, C>;
+#endif
+
+// (m, k) within the A tile of staged element e (0 <= e < BM * BK); consecutive e run along the
+// operand's contiguous dimension.
+fn a_tile_coord(e: u32) -> vec2<u32> {
+#if A_TRANS
+    return vec2<u32>(e % BM, e / BM);
+#else
+    return vec2<u32>(e / BK, e % BK);
+#endif
+}
+
+fn a_tile_index(mk: vec2<u32>) -> u32 {
+#if A_TRANS
+    return mk.y * SA + mk.x;
+#else
+    return mk.x * SA + mk.y;
+#endif
+}
+
+// (n, k) within the B tile of staged element e (0 <= e < BN * BK).
+fn b_tile_coord(e: u32) -> vec2<u32> {
+#if B_TRANS
+    return vec2<u32>(e / BK, e % BK);
+#else
+    return vec2<u32>(e % BN, e / BN);
+#endif
+}
+
+fn b_tile_index(nk: vec2<u32>) -> u32 {
+#if B_TRANS
+    return nk.x * SB + nk.y;
+#else
+    return nk.y * SB + nk.x;
+#endif
+}
+
+// A[row, k], 0 outside the matrix.
+fn load_a(row: u32, k: u32) -> {{AB_T}} {
+    if (row >= p.rows || k >= p.inner) {
+        return {{AB_T}}(0.0);
+    }
+#if A_TRANS
+    return a[k * p.rows + row];
+#else
+    return a[row * p.inner + k];
+#endif
+}
+
+// B[k, col], 0 outside the matrix.
+fn load_b(k: u32, col: u32) -> {{AB_T}} {
+    if (col >= p.cols || k >= p.inner) {
+        return {{AB_T}}(0.0);
+    }
+#if B_TRANS
+    return b[col * p.inner + k];
+#else
+    return b[k * p.cols + col];
+#endif
+}
+
+const GELU_SCALE: f32 = 0.7978845608028654; // sqrt(2 / pi)
+
+// The GELU formulas of matmul.wgsl and elementwise.wgsl: 0.5 * (1 + tanh(u)) as the logistic
+// function of 2u, finite for every u and free of cancellation when u is very negative.
+fn half_one_plus_tanh(u: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-2.0 * u));
+}
+
+fn gelu(x: f32) -> f32 {
+    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
+    return x * half_one_plus_tanh(u);
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
+    let s = half_one_plus_tanh(u);
+    let sech2 = 4.0 * s * (1.0 - s); // 1 - tanh(u)^2
+    return s + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+}
+
+// The epilogue of matmul_tiled: applies it to one finished sum and writes C[row, col]; the only
+// thread that touches this element, so `+=` is an exact read-add-write.
+fn store_output(row: u32, col: u32, sum: f32) {
+    let idx = row * p.cols + col;
+    var v = sum;
+#if BIAS
+    v = v + f32(bias[col]);
+#endif
+#if GELU_FWD
+    let stored = {{PRE_T}}(v);
+    pre[idx] = stored;
+    v = gelu(f32(stored));
+#endif
+#if GELU_BWD
+    v = v * gelu_grad(f32(pre[idx]));
+#endif
+#if ACCUMULATE
+    v = f32(c[idx]) + v;
+#endif
+    c[idx] = {{C_T}}(v);
+}
+
+// Cooperative operations must run in control flow that is uniform across the subgroup: here
+// they sit only in loops whose trip counts are the same for the whole workgroup. Every index
+// and stride they use is a `let` or a constant, so it exists before the operation.
+@compute @workgroup_size(THREADS)
+fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32,
+#if EMULATE_COOP
+               @builtin(subgroup_invocation_id) lane: u32,
+#endif
+               ) {
+    let tile = wid.x + wid.y * nwg.x;
+    if (tile >= p.tiles) {
+        return;
+    }
+    // Grouped tile order: GROUP_M row tiles sweep the columns together.
+    let per_group = GROUP_M * p.tiles_n;
+    let first_m = (tile / per_group) * GROUP_M;
+    let group_rows = min(p.tiles_m - first_m, GROUP_M);
+    let in_group = tile % per_group;
+    let row0 = (first_m + in_group % group_rows) * BM;
+    let col0 = (in_group / group_rows) * BN;
+
+    let warp = min(sg, WARPS - 1u);
+    let slot = min(sg, WARPS);
+    // First row (m) and column (n) of this warp's fragments within the tile.
+    let warp_m0 = (warp / WN) * FM * 16u;
+    let warp_n0 = (warp % WN) * FN * 16u;
+
+    var acc: array<FragC, FM * FN>; // [i * FN + j], zero to start
+    var b_frag: array<FragB, FN>;
+    var a_next: array<{{AB_T}}, A_LOADS>;
+    var b_next: array<{{AB_T}}, B_LOADS>;
+
+    for (var l = 0u; l < A_LOADS; l++) {
+        let mk = a_tile_coord(l * THREADS + lid);
+        a_next[l] = load_a(row0 + mk.x, mk.y);
+    }
+    for (var l = 0u; l < B_LOADS; l++) {
+        let nk = b_tile_coord(l * THREADS + lid);
+        b_next[l] = load_b(nk.y, col0 + nk.x);
+    }
+
+    let steps = (p.inner + BK - 1u) / BK;
+    for (var s = 0u; s < steps; s++) {
+        for (var l = 0u; l < A_LOADS; l++) {
+            a_tile[a_tile_index(a_tile_coord(l * THREADS + lid))] = a_next[l];
+        }
+        for (var l = 0u; l < B_LOADS; l++) {
+            b_tile[b_tile_index(b_tile_coord(l * THREADS + lid))] = b_next[l];
+        }
+        workgroupBarrier();
+
+        // Issue the next step's global loads now; they complete during the products below.
+        if (s + 1u < steps) {
+            let k0 = (s + 1u) * BK;
+            for (var l = 0u; l < A_LOADS; l++) {
+                let mk = a_tile_coord(l * THREADS + lid);
+                a_next[l] = load_a(row0 + mk.x, k0 + mk.y);
+            }
+            for (var l = 0u; l < B_LOADS; l++) {
+                let nk = b_tile_coord(l * THREADS + lid);
+                b_next[l] = load_b(k0 + nk.y, col0 + nk.x);
+            }
+        }
+
+        for (var kk = 0u; kk < BK; kk += 16u) {
+            for (var j = 0u; j < FN; j++) {
+                let n0 = warp_n0 + j * 16u;
+#if B_TRANS
+                let bi = n0 * SB + kk;
+#else
+                let bi = kk * SB + n0;
+#endif
+#if EMULATE_COOP
+                b_frag[j] = emulated_load(bi, SB, B_ROW_MAJOR);
+#else
+#if B_TRANS
+                b_frag[j] = coopLoad<FragB>(&b_tile[bi], SB);
+#else
+                b_frag[j] = coopLoadT<FragB>(&b_tile[bi], SB);
+#endif
+#endif
+            }
+            for (var i = 0u; i < FM; i++) {
+                let m0 = warp_m0 + i * 16u;
+#if A_TRANS
+                let ai = kk * SA + m0;
+#else
+                let ai = m0 * SA + kk;
+#endif
+#if EMULATE_COOP
+                let a_frag = emulated_load(ai, SA, A_ROW_MAJOR);
+#else
+#if A_TRANS
+                let a_frag = coopLoad<FragA>(&a_tile[ai], SA);
+#else
+                let a_frag = coopLoadT<FragA>(&a_tile[ai], SA);
+#endif
+#endif
+                for (var j = 0u; j < FN; j++) {
+                    let o = i * FN + j;
+#if EMULATE_COOP
+                    acc[o] = emulated_multiply_add(a_frag, b_frag[j], acc[o], lane);
+#else
+                    acc[o] = coopMultiplyAdd(a_frag, b_frag[j], acc[o]);
+#endif
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // Fragment f of every warp goes through the warps' slots: C(r, q) at r*SC + q.
+    let slot_start = slot * SLOT_LEN;
+    for (var f = 0u; f < FM * FN; f++) {
+        let sum = acc[f];
+#if EMULATE_COOP
+        emulated_store_c(sum, slot_start, SC, true, lane);
+#else
+        coopStoreT(sum, &c_tile[slot_start], SC);
+#endif
+        workgroupBarrier();
+        let frag_m0 = (f / FN) * 16u;
+        let frag_n0 = (f % FN) * 16u;
+        for (var t = 0u; t < EPILOGUE_LOADS; t++) {
+            let e = t * THREADS + lid; // 0 <= e < WARPS * 256
+            let w = e / 256u;
+            let r = (e % 256u) / 16u;
+            let q = e % 16u;
+            let row = row0 + (w / WN) * FM * 16u + frag_m0 + r;
+            let col = col0 + (w % WN) * FN * 16u + frag_n0 + q;
+            if (row < p.rows && col < p.cols) {
+                store_output(row, col, c_tile[w * SLOT_LEN + r * SC + q]);
+            }
+        }
+        workgroupBarrier();
+    }
+}
