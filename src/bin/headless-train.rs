@@ -124,7 +124,7 @@ struct Args {
     /// optimiser), one table row per rung.
     #[arg(long = "bench-ladder")]
     bench_ladder: bool,
-    /// Steps per ladder rung (default 12 on a GPU, 4 on a CPU adapter); the first 2 are warm-up.
+    /// Steps per ladder rung (default 12 on a GPU, 5 on a CPU adapter); the first 2 are warm-up.
     #[arg(long = "ladder-steps")]
     ladder_steps: Option<usize>,
 }
@@ -302,11 +302,11 @@ fn bench_ladder(
     ];
     let steps = args
         .ladder_steps
-        .unwrap_or(if gpu.is_cpu() { 4 } else { 12 })
+        .unwrap_or(if gpu.is_cpu() { 5 } else { 12 })
         .max(3);
     let warmup = 2;
     println!(
-        "speed ladder on {} ({:?}): {} | B {} | T {} | {} steps per rung, median tok/sec after {} warm-up steps",
+        "speed ladder on {} ({:?}): {} | B {} | T {} | {} steps per rung; median step time after {} warm-up steps",
         gpu.info.name,
         gpu.info.backend,
         base.config.describe(),
@@ -336,20 +336,16 @@ fn bench_ladder(
                 continue;
             }
         };
-        let mut tps = Vec::new();
         let mut ms = Vec::new();
         for i in 0..steps {
             let st = t.step()?;
             if i >= warmup {
-                tps.push(st.tok_per_sec);
                 ms.push(st.dt_ms);
             }
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
-        let (tp, sm) = (med(&mut tps), med(&mut ms));
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let sm = ms[ms.len() / 2];
+        let tp = s.tokens_per_step() as f64 / (sm * 1e-3);
         let base_tps = *first.get_or_insert(tp);
         println!(
             "{:<36} {:>10} {:>12.1} {:>10.2} {:>7.2}x",
