@@ -319,7 +319,7 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
             }
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|&(step, _)| std::cmp::Reverse(step));
     Ok(found)
 }
 
