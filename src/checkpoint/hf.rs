@@ -5,7 +5,10 @@
 //! and [out, in] here; there is no `lm_head.weight` (it is `wte`); `attn.bias` and
 //! `attn.masked_bias` are causal-mask buffers, not parameters, and are skipped.
 
-use super::{parse, read_file, tensor_f32, write_safetensors_atomic, Checkpoint};
+use super::{
+    check_fits, check_tensor, elements_f32, parse, read_file, read_metadata,
+    write_safetensors_atomic, Checkpoint,
+};
 use crate::error::{Error, Result};
 use crate::model::config::pad_vocab;
 use crate::model::{GptConfig, ParamLayout};
@@ -49,8 +52,13 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// Reads GPT-2's shape from a Hugging Face `config.json`.
 pub fn read_config(path: &Path) -> Result<GptConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    parse_config(path, &read_file(path)?)
+}
+
+/// Parses GPT-2's shape from the bytes of a Hugging Face `config.json`; `path` only names the
+/// file in errors.
+pub fn parse_config(path: &Path, json: &[u8]) -> Result<GptConfig> {
+    let v: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| Error::format(path, format!("malformed JSON: {e}")))?;
     let get = |k: &str| -> Result<usize> {
         let x = v
@@ -83,30 +91,50 @@ pub fn read_config(path: &Path) -> Result<GptConfig> {
 
 /// Whether `file` is one of our checkpoints (rather than a Hugging Face file).
 pub fn is_own_checkpoint(file: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(file) else {
-        return false;
-    };
-    safetensors::SafeTensors::read_metadata(&bytes)
+    std::fs::read(file).is_ok_and(|bytes| is_own_checkpoint_bytes(&bytes))
+}
+
+/// Whether safetensors bytes are one of our checkpoints (metadata `format` is ours).
+pub fn is_own_checkpoint_bytes(bytes: &[u8]) -> bool {
+    read_metadata(Path::new(""), bytes)
         .ok()
-        .and_then(|(_, m)| {
-            m.metadata()
-                .as_ref()
-                .and_then(|md| md.get("format").cloned())
-        })
+        .flatten()
+        .and_then(|md| md.get("format").cloned())
         .is_some_and(|f| f == super::FORMAT)
 }
 
 /// Imports Hugging Face GPT-2 weights (gpt2, -medium, -large, -xl shapes; f32, f16 or bf16).
 pub fn import(path: &Path) -> Result<Checkpoint> {
     let (file, config_path) = resolve(path)?;
-    let config = read_config(&config_path)?;
+    let config_json = read_file(&config_path)?;
     let bytes = read_file(&file)?;
-    let st = parse(&file, &bytes)?;
+    import_bytes(&config_path, &config_json, &file, &bytes)
+}
+
+/// Imports Hugging Face GPT-2 weights from the bytes of `config.json` and `model.safetensors`;
+/// the paths only name the files in errors.
+pub fn import_bytes(
+    config_path: &Path,
+    config_json: &[u8],
+    file: &Path,
+    bytes: &[u8],
+) -> Result<Checkpoint> {
+    let config = parse_config(config_path, config_json)?;
+    let st = parse(file, bytes)?;
+    check_fits(
+        file,
+        &config_path.display().to_string(),
+        "config.json does not belong with this file, or the file is truncated",
+        &config,
+        config.vocab_size,
+        bytes.len(),
+    )?;
     let names = st.names();
     let prefixed = names.iter().any(|n| n.starts_with("transformer."));
     let layout = ParamLayout::new(&config);
-    let mut params = vec![0f32; layout.total];
     let c = config.n_embd;
+    // Every tensor is found and checked before the buffer is allocated.
+    let mut views = Vec::with_capacity(layout.entries.len());
     for e in &layout.entries {
         let key = if prefixed {
             format!("transformer.{}", e.name)
@@ -115,24 +143,35 @@ pub fn import(path: &Path) -> Result<Checkpoint> {
         };
         let view = st.tensor(&key).map_err(|_| {
             Error::format(
-                &file,
+                file,
                 format!("missing tensor '{key}' (the file does not match config.json's shape)"),
             )
         })?;
+        let shape = if e.name == "wte.weight" {
+            vec![config.vocab_size, c]
+        } else if is_conv1d(&e.name) {
+            vec![e.shape[1], e.shape[0]]
+        } else {
+            e.shape.clone()
+        };
+        check_tensor(file, &key, &view, &shape)?;
+        views.push((e, view));
+    }
+    let mut params = vec![0f32; layout.total];
+    for (e, view) in &views {
         let dst = &mut params[e.offset..e.offset + e.len()];
+        let data = elements_f32(view);
         if e.name == "wte.weight" {
-            let data = tensor_f32(&file, &key, &view, &[config.vocab_size, c])?;
             dst[..data.len()].copy_from_slice(&data);
         } else if is_conv1d(&e.name) {
             let (out, inp) = (e.shape[0], e.shape[1]);
-            let data = tensor_f32(&file, &key, &view, &[inp, out])?;
             for i in 0..inp {
                 for o in 0..out {
                     dst[o * inp + i] = data[i * out + o];
                 }
             }
         } else {
-            dst.copy_from_slice(&tensor_f32(&file, &key, &view, &e.shape)?);
+            dst.copy_from_slice(&data);
         }
     }
     Ok(Checkpoint {

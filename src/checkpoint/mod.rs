@@ -117,6 +117,7 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Parses safetensors bytes, with an error that names the file.
 pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    check_offsets(path, bytes)?;
     SafeTensors::deserialize(bytes).map_err(|e| {
         Error::format(
             path,
@@ -125,13 +126,110 @@ pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
     })
 }
 
-/// Copies a tensor's elements out as f32 (f32, f16 and bf16 accepted), checking its shape.
-pub fn tensor_f32(
+/// The `__metadata__` map of safetensors bytes (None when the header has none).
+pub fn read_metadata(path: &Path, bytes: &[u8]) -> Result<Option<HashMap<String, String>>> {
+    check_offsets(path, bytes)?;
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::format(path, format!("unreadable header: {e}")))?;
+    Ok(header.metadata().clone())
+}
+
+/// Checks that no tensor's `data_offsets` run past the end of the file, before the safetensors
+/// crate reads them: it adds the last end offset to the header length unchecked, so offsets near
+/// `usize::MAX` overflow there (a panic in debug builds) instead of giving an error. A header that
+/// does not parse is left to the safetensors crate to report.
+fn check_offsets(path: &Path, bytes: &[u8]) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        data_offsets: Option<(u64, u64)>,
+    }
+    let Some((len, rest)) = bytes.split_first_chunk::<8>() else {
+        return Ok(());
+    };
+    let Some(header) = usize::try_from(u64::from_le_bytes(*len))
+        .ok()
+        .and_then(|n| rest.get(..n))
+    else {
+        return Ok(());
+    };
+    let Ok(entries) = serde_json::from_slice::<HashMap<String, Entry>>(header) else {
+        return Ok(());
+    };
+    let data_len = (rest.len() - header.len()) as u64;
+    let past_end = entries
+        .iter()
+        .filter_map(|(name, e)| e.data_offsets.map(|(_, end)| (name, end)))
+        .filter(|&(_, end)| end > data_len)
+        .max_by_key(|&(_, end)| end);
+    match past_end {
+        Some((name, end)) => Err(Error::format(
+            path,
+            format!(
+                "not a valid safetensors file (tensor '{name}' ends at byte {end} of the data, \
+                 which has only {data_len} bytes); it may be truncated or corrupt"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Smallest number of bytes one accepted element takes in a file (f16 and bf16).
+const MIN_ELEMENT_BYTES: usize = 2;
+
+/// Elements the parameters of `c` take with `wte_rows` rows of `wte`, or None if the count
+/// overflows `usize`.
+fn param_elements(c: &GptConfig, wte_rows: usize) -> Option<usize> {
+    let e = c.n_embd;
+    // Per block: two LayerNorms (2e each), c_attn (3e*e + 3e), attn c_proj (e*e + e),
+    // c_fc (4e*e + 4e), mlp c_proj (4e*e + e): 12e^2 + 13e.
+    let block = e
+        .checked_mul(e)?
+        .checked_mul(12)?
+        .checked_add(e.checked_mul(13)?)?;
+    wte_rows
+        .checked_mul(e)?
+        .checked_add(c.block_size.checked_mul(e)?)?
+        .checked_add(c.n_layer.checked_mul(block)?)?
+        .checked_add(e.checked_mul(2)?)
+}
+
+/// Refuses a config whose parameters cannot be in a file of `file_len` bytes (the file holds
+/// `wte_rows` rows of `wte`), before anything is laid out or allocated for them: a damaged or
+/// hostile config must not make the loader allocate gigabytes, loop for hours or overflow.
+fn check_fits(
     path: &Path,
-    key: &str,
-    view: &TensorView<'_>,
-    shape: &[usize],
-) -> Result<Vec<f32>> {
+    source: &str,
+    hint: &str,
+    c: &GptConfig,
+    wte_rows: usize,
+    file_len: usize,
+) -> Result<()> {
+    let counted = param_elements(c, wte_rows).zip(param_elements(c, c.padded_vocab_size));
+    let Some((n, _)) = counted else {
+        return Err(Error::format(
+            path,
+            format!(
+                "{source} describes a model whose parameter count overflows ({}); {hint}",
+                c.describe()
+            ),
+        ));
+    };
+    match n.checked_mul(MIN_ELEMENT_BYTES) {
+        Some(bytes) if bytes <= file_len => Ok(()),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "{source} describes {n} parameters ({}), which take at least {} bytes, but the \
+                 file has only {file_len}; {hint}",
+                c.describe(),
+                n.saturating_mul(MIN_ELEMENT_BYTES)
+            ),
+        )),
+    }
+}
+
+/// Checks a tensor's shape and dtype (f32, f16 and bf16 accepted) against what is expected.
+fn check_tensor(path: &Path, key: &str, view: &TensorView<'_>, shape: &[usize]) -> Result<()> {
     if view.shape() != shape {
         return Err(Error::format(
             path,
@@ -141,10 +239,31 @@ pub fn tensor_f32(
             ),
         ));
     }
+    match view.dtype() {
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(()),
+        other => Err(Error::format(
+            path,
+            format!("tensor '{key}' has dtype {other:?}; expected F32, F16 or BF16"),
+        )),
+    }
+}
+
+/// Copies a tensor's elements out as f32 (f32, f16 and bf16 accepted), checking its shape.
+pub fn tensor_f32(
+    path: &Path,
+    key: &str,
+    view: &TensorView<'_>,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    check_tensor(path, key, view, shape)?;
+    Ok(elements_f32(view))
+}
+
+/// A tensor's elements as f32, for a view that [`check_tensor`] accepted.
+fn elements_f32(view: &TensorView<'_>) -> Vec<f32> {
     let data = view.data();
-    Ok(match view.dtype() {
+    match view.dtype() {
         // Tensor bytes need not be aligned in the file: copy rather than cast in place.
-        Dtype::F32 => bytemuck::pod_collect_to_vec(data),
         Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(data)
             .into_iter()
             .map(|x| x.to_f32())
@@ -153,13 +272,9 @@ pub fn tensor_f32(
             .into_iter()
             .map(|x| x.to_f32())
             .collect(),
-        other => {
-            return Err(Error::format(
-                path,
-                format!("tensor '{key}' has dtype {other:?}; expected F32, F16 or BF16"),
-            ))
-        }
-    })
+        // F32, the only other dtype check_tensor lets through.
+        _ => bytemuck::pod_collect_to_vec(data),
+    }
 }
 
 fn meta<'a>(path: &Path, m: &'a HashMap<String, String>, key: &str) -> Result<&'a str> {
@@ -229,11 +344,13 @@ impl Checkpoint {
 
     /// Loads one of our checkpoint files.
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = read_file(path)?;
-        let st = parse(path, &bytes)?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::format(path, format!("unreadable header: {e}")))?;
-        let md = header.metadata().clone().ok_or_else(|| {
+        Checkpoint::from_bytes(path, &read_file(path)?)
+    }
+
+    /// Parses the bytes of one of our checkpoint files; `path` only names the file in errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
+        let st = parse(path, bytes)?;
+        let md = read_metadata(path, bytes)?.ok_or_else(|| {
             Error::format(
                 path,
                 "no metadata: not a checkpoint written by this program",
@@ -250,22 +367,45 @@ impl Checkpoint {
         config
             .validate()
             .map_err(|e| Error::format(path, e.to_string()))?;
+        check_fits(
+            path,
+            "the config in the checkpoint's metadata",
+            "the file is truncated or its metadata is damaged",
+            &config,
+            config.padded_vocab_size,
+            bytes.len(),
+        )?;
         let layout = ParamLayout::new(&config);
         let has_moments = st.names().iter().any(|n| n.starts_with("optim.m."));
-        let mut params = vec![0f32; layout.total];
-        let mut moments = has_moments.then(|| (vec![0f32; layout.total], vec![0f32; layout.total]));
+        // Every tensor is found and checked before the buffers are allocated.
+        let mut views = Vec::with_capacity(layout.entries.len());
         for e in &layout.entries {
-            let r = e.offset..e.offset + e.len();
-            let get = |key: &str| -> Result<Vec<f32>> {
+            let get = |key: &str| -> Result<TensorView<'_>> {
                 let view = st
                     .tensor(key)
                     .map_err(|_| Error::format(path, format!("missing tensor '{key}'")))?;
-                tensor_f32(path, key, &view, &e.shape)
+                check_tensor(path, key, &view, &e.shape)?;
+                Ok(view)
             };
-            params[r.clone()].copy_from_slice(&get(&e.name)?);
-            if let Some((m, v)) = moments.as_mut() {
-                m[r.clone()].copy_from_slice(&get(&format!("optim.m.{}", e.name))?);
-                v[r].copy_from_slice(&get(&format!("optim.v.{}", e.name))?);
+            let param = get(&e.name)?;
+            let moment_views = if has_moments {
+                Some((
+                    get(&format!("optim.m.{}", e.name))?,
+                    get(&format!("optim.v.{}", e.name))?,
+                ))
+            } else {
+                None
+            };
+            views.push((e, param, moment_views));
+        }
+        let mut params = vec![0f32; layout.total];
+        let mut moments = has_moments.then(|| (vec![0f32; layout.total], vec![0f32; layout.total]));
+        for (e, param, moment_views) in &views {
+            let r = e.offset..e.offset + e.len();
+            params[r.clone()].copy_from_slice(&elements_f32(param));
+            if let (Some((m, v)), Some((mv, vv))) = (moments.as_mut(), moment_views) {
+                m[r.clone()].copy_from_slice(&elements_f32(mv));
+                v[r].copy_from_slice(&elements_f32(vv));
             }
         }
         let state = if md.contains_key("step") {
@@ -319,7 +459,7 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
             }
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|&(step, _)| std::cmp::Reverse(step));
     Ok(found)
 }
 
