@@ -445,7 +445,16 @@ pub fn checkpoint_path(dir: &Path, step: usize) -> PathBuf {
 
 /// Checkpoint files in `dir`, newest first (by step number in the name).
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound => std::io::Error::new(
+                e.kind(),
+                "no such folder; --resume takes the folder a run wrote with --checkpoint-dir",
+            ),
+            _ => e,
+        };
+        Error::io(dir, hint)
+    })?;
     let mut found = Vec::new();
     for entry in rd.flatten() {
         let name = entry.file_name();

@@ -167,7 +167,8 @@ pub fn rel_error(got: &[f32], want: &[f32]) -> f32 {
 /// Fails, with the first mismatching elements, unless `got` is within `tol` of `want`.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let err = rel_error(got, want);
-    if !(err <= tol) {
+    // NaN (a non-finite output) fails too.
+    if err.is_nan() || err > tol {
         let scale = want.iter().fold(0f32, |m, &w| m.max(w.abs()));
         let mut shown = 0;
         let mut msg = String::new();
