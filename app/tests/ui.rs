@@ -2,7 +2,7 @@
 //! adapter `Gpu::new` finds (`WGPU_BACKEND=vulkan` with Mesa's software driver in CI). The
 //! model is tiny (1 layer, C 32, B 1, T 8) so a step takes a fraction of a second there.
 
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -68,10 +68,15 @@ fn wait_for(
 
 /// The number N in the label that reads `{prefix}N{suffix}...`.
 fn number_in_label(h: &Harness<'_, WgptApp>, prefix: &str, suffix: &str) -> Option<usize> {
-    let node = h.query_by_label_contains(prefix)?;
-    let label = node.accesskit_node().label()?;
+    let label = label_text(&h.query_by_label_contains(prefix)?);
     let rest = &label[label.find(prefix)? + prefix.len()..];
     rest[..rest.find(suffix)?].trim().parse().ok()
+}
+
+/// A node's accessible name (AccessKit keeps a plain label's text in its value).
+fn label_text(n: &egui_kittest::Node<'_>) -> String {
+    let a = n.accesskit_node();
+    a.label().or_else(|| a.value()).unwrap_or_default()
 }
 
 fn set_number(h: &Harness<'_, WgptApp>, label: &str, v: f64) {
@@ -226,11 +231,7 @@ fn bad_data_path_shows_an_error() {
     wait_for(&mut h, "the error", 20, |h| {
         h.query_by_label_contains("Error: ").is_some()
     });
-    let err = h
-        .get_by_label_contains("Error: ")
-        .accesskit_node()
-        .label()
-        .unwrap_or_default();
+    let err = label_text(&h.get_by_label_contains("Error: "));
     assert!(
         err.contains("no-such-corpus.txt") && err.contains("no such file"),
         "{err}"
@@ -269,7 +270,8 @@ fn unreadable_checkpoint_and_oversized_model_show_errors() {
             && h.query_by_label("Run: could not start").is_some()
     });
     h.get_by_label("Dismiss errors").click();
-    h.run_steps(1);
+    // Two frames: the first still lays out the error bar the click removes.
+    h.run_steps(2);
 
     // A model whose parameters cannot fit one buffer on any adapter.
     h.get_by_label("Scratch (seeded init)").click();
@@ -284,3 +286,4 @@ fn unreadable_checkpoint_and_oversized_model_show_errors() {
     assert!(h.query_by_label("Run: could not start").is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
