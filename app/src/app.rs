@@ -127,6 +127,9 @@ pub enum PathField {
     GenWeights,
 }
 
+/// A file dialog's answer: the field it was opened for and the path picked, if any.
+type DialogAnswer = (PathField, Option<PathBuf>);
+
 pub struct WgptApp {
     pub(crate) gpu: Arc<Gpu>,
     worker: Worker,
@@ -143,10 +146,7 @@ pub struct WgptApp {
     /// The window was asked to close while a run was active: it closes once the checkpoint is
     /// written.
     closing: bool,
-    dialogs: (
-        Sender<(PathField, Option<PathBuf>)>,
-        Receiver<(PathField, Option<PathBuf>)>,
-    ),
+    dialogs: (Sender<DialogAnswer>, Receiver<DialogAnswer>),
     pub dialog_open: bool,
 }
 

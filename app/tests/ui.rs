@@ -286,4 +286,3 @@ fn unreadable_checkpoint_and_oversized_model_show_errors() {
     assert!(h.query_by_label("Run: could not start").is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
-
