@@ -1,0 +1,261 @@
+//! What the user has typed into the Train and Generate panels, and how it becomes a
+//! [`RunSpec`] or [`GenSpec`] (with errors that say which field is wrong).
+
+use crate::worker::{GenSpec, Init, RunSpec, WeightsSource};
+use std::path::PathBuf;
+use wgpt::gpu::Gpu;
+use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
+use wgpt::model::GptConfig;
+use wgpt::sample::SampleOptions;
+use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    Gpt2,
+    Tiny,
+    Custom,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Gpt2 => "gpt2 (124M)",
+            Preset::Tiny => "tiny",
+            Preset::Custom => "custom",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitChoice {
+    Scratch,
+    Checkpoint,
+    HuggingFace,
+}
+
+/// The Train panel's fields.
+#[derive(Clone, Debug)]
+pub struct TrainForm {
+    pub preset: Preset,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub max_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub precision: Precision,
+    pub attention: AttentionKind,
+    pub data_path: String,
+    pub init: InitChoice,
+    pub init_path: String,
+    pub checkpoint_dir: String,
+}
+
+/// The corpus shipped in `assets/`, found from the source tree or the working directory.
+pub fn default_data_path() -> String {
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/shakespeare.txt");
+    match bundled.canonicalize() {
+        Ok(p) => p.display().to_string(),
+        Err(_) => "assets/shakespeare.txt".into(),
+    }
+}
+
+fn default_checkpoint_dir() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("checkpoints/run-{secs}")
+}
+
+impl TrainForm {
+    /// The headless trainer's defaults for this adapter: GPT-2 with B=16, T=1024 on a GPU, the
+    /// tiny model with B=4, T=64 on a CPU rasteriser; f16 where the adapter has SHADER_F16.
+    pub fn for_gpu(gpu: &Gpu) -> TrainForm {
+        let small = gpu.is_cpu();
+        let preset = if small { Preset::Tiny } else { Preset::Gpt2 };
+        let config = if small {
+            GptConfig::tiny()
+        } else {
+            GptConfig::gpt2()
+        };
+        let base = TrainSettings::new(config, 4, 64);
+        TrainForm {
+            preset,
+            n_layer: config.n_layer,
+            n_head: config.n_head,
+            n_embd: config.n_embd,
+            block_size: config.block_size,
+            batch_size: if small { 4 } else { 16 },
+            seq_len: if small { 64 } else { 1024 },
+            steps: base.steps,
+            max_lr: base.max_lr,
+            warmup_steps: base.warmup_steps,
+            weight_decay: base.weight_decay,
+            grad_clip: base.grad_clip,
+            seed: base.seed,
+            precision: if gpu.has_f16() {
+                Precision::F16
+            } else {
+                Precision::F32
+            },
+            attention: AttentionKind::Flash,
+            data_path: default_data_path(),
+            init: InitChoice::Scratch,
+            init_path: String::new(),
+            checkpoint_dir: default_checkpoint_dir(),
+        }
+    }
+
+    /// Copies a preset's shape into the model fields.
+    pub fn apply_preset(&mut self, preset: Preset) {
+        self.preset = preset;
+        let c = match preset {
+            Preset::Gpt2 => GptConfig::gpt2(),
+            Preset::Tiny => GptConfig::tiny(),
+            Preset::Custom => return,
+        };
+        self.n_layer = c.n_layer;
+        self.n_head = c.n_head;
+        self.n_embd = c.n_embd;
+        self.block_size = c.block_size;
+        self.seq_len = self.seq_len.min(c.block_size);
+    }
+
+    pub fn config(&self) -> GptConfig {
+        GptConfig {
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_embd: self.n_embd,
+            block_size: self.block_size,
+            vocab_size: GPT2_VOCAB,
+            padded_vocab_size: pad_vocab(GPT2_VOCAB),
+        }
+    }
+
+    pub fn settings(&self) -> TrainSettings {
+        let mut s = TrainSettings::new(self.config(), self.batch_size, self.seq_len);
+        s.steps = self.steps;
+        s.max_lr = self.max_lr;
+        s.warmup_steps = self.warmup_steps;
+        s.weight_decay = self.weight_decay;
+        s.grad_clip = self.grad_clip;
+        s.seed = self.seed;
+        s.precision = self.precision;
+        s.attention = self.attention;
+        s
+    }
+
+    /// The run to start, or what is wrong with the form.
+    pub fn run_spec(&self, gpu: &Gpu) -> Result<RunSpec, String> {
+        let data = self.data_path.trim();
+        if data.is_empty() {
+            return Err("choose a data file (a UTF-8 text file) to train on".into());
+        }
+        let init_path = self.init_path.trim();
+        let init = match self.init {
+            InitChoice::Scratch => Init::Scratch,
+            InitChoice::Checkpoint | InitChoice::HuggingFace if init_path.is_empty() => return Err(
+                "choose the checkpoint or Hugging Face folder to start from, or start from scratch"
+                    .into(),
+            ),
+            InitChoice::Checkpoint => Init::Checkpoint(init_path.into()),
+            InitChoice::HuggingFace => Init::HuggingFace(init_path.into()),
+        };
+        let dir = self.checkpoint_dir.trim();
+        if dir.is_empty() {
+            return Err("choose a checkpoint folder (Stop and the end of a run save there)".into());
+        }
+        let settings = self.settings();
+        if init == Init::Scratch {
+            settings.validate().map_err(|e| e.to_string())?;
+        }
+        if settings.precision == Precision::F16 && !gpu.has_f16() {
+            return Err(format!(
+                "f16 needs SHADER_F16, which '{}' lacks; choose f32",
+                gpu.info.name
+            ));
+        }
+        Ok(RunSpec {
+            settings,
+            data: data.into(),
+            init,
+            checkpoint_dir: dir.into(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenSourceChoice {
+    Run,
+    File,
+}
+
+/// The Generate panel's fields.
+#[derive(Clone, Debug)]
+pub struct GenForm {
+    pub source: GenSourceChoice,
+    pub path: String,
+    pub prompt: String,
+    pub max_tokens: usize,
+    pub top_k: usize,
+    pub temperature: f32,
+    pub samples: usize,
+    pub seed: u64,
+}
+
+impl Default for GenForm {
+    fn default() -> Self {
+        let o = SampleOptions::default();
+        GenForm {
+            source: GenSourceChoice::Run,
+            path: String::new(),
+            prompt: "ROMEO:".into(),
+            max_tokens: 32,
+            top_k: o.top_k,
+            temperature: o.temperature,
+            samples: 2,
+            seed: o.seed,
+        }
+    }
+}
+
+impl GenForm {
+    pub fn gen_spec(&self) -> Result<GenSpec, String> {
+        if self.prompt.is_empty() {
+            return Err("type a prompt (at least one character)".into());
+        }
+        if self.samples == 0 {
+            return Err("ask for at least one sample".into());
+        }
+        let source = match self.source {
+            GenSourceChoice::Run => WeightsSource::Run,
+            GenSourceChoice::File => {
+                let p = self.path.trim();
+                if p.is_empty() {
+                    return Err(
+                        "choose a checkpoint file or folder, or a Hugging Face GPT-2 folder".into(),
+                    );
+                }
+                WeightsSource::Path(p.into())
+            }
+        };
+        Ok(GenSpec {
+            source,
+            prompt: self.prompt.clone(),
+            samples: self.samples,
+            options: SampleOptions {
+                max_new_tokens: self.max_tokens,
+                top_k: self.top_k,
+                temperature: self.temperature,
+                seed: self.seed,
+            },
+        })
+    }
+}
