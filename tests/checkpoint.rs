@@ -174,3 +174,52 @@ fn damaged_files_give_errors_naming_the_problem() {
         .to_string()
         .contains("divisible"));
 }
+
+#[test]
+fn init_from_accepts_each_kind_and_names_what_is_wrong() {
+    let dir = tmpdir("any");
+    let c = sample(&small());
+    // Our checkpoint file, and the folder that holds it.
+    let ckdir = dir.join("run");
+    std::fs::create_dir_all(&ckdir).unwrap();
+    let ck = checkpoint::checkpoint_path(&ckdir, 4);
+    c.save(&ck).unwrap();
+    assert_eq!(hf::load_any(&ck).unwrap().params, c.params);
+    assert_eq!(hf::load_any(&ckdir).unwrap().params, c.params);
+    // A Hugging Face folder, and its model.safetensors named directly.
+    let hfdir = dir.join("hf");
+    hf::export(&hfdir, &c.config, &c.params).unwrap();
+    let model = hfdir.join("model.safetensors");
+    assert_eq!(hf::load_any(&hfdir).unwrap().params, c.params);
+    assert_eq!(hf::load_any(&model).unwrap().params, c.params);
+
+    // A truncated file is reported as damaged, not as a Hugging Face file missing its config.
+    let bytes = std::fs::read(&ck).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let e = hf::load_any(&cut).unwrap_err().to_string();
+    assert!(
+        e.contains("cut.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    // A Hugging Face file whose config.json is not beside it.
+    let alone = dir.join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(&model, alone.join("weights.safetensors")).unwrap();
+    let e = hf::load_any(&alone.join("weights.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("same folder"),
+        "{e}"
+    );
+    // A checkpoint folder whose only checkpoint is damaged says why it could not be read.
+    std::fs::write(&ck, &bytes[..bytes.len() - 64]).unwrap();
+    let e = hf::load_any(&ckdir).unwrap_err().to_string();
+    assert!(e.contains("ckpt_step") && e.contains("truncated"), "{e}");
+    // An empty folder: neither kind.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = hf::load_any(&empty).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+}

@@ -306,10 +306,20 @@ fn progress(app: &WgptApp, ui: &mut Ui) {
         0.0
     };
     let eta = match r.eta_secs() {
-        Some(s) if app.status.is_active() && done < total => format!(", ETA {}", fmt_secs(s)),
+        Some(s)
+            if matches!(app.status, RunStatus::Running | RunStatus::Pausing) && done < total =>
+        {
+            format!(", ETA {}", fmt_secs(s))
+        }
+        Some(_) if app.status == RunStatus::Paused && done < total => ", paused".to_string(),
         _ => String::new(),
     };
-    ui.add(egui::ProgressBar::new(frac).text(format!("step {done} of {total}{eta}")));
+    let text = if r.settings.is_some() {
+        format!("step {done} of {total}{eta}")
+    } else {
+        "no run yet".to_string()
+    };
+    ui.add(egui::ProgressBar::new(frac).text(text));
     if let Some(s) = &r.settings {
         ui.label(
             RichText::new(format!(

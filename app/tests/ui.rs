@@ -281,7 +281,8 @@ fn unreadable_checkpoint_and_oversized_model_show_errors() {
     h.run_steps(2);
     h.get_by_label("Start").click();
     wait_for(&mut h, "the size error", 20, |h| {
-        h.query_by_label_contains("the parameters needs").is_some()
+        h.query_by_label_contains("the parameter buffer (f32 master weights) needs")
+            .is_some()
     });
     assert!(h.query_by_label("Run: could not start").is_some());
     let _ = std::fs::remove_dir_all(&dir);

@@ -89,11 +89,6 @@ pub fn parse_config(path: &Path, json: &[u8]) -> Result<GptConfig> {
     Ok(config)
 }
 
-/// Whether `file` is one of our checkpoints (rather than a Hugging Face file).
-pub fn is_own_checkpoint(file: &Path) -> bool {
-    std::fs::read(file).is_ok_and(|bytes| is_own_checkpoint_bytes(&bytes))
-}
-
 /// Whether safetensors bytes are one of our checkpoints (metadata `format` is ours).
 pub fn is_own_checkpoint_bytes(bytes: &[u8]) -> bool {
     read_metadata(Path::new(""), bytes)
@@ -255,13 +250,37 @@ pub fn export(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
 
 /// Loads weights for `--init-from`: one of our checkpoints, or a Hugging Face GPT-2 folder/file.
 pub fn load_any(path: &Path) -> Result<Checkpoint> {
-    if path.is_file() && is_own_checkpoint(path) {
-        return Checkpoint::load(path);
+    if path.is_file() {
+        let bytes = read_file(path)?;
+        // A file that is not valid safetensors is reported as such, whichever kind it was.
+        let metadata = read_metadata(path, &bytes)?;
+        if metadata
+            .and_then(|md| md.get("format").cloned())
+            .is_some_and(|f| f == super::FORMAT)
+        {
+            return Checkpoint::from_bytes(path, &bytes);
+        }
+        let (file, config_path) = resolve(path)?;
+        if !config_path.exists() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "not one of our checkpoints, and there is no {} beside it: a Hugging Face \
+                     model.safetensors needs its model's config.json in the same folder",
+                    config_path.display()
+                ),
+            ));
+        }
+        let config_json = read_file(&config_path)?;
+        return import_bytes(&config_path, &config_json, &file, &bytes);
     }
     if path.is_dir() && !path.join("model.safetensors").exists() {
         // A checkpoint directory: take its newest checkpoint.
-        if let Ok((_, c)) = super::load_newest(path) {
-            return Ok(c);
+        let has_checkpoints = super::list_checkpoints(path).is_ok_and(|l| !l.is_empty());
+        match super::load_newest(path) {
+            Ok((_, c)) => return Ok(c),
+            Err(e) if has_checkpoints => return Err(e),
+            Err(_) => {}
         }
     }
     import(path)

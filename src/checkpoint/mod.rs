@@ -129,8 +129,12 @@ pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
 /// The `__metadata__` map of safetensors bytes (None when the header has none).
 pub fn read_metadata(path: &Path, bytes: &[u8]) -> Result<Option<HashMap<String, String>>> {
     check_offsets(path, bytes)?;
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::format(path, format!("unreadable header: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("unreadable header ({e}); the file is truncated or not a safetensors file"),
+        )
+    })?;
     Ok(header.metadata().clone())
 }
 

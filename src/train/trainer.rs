@@ -408,36 +408,83 @@ fn check_memory(gpu: &Gpu, s: &TrainSettings, layout: &ParamLayout) -> Result<()
         Precision::F32 => 4,
         Precision::F16 => 2,
     };
+    let logits_hint = match s.precision {
+        Precision::F32 => "use a smaller batch (-B) or sequence (-T), or --precision f16",
+        Precision::F16 => "use a smaller batch (-B) or sequence (-T)",
+    };
     let biggest = [
-        ("the parameters", layout.total as u64 * 4),
         (
-            "the logits (B*T x padded vocab)",
-            n * cfg.padded_vocab_size as u64 * act,
+            "the parameter buffer (f32 master weights)",
+            layout.total as u64 * 4,
+            "use a smaller model (fewer layers or a narrower n_embd)",
         ),
         (
-            "the attention scores (B x heads x T x T)",
+            "the logits buffer (B*T x padded vocab)",
+            n * cfg.padded_vocab_size as u64 * act,
+            logits_hint,
+        ),
+        (
+            "the attention-score buffer (B x heads x T x T)",
             match s.attention {
                 super::settings::AttentionKind::Naive => {
                     (s.batch_size * cfg.n_head * s.seq_len * s.seq_len) as u64 * 4
                 }
                 super::settings::AttentionKind::Flash => 0,
             },
+            "use --attention flash (it keeps no T x T matrix), or a smaller -B or -T",
         ),
     ];
     let max = gpu
         .limits
         .max_storage_buffer_binding_size
         .min(gpu.limits.max_buffer_size);
-    for (what, bytes) in biggest {
+    for (what, bytes, hint) in biggest {
         if bytes > max {
             return Err(Error::Limit {
                 what: what.to_string(),
                 needed: format!("{} MiB in one buffer", bytes.div_ceil(1 << 20)),
                 available: format!("{} MiB per buffer", max >> 20),
                 adapter: gpu.info.name.clone(),
-                hint: "use a smaller batch (-B), sequence (-T), model, or --precision f16".into(),
+                hint: hint.into(),
             });
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScaler;
+
+    #[test]
+    fn loss_scale_follows_grad_scaler_rules() {
+        let mut s = LossScaler::new(true);
+        assert_eq!(s.scale, 65536.0);
+        // An overflow halves the scale and skips the step.
+        assert!(s.update(false));
+        assert_eq!(s.scale, 32768.0);
+        // 1999 clean steps keep it; the 2000th doubles it.
+        for _ in 0..1999 {
+            assert!(!s.update(true));
+        }
+        assert_eq!(s.scale, 32768.0);
+        assert!(!s.update(true));
+        assert_eq!(s.scale, 65536.0);
+        // An overflow in the middle restarts the count.
+        for _ in 0..1500 {
+            s.update(true);
+        }
+        s.update(false);
+        for _ in 0..1999 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 32768.0);
+        // Without f16 the scale stays 1 and non-finite steps are still skipped.
+        let mut off = LossScaler::new(false);
+        assert!(off.update(false));
+        for _ in 0..4000 {
+            off.update(true);
+        }
+        assert_eq!(off.scale, 1.0);
+    }
 }
