@@ -212,25 +212,15 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         // attention
         let qkv = g.planned(name("qkv"), &[n, 3 * c], act);
         let (w, bb) = (bl.attn_w.w, bl.attn_b.p);
-        g.node(
+        linear_forward(
+            &mut g,
             name("attn.c_attn.forward"),
-            "matmul",
-            &[ln1, w, bb],
-            &[qkv],
+            ln1,
+            w,
+            Some(bb),
+            None,
+            qkv,
             mm(n, c, 3 * c),
-            move |gpu, r| {
-                let o = MatmulForward {
-                    bias: Some(r.t(bb)),
-                    ..Default::default()
-                };
-                Ok(vec![matmul::matmul_forward(
-                    gpu,
-                    r.t(qkv),
-                    r.t(ln1),
-                    r.t(w),
-                    &o,
-                )?])
-            },
         );
         let atty = g.planned(name("attention out"), &[n, c], act);
         let att_flops = attention::attention_flops(b, t, nh, hs) as f64;
@@ -282,25 +272,15 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         };
         let proj = g.planned(name("attn.c_proj out"), &[n, c], act);
         let (w, bb) = (bl.proj_w.w, bl.proj_b.p);
-        g.node(
+        linear_forward(
+            &mut g,
             name("attn.c_proj.forward"),
-            "matmul",
-            &[atty, w, bb],
-            &[proj],
+            atty,
+            w,
+            Some(bb),
+            None,
+            proj,
             mm(n, c, c),
-            move |gpu, r| {
-                let o = MatmulForward {
-                    bias: Some(r.t(bb)),
-                    ..Default::default()
-                };
-                Ok(vec![matmul::matmul_forward(
-                    gpu,
-                    r.t(proj),
-                    r.t(atty),
-                    r.t(w),
-                    &o,
-                )?])
-            },
         );
         // residual + ln_2
         let res_mid = g.planned(name("residual mid"), &[n, c], DType::F32);
@@ -327,47 +307,20 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         let fc_gelu = g.planned(name("mlp.gelu out"), &[n, 4 * c], act);
         let (w, bb) = (bl.fc_w.w, bl.fc_b.p);
         if fused {
-            g.node(
-                name("mlp.c_fc+gelu.forward"),
-                "matmul",
-                &[ln2, w, bb],
-                &[fc_pre, fc_gelu],
-                mm(n, c, 4 * c),
-                move |gpu, r| {
-                    let o = MatmulForward {
-                        bias: Some(r.t(bb)),
-                        gelu_pre: Some(r.t(fc_pre)),
-                        ..Default::default()
-                    };
-                    Ok(vec![matmul::matmul_forward(
-                        gpu,
-                        r.t(fc_gelu),
-                        r.t(ln2),
-                        r.t(w),
-                        &o,
-                    )?])
-                },
-            );
+            let flops = mm(n, c, 4 * c);
+            let what = name("mlp.c_fc+gelu.forward");
+            linear_forward(&mut g, what, ln2, w, Some(bb), Some(fc_pre), fc_gelu, flops);
         } else {
-            g.node(
+            let flops = mm(n, c, 4 * c);
+            linear_forward(
+                &mut g,
                 name("mlp.c_fc.forward"),
-                "matmul",
-                &[ln2, w, bb],
-                &[fc_pre],
-                mm(n, c, 4 * c),
-                move |gpu, r| {
-                    let o = MatmulForward {
-                        bias: Some(r.t(bb)),
-                        ..Default::default()
-                    };
-                    Ok(vec![matmul::matmul_forward(
-                        gpu,
-                        r.t(fc_pre),
-                        r.t(ln2),
-                        r.t(w),
-                        &o,
-                    )?])
-                },
+                ln2,
+                w,
+                Some(bb),
+                None,
+                fc_pre,
+                flops,
             );
             g.node(
                 name("mlp.gelu.forward"),
@@ -380,25 +333,15 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         }
         let mlp_out = g.planned(name("mlp.c_proj out"), &[n, c], act);
         let (w, bb) = (bl.mlp_w.w, bl.mlp_b.p);
-        g.node(
+        linear_forward(
+            &mut g,
             name("mlp.c_proj.forward"),
-            "matmul",
-            &[fc_gelu, w, bb],
-            &[mlp_out],
+            fc_gelu,
+            w,
+            Some(bb),
+            None,
+            mlp_out,
             mm(n, 4 * c, c),
-            move |gpu, r| {
-                let o = MatmulForward {
-                    bias: Some(r.t(bb)),
-                    ..Default::default()
-                };
-                Ok(vec![matmul::matmul_forward(
-                    gpu,
-                    r.t(mlp_out),
-                    r.t(fc_gelu),
-                    r.t(w),
-                    &o,
-                )?])
-            },
         );
         let res_out = g.planned(name("residual out"), &[n, c], DType::F32);
         if fused {
@@ -459,21 +402,15 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     // lm_head, tied to wte: logits = ln_f(x) @ wte^T over the padded vocabulary.
     let logits = g.planned("logits", &[n, vp], act);
     let w = wte.w;
-    g.node(
-        "lm_head.forward",
-        "matmul",
-        &[lnf, w],
-        &[logits],
+    linear_forward(
+        &mut g,
+        "lm_head.forward".into(),
+        lnf,
+        w,
+        None,
+        None,
+        logits,
         mm(n, c, vp),
-        move |gpu, r| {
-            Ok(vec![matmul::matmul_forward(
-                gpu,
-                r.t(logits),
-                r.t(lnf),
-                r.t(w),
-                &MatmulForward::default(),
-            )?])
-        },
     );
     // Loss, and its gradient written over the logits.
     let losses = g.planned("losses", &[n], DType::F32);
@@ -517,21 +454,15 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     let dlogits = logits;
     let dlnf = g.planned("d ln_f out", &[n, c], act);
     let w = wte.w;
-    g.node(
-        "lm_head.backward_input",
-        "matmul",
-        &[dlogits, w],
-        &[dlnf],
-        mm(n, vp, c),
-        move |gpu, r| {
-            Ok(vec![matmul::matmul_backward_input(
-                gpu,
-                r.t(dlnf),
-                r.t(dlogits),
-                r.t(w),
-                &MatmulBackwardInput::default(),
-            )?])
-        },
+    let flops = mm(n, vp, c);
+    linear_backward_input(
+        &mut g,
+        "lm_head.backward_input".into(),
+        dlogits,
+        w,
+        None,
+        dlnf,
+        flops,
     );
     let gw = wte.g;
     g.node(
@@ -570,44 +501,13 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         let dfc_pre = g.planned(name("d mlp.c_fc out"), &[n, 4 * c], act);
         let (w, fc_pre, fc_gelu) = (bl.mlp_w.w, sv.fc_pre, sv.fc_gelu);
         if fused {
-            g.node(
-                name("mlp.c_proj+gelu.backward_input"),
-                "matmul",
-                &[dres, w, fc_pre],
-                &[dfc_pre],
-                mm(n, c, 4 * c),
-                move |gpu, r| {
-                    let o = MatmulBackwardInput {
-                        gelu_pre: Some(r.t(fc_pre)),
-                        ..Default::default()
-                    };
-                    Ok(vec![matmul::matmul_backward_input(
-                        gpu,
-                        r.t(dfc_pre),
-                        r.t(dres),
-                        r.t(w),
-                        &o,
-                    )?])
-                },
-            );
+            let what = name("mlp.c_proj+gelu.backward_input");
+            let flops = mm(n, c, 4 * c);
+            linear_backward_input(&mut g, what, dres, w, Some(fc_pre), dfc_pre, flops);
         } else {
             let dgelu = g.planned(name("d mlp.gelu out"), &[n, 4 * c], act);
-            g.node(
-                name("mlp.c_proj.backward_input"),
-                "matmul",
-                &[dres, w],
-                &[dgelu],
-                mm(n, c, 4 * c),
-                move |gpu, r| {
-                    Ok(vec![matmul::matmul_backward_input(
-                        gpu,
-                        r.t(dgelu),
-                        r.t(dres),
-                        r.t(w),
-                        &MatmulBackwardInput::default(),
-                    )?])
-                },
-            );
+            let what = name("mlp.c_proj.backward_input");
+            linear_backward_input(&mut g, what, dres, w, None, dgelu, mm(n, c, 4 * c));
             g.node(
                 name("mlp.gelu.backward"),
                 "elementwise",
@@ -638,22 +538,8 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         // mlp.c_fc
         let dln2 = g.planned(name("d ln_2 out"), &[n, c], act);
         let w = bl.fc_w.w;
-        g.node(
-            name("mlp.c_fc.backward_input"),
-            "matmul",
-            &[dfc_pre, w],
-            &[dln2],
-            mm(n, 4 * c, c),
-            move |gpu, r| {
-                Ok(vec![matmul::matmul_backward_input(
-                    gpu,
-                    r.t(dln2),
-                    r.t(dfc_pre),
-                    r.t(w),
-                    &MatmulBackwardInput::default(),
-                )?])
-            },
-        );
+        let what = name("mlp.c_fc.backward_input");
+        linear_backward_input(&mut g, what, dfc_pre, w, None, dln2, mm(n, 4 * c, c));
         linear_param_grads(
             &mut g,
             &name("mlp.c_fc"),
@@ -681,22 +567,8 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         // attn.c_proj
         let datty = g.planned(name("d attention out"), &[n, c], act);
         let w = bl.proj_w.w;
-        g.node(
-            name("attn.c_proj.backward_input"),
-            "matmul",
-            &[dres, w],
-            &[datty],
-            mm(n, c, c),
-            move |gpu, r| {
-                Ok(vec![matmul::matmul_backward_input(
-                    gpu,
-                    r.t(datty),
-                    r.t(dres),
-                    r.t(w),
-                    &MatmulBackwardInput::default(),
-                )?])
-            },
-        );
+        let what = name("attn.c_proj.backward_input");
+        linear_backward_input(&mut g, what, dres, w, None, datty, mm(n, c, c));
         linear_param_grads(
             &mut g,
             &name("attn.c_proj"),
@@ -764,22 +636,8 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         // attn.c_attn
         let dln1 = g.planned(name("d ln_1 out"), &[n, c], act);
         let w = bl.attn_w.w;
-        g.node(
-            name("attn.c_attn.backward_input"),
-            "matmul",
-            &[dqkv, w],
-            &[dln1],
-            mm(n, 3 * c, c),
-            move |gpu, r| {
-                Ok(vec![matmul::matmul_backward_input(
-                    gpu,
-                    r.t(dln1),
-                    r.t(dqkv),
-                    r.t(w),
-                    &MatmulBackwardInput::default(),
-                )?])
-            },
-        );
+        let what = name("attn.c_attn.backward_input");
+        linear_backward_input(&mut g, what, dqkv, w, None, dln1, mm(n, 3 * c, c));
         linear_param_grads(
             &mut g,
             &name("attn.c_attn"),
@@ -1039,6 +897,68 @@ fn layernorm_backward(
             )
         },
     );
+}
+
+/// One matmul node: `out = inp @ w^T (+ bias)`. With `gelu_pre`, the GELU epilogue is fused:
+/// `gelu_pre` receives the pre-activation and `out` its GELU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_forward(
+    g: &mut Graph,
+    what: String,
+    inp: TensorId,
+    w: TensorId,
+    bias: Option<TensorId>,
+    gelu_pre: Option<TensorId>,
+    out: TensorId,
+    flops: f64,
+) {
+    let mut reads = vec![inp, w];
+    reads.extend(bias);
+    let mut writes: Vec<TensorId> = gelu_pre.into_iter().collect();
+    writes.push(out);
+    g.node(what, "matmul", &reads, &writes, flops, move |gpu, r| {
+        let o = MatmulForward {
+            bias: bias.map(|b| r.t(b)),
+            gelu_pre: gelu_pre.map(|p| r.t(p)),
+            ..Default::default()
+        };
+        Ok(vec![matmul::matmul_forward(
+            gpu,
+            r.t(out),
+            r.t(inp),
+            r.t(w),
+            &o,
+        )?])
+    });
+}
+
+/// The input gradient of a Linear layer: `din = dout @ w`. With `gelu_pre` (the saved
+/// pre-activation of a GELU that fed the layer), the GELU backward is fused and `din` is the
+/// gradient at the pre-activation.
+fn linear_backward_input(
+    g: &mut Graph,
+    what: String,
+    dout: TensorId,
+    w: TensorId,
+    gelu_pre: Option<TensorId>,
+    din: TensorId,
+    flops: f64,
+) {
+    let mut reads = vec![dout, w];
+    reads.extend(gelu_pre);
+    g.node(what, "matmul", &reads, &[din], flops, move |gpu, r| {
+        let o = MatmulBackwardInput {
+            gelu_pre: gelu_pre.map(|p| r.t(p)),
+            ..Default::default()
+        };
+        Ok(vec![matmul::matmul_backward_input(
+            gpu,
+            r.t(din),
+            r.t(dout),
+            r.t(w),
+            &o,
+        )?])
+    });
 }
 
 /// Weight and bias gradients of a Linear layer `out = inp @ W^T + b` given `dout`.

@@ -5,11 +5,9 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::graph::gpt::{layernorm_node, ln_tensors, residual_layernorm};
+use crate::graph::gpt::{layernorm_node, linear_forward, ln_tensors, residual_layernorm};
 use crate::graph::{CompiledGraph, Graph, TensorId};
 use crate::model::{GptConfig, ParamLayout};
-use crate::ops::matmul;
-use crate::ops::matmul::MatmulForward;
 use crate::ops::sample::{self as ops, DecodeDims, DecodeStep};
 use crate::rng::Rng;
 use std::sync::Arc;
@@ -443,33 +441,9 @@ fn linear(
     out: TensorId,
     gelu: bool,
 ) {
-    let mut reads = vec![inp, w];
-    reads.extend(bias);
     let pre = gelu.then(|| {
         let shape = g.shape(out).to_vec();
         g.planned(format!("{what} pre-activation"), &shape, DType::F32)
     });
-    let mut writes = vec![out];
-    writes.extend(pre);
-    g.node(
-        format!("{what}.forward"),
-        "matmul",
-        &reads,
-        &writes,
-        0.0,
-        move |gpu, r| {
-            let o = MatmulForward {
-                bias: bias.map(|b| r.t(b)),
-                gelu_pre: pre.map(|p| r.t(p)),
-                ..Default::default()
-            };
-            Ok(vec![matmul::matmul_forward(
-                gpu,
-                r.t(out),
-                r.t(inp),
-                r.t(w),
-                &o,
-            )?])
-        },
-    );
+    linear_forward(g, format!("{what}.forward"), inp, w, bias, pre, out, 0.0);
 }
