@@ -458,45 +458,35 @@ pub fn flash_attention_backward_tiled(
         family: FAMILY,
     })?;
 
-    let n_kb = d.t.div_ceil(tiles.bk as usize);
-    let kv_work = check_u32_range(OP, "workgroups", n_kb * d.b * d.nh)?;
-    let kv_params = gpu.uniform(OP, &flash_params(&d, n_kb, kv_work));
-    let dkdv = gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_backward_dkdv",
-        defines: hs_defines("BACKWARD_DKDV"),
-        bindings: &[
-            Bind::Uniform(&kv_params),
-            Bind::Read(qkv),
-            Bind::Read(dout),
-            Bind::Read(lse),
-            Bind::Read(d_scratch),
-            Bind::Write(dqkv),
-        ],
-        workgroups: gpu.grid(kv_work),
-        label: format!("{OP}.dkdv"),
-        family: FAMILY,
-    })?;
-
-    let n_qb = d.t.div_ceil(tiles.bq as usize);
-    let q_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
-    let q_params = gpu.uniform(OP, &flash_params(&d, n_qb, q_work));
-    let dq = gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_backward_dq",
-        defines: hs_defines("BACKWARD_DQ"),
-        bindings: &[
-            Bind::Uniform(&q_params),
-            Bind::Read(qkv),
-            Bind::Read(dout),
-            Bind::Read(lse),
-            Bind::Read(d_scratch),
-            Bind::Write(dqkv),
-        ],
-        workgroups: gpu.grid(q_work),
-        label: format!("{OP}.dq"),
-        family: FAMILY,
-    })?;
+    // Two passes over the same inputs: dK/dV per key block, then dQ per query block.
+    let pass = |entry: &'static str, gate: &str, block: u32, what: &str| {
+        let n_blocks = d.t.div_ceil(block as usize);
+        let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
+        let params = gpu.uniform(OP, &flash_params(&d, n_blocks, work));
+        gpu.dispatch(DispatchDesc {
+            shader: "attention_flash",
+            entry,
+            defines: hs_defines(gate),
+            bindings: &[
+                Bind::Uniform(&params),
+                Bind::Read(qkv),
+                Bind::Read(dout),
+                Bind::Read(lse),
+                Bind::Read(d_scratch),
+                Bind::Write(dqkv),
+            ],
+            workgroups: gpu.grid(work),
+            label: format!("{OP}.{what}"),
+            family: FAMILY,
+        })
+    };
+    let dkdv = pass(
+        "flash_attention_backward_dkdv",
+        "BACKWARD_DKDV",
+        tiles.bk,
+        "dkdv",
+    )?;
+    let dq = pass("flash_attention_backward_dq", "BACKWARD_DQ", tiles.bq, "dq")?;
     Ok(vec![preprocess, dkdv, dq])
 }
 
