@@ -1,6 +1,8 @@
 //! The binaries end to end: the log-line contract, metrics, checkpoint + resume through the
 //! command line, Hugging Face export, and bad input giving clear errors with a non-zero exit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -10,22 +12,6 @@ fn tmp(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
-
-/// A small model on the bundled corpus: one step takes a fraction of a second on the CPU driver.
-const SMALL: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "16",
-    "-B",
-    "2",
-    "-T",
-    "16",
-];
 
 fn train(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_headless-train"))
@@ -57,7 +43,7 @@ fn losses(out: &str) -> Vec<String> {
 fn log_lines_follow_the_contract() {
     let dir = tmp("log");
     let metrics = dir.join("m.jsonl");
-    let mut args = SMALL.to_vec();
+    let mut args = common::SMALL_RUN.to_vec();
     args.extend(["--steps", "3", "--metrics", metrics.to_str().unwrap()]);
     let o = train(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -102,7 +88,7 @@ fn log_lines_follow_the_contract() {
 fn stop_checkpoint_and_resume_reproduce_the_uninterrupted_losses() {
     let dir = tmp("resume");
     let ck = dir.join("ck");
-    let mut whole = SMALL.to_vec();
+    let mut whole = common::SMALL_RUN.to_vec();
     whole.extend(["--steps", "6"]);
     let o = train(&whole);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -128,7 +114,7 @@ fn stop_checkpoint_and_resume_reproduce_the_uninterrupted_losses() {
 fn export_with_zero_steps_converts_the_initial_weights() {
     let dir = tmp("export");
     let hf = dir.join("hf");
-    let mut args = SMALL.to_vec();
+    let mut args = common::SMALL_RUN.to_vec();
     args.extend(["--steps", "0", "--export-hf", hf.to_str().unwrap()]);
     let o = train(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -210,11 +196,11 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         (vec!["--grad-accum".into(), "0".into()], "grad-accum"),
     ];
     for (extra, needle) in cases {
-        let mut args: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = common::SMALL_RUN.iter().map(|s| s.to_string()).collect();
         args.extend(["--steps".into(), "1".into()]);
         args.extend(extra);
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let line = expect_error(&refs, needle);
-        eprintln!("{:?} -> {line}", &refs[SMALL.len() + 2..]);
+        eprintln!("{:?} -> {line}", &refs[common::SMALL_RUN.len() + 2..]);
     }
 }

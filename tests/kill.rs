@@ -1,24 +1,11 @@
 //! A process killed while it writes a checkpoint leaves the previous checkpoints intact and
 //! loadable, and training resumes from the newest complete one.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const SMALL: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "16",
-    "-B",
-    "2",
-    "-T",
-    "16",
-];
 
 fn backend() -> String {
     std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "vulkan".into())
@@ -40,7 +27,7 @@ fn killed_during_save_keeps_the_previous_checkpoint_and_resumes() {
     let dir = std::env::temp_dir().join(format!("wgpt-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut args: Vec<&str> = SMALL.to_vec();
+    let mut args: Vec<&str> = common::SMALL_RUN.to_vec();
     let d = dir.to_str().unwrap();
     args.extend([
         "--steps",

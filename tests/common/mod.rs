@@ -6,6 +6,23 @@ use std::sync::{Arc, OnceLock};
 use wgpt::gpu::{DType, Gpu, GpuOptions, Tensor};
 use wgpt::rng::Rng;
 
+/// headless-train flags for a small model on the bundled corpus: one step takes a fraction of a
+/// second on the CPU driver.
+pub const SMALL_RUN: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "16",
+    "-B",
+    "2",
+    "-T",
+    "16",
+];
+
 thread_local! {
     /// Set while a test body runs on the GPU without subgroups (see `for_each_reduction_path`).
     static WITHOUT_SUBGROUPS: Cell<bool> = const { Cell::new(false) };
