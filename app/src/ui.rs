@@ -462,30 +462,7 @@ fn adapter_details(app: &WgptApp, ui: &mut Ui) {
                 g.info.name, g.info.backend, g.info.device_type
             ));
             ui.label(format!("driver: {} {}", g.info.driver, g.info.driver_info));
-            let mut feats = Vec::new();
-            if g.has_f16() {
-                feats.push("SHADER_F16".to_string());
-            }
-            if g.has_subgroups() {
-                feats.push(format!(
-                    "SUBGROUP (sizes {}..{})",
-                    g.subgroup_sizes.0, g.subgroup_sizes.1
-                ));
-            }
-            if g.has_timestamps() {
-                feats.push("TIMESTAMP_QUERY".into());
-            }
-            if g.has_coop_mat16_f16_f32() {
-                feats.push("COOPERATIVE_MATRIX 16x16 f16->f32".into());
-            }
-            ui.label(format!(
-                "features in use: {}",
-                if feats.is_empty() {
-                    "none".into()
-                } else {
-                    feats.join(", ")
-                }
-            ));
+            ui.label(format!("features in use: {}", g.feature_list()));
             ui.label(format!(
                 "max buffer {} MiB | max storage binding {} MiB | max workgroups per dimension {}",
                 g.limits.max_buffer_size >> 20,

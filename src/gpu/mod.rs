@@ -322,8 +322,8 @@ impl Gpu {
         })
     }
 
-    /// One line: adapter, backend, type and the optional features in use.
-    pub fn summary(&self) -> String {
+    /// The optional features in use, by name ("none" when there are none).
+    pub fn feature_list(&self) -> String {
         let mut feats = Vec::new();
         if self.has_f16() {
             feats.push("shader-f16".to_string());
@@ -341,8 +341,14 @@ impl Gpu {
             feats.push("cooperative-matrix-16x16".to_string());
         }
         if feats.is_empty() {
-            feats.push("none".to_string());
+            "none".to_string()
+        } else {
+            feats.join(", ")
         }
+    }
+
+    /// One line: adapter, backend, type and the optional features in use.
+    pub fn summary(&self) -> String {
         format!(
             "adapter: {} ({:?}, {:?}, driver {} {}) | features: {} | max binding {} MiB",
             self.info.name,
@@ -350,7 +356,7 @@ impl Gpu {
             self.info.device_type,
             self.info.driver,
             self.info.driver_info,
-            feats.join(", "),
+            self.feature_list(),
             self.limits.max_storage_buffer_binding_size >> 20
         )
     }

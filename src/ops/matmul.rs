@@ -63,7 +63,7 @@ impl TileConfig {
     }
 
     fn tiles(self, rows: usize, cols: usize) -> u64 {
-        rows.div_ceil(self.bm() as usize) as u64 * cols.div_ceil(self.bn() as usize) as u64
+        output_tiles(rows, cols, self.bm(), self.bn())
     }
 }
 
@@ -143,7 +143,7 @@ impl CoopTile {
     }
 
     fn tiles(self, rows: usize, cols: usize) -> u64 {
-        rows.div_ceil(self.bm() as usize) as u64 * cols.div_ceil(self.bn() as usize) as u64
+        output_tiles(rows, cols, self.bm(), self.bn())
     }
 }
 
@@ -394,6 +394,21 @@ pub fn auto_kernel(
     best_tiled_kernel(gpu, rows, cols)
 }
 
+/// Workgroups of a `bm x bn` tile that cover a `rows x cols` output.
+fn output_tiles(rows: usize, cols: usize, bm: u32, bn: u32) -> u64 {
+    rows.div_ceil(bm as usize) as u64 * cols.div_ceil(bn as usize) as u64
+}
+
+/// The rule of [`auto_kernel`]: the biggest tile (they come largest first) that still gives
+/// [`ENOUGH_TILES`] workgroups, else the smallest. `usable` is not empty.
+fn pick_tile<T: Copy>(usable: &[T], tiles: impl Fn(T) -> u64) -> T {
+    usable
+        .iter()
+        .copied()
+        .find(|&t| tiles(t) >= ENOUGH_TILES)
+        .unwrap_or(usable[usable.len() - 1])
+}
+
 /// The tiled kernel's tile for a `rows x cols` output (the rule of [`auto_kernel`]).
 pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
     let fits = |t: &TileConfig| {
@@ -402,7 +417,7 @@ pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKe
             && TILED_THREADS <= gpu.limits.max_compute_workgroup_size_x
     };
     let usable: Vec<TileConfig> = TILE_CONFIGS.iter().copied().filter(fits).collect();
-    let Some(&smallest) = usable.last() else {
+    if usable.is_empty() {
         return Err(Error::Limit {
             what: "matmul".to_string(),
             needed: format!(
@@ -417,26 +432,19 @@ pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKe
             adapter: gpu.info.name.clone(),
             hint: "use an adapter that meets the WebGPU default limits".into(),
         });
-    };
-    let tile = usable
-        .iter()
-        .copied()
-        .find(|t| t.tiles(rows, cols) >= ENOUGH_TILES)
-        .unwrap_or(smallest);
-    Ok(MatmulKernel::Tiled(tile))
+    }
+    Ok(MatmulKernel::Tiled(pick_tile(&usable, |t| {
+        t.tiles(rows, cols)
+    })))
 }
 
 /// The cooperative-matrix kernel's tile for a `rows x cols` output (the rule of
 /// [`auto_kernel`]), whatever the self-check says; an error if the adapter cannot run it.
 pub fn best_coop_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
     let usable = usable_coop_tiles(gpu).map_err(Error::Gpu)?;
-    let smallest = usable[usable.len() - 1];
-    let tile = usable
-        .iter()
-        .copied()
-        .find(|t| t.tiles(rows, cols) >= ENOUGH_TILES)
-        .unwrap_or(smallest);
-    Ok(MatmulKernel::Coop(tile))
+    Ok(MatmulKernel::Coop(pick_tile(&usable, |t| {
+        t.tiles(rows, cols)
+    })))
 }
 
 /// The subgroup size `matmul_coop` is sized for on this adapter, or why the adapter cannot run
