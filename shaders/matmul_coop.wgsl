@@ -239,25 +239,7 @@ fn load_b(k: u32, col: u32) -> {{AB_T}} {
 #endif
 }
 
-const GELU_SCALE: f32 = 0.7978845608028654; // sqrt(2 / pi)
-
-// The GELU formulas of matmul.wgsl and elementwise.wgsl: 0.5 * (1 + tanh(u)) as the logistic
-// function of 2u, finite for every u and free of cancellation when u is very negative.
-fn half_one_plus_tanh(u: f32) -> f32 {
-    return 1.0 / (1.0 + exp(-2.0 * u));
-}
-
-fn gelu(x: f32) -> f32 {
-    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
-    return x * half_one_plus_tanh(u);
-}
-
-fn gelu_grad(x: f32) -> f32 {
-    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
-    let s = half_one_plus_tanh(u);
-    let sech2 = 4.0 * s * (1.0 - s); // 1 - tanh(u)^2
-    return s + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-}
+#include gelu
 
 // The epilogue of matmul_tiled: applies it to one finished sum and writes C[row, col]; the only
 // thread that touches this element, so `+=` is an exact read-add-write.

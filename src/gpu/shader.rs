@@ -3,7 +3,10 @@
 //! A shader file may use
 //! - `{{NAME}}`, replaced by the value of define `NAME` (an error if it is not defined);
 //! - lines `#if NAME`, `#if !NAME`, `#else`, `#endif` (nestable): a define is true when it is
-//!   present and its value is not `0` or `false`.
+//!   present and its value is not `0` or `false`;
+//! - a line `#include NAME`: the file `shaders/NAME.wgsl` of [`INCLUDES`] (shared functions) is
+//!   appended after the text, once, so the including file's line numbers stay its own in naga's
+//!   messages (WGSL module-scope declarations may come in any order).
 //!
 //! When any define has the value `f16`, `enable f16;` is put in front of the source.
 
@@ -37,6 +40,14 @@ shader_files!(
     "sample",
 );
 
+/// Files that shaders pull in with `#include NAME`: functions several kernels must compute
+/// identically (the fused GELU epilogue of the matmuls and the GELU kernels, for one). They are
+/// validated as part of each shader that includes them.
+pub static INCLUDES: &[ShaderFile] = &[ShaderFile {
+    name: "gelu",
+    source: include_str!("../../shaders/gelu.wgsl"),
+}];
+
 /// The source of a shader file by name.
 pub fn source(name: &str) -> Result<&'static str> {
     SHADERS
@@ -55,11 +66,37 @@ fn is_true(defines: &[(String, String)], name: &str) -> bool {
 
 /// Specialises `text` (the file `name`) with `defines`.
 pub fn preprocess(name: &str, text: &str, defines: &[(String, String)]) -> Result<String> {
-    let err = |line: usize, msg: String| Error::Other(format!("shaders/{name}.wgsl:{line}: {msg}"));
     let mut out = String::with_capacity(text.len() + 64);
     if defines.iter().any(|(_, v)| v == "f16") {
         out.push_str("enable f16;\n");
     }
+    let mut includes = Vec::new();
+    expand(name, text, defines, &mut out, &mut includes)?;
+    let mut done = 0;
+    while done < includes.len() {
+        let inc: String = includes[done].clone();
+        let file = INCLUDES.iter().find(|f| f.name == inc).ok_or_else(|| {
+            Error::Other(format!(
+                "shaders/{name}.wgsl: #include {inc}: no such file among the includes"
+            ))
+        })?;
+        out.push_str(&format!("// ---- shaders/{inc}.wgsl (included)\n"));
+        expand(inc.as_str(), file.source, defines, &mut out, &mut includes)?;
+        done += 1;
+    }
+    Ok(out)
+}
+
+/// Appends `text` specialised by `defines` to `out`, one output line per input line; names
+/// that `#include` lines ask for are added to `includes` (each once).
+fn expand(
+    name: &str,
+    text: &str,
+    defines: &[(String, String)],
+    out: &mut String,
+    includes: &mut Vec<String>,
+) -> Result<()> {
+    let err = |line: usize, msg: String| Error::Other(format!("shaders/{name}.wgsl:{line}: {msg}"));
     // Stack of (this branch active, some branch of this #if already taken).
     let mut stack: Vec<(bool, bool)> = Vec::new();
     let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|&(a, _)| a);
@@ -97,6 +134,14 @@ pub fn preprocess(name: &str, text: &str, defines: &[(String, String)]) -> Resul
             out.push('\n');
             continue;
         }
+        if let Some(inc) = trimmed.strip_prefix("#include ") {
+            let inc = inc.trim().to_string();
+            if !includes.contains(&inc) {
+                includes.push(inc);
+            }
+            out.push('\n');
+            continue;
+        }
         let mut rest = line;
         while let Some(start) = rest.find("{{") {
             out.push_str(&rest[..start]);
@@ -119,7 +164,7 @@ pub fn preprocess(name: &str, text: &str, defines: &[(String, String)]) -> Resul
     if !stack.is_empty() {
         return Err(err(text.lines().count(), "#if without #endif".into()));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -159,5 +204,25 @@ mod tests {
         assert!(e.contains("shaders/t.wgsl:2") && e.contains("NOPE"), "{e}");
         assert!(preprocess("t", "#if X\n", &[]).is_err());
         assert!(preprocess("t", "#endif\n", &[]).is_err());
+    }
+
+    #[test]
+    fn appends_each_include_once_after_the_text() {
+        let src =
+            "l1\n#include gelu\nl3\n#if X\n#include gelu\n#endif\n#if !X\n#include nope\n#endif";
+        // The second `#include gelu` is the same file; `nope` sits in an inactive branch.
+        let out = preprocess("t", src, &d(&[("X", "1")])).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "l1");
+        assert_eq!(lines[2], "l3");
+        let gelu = INCLUDES.iter().find(|f| f.name == "gelu").unwrap().source;
+        let tail = &lines[9..];
+        assert_eq!(tail[0], "// ---- shaders/gelu.wgsl (included)");
+        assert_eq!(tail[1..], gelu.lines().collect::<Vec<_>>()[..]);
+        // An include that does not exist is an error naming the file that asked for it.
+        let e = preprocess("t", "#include nope", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shaders/t.wgsl") && e.contains("nope"), "{e}");
     }
 }
