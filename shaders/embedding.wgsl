@@ -3,6 +3,8 @@
 // Sections: FORWARD (WTE_T, WPE_T: f32 | f16), BACKWARD_WTE (DOUT_T), BACKWARD_WPE (DOUT_T).
 // Token ids >= Vp (bad data) are clamped to Vp - 1 so nothing is read or written out of bounds;
 // `bucket_tokens` on the CPU clamps the same way, so forward and backward agree.
+// The token table may come in pieces of rows (one launch per piece): a launch handles the tokens
+// in rows first .. first + piece_rows of the Vp-row table and leaves the others alone.
 
 const WG: u32 = 256u;
 
@@ -17,12 +19,16 @@ struct Params {
     rows: u32, // B*T
     t: u32,
     c: u32,
-    vp: u32,
+    vp: u32,         // rows of the whole table
+    first: u32,      // the piece's first row
+    piece_rows: u32, // rows in this piece
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ef_tokens: array<u32>;          // (B*T)
-@group(0) @binding(2) var<storage, read> ef_wte: array<{{WTE_T}}>;       // (Vp, C)
+@group(0) @binding(2) var<storage, read> ef_wte: array<{{WTE_T}}>;       // (piece_rows, C)
 @group(0) @binding(3) var<storage, read> ef_wpe: array<{{WPE_T}}>;       // (block, C), block >= T
 @group(0) @binding(4) var<storage, read_write> ef_out: array<f32>;       // (B*T, C)
 
@@ -35,7 +41,8 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let col = i - row * p.c;
     let pos = row % p.t;
     let tok = min(ef_tokens[row], p.vp - 1u);
-    ef_out[i] = f32(ef_wte[tok * p.c + col]) + f32(ef_wpe[pos * p.c + col]);
+    if (tok < p.first || tok - p.first >= p.piece_rows) { return; }
+    ef_out[i] = f32(ef_wte[(tok - p.first) * p.c + col]) + f32(ef_wpe[pos * p.c + col]);
 }
 #endif
 
@@ -51,15 +58,19 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 // return at once.
 struct BucketParams {
     positions: u32, // P = B*T
+    _unused: u32,
     c: u32,
-    vp: u32,
-    _pad: u32,
+    vp: u32,         // rows of the whole table
+    first: u32,      // the piece's first row
+    piece_rows: u32, // rows in this piece
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> bp: BucketParams;
 @group(0) @binding(1) var<storage, read> bw_buckets: array<u32>;          // (1 + 4 P)
 @group(0) @binding(2) var<storage, read> bw_dout: array<{{DOUT_T}}>;      // (B*T, C)
-@group(0) @binding(3) var<storage, read_write> bw_dwte: array<f32>;       // (Vp, C), accumulated
+@group(0) @binding(3) var<storage, read_write> bw_dwte: array<f32>;       // (piece_rows, C), accumulated
 
 @compute @workgroup_size(256)
 fn embedding_backward_wte(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -68,6 +79,8 @@ fn embedding_backward_wte(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
     let n_buckets = min(bw_buckets[0], bp.positions);
     if (k >= n_buckets) { return; }
     let tok = min(bw_buckets[1u + 3u * k], bp.vp - 1u);
+    if (tok < bp.first || tok - bp.first >= bp.piece_rows) { return; }
+    let row = tok - bp.first;
     let start = min(bw_buckets[2u + 3u * k], bp.positions);
     let count = min(bw_buckets[3u + 3u * k], bp.positions - start);
     let list = 1u + 3u * bp.positions + start;
@@ -77,7 +90,7 @@ fn embedding_backward_wte(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
             let pos = min(bw_buckets[list + q], bp.positions - 1u);
             s += f32(bw_dout[pos * bp.c + col]);
         }
-        bw_dwte[tok * bp.c + col] += s;
+        bw_dwte[row * bp.c + col] += s;
     }
 }
 #endif

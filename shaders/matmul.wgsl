@@ -12,6 +12,8 @@
 // arithmetic (register prefetch) to hide memory latency with a single shared buffer.
 // Every output element is summed over k = 0, 1, ..., inner-1 in order by one thread, so results do
 // not depend on the tile size and two runs are bitwise equal.
+// A and C may be windows of wider matrices (one vocabulary piece of the logits): their first
+// element and row stride come in the parameters (a_start, a_stride, c_start, c_stride).
 //
 // Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, TM, TN (4|8), BK (multiple
 // of 8), ACCUMULATE, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
@@ -28,6 +30,10 @@ struct Params {
     tiles_m: u32, // ceil(rows / BM)
     tiles_n: u32, // ceil(cols / BN)
     tiles: u32,   // tiles_m * tiles_n
+    a_start: u32,  // A's first element in `a`
+    a_stride: u32, // elements between A's stored rows (inner, or rows with A_TRANS, when whole)
+    c_start: u32,  // C's first element in `c`
+    c_stride: u32, // elements between C's rows (cols when whole)
     _pad0: u32,
     _pad1: u32,
 }
@@ -43,7 +49,7 @@ struct Params {
 #else
 @group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (inner, cols)
 #endif
-@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols)
+@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols) at c_start, rows c_stride apart
 #if BIAS
 @group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
 #endif
@@ -103,9 +109,9 @@ fn load_a(row: u32, k: u32) -> f32 {
         return 0.0;
     }
 #if A_TRANS
-    return f32(a[k * p.rows + row]);
+    return f32(a[p.a_start + k * p.a_stride + row]);
 #else
-    return f32(a[row * p.inner + k]);
+    return f32(a[p.a_start + row * p.a_stride + k]);
 #endif
 }
 
@@ -126,7 +132,8 @@ fn load_b(k: u32, col: u32) -> f32 {
 // Applies the epilogue to one finished sum and writes C[row, col]; the only thread that touches
 // this element, so `+=` is an exact read-add-write.
 fn store_output(row: u32, col: u32, sum: f32) {
-    let idx = row * p.cols + col;
+    let idx = row * p.cols + col; // in `pre`, always whole
+    let c_idx = p.c_start + row * p.c_stride + col;
     var v = sum;
 #if BIAS
     v = v + f32(bias[col]);
@@ -142,9 +149,9 @@ fn store_output(row: u32, col: u32, sum: f32) {
     v = v * gelu_grad(f32(pre[idx]));
 #endif
 #if ACCUMULATE
-    v = f32(c[idx]) + v;
+    v = f32(c[c_idx]) + v;
 #endif
-    c[idx] = {{C_T}}(v);
+    c[c_idx] = {{C_T}}(v);
 }
 
 @compute @workgroup_size(256)

@@ -50,6 +50,10 @@ struct Params {
     tiles_m: u32, // ceil(rows / BM)
     tiles_n: u32, // ceil(cols / BN)
     tiles: u32,   // tiles_m * tiles_n
+    a_start: u32,  // A's first element in `a`
+    a_stride: u32, // elements between A's stored rows (inner, or rows with A_TRANS, when whole)
+    c_start: u32,  // C's first element in `c`
+    c_stride: u32, // elements between C's rows (cols when whole)
     _pad0: u32,
     _pad1: u32,
 }
@@ -65,7 +69,7 @@ struct Params {
 #else
 @group(0) @binding(2) var<storage, read> b: array<{{AB_T}}>;       // (inner, cols)
 #endif
-@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols)
+@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols) at c_start, rows c_stride apart
 #if BIAS
 @group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
 #endif
@@ -221,9 +225,9 @@ fn load_a(row: u32, k: u32) -> {{AB_T}} {
         return {{AB_T}}(0.0);
     }
 #if A_TRANS
-    return a[k * p.rows + row];
+    return a[p.a_start + k * p.a_stride + row];
 #else
-    return a[row * p.inner + k];
+    return a[p.a_start + row * p.a_stride + k];
 #endif
 }
 
@@ -244,7 +248,8 @@ fn load_b(k: u32, col: u32) -> {{AB_T}} {
 // The epilogue of matmul_tiled: applies it to one finished sum and writes C[row, col]; the only
 // thread that touches this element, so `+=` is an exact read-add-write.
 fn store_output(row: u32, col: u32, sum: f32) {
-    let idx = row * p.cols + col;
+    let idx = row * p.cols + col; // in `pre`, always whole
+    let c_idx = p.c_start + row * p.c_stride + col;
     var v = sum;
 #if BIAS
     v = v + f32(bias[col]);
@@ -258,9 +263,9 @@ fn store_output(row: u32, col: u32, sum: f32) {
     v = v * gelu_grad(f32(pre[idx]));
 #endif
 #if ACCUMULATE
-    v = f32(c[idx]) + v;
+    v = f32(c[c_idx]) + v;
 #endif
-    c[idx] = {{C_T}}(v);
+    c[c_idx] = {{C_T}}(v);
 }
 
 // Cooperative operations must run in control flow that is uniform across the subgroup: here

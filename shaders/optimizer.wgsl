@@ -1,6 +1,6 @@
-// The optimiser over the one flat f32 buffer that holds every parameter gradient: the global
-// gradient norm (two-stage deterministic reduction) and fused AdamW over the whole parameter
-// buffer in one dispatch.
+// The optimiser: the global gradient norm over the f32 buffers that hold every parameter
+// gradient (deterministic: partial sums per buffer, then all partials added in order) and fused
+// AdamW over one parameter buffer per dispatch.
 //
 // Sections: NORM_PARTIALS, NORM_FINISH, ADAMW (define COPY_T = f16: also refresh an f16 copy of
 // the parameters in the same pass). The norm's sections take SUBGROUPS: whether their workgroup
@@ -43,22 +43,23 @@ struct GradNormScalars {
 }
 
 struct NormParams {
-    n: u32,      // gradient elements
-    groups: u32, // stage-1 workgroups = partials in scratch
-    _pad0: u32,
-    _pad1: u32,
+    n: u32,      // gradient elements of this buffer (stage 1)
+    groups: u32, // stage 1: this buffer's workgroups; stage 2: partials over all buffers
+    base: u32,   // stage 1: this buffer's first partial in scratch
+    total: u32,  // partials over all buffers (the flags follow the sums)
 }
 
 #if NORM_PARTIALS
 // ---- grad_norm_partials (stage 1) --------------------------------------------------------------
-// A fixed number of workgroups walk the buffer with a grid stride (any n, no 65535-workgroup
-// limit); each thread sums (g * inv_loss_scale)^2 in f32 over about n / (groups * 256) elements
-// (scaling first keeps the loss-scaled squares from overflowing), then a workgroup reduction.
-// scratch[g] = partial sum, scratch[groups + g] = 1.0 if a non-finite gradient was seen.
+// One dispatch per gradient buffer. A fixed number of workgroups walk the buffer with a grid
+// stride (any n, no 65535-workgroup limit); each thread sums (g * inv_loss_scale)^2 in f32 over
+// about n / (groups * 256) elements (scaling first keeps the loss-scaled squares from
+// overflowing), then a workgroup reduction. scratch[base + g] = partial sum,
+// scratch[total + base + g] = 1.0 if a non-finite gradient was seen.
 @group(0) @binding(0) var<uniform> np: NormParams;
 @group(0) @binding(1) var<storage, read> gp_grads: array<f32>;              // (n)
 @group(0) @binding(2) var<storage, read> gp_scalars: GradNormScalars;
-@group(0) @binding(3) var<storage, read_write> gp_scratch: array<f32>;      // (2 * groups)
+@group(0) @binding(3) var<storage, read_write> gp_scratch: array<f32>;      // (2 * total)
 
 #if SUBGROUPS
 var<workgroup> part_sum: array<f32, 256>;   // (WG) one sum per subgroup
@@ -101,8 +102,8 @@ fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, t: Thread) {
             total += part_sum[k];
             any_bad |= part_bad[k];
         }
-        gp_scratch[g] = total;
-        gp_scratch[np.groups + g] = f32(any_bad);
+        gp_scratch[np.base + g] = total;
+        gp_scratch[np.total + np.base + g] = f32(any_bad);
     }
 #else
     red_sum[lid] = s;
@@ -116,8 +117,8 @@ fn grad_norm_partials(@builtin(workgroup_id) wid: vec3<u32>, t: Thread) {
         workgroupBarrier();
     }
     if (lid == 0u && g < np.groups) {
-        gp_scratch[g] = red_sum[0];
-        gp_scratch[np.groups + g] = f32(red_bad[0]);
+        gp_scratch[np.base + g] = red_sum[0];
+        gp_scratch[np.total + np.base + g] = f32(red_bad[0]);
     }
 #endif
 }

@@ -12,8 +12,8 @@ struct Shape {
     t_max: u32,  // positions the cache holds
     v: u32,      // real vocabulary (sampling ignores the padded columns beyond it)
     vp: u32,     // padded vocabulary (row stride of the logits)
-    _pad0: u32,
-    _pad1: u32,
+    first: u32,      // embedding_at: the first row of the token-table piece it reads
+    piece_rows: u32, // embedding_at: rows in that piece
 }
 
 struct Step {
@@ -27,17 +27,21 @@ struct Step {
 @group(0) @binding(1) var<uniform> step: Step;
 
 // ---- embedding_at: out[s, :] = wte[tokens[s], :] + wpe[pos, :] --------------------------------
+// The token table may come in pieces of rows (one launch per piece): a launch writes the samples
+// whose token lies in its piece.
 @group(0) @binding(2) var<storage, read> ea_tokens: array<u32>;         // (S)
-@group(0) @binding(3) var<storage, read> ea_wte: array<{{W_T}}>;         // (Vp, C)
+@group(0) @binding(3) var<storage, read> ea_wte: array<{{W_T}}>;         // (piece_rows, C)
 @group(0) @binding(4) var<storage, read> ea_wpe: array<{{W_T}}>;         // (block, C)
 @group(0) @binding(5) var<storage, read_write> ea_out: array<f32>;      // (S, C)
 
 @compute @workgroup_size(64)
 fn embedding_at(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let s = wid.x;
-    let tok = ea_tokens[s];
+    let tok = min(ea_tokens[s], shape.vp - 1u);
+    if (tok < shape.first || tok - shape.first >= shape.piece_rows) { return; }
+    let row = tok - shape.first;
     for (var c = lid; c < shape.c; c += 64u) {
-        ea_out[s * shape.c + c] = f32(ea_wte[tok * shape.c + c]) + f32(ea_wpe[step.pos * shape.c + c]);
+        ea_out[s * shape.c + c] = f32(ea_wte[row * shape.c + c]) + f32(ea_wpe[step.pos * shape.c + c]);
     }
 }
 

@@ -19,4 +19,4 @@ pub mod sample;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use gpu::{DType, Dispatch, Gpu, GpuOptions, Tensor};
+pub use gpu::{AdapterLimits, DType, Dispatch, Gpu, GpuOptions, Tensor};

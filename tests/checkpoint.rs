@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use wgpt::checkpoint::{self, hf, Checkpoint, TrainState};
 use wgpt::model::init::init_params;
-use wgpt::model::{GptConfig, ParamLayout};
+use wgpt::model::{BlockTensor, GptConfig, ParamId, ParamLayout};
 use wgpt::rng::Rng;
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -31,9 +31,9 @@ fn sample(cfg: &GptConfig) -> Checkpoint {
     // Moments are only meaningful inside tensors; the padding between them stays zero.
     let mut m = vec![0f32; layout.total];
     let mut v = vec![0f32; layout.total];
-    for e in &layout.entries {
-        m[e.offset..e.offset + e.len()].copy_from_slice(&rng.vec_normal(e.len(), 1.0));
-        v[e.offset..e.offset + e.len()].copy_from_slice(&rng.vec_uniform(e.len(), 0.0, 1.0));
+    for (_, e) in layout.entries.iter() {
+        m[e.range()].copy_from_slice(&rng.vec_normal(e.len(), 1.0));
+        v[e.range()].copy_from_slice(&rng.vec_uniform(e.len(), 0.0, 1.0));
     }
     Checkpoint {
         config: *cfg,
@@ -115,7 +115,7 @@ fn hf_export_then_import_is_bit_exact() {
     assert_eq!(md.metadata().as_ref().unwrap().get("format").unwrap(), "pt");
     // the Conv1D transpose: element [i, o] of the file is our [o, i]
     let layout = ParamLayout::new(&c.config);
-    let e = layout.get("h.1.mlp.c_fc.weight").unwrap();
+    let e = layout.entry(ParamId::Block(1, BlockTensor::CFcWeight));
     let t: Vec<f32> =
         bytemuck::pod_collect_to_vec(st.tensor("h.1.mlp.c_fc.weight").unwrap().data());
     assert_eq!(t[3 * 64 + 5], c.params[e.offset + 5 * 16 + 3]);

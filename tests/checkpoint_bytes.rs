@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use wgpt::checkpoint::{hf, Checkpoint, TrainState};
 use wgpt::model::init::init_params;
-use wgpt::model::{GptConfig, ParamLayout};
+use wgpt::model::{GptConfig, ParamId, ParamLayout};
 
 const FILE: &str = "damaged.safetensors";
 const CONFIG: &str = "config.json";
@@ -35,9 +35,9 @@ fn sample(cfg: &GptConfig) -> Checkpoint {
     let layout = ParamLayout::new(cfg);
     // Moments live inside tensors only; the padding between them is not saved and stays zero.
     let (mut m, mut v) = (vec![0f32; layout.total], vec![0f32; layout.total]);
-    for e in &layout.entries {
-        m[e.offset..e.offset + e.len()].fill(0.5);
-        v[e.offset..e.offset + e.len()].fill(0.25);
+    for (_, e) in layout.entries.iter() {
+        m[e.range()].fill(0.5);
+        v[e.range()].fill(0.25);
     }
     Checkpoint {
         config: *cfg,
@@ -161,18 +161,14 @@ fn from_bytes_matches_load_and_import_bytes_matches_import() {
     assert_eq!(imported.config.n_layer, 2);
     assert_eq!(imported.config.padded_vocab_size, 128);
     let layout = ParamLayout::new(&imported.config);
-    for e in &layout.entries {
-        let ours = ParamLayout::new(&c.config).get(&e.name).unwrap().clone();
-        let n = if e.name == "wte.weight" {
-            5 * 4
-        } else {
-            e.len()
-        };
+    for (id, e) in layout.entries.iter() {
+        let ours = ParamLayout::new(&c.config).entry(id).clone();
+        let n = if id == ParamId::Wte { 5 * 4 } else { e.len() };
         assert_eq!(
             imported.params[e.offset..e.offset + n],
             c.params[ours.offset..ours.offset + n],
             "{}",
-            e.name
+            id.name()
         );
     }
 }

@@ -179,7 +179,8 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         (vec!["--resume".into(), p(&notdir)], "nothing-here"),
         (vec!["--init-from".into(), p(&notdir)], "nothing-here"),
         (vec!["--preset".into(), "gpt5".into()], "unknown preset"),
-        // logits of 256 x 1024 x 50304 f32 (53 GB) exceed any adapter's buffer
+        // naive attention's scores of 512 x 2 heads x 1024 x 1024 f32 (4 GiB) exceed any
+        // adapter's binding
         (
             vec![
                 "--block-size".into(),
@@ -187,11 +188,21 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
                 "-T".into(),
                 "1024".into(),
                 "-B".into(),
-                "256".into(),
-                "--precision".into(),
-                "f32".into(),
+                "512".into(),
+                "--attention".into(),
+                "naive".into(),
             ],
-            "offers",
+            "--attention flash",
+        ),
+        // 200 layers 2048 wide: 10B parameters, some 190 GB with gradients and moments
+        (
+            vec![
+                "--n-layer".into(),
+                "200".into(),
+                "--n-embd".into(),
+                "2048".into(),
+            ],
+            "device memory",
         ),
         (vec!["--grad-accum".into(), "0".into()], "grad-accum"),
     ];

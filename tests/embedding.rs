@@ -16,6 +16,20 @@ const SHAPES: [(usize, usize, usize, usize, usize); 5] = [
     (2, 64, 768, 300, 64),
 ];
 
+/// `embedding_forward` with the whole token table in one tensor.
+fn forward_whole(
+    g: &wgpt::Gpu,
+    out: &wgpt::Tensor,
+    tokens: &wgpt::Tensor,
+    wte: &wgpt::Tensor,
+    wpe: &wgpt::Tensor,
+    b: usize,
+    t: usize,
+) -> wgpt::Result<wgpt::Dispatch> {
+    let rows = wte.shape[0];
+    emb::embedding_forward(g, out, tokens, wte, emb::TablePiece::whole(rows), wpe, b, t)
+}
+
 /// Tokens with many repeats: drawn from a small range, plus the last id.
 fn make_tokens(r: &mut wgpt::rng::Rng, n: usize, vp: usize) -> Vec<u32> {
     let range = (vp as u64 / 3).max(1);
@@ -41,7 +55,7 @@ fn embedding_forward_matches_reference() {
                 let (wte_g, wte) = upload("wte", &r.vec_normal(vp * c, 0.5), &[vp, c], wte_t);
                 let (wpe_g, wpe) = upload("wpe", &r.vec_normal(block * c, 0.5), &[block, c], wpe_t);
                 let out = poisoned("out", &[b, t, c], DType::F32);
-                let d = emb::embedding_forward(gpu(), &out, &tt, &wte_g, &wpe_g, b, t).unwrap();
+                let d = forward_whole(gpu(), &out, &tt, &wte_g, &wpe_g, b, t).unwrap();
                 gpu().run(&[&d]).unwrap();
                 let mut want = vec![0.0; b * t * c];
                 cpu::embedding_forward(&mut want, &tokens, &wte, &wpe, t, c);
@@ -170,7 +184,7 @@ fn out_of_range_tokens_are_clamped() {
     let tt = gpu().upload_u32("tokens", &tokens, &[3]).unwrap();
     let out = poisoned("out", &[b, t, c], DType::F32);
     gpu()
-        .run(&[&emb::embedding_forward(gpu(), &out, &tt, &wte_g, &wpe_g, b, t).unwrap()])
+        .run(&[&forward_whole(gpu(), &out, &tt, &wte_g, &wpe_g, b, t).unwrap()])
         .unwrap();
     let mut want = vec![0.0; t * c];
     cpu::embedding_forward(&mut want, &[1, 4, 4], &wte, &wpe, t, c);
@@ -199,18 +213,16 @@ fn shape_errors_are_reported() {
         z(&[10, c], f),
         z(&[5, c], f),
     );
-    assert!(emb::embedding_forward(g, &out, &tokens, &wte, &wpe, b, t).is_ok());
-    let e = emb::embedding_forward(g, &out, &tokens, &wte, &z(&[2, c], f), b, t)
+    assert!(forward_whole(g, &out, &tokens, &wte, &wpe, b, t).is_ok());
+    let e = forward_whole(g, &out, &tokens, &wte, &z(&[2, c], f), b, t)
         .err()
         .expect("block < T");
     assert!(e.to_string().contains("embedding_forward"), "{e}");
-    assert!(emb::embedding_forward(g, &out, &tokens, &wte, &z(&[5, c + 1], f), b, t).is_err());
-    assert!(emb::embedding_forward(g, &z(&[b, t, c + 1], f), &tokens, &wte, &wpe, b, t).is_err());
-    assert!(emb::embedding_forward(g, &out, &z(&[b * t], f), &wte, &wpe, b, t).is_err());
-    assert!(
-        emb::embedding_forward(g, &out, &z(&[b * t + 1], DType::U32), &wte, &wpe, b, t).is_err()
-    );
-    assert!(emb::embedding_forward(g, &out, &tokens, &wte, &wpe, 0, t).is_err());
+    assert!(forward_whole(g, &out, &tokens, &wte, &z(&[5, c + 1], f), b, t).is_err());
+    assert!(forward_whole(g, &z(&[b, t, c + 1], f), &tokens, &wte, &wpe, b, t).is_err());
+    assert!(forward_whole(g, &out, &z(&[b * t], f), &wte, &wpe, b, t).is_err());
+    assert!(forward_whole(g, &out, &z(&[b * t + 1], DType::U32), &wte, &wpe, b, t).is_err());
+    assert!(forward_whole(g, &out, &tokens, &wte, &wpe, 0, t).is_err());
     let buckets = z(&[emb::embedding_buckets_len(b * t)], DType::U32);
     assert!(emb::embedding_backward(g, &wte, &wpe, &out, &buckets, b, t).is_ok());
     let e = emb::embedding_backward(g, &wte, &wpe, &out, &z(&[4], DType::U32), b, t)
@@ -222,4 +234,68 @@ fn shape_errors_are_reported() {
         emb::embedding_backward(g, &z(&[10, c], DType::F16), &wpe, &out, &buckets, b, t).is_err()
     );
     assert!(emb::embedding_backward(g, &wte, &z(&[5, c + 1], f), &out, &buckets, b, t).is_err());
+}
+
+/// The table split into pieces of rows (as storage does for a table larger than one binding):
+/// one launch per piece gives the same forward output and gradients as the whole table.
+#[test]
+fn a_table_in_pieces_equals_the_whole_table() {
+    let (b, t, c, vp, block) = (3, 21, 40, 300, 24);
+    for dtype in float_dtypes() {
+        let mut r = rng(700);
+        let tokens = make_tokens(&mut r, b * t, vp);
+        let tt = gpu().upload_u32("tokens", &tokens, &[b * t]).unwrap();
+        let wte = r.vec_normal(vp * c, 0.5);
+        let (wpe_g, wpe) = upload("wpe", &r.vec_normal(block * c, 0.5), &[block, c], dtype);
+        let (dout_g, dout) = upload("dout", &r.vec_normal(b * t * c, 1.0), &[b, t, c], dtype);
+        let buckets = gpu()
+            .upload_u32(
+                "buckets",
+                &emb::bucket_tokens(&tokens, vp),
+                &[emb::embedding_buckets_len(b * t)],
+            )
+            .unwrap();
+        // Uneven pieces, one of a single row and one no token falls in.
+        let cuts = [0, 7, 8, 100, 299, 300];
+        let out = poisoned("out", &[b, t, c], DType::F32);
+        let mut want_out = vec![0.0; b * t * c];
+        let mut stored = Vec::new();
+        let mut dispatches = Vec::new();
+        let mut grads = Vec::new();
+        for w in cuts.windows(2) {
+            let (r0, r1) = (w[0], w[1]);
+            let (piece, values) = upload("wte piece", &wte[r0 * c..r1 * c], &[r1 - r0, c], dtype);
+            stored.extend(values);
+            let at = emb::TablePiece {
+                first: r0,
+                total: vp,
+            };
+            let grad = gpu()
+                .zeros("dwte piece", &[r1 - r0, c], DType::F32)
+                .unwrap();
+            dispatches
+                .push(emb::embedding_forward(gpu(), &out, &tt, &piece, at, &wpe_g, b, t).unwrap());
+            dispatches.push(
+                emb::embedding_backward_wte(gpu(), &grad, at, &dout_g, &buckets, b, t).unwrap(),
+            );
+            grads.push(grad);
+        }
+        gpu().run(&dispatches.iter().collect::<Vec<_>>()).unwrap();
+        cpu::embedding_forward(&mut want_out, &tokens, &stored, &wpe, t, c);
+        assert_close(
+            &format!("forward over pieces, {dtype:?}"),
+            &read(&out),
+            &want_out,
+            1e-6,
+        );
+        let got: Vec<f32> = grads.iter().flat_map(read).collect();
+        let (mut want_wte, mut want_wpe) = (vec![0.0; vp * c], vec![0.0; block * c]);
+        cpu::embedding_backward(&mut want_wte, &mut want_wpe, &dout, &tokens, t, c);
+        assert_close(
+            &format!("dwte over pieces, {dtype:?}"),
+            &got,
+            &want_wte,
+            1e-6,
+        );
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use wgpt::checkpoint::{hf, Checkpoint};
 use wgpt::gpu::DType;
 use wgpt::model::init::init_params;
+use wgpt::model::params::storage_order;
 use wgpt::model::{GptConfig, ParamLayout};
 use wgpt::ops::sample::{self as ops, DecodeDims, DecodeStep};
 use wgpt::reference::model::ReferenceModel;
@@ -33,10 +34,10 @@ fn weights(seed: u64) -> Checkpoint {
     let layout = ParamLayout::new(&cfg);
     let mut p = init_params(&cfg, &layout, seed);
     let mut r = rng(seed + 1);
-    for e in &layout.entries {
-        for x in &mut p[e.offset..e.offset + e.len()] {
+    for id in storage_order(&cfg) {
+        for x in &mut p[layout.entry(id).range()] {
             *x = *x * 5.0
-                + if e.name.ends_with("bias") {
+                + if !id.decayed() && !id.is_layernorm_weight() {
                     r.range(-0.1, 0.1)
                 } else {
                     0.0
@@ -59,6 +60,9 @@ fn reference_greedy(
 ) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     let v = model.config.vocab_size;
+    // The smallest lead of the chosen token over the runner-up: a test whose choices were near
+    // ties would be decided by rounding.
+    let mut lead = f64::INFINITY;
     for _ in 0..new {
         let logits = model.logits(params, &seq, 1, seq.len());
         let last = &logits[(seq.len() - 1) * v..seq.len() * v];
@@ -68,8 +72,18 @@ fn reference_greedy(
                 best = i;
             }
         }
+        let second = (0..v)
+            .filter(|&i| i != best)
+            .map(|i| last[i])
+            .fold(f64::NEG_INFINITY, f64::max);
+        lead = lead.min(last[best] - second);
         seq.push(best as u32);
     }
+    eprintln!("reference greedy decoding: smallest lead of the chosen token {lead:.3e}");
+    assert!(
+        lead > 1e-4,
+        "a near tie ({lead:e}) would make the comparison a coin toss"
+    );
     seq
 }
 
@@ -128,6 +142,40 @@ fn greedy_decoding_from_a_hugging_face_checkpoint_matches_the_reference() {
         );
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Greedy decoding with GPT-2 124M's real shape, from a Hugging Face-format checkpoint, with the
+/// weights stored for WebGPU's default limits (wte in two pieces): the reference's tokens.
+#[test]
+fn greedy_decoding_at_gpt2_124m_shape_matches_the_reference() {
+    let cfg = GptConfig::gpt2();
+    let dir = std::env::temp_dir().join(format!("wgpt-gpt2-124m-gen-{}", std::process::id()));
+    let ck = hf_checkpoint(&dir, &cfg, 125);
+    std::fs::remove_dir_all(&dir).ok();
+    let prompt = wgpt::data::Tokenizer::gpt2().encode("Hello, I'm a language model,");
+    let new = 6;
+    let limits = wgpt::AdapterLimits::webgpu_default(gpu().memory);
+    let start = std::time::Instant::now();
+    let mut g = Generator::from_checkpoint_with_limits(arc_gpu(), &ck, 2, &limits).unwrap();
+    assert_eq!(g.storage().pieces.wte.len(), 2);
+    let opts = SampleOptions {
+        max_new_tokens: new,
+        top_k: 1,
+        temperature: 1.0,
+        seed: 1,
+    };
+    let got = g.generate(&prompt, &opts, |_, _| {}).unwrap();
+    eprintln!(
+        "gpt2 124M: {} positions for 2 samples in {:.1} s",
+        prompt.len() + new,
+        start.elapsed().as_secs_f64()
+    );
+    let model = ReferenceModel::new(cfg);
+    let params: Vec<f64> = ck.params.iter().map(|&x| x as f64).collect();
+    let want = reference_greedy(&model, &params, &prompt, new);
+    for (s, seq) in got.iter().enumerate() {
+        assert_eq!(seq, &want, "sample {s}");
+    }
 }
 
 /// The inverse-CDF draw the sampler makes, on the CPU: top-k by value, candidates in index order.

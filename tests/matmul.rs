@@ -4,7 +4,8 @@ mod common;
 use common::*;
 use wgpt::gpu::{DType, Tensor};
 use wgpt::ops::matmul::{
-    self as mm, MatmulBackwardInput, MatmulForward, MatmulKernel, TileConfig, TILE_CONFIGS,
+    self as mm, MatmulBackwardInput, MatmulBackwardWeight, MatmulForward, MatmulKernel, TileConfig,
+    TILE_CONFIGS,
 };
 use wgpt::reference::elementwise::{gelu, gelu_grad};
 use wgpt::reference::matmul as cpu;
@@ -38,6 +39,22 @@ fn backward_weight_want(dout: &[f32], x: &[f32], (m, k, n): (usize, usize, usize
     let mut want = vec![0.0; n * k];
     cpu::matmul_backward_weight(&mut want, dout, x, m, k, n);
     want
+}
+
+/// `matmul_backward_weight` with `accumulate` and a forced `kernel` (None: the launcher's).
+fn backward_weight(
+    dw: &Tensor,
+    dout: &Tensor,
+    x: &Tensor,
+    accumulate: bool,
+    kernel: Option<MatmulKernel>,
+) -> wgpt::Result<wgpt::Dispatch> {
+    let opts = MatmulBackwardWeight {
+        accumulate,
+        kernel,
+        ..Default::default()
+    };
+    mm::matmul_backward_weight(gpu(), dw, dout, x, &opts)
 }
 
 fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -265,7 +282,7 @@ fn backward_weight_matches_reference() {
                     (poisoned("dweight", &[n, k], DType::F32), vec![0.0; n * k])
                 };
                 gpu()
-                    .run(&[&mm::matmul_backward_weight(gpu(), &dw, &dout, &x, accumulate).unwrap()])
+                    .run(&[&backward_weight(&dw, &dout, &x, accumulate, None).unwrap()])
                     .unwrap();
                 assert_close(
                     &format!("matmul_backward_weight {dtype:?} {shape:?} accumulate={accumulate}"),
@@ -364,8 +381,7 @@ fn every_tile_config_matches_reference() {
                 );
 
                 let dw = poisoned("dweight", &[n, k], DType::F32);
-                let d = mm::matmul_backward_weight_with(gpu(), &dw, &dout, &f.x, false, kernel)
-                    .unwrap();
+                let d = backward_weight(&dw, &dout, &f.x, false, kernel).unwrap();
                 gpu().run(&[&d]).unwrap();
                 let want = backward_weight_want(&doutv, &f.xv, shape);
                 assert_close(
@@ -430,7 +446,7 @@ fn runs_are_bitwise_deterministic() {
     let bwd_in =
         mm::matmul_backward_input(gpu(), &dinp, &dout, &f.w, &MatmulBackwardInput::default())
             .unwrap();
-    let bwd_w = mm::matmul_backward_weight(gpu(), &dw, &dout, &f.x, false).unwrap();
+    let bwd_w = backward_weight(&dw, &dout, &f.x, false, None).unwrap();
     let bwd_b = mm::matmul_backward_bias(gpu(), &db, &dout, &scratch, false).unwrap();
     let mut all = vec![&fwd, &bwd_in, &bwd_w];
     all.extend(bwd_b.iter());
@@ -542,7 +558,7 @@ fn bad_shapes_and_aliases_are_errors() {
 
     let dw = gpu().zeros("dweight", &[53, 29], f32_).unwrap();
     let x_short = gpu().zeros("inp", &[36, 29], f32_).unwrap();
-    let e = mm::matmul_backward_weight(gpu(), &dw, &out, &x_short, true)
+    let e = backward_weight(&dw, &out, &x_short, true, None)
         .err()
         .expect("must be refused")
         .to_string();
@@ -550,7 +566,34 @@ fn bad_shapes_and_aliases_are_errors() {
         e.contains("matmul_backward_weight") && e.contains("inp"),
         "{e}"
     );
-    assert!(mm::matmul_backward_weight(gpu(), &x, &out, &x, true).is_err());
+    assert!(backward_weight(&x, &out, &x, true, None).is_err());
+    // Column windows must lie inside the rows they are taken from.
+    let wide = gpu().zeros("wide", &[37, 100], f32_).unwrap();
+    let window = |start| MatmulForward {
+        out_columns: Some(start),
+        ..none
+    };
+    assert!(mm::matmul_forward(gpu(), &wide, &x, &w, &window(47)).is_ok());
+    assert!(fwd(&wide, &x, &w, &window(48)).contains("outside"));
+    let with_gelu = MatmulForward {
+        gelu_pre: Some(&out),
+        ..window(0)
+    };
+    assert!(fwd(&wide, &x, &w, &with_gelu).contains("out_columns"));
+    let e = mm::matmul_backward_input(
+        gpu(),
+        &dinp,
+        &wide,
+        &w,
+        &MatmulBackwardInput {
+            dout_columns: Some(48),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("must be refused")
+    .to_string();
+    assert!(e.contains("dout") && e.contains("outside"), "{e}");
 
     let db = gpu().zeros("dbias", &[53], f32_).unwrap();
     let scratch_small = gpu().zeros("scratch", &[52], f32_).unwrap();
@@ -564,5 +607,172 @@ fn bad_shapes_and_aliases_are_errors() {
     let db16 = gpu().zeros("dbias", &[53], DType::F16);
     if let Ok(db16) = db16 {
         assert!(mm::matmul_backward_bias(gpu(), &db16, &out, &scratch, true).is_err());
+    }
+}
+
+/// The three products on column windows of a wider matrix, as the classifier runs them on one
+/// vocabulary piece of the logits: the forward writes only its columns (the others keep their
+/// values), the backward products read only theirs.
+#[test]
+fn products_on_column_windows_of_wider_rows() {
+    let (m, k, width) = (70, 29, 150);
+    let mut kernels = vec![None, Some(MatmulKernel::Tiled(TILE_CONFIGS[0]))];
+    if gpu().has_f16() && gpu().has_subgroups() {
+        kernels.push(Some(MatmulKernel::CoopEmulated(mm::COOP_TILES[2])));
+    }
+    for dtype in float_dtypes() {
+        for kernel in kernels.clone() {
+            if matches!(kernel, Some(MatmulKernel::CoopEmulated(_))) && dtype != DType::F16 {
+                continue;
+            }
+            // Pieces of the columns: [0, 53), [53, 54), [54, 150).
+            for (start, n) in [(0, 53), (53, 1), (54, 96)] {
+                let seed = 900 + start as u64;
+                let tag = format!("{dtype:?} columns {start}..{} kernel {kernel:?}", start + n);
+                let (x, xv) = upload("inp", &uniform(seed, m * k), &[m, k], dtype);
+                let (w, wv) = upload("weight", &uniform(seed + 1, n * k), &[n, k], dtype);
+                let before = uniform(seed + 2, m * width);
+                let (wide, before) = upload("wide", &before, &[m, width], dtype);
+                let opts = MatmulForward {
+                    out_columns: Some(start),
+                    kernel,
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_forward(gpu(), &wide, &x, &w, &opts).unwrap()])
+                    .unwrap();
+                let product = forward_want(&xv, &wv, None, (m, k, n));
+                let mut want = before.clone();
+                for r in 0..m {
+                    want[r * width + start..r * width + start + n]
+                        .copy_from_slice(&product[r * n..(r + 1) * n]);
+                }
+                assert_close(
+                    &format!("matmul_forward into {tag}"),
+                    &read(&wide),
+                    &want,
+                    tol_for(dtype),
+                );
+
+                // The window of the (now written) wide matrix as dout.
+                let got = read(&wide);
+                let window: Vec<f32> = (0..m)
+                    .flat_map(|r| got[r * width + start..r * width + start + n].to_vec())
+                    .collect();
+                let dinp = poisoned("dinp", &[m, k], DType::F32);
+                let opts = MatmulBackwardInput {
+                    dout_columns: Some(start),
+                    kernel,
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_backward_input(gpu(), &dinp, &wide, &w, &opts).unwrap()])
+                    .unwrap();
+                assert_close(
+                    &format!("matmul_backward_input from {tag}"),
+                    &read(&dinp),
+                    &backward_input_want(&window, &wv, (m, k, n)),
+                    1e-5,
+                );
+                let dw = poisoned("dweight", &[n, k], DType::F32);
+                let opts = MatmulBackwardWeight {
+                    dout_columns: Some(start),
+                    kernel,
+                    ..Default::default()
+                };
+                gpu()
+                    .run(&[&mm::matmul_backward_weight(gpu(), &dw, &wide, &x, &opts).unwrap()])
+                    .unwrap();
+                assert_close(
+                    &format!("matmul_backward_weight from {tag}"),
+                    &read(&dw),
+                    &backward_weight_want(&window, &xv, (m, k, n)),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+/// Sums of f16 values accumulated in f16, as a kernel without f32 accumulation would: every
+/// addition rounded to f16.
+fn f16_accumulated(terms: impl Iterator<Item = f32>) -> f32 {
+    let mut acc = half::f16::ZERO;
+    for t in terms {
+        acc = half::f16::from_f32(acc.to_f32() + half::f16::from_f32(t).to_f32());
+    }
+    acc.to_f32()
+}
+
+/// f16 operands, f32 sums: over inner dimensions of 1000 the products stay within f32 rounding of
+/// the exact result (f32 outputs) or one f16 rounding of it (f16 outputs), bounds an f16
+/// accumulator misses by far (checked here on the same data).
+#[test]
+fn f16_products_accumulate_in_f32() {
+    if !gpu().has_f16() {
+        eprintln!("adapter has no SHADER_F16: skipped");
+        return;
+    }
+    // (M, K, N) for the forward and backward-input products; backward weight sums over M.
+    let (m, k, n) = (33, 1000, 47);
+    let f16 = DType::F16;
+    let (x, xv) = upload("inp", &uniform(950, m * k), &[m, k], f16);
+    let (w, wv) = upload("weight", &uniform(951, n * k), &[n, k], f16);
+    let (wk, wkv) = upload("weight", &uniform(952, k * n), &[k, n], f16);
+    let (xt, xtv) = upload("inp", &uniform(953, k * n), &[k, n], f16);
+    let (dt, dtv) = upload("dout", &uniform(954, k * m), &[k, m], f16);
+    // Bounds: f32 outputs within 1e-5; f16 outputs within one rounding, 2^-11 < 1e-3.
+    let (tol32, tol16) = (1e-5, 1e-3);
+    let forward = forward_want(&xv, &wv, None, (m, k, n));
+    let forward_f16acc: Vec<f32> = (0..m * n)
+        .map(|e| f16_accumulated((0..k).map(|j| xv[(e / n) * k + j] * wv[(e % n) * k + j])))
+        .collect();
+    let f16acc_error = rel_error(&forward_f16acc, &forward);
+    eprintln!("an f16 accumulator would be off by {f16acc_error:.2e}");
+    assert!(
+        f16acc_error > 3.0 * tol16,
+        "the data must tell an f16 accumulator apart ({f16acc_error:e})"
+    );
+    for out_dtype in [DType::F32, f16] {
+        let tol = if out_dtype == f16 { tol16 } else { tol32 };
+        let out = poisoned("out", &[m, n], out_dtype);
+        gpu()
+            .run(&[&mm::matmul_forward(gpu(), &out, &x, &w, &MatmulForward::default()).unwrap()])
+            .unwrap();
+        assert_close(
+            &format!("f16 matmul_forward K={k} -> {out_dtype:?}"),
+            &read(&out),
+            &forward,
+            tol,
+        );
+        // dinp (33, 47) = dout (33, 1000) @ weight (1000, 47).
+        let dinp = poisoned("dinp", &[m, n], out_dtype);
+        gpu()
+            .run(&[&mm::matmul_backward_input(
+                gpu(),
+                &dinp,
+                &x,
+                &wk,
+                &MatmulBackwardInput::default(),
+            )
+            .unwrap()])
+            .unwrap();
+        assert_close(
+            &format!("f16 matmul_backward_input K={k} -> {out_dtype:?}"),
+            &read(&dinp),
+            &backward_input_want(&xv, &wkv, (m, n, k)),
+            tol,
+        );
+        // dweight (33, 47) = dout (1000, 33)^T @ inp (1000, 47).
+        let dw = poisoned("dweight", &[m, n], out_dtype);
+        gpu()
+            .run(&[&backward_weight(&dw, &dt, &xt, false, None).unwrap()])
+            .unwrap();
+        assert_close(
+            &format!("f16 matmul_backward_weight M={k} -> {out_dtype:?}"),
+            &read(&dw),
+            &backward_weight_want(&dtv, &xtv, (k, n, m)),
+            tol,
+        );
     }
 }

@@ -10,7 +10,9 @@
 mod common;
 use common::*;
 use wgpt::gpu::{DType, Dispatch, Tensor};
-use wgpt::ops::matmul::{self as mm, MatmulBackwardInput, MatmulForward, MatmulKernel, COOP_TILES};
+use wgpt::ops::matmul::{
+    self as mm, MatmulBackwardInput, MatmulBackwardWeight, MatmulForward, MatmulKernel, COOP_TILES,
+};
 use wgpt::reference::elementwise::{gelu, gelu_grad};
 use wgpt::reference::matmul as cpu;
 
@@ -134,6 +136,7 @@ fn forward_matches_reference_on_every_tile() {
                     gelu_pre: pre.as_ref(),
                     accumulate,
                     kernel,
+                    out_columns: None,
                 };
                 run(mm::matmul_forward(gpu(), &out, &x, &w, &opts).unwrap());
                 let mut y = vec![0.0; m * n];
@@ -189,6 +192,7 @@ fn backward_input_matches_reference_on_every_tile() {
                     gelu_pre: pre.as_ref().map(|p| &p.0),
                     accumulate,
                     kernel,
+                    dout_columns: None,
                 };
                 run(mm::matmul_backward_input(gpu(), &dinp, &dout, &w, &opts).unwrap());
                 let mut want = base.clone();
@@ -233,10 +237,12 @@ fn backward_weight_matches_reference_on_every_tile() {
                 [(DType::F32, false), (DType::F32, true), (DType::F16, false)]
             {
                 let (dw, start) = output("dweight", &[n, k], out_dt, accumulate, seed + 2);
-                run(
-                    mm::matmul_backward_weight_with(gpu(), &dw, &dout, &x, accumulate, kernel)
-                        .unwrap(),
-                );
+                let opts = MatmulBackwardWeight {
+                    accumulate,
+                    kernel,
+                    ..Default::default()
+                };
+                run(mm::matmul_backward_weight(gpu(), &dw, &dout, &x, &opts).unwrap());
                 let what = tag(
                     tested,
                     shape,
@@ -285,7 +291,11 @@ fn coop_runs_are_bitwise_deterministic() {
             ..Default::default()
         };
         let bwd_in = mm::matmul_backward_input(gpu(), &dinp, &dout, &w, &opts).unwrap();
-        let bwd_w = mm::matmul_backward_weight_with(gpu(), &dw, &dout, &x, false, kernel).unwrap();
+        let opts = MatmulBackwardWeight {
+            kernel,
+            ..Default::default()
+        };
+        let bwd_w = mm::matmul_backward_weight(gpu(), &dw, &dout, &x, &opts).unwrap();
         let all = [&fwd, &bwd_in, &bwd_w];
         let outputs = [&out, &pre, &dinp, &dw];
         gpu().run(&all).unwrap();

@@ -21,13 +21,28 @@ fn f32_tensor(label: &str, data: &[f32]) -> Tensor {
 
 /// Runs grad_norm (capped at `max_groups` first-stage workgroups) and returns the status.
 fn gpu_norm(grads: &[f32], inv_loss_scale: f32, max_norm: f32, max_groups: usize) -> Vec<f32> {
-    let g = f32_tensor("grads", grads);
+    gpu_norm_split(grads, &[], inv_loss_scale, max_norm, max_groups)
+}
+
+/// [`gpu_norm`] with the gradients spread over buffers, cut at `cuts`.
+fn gpu_norm_split(
+    grads: &[f32],
+    cuts: &[usize],
+    inv_loss_scale: f32,
+    max_norm: f32,
+    max_groups: usize,
+) -> Vec<f32> {
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(grads.len());
+    let buffers: Vec<Tensor> = bounds
+        .windows(2)
+        .map(|w| f32_tensor("grads", &grads[w[0]..w[1]]))
+        .collect();
+    let lens: Vec<usize> = buffers.iter().map(|b| b.len()).collect();
+    let g: Vec<&Tensor> = buffers.iter().collect();
     let status = poisoned("status", &[opt::STATUS_LEN], DType::F32);
-    let scratch = poisoned(
-        "scratch",
-        &[opt::grad_norm_scratch_len(grads.len())],
-        DType::F32,
-    );
+    let scratch = poisoned("scratch", &[opt::grad_norm_scratch_len(&lens)], DType::F32);
     let scalars = gpu()
         .zeros("scalars", &[GradNormScalars::LEN], DType::F32)
         .unwrap();
@@ -36,6 +51,11 @@ fn gpu_norm(grads: &[f32], inv_loss_scale: f32, max_norm: f32, max_groups: usize
         .unwrap();
     let ds =
         opt::grad_norm_with_groups(gpu(), &status, &g, &scratch, &scalars, max_groups).unwrap();
+    assert_eq!(
+        ds.len(),
+        buffers.len() + 1,
+        "one partial pass per buffer, then the finish"
+    );
     gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
     read(&status)
 }
@@ -113,6 +133,38 @@ fn grad_norm_grid_stride_with_few_workgroups() {
     });
 }
 
+/// Gradients spread over several storage buffers (as a model larger than one binding keeps
+/// them): one norm over all of them, non-finite values seen in any buffer.
+#[test]
+fn grad_norm_over_several_buffers() {
+    for_each_reduction_path(|| {
+        let path = reduction_path();
+        let mut r = rng(715);
+        let n = 300_007;
+        let grads = r.vec_normal(n, 1.0);
+        let want = cpu::grad_norm(&grads, 0.5, 1.0);
+        for (cuts, groups) in [
+            (vec![1], opt::GRAD_NORM_MAX_GROUPS),
+            (vec![100_000, 100_256, 299_999], opt::GRAD_NORM_MAX_GROUPS),
+            (vec![5, 77_777, 200_000], 3),
+        ] {
+            let got = gpu_norm_split(&grads, &cuts, 0.5, 1.0, groups);
+            check_status(
+                &format!("{path}: grad_norm over buffers cut at {cuts:?}, {groups} groups"),
+                &got,
+                &want,
+            );
+            let mut bad = grads.clone();
+            bad[n - 2] = f32::INFINITY;
+            let got = gpu_norm_split(&bad, &cuts, 0.5, 1.0, groups);
+            assert_eq!(
+                got[2], 0.0,
+                "{path}: inf in the last buffer, status {got:?}"
+            );
+        }
+    });
+}
+
 #[test]
 fn grad_norm_is_deterministic() {
     for_each_reduction_path(|| {
@@ -182,14 +234,14 @@ fn adam_state(
     let v = f32_tensor("v", v0);
     let copy = with_copy.then(|| poisoned("params_f16", &[n], DType::F16));
     let status = poisoned("status", &[opt::STATUS_LEN], DType::F32);
-    let scratch = poisoned("scratch", &[opt::grad_norm_scratch_len(n)], DType::F32);
+    let scratch = poisoned("scratch", &[opt::grad_norm_scratch_len(&[n])], DType::F32);
     let scalars = gpu()
         .zeros("scalars", &[GradNormScalars::LEN], DType::F32)
         .unwrap();
     let hyper = gpu()
         .zeros("hyper", &[AdamWHyper::LEN], DType::F32)
         .unwrap();
-    let mut dispatches = opt::grad_norm(gpu(), &status, &grads, &scratch, &scalars).unwrap();
+    let mut dispatches = opt::grad_norm(gpu(), &status, &[&grads], &scratch, &scalars).unwrap();
     dispatches.push(
         opt::adamw_with_grid_limit(
             gpu(),
@@ -370,7 +422,8 @@ fn grad_norm_picks_the_reduction_variant_of_the_device() {
         let g = gpu();
         let z = |n: usize| g.zeros("t", &[n], DType::F32).unwrap();
         let n = 1000;
-        let ds = opt::grad_norm(g, &z(4), &z(n), &z(opt::grad_norm_scratch_len(n)), &z(4)).unwrap();
+        let scratch = z(opt::grad_norm_scratch_len(&[n]));
+        let ds = opt::grad_norm(g, &z(4), &[&z(n)], &scratch, &z(4)).unwrap();
         for d in &ds {
             assert_reduction_variant(d);
         }
@@ -386,17 +439,21 @@ fn shape_errors_are_reported() {
     let (grads, status, scratch, scalars) = (
         z(n, f),
         z(4, f),
-        z(opt::grad_norm_scratch_len(n), f),
+        z(opt::grad_norm_scratch_len(&[n]), f),
         z(4, f),
     );
-    assert!(opt::grad_norm(g, &status, &grads, &scratch, &scalars).is_ok());
-    let e = opt::grad_norm(g, &status, &grads, &z(1, f), &scalars)
+    assert!(opt::grad_norm(g, &status, &[&grads], &scratch, &scalars).is_ok());
+    let e = opt::grad_norm(g, &status, &[&grads], &z(1, f), &scalars)
         .err()
         .expect("scratch");
     assert!(e.to_string().contains("scratch"), "{e}");
-    assert!(opt::grad_norm(g, &z(3, f), &grads, &scratch, &scalars).is_err());
-    assert!(opt::grad_norm(g, &status, &z(n, DType::F16), &scratch, &scalars).is_err());
-    assert!(opt::grad_norm(g, &status, &grads, &scratch, &z(2, f)).is_err());
+    // Two buffers need room for both buffers' partials.
+    assert!(opt::grad_norm(g, &status, &[&grads, &grads], &scratch, &scalars).is_err());
+    assert!(opt::grad_norm(g, &status, &[], &scratch, &scalars).is_err());
+    assert!(opt::grad_norm(g, &z(3, f), &[&grads], &scratch, &scalars).is_err());
+    let half = z(n, DType::F16);
+    assert!(opt::grad_norm(g, &status, &[&half], &scratch, &scalars).is_err());
+    assert!(opt::grad_norm(g, &status, &[&grads], &scratch, &z(2, f)).is_err());
 
     let (p, m, v, hyper) = (z(n, f), z(n, f), z(n, f), z(AdamWHyper::LEN, f));
     assert!(opt::adamw(g, &p, &grads, &m, &v, None, &status, &hyper, n).is_ok());

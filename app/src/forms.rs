@@ -11,17 +11,45 @@ use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
-    Gpt2,
     Tiny,
+    Gpt2,
+    Gpt2Medium,
+    Gpt2Large,
+    Gpt2Xl,
     Custom,
 }
 
 impl Preset {
+    /// The choices, in the order the menu shows them.
+    pub const ALL: [Preset; 6] = [
+        Preset::Tiny,
+        Preset::Gpt2,
+        Preset::Gpt2Medium,
+        Preset::Gpt2Large,
+        Preset::Gpt2Xl,
+        Preset::Custom,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
-            Preset::Gpt2 => "gpt2 (124M)",
             Preset::Tiny => "tiny",
+            Preset::Gpt2 => "gpt2 (124M)",
+            Preset::Gpt2Medium => "gpt2-medium (350M)",
+            Preset::Gpt2Large => "gpt2-large (774M)",
+            Preset::Gpt2Xl => "gpt2-xl (1.5B)",
             Preset::Custom => "custom",
+        }
+    }
+
+    /// The shape of a named preset (None for custom).
+    pub fn config(self) -> Option<GptConfig> {
+        match self {
+            Preset::Tiny => Some(GptConfig::tiny()),
+            Preset::Gpt2 => Some(GptConfig::gpt2()),
+            Preset::Gpt2Medium => Some(GptConfig::gpt2_medium()),
+            Preset::Gpt2Large => Some(GptConfig::gpt2_large()),
+            Preset::Gpt2Xl => Some(GptConfig::gpt2_xl()),
+            Preset::Custom => None,
         }
     }
 }
@@ -116,10 +144,8 @@ impl TrainForm {
     /// Copies a preset's shape into the model fields.
     pub fn apply_preset(&mut self, preset: Preset) {
         self.preset = preset;
-        let c = match preset {
-            Preset::Gpt2 => GptConfig::gpt2(),
-            Preset::Tiny => GptConfig::tiny(),
-            Preset::Custom => return,
+        let Some(c) = preset.config() else {
+            return;
         };
         self.n_layer = c.n_layer;
         self.n_head = c.n_head;

@@ -106,7 +106,7 @@ fn train_settings(app: &mut WgptApp, ui: &mut Ui) {
             egui::ComboBox::from_id_salt("preset")
                 .selected_text(preset.name())
                 .show_ui(ui, |ui| {
-                    for p in [Preset::Gpt2, Preset::Tiny, Preset::Custom] {
+                    for p in Preset::ALL {
                         ui.selectable_value(&mut preset, p, p.name());
                     }
                 })

@@ -342,7 +342,7 @@ impl Engine {
                 self.emit(Event::RunStarted {
                     settings: Box::new(t.settings().clone()),
                     tokens: self.data_cache.as_ref().map_or(0, |(_, t)| t.len()),
-                    params: t.layout().total,
+                    params: t.layout().num_params(),
                     start_step: t.step_index(),
                 });
                 self.run = Some(run);
@@ -517,7 +517,7 @@ impl Engine {
                 Generator::new(
                     self.gpu.clone(),
                     t.settings().config,
-                    t.params_tensor().clone(),
+                    t.stored_params().clone(),
                     spec.samples,
                 )?
             }

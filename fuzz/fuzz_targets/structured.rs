@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use wgpt::checkpoint::{hf, Checkpoint};
-use wgpt::model::{GptConfig, ParamLayout};
+use wgpt::model::{GptConfig, ParamId, ParamLayout};
 
 const DTYPES: [(&str, u64); 9] = [
     ("F32", 32),
@@ -72,22 +72,18 @@ fn tensor(u: &mut Unstructured, names: &[String]) -> Result<Tensor> {
 /// The tensors a complete file for `c` holds: ours (with moments) or Hugging Face's layout.
 fn complete(c: &GptConfig, hf_layout: bool, moments: bool) -> Vec<Tensor> {
     let mut out = Vec::new();
-    for e in &ParamLayout::new(c).entries {
-        let shape: Vec<u64> = match (hf_layout, e.name.as_str()) {
-            (true, "wte.weight") => vec![c.vocab_size as u64, c.n_embd as u64],
-            (true, n)
-                if n.ends_with("c_attn.weight")
-                    || n.ends_with("c_proj.weight")
-                    || n.ends_with("c_fc.weight") =>
-            {
-                vec![e.shape[1] as u64, e.shape[0] as u64]
-            }
-            _ => e.shape.iter().map(|&d| d as u64).collect(),
+    for (id, e) in ParamLayout::new(c).entries.iter() {
+        let shape: Vec<u64> = if hf_layout && id == ParamId::Wte {
+            vec![c.vocab_size as u64, c.n_embd as u64]
+        } else if hf_layout && id.is_conv1d() {
+            vec![e.shape[1] as u64, e.shape[0] as u64]
+        } else {
+            e.shape.iter().map(|&d| d as u64).collect()
         };
-        let mut names = vec![e.name.clone()];
+        let mut names = vec![id.name()];
         if moments && !hf_layout {
-            names.push(format!("optim.m.{}", e.name));
-            names.push(format!("optim.v.{}", e.name));
+            names.push(format!("optim.m.{}", id.name()));
+            names.push(format!("optim.v.{}", id.name()));
         }
         for name in names {
             out.push(Tensor {

@@ -75,6 +75,7 @@ fn run(args: Args) -> Result<()> {
         .max_new_tokens
         .unwrap_or_else(|| DEFAULT_TOTAL_TOKENS.saturating_sub(prompt.len()).max(1));
     let mut generator = Generator::from_checkpoint(gpu, &checkpoint, args.num_samples)?;
+    eprintln!("weights: {}", generator.storage().describe());
     generator.check_fits(prompt.len(), max_new)?;
     let opts = SampleOptions {
         max_new_tokens: max_new,

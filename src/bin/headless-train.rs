@@ -10,9 +10,10 @@ use std::sync::Arc;
 use wgpt::checkpoint::{self, hf, Checkpoint};
 use wgpt::error::{Error, Result};
 use wgpt::gpu::profile::{by_family, NodeTime, Profiler};
-use wgpt::gpu::{Gpu, GpuOptions};
+use wgpt::gpu::{AdapterLimits, Gpu, GpuOptions};
 use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
+use wgpt::train::plan::MemoryPlan;
 use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
 use wgpt::train::trainer::{StepStats, Trainer};
 
@@ -24,7 +25,8 @@ use wgpt::train::trainer::{StepStats, Trainer};
     args_override_self = true
 )]
 struct Args {
-    /// Model preset: gpt2 (124M) or tiny. Default: gpt2 on a GPU adapter, tiny on a CPU adapter.
+    /// Model preset: gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), gpt2-xl (1.5B) or tiny.
+    /// Default: gpt2 on a GPU adapter, tiny on a CPU adapter.
     #[arg(long)]
     preset: Option<String>,
     /// UTF-8 text file to train on (default: the corpus in assets/).
@@ -127,6 +129,10 @@ struct Args {
     /// Steps per ladder rung (default 12 on a GPU, 5 on a CPU adapter); the first 2 are warm-up.
     #[arg(long = "ladder-steps")]
     ladder_steps: Option<usize>,
+    /// Print the memory plan (every buffer and the total for this adapter) and exit without
+    /// training.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
 }
 
 /// Mixed precision halves the loss scale on each overflow; this many skipped steps in a row mean
@@ -478,6 +484,17 @@ fn run(args: Args) -> Result<()> {
         settings.steps
     );
 
+    // The memory plan, before anything is allocated: refuses a run that cannot fit.
+    let plan = MemoryPlan::new(&settings, &AdapterLimits::of(&gpu))?;
+    println!("{}", plan.line());
+    println!(
+        "{}",
+        plan.classifier_line(settings.config.padded_vocab_size)
+    );
+    if args.dry_run {
+        print!("{}", plan.details());
+        return Ok(());
+    }
     if args.bench_ladder {
         return bench_ladder(&args, gpu, tokens, settings);
     }

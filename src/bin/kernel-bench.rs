@@ -19,7 +19,9 @@ use std::time::Instant;
 use wgpt::error::Result;
 use wgpt::gpu::{DType, Dispatch, Gpu, GpuOptions};
 use wgpt::ops::attention;
-use wgpt::ops::matmul::{self, MatmulBackwardInput, MatmulForward, MatmulKernel};
+use wgpt::ops::matmul::{
+    self, MatmulBackwardInput, MatmulBackwardWeight, MatmulForward, MatmulKernel,
+};
 use wgpt::rng::Rng;
 
 #[derive(Parser, Debug)]
@@ -215,9 +217,16 @@ fn run(args: Args) -> Result<()> {
                             ..Default::default()
                         },
                     ),
-                    _ => {
-                        matmul::matmul_backward_weight_with(&gpu, o, &out, &inp, false, Some(kern))
-                    }
+                    _ => matmul::matmul_backward_weight(
+                        &gpu,
+                        o,
+                        &out,
+                        &inp,
+                        &MatmulBackwardWeight {
+                            kernel: Some(kern),
+                            ..Default::default()
+                        },
+                    ),
                 }
             };
             // The timed dispatch writes the tensors the other products read (as in training,
@@ -225,9 +234,17 @@ fn run(args: Args) -> Result<()> {
             let d = match what {
                 "forward" => build(&out, kernel)?,
                 "backward input" => build(&dinp, kernel)?,
-                _ => {
-                    matmul::matmul_backward_weight_with(&gpu, &dw, &out, &inp, true, Some(kernel))?
-                }
+                _ => matmul::matmul_backward_weight(
+                    &gpu,
+                    &dw,
+                    &out,
+                    &inp,
+                    &MatmulBackwardWeight {
+                        accumulate: true,
+                        kernel: Some(kernel),
+                        ..Default::default()
+                    },
+                )?,
             };
             let s = time(&gpu, &[d], reps)?;
             let check = match kernel {

@@ -11,20 +11,9 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::model::config::pad_vocab;
-use crate::model::{GptConfig, ParamLayout};
+use crate::model::{GptConfig, ParamId, ParamLayout};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-const CONV1D: [&str; 4] = [
-    "attn.c_attn.weight",
-    "attn.c_proj.weight",
-    "mlp.c_fc.weight",
-    "mlp.c_proj.weight",
-];
-
-fn is_conv1d(name: &str) -> bool {
-    CONV1D.iter().any(|s| name.ends_with(s))
-}
 
 /// Where the weights and the config of `path` are: a directory holding `model.safetensors` and
 /// `config.json`, or the safetensors file itself (config.json beside it).
@@ -129,12 +118,12 @@ pub fn import_bytes(
     let layout = ParamLayout::new(&config);
     let c = config.n_embd;
     // Every tensor is found and checked before the buffer is allocated.
-    let mut views = Vec::with_capacity(layout.entries.len());
-    for e in &layout.entries {
+    let mut views = Vec::new();
+    for (id, e) in layout.entries.iter() {
         let key = if prefixed {
-            format!("transformer.{}", e.name)
+            format!("transformer.{}", id.name())
         } else {
-            e.name.clone()
+            id.name()
         };
         let view = st.tensor(&key).map_err(|_| {
             Error::format(
@@ -142,9 +131,9 @@ pub fn import_bytes(
                 format!("missing tensor '{key}' (the file does not match config.json's shape)"),
             )
         })?;
-        let shape = if e.name == "wte.weight" {
+        let shape = if id == ParamId::Wte {
             vec![config.vocab_size, c]
-        } else if is_conv1d(&e.name) {
+        } else if id.is_conv1d() {
             vec![e.shape[1], e.shape[0]]
         } else {
             e.shape.clone()
@@ -154,11 +143,11 @@ pub fn import_bytes(
     }
     let mut params = vec![0f32; layout.total];
     for (e, view) in &views {
-        let dst = &mut params[e.offset..e.offset + e.len()];
+        let dst = &mut params[e.range()];
         let data = elements_f32(view);
-        if e.name == "wte.weight" {
+        if e.id == ParamId::Wte {
             dst[..data.len()].copy_from_slice(&data);
-        } else if is_conv1d(&e.name) {
+        } else if e.id.is_conv1d() {
             let (out, inp) = (e.shape[0], e.shape[1]);
             for i in 0..inp {
                 for o in 0..out {
@@ -191,15 +180,15 @@ pub fn export(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let c = config.n_embd;
     let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for e in &layout.entries {
-        let src = &params[e.offset..e.offset + e.len()];
-        if e.name == "wte.weight" {
+    for (id, e) in layout.entries.iter() {
+        let src = &params[e.range()];
+        if id == ParamId::Wte {
             owned.push((
-                e.name.clone(),
+                id.name(),
                 vec![config.vocab_size, c],
                 src[..config.vocab_size * c].to_vec(),
             ));
-        } else if is_conv1d(&e.name) {
+        } else if id.is_conv1d() {
             let (out, inp) = (e.shape[0], e.shape[1]);
             let mut t = vec![0f32; out * inp];
             for o in 0..out {
@@ -207,9 +196,9 @@ pub fn export(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
                     t[i * out + o] = src[o * inp + i];
                 }
             }
-            owned.push((e.name.clone(), vec![inp, out], t));
+            owned.push((id.name(), vec![inp, out], t));
         } else {
-            owned.push((e.name.clone(), e.shape.clone(), src.to_vec()));
+            owned.push((id.name(), e.shape.clone(), src.to_vec()));
         }
     }
     let tensors = owned

@@ -309,16 +309,16 @@ impl Checkpoint {
             )));
         }
         let mut tensors = Vec::new();
-        for e in &layout.entries {
-            let r = e.offset..e.offset + e.len();
-            tensors.push((e.name.clone(), e.shape.clone(), &self.params[r.clone()]));
+        for (id, e) in layout.entries.iter() {
+            let r = e.range();
+            tensors.push((id.name(), e.shape.clone(), &self.params[r.clone()]));
             if let Some((m, v)) = &self.moments {
                 tensors.push((
-                    format!("optim.m.{}", e.name),
+                    format!("optim.m.{}", id.name()),
                     e.shape.clone(),
                     &m[r.clone()],
                 ));
-                tensors.push((format!("optim.v.{}", e.name), e.shape.clone(), &v[r]));
+                tensors.push((format!("optim.v.{}", id.name()), e.shape.clone(), &v[r]));
             }
         }
         let mut md = HashMap::new();
@@ -382,8 +382,8 @@ impl Checkpoint {
         let layout = ParamLayout::new(&config);
         let has_moments = st.names().iter().any(|n| n.starts_with("optim.m."));
         // Every tensor is found and checked before the buffers are allocated.
-        let mut views = Vec::with_capacity(layout.entries.len());
-        for e in &layout.entries {
+        let mut views = Vec::new();
+        for (id, e) in layout.entries.iter() {
             let get = |key: &str| -> Result<TensorView<'_>> {
                 let view = st
                     .tensor(key)
@@ -391,11 +391,11 @@ impl Checkpoint {
                 check_tensor(path, key, &view, &e.shape)?;
                 Ok(view)
             };
-            let param = get(&e.name)?;
+            let param = get(&id.name())?;
             let moment_views = if has_moments {
                 Some((
-                    get(&format!("optim.m.{}", e.name))?,
-                    get(&format!("optim.v.{}", e.name))?,
+                    get(&format!("optim.m.{}", id.name()))?,
+                    get(&format!("optim.v.{}", id.name()))?,
                 ))
             } else {
                 None
@@ -405,7 +405,7 @@ impl Checkpoint {
         let mut params = vec![0f32; layout.total];
         let mut moments = has_moments.then(|| (vec![0f32; layout.total], vec![0f32; layout.total]));
         for (e, param, moment_views) in &views {
-            let r = e.offset..e.offset + e.len();
+            let r = e.range();
             params[r.clone()].copy_from_slice(&elements_f32(param));
             if let (Some((m, v)), Some((mv, vv))) = (moments.as_mut(), moment_views) {
                 m[r.clone()].copy_from_slice(&elements_f32(mv));

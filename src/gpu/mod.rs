@@ -149,6 +149,8 @@ pub struct Gpu {
     pub subgroup_sizes: (u32, u32),
     /// Cooperative-matrix (tensor core) configurations, when that feature is enabled.
     pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    /// Bytes of the adapter's largest device-local memory heap, where the driver tells (Vulkan).
+    pub memory: Option<u64>,
     /// Whether f16 matmuls may use the cooperative-matrix kernel (`Err` says why not): decided
     /// once, by the start-up self-check in `ops::matmul`.
     pub(crate) coop_matmul: std::sync::OnceLock<std::result::Result<(), String>>,
@@ -157,6 +159,99 @@ pub struct Gpu {
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+/// The limits a memory plan must respect, with or without a device: what one storage binding
+/// and one buffer may hold, the storage offset alignment, the dispatch grid, and the device's
+/// memory when known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterLimits {
+    /// The adapter's name (for messages).
+    pub adapter: String,
+    /// Bytes one storage binding may cover.
+    pub max_binding: u64,
+    /// Bytes one buffer may hold.
+    pub max_buffer: u64,
+    /// Byte alignment of a binding's offset.
+    pub alignment: u64,
+    /// Bytes of device memory, when known.
+    pub memory: Option<u64>,
+}
+
+impl AdapterLimits {
+    /// The limits of an open device.
+    pub fn of(gpu: &Gpu) -> AdapterLimits {
+        AdapterLimits {
+            adapter: gpu.info.name.clone(),
+            max_binding: gpu.limits.max_storage_buffer_binding_size,
+            max_buffer: gpu.limits.max_buffer_size,
+            alignment: gpu.alignment(),
+            memory: gpu.memory,
+        }
+    }
+
+    /// WebGPU's default limits (128 MiB per storage binding, 256 MiB per buffer, 256-byte
+    /// offsets) with `memory` bytes of device memory.
+    pub fn webgpu_default(memory: Option<u64>) -> AdapterLimits {
+        let d = wgpu::Limits::default();
+        AdapterLimits {
+            adapter: "WebGPU default limits".into(),
+            max_binding: d.max_storage_buffer_binding_size,
+            max_buffer: d.max_buffer_size,
+            alignment: d.min_storage_buffer_offset_alignment as u64,
+            memory,
+        }
+    }
+
+    /// Bytes one tensor may take to be bound whole: the smaller of the binding and buffer
+    /// limits.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.max_binding.min(self.max_buffer)
+    }
+
+    /// f32 elements of one parameter storage buffer (a whole buffer is bound by AdamW), at most
+    /// 2^30 so that every element index fits the shaders' 32-bit arithmetic.
+    pub fn storage_capacity(&self) -> usize {
+        ((self.tensor_bytes() / 4) as usize).min(1 << 30)
+    }
+}
+
+/// Bytes of the largest device-local memory heap, read from the Vulkan driver; for a CPU
+/// adapter, whose memory is the machine's (software drivers report a nominal heap), the
+/// machine's memory where the system tells; `None` otherwise.
+fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+        return system_memory();
+    }
+    #[cfg(any(target_os = "linux", target_os = "windows", target_os = "android"))]
+    {
+        // SAFETY: reads the physical device's memory properties through the raw handles wgpu
+        // holds for this adapter; nothing is created or destroyed.
+        let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+        let instance = hal.shared_instance().raw_instance();
+        let props =
+            unsafe { instance.get_physical_device_memory_properties(hal.raw_physical_device()) };
+        let count = (props.memory_heap_count as usize).min(props.memory_heaps.len());
+        // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+        props.memory_heaps[..count]
+            .iter()
+            .filter(|h| h.flags.as_raw() & 1 != 0)
+            .map(|h| h.size)
+            .max()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "windows", target_os = "android")))]
+    {
+        let _ = adapter;
+        None
+    }
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), on Linux.
+fn system_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u32 {
@@ -276,6 +371,7 @@ impl Gpu {
                 u.get_or_insert_with(|| e.to_string());
             }
         }));
+        let memory = device_memory(&adapter);
         Gpu {
             adapter,
             device,
@@ -283,6 +379,7 @@ impl Gpu {
             info,
             features,
             limits,
+            memory,
             subgroup_sizes: adapter_info_subgroups,
             cooperative_matrix,
             coop_matmul: std::sync::OnceLock::new(),
@@ -349,8 +446,12 @@ impl Gpu {
 
     /// One line: adapter, backend, type and the optional features in use.
     pub fn summary(&self) -> String {
+        let memory = match self.memory {
+            Some(m) => format!(" | memory {} MiB", m >> 20),
+            None => String::new(),
+        };
         format!(
-            "adapter: {} ({:?}, {:?}, driver {} {}) | features: {} | max binding {} MiB",
+            "adapter: {} ({:?}, {:?}, driver {} {}) | features: {} | max binding {} MiB{memory}",
             self.info.name,
             self.info.backend,
             self.info.device_type,

@@ -1,44 +1,62 @@
 //! GPT-2's training step as a graph: forward, loss, backward, gradient norm and AdamW.
 //! This file is the one place where the model's data flow can be read, top to bottom.
+//!
+//! The graph is built without a device, from the run's settings, the parameters' storage layout
+//! and the classifier's chunk size; the tensors the trainer owns are named by [`StepInput`] and
+//! bound when the graph is compiled.
 
 use super::{Graph, Section, TensorId};
-use crate::error::Result;
-use crate::gpu::{DType, Gpu, Tensor};
-use crate::model::{GptConfig, ParamLayout};
-use crate::ops::matmul::{MatmulBackwardInput, MatmulForward};
+use crate::error::{Error, Result};
+use crate::gpu::DType;
+use crate::model::{Gpt, GptConfig, ParamId, StorageLayout};
+use crate::ops::embedding::TablePiece;
+use crate::ops::matmul::{MatmulBackwardInput, MatmulBackwardWeight, MatmulForward};
 use crate::ops::{
     attention, crossentropy, elementwise as ew, embedding, layernorm, matmul, optimizer,
 };
 use crate::train::settings::{AttentionKind, Precision, TrainSettings};
 
-/// The tensors a training step reads and writes that live outside the graph.
-pub struct StepTensors {
-    /// Master weights, flat (layout order).
-    pub params: Tensor,
-    /// f16 copies of the weights (mixed precision only), same layout.
-    pub params_f16: Option<Tensor>,
-    /// Gradients, flat f32, same layout.
-    pub grads: Tensor,
-    /// AdamW moments, flat f32.
-    pub m: Tensor,
-    pub v: Tensor,
-    /// Per micro-step: token ids (B*T), targets (B*T), embedding-backward buckets.
-    pub tokens: Vec<Tensor>,
-    pub targets: Vec<Tensor>,
-    pub buckets: Vec<Tensor>,
-    /// [1] f32: d(loss)/d(per-position loss) = loss_scale / (B*T*grad_accum), written each step.
-    pub dloss: Tensor,
-    /// [1] f32: the step's mean loss (accumulated over micro-steps).
-    pub loss: Tensor,
-    /// [4] f32: gradient norm, clip coefficient, finite flag (written by the norm kernel).
-    pub status: Tensor,
-    /// Inputs of the gradient norm (inverse loss scale, max norm), written each step.
-    pub norm_scalars: Tensor,
-    /// AdamW hyperparameters, written each step.
-    pub hyper: Tensor,
+/// One copy of the parameters; every copy has the same storage layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamCopy {
+    /// f32 master weights (LayerNorm, biases and embeddings read them).
+    Master,
+    /// f16 copies of the weights that matmuls read (mixed precision only).
+    Half,
+    /// f32 gradients.
+    Grad,
+    /// AdamW's first and second moments.
+    AdamM,
+    AdamV,
 }
 
-/// Views of one named parameter in the flat buffers.
+/// The tensors of a training step that the trainer owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StepInput {
+    /// Piece `k` of parameter `id` in one copy.
+    Param(ParamId, usize, ParamCopy),
+    /// Storage buffer `k` of one copy, whole (zeroing, the gradient norm, AdamW).
+    Buffer(ParamCopy, usize),
+    /// Per micro-step: token ids (B*T), targets (B*T), embedding-backward buckets.
+    Tokens,
+    Targets,
+    Buckets,
+    /// The classifier's logits for one chunk of rows: [chunk rows, padded vocab].
+    Logits,
+    /// [1] f32: d(loss)/d(per-position loss) = loss_scale / (B*T*grad_accum), written each step.
+    Dloss,
+    /// [1] f32: the step's mean loss (accumulated over micro-steps).
+    Loss,
+    /// [4] f32: gradient norm, clip coefficient, finite flag (written by the norm kernel).
+    Status,
+    /// Inputs of the gradient norm (inverse loss scale, max norm), written each step.
+    NormScalars,
+    /// AdamW hyperparameters, written each step.
+    Hyper,
+}
+
+/// Views of one parameter piece.
+#[derive(Clone, Copy, Debug)]
 struct ParamIds {
     /// f32 master weight (LayerNorm, biases, embeddings read it).
     p: TensorId,
@@ -48,16 +66,98 @@ struct ParamIds {
     g: TensorId,
 }
 
-fn view(flat: &Tensor, layout: &ParamLayout, name: &str, align: u64) -> Result<Tensor> {
-    let e = layout.get(name)?;
-    flat.slice(e.offset, &e.shape, align)
+/// One row piece of the tied embedding.
+#[derive(Clone, Copy, Debug)]
+struct TablePart {
+    ids: ParamIds,
+    piece: TablePiece,
+    /// Rows in this piece.
+    rows: usize,
 }
 
-/// Builds the whole training step.
-pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Result<Graph> {
+/// Rows of one classifier chunk: `start..start + rows` of the B*T positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub start: usize,
+    pub rows: usize,
+}
+
+/// The classifier's chunks over `n` positions, `chunk_rows` at a time.
+pub fn classifier_chunks(n: usize, chunk_rows: usize) -> Vec<Chunk> {
+    let step = chunk_rows.max(1);
+    (0..n)
+        .step_by(step)
+        .map(|start| Chunk {
+            start,
+            rows: step.min(n - start),
+        })
+        .collect()
+}
+
+/// Declares every parameter piece of `storage` as graph inputs (master, matmul copy, gradient).
+fn declare_params(
+    g: &mut Graph<StepInput>,
+    cfg: &GptConfig,
+    storage: &StorageLayout,
+    half: bool,
+) -> Result<(Gpt<ParamIds>, Vec<TablePart>)> {
+    let mut declare = |id: ParamId, k: usize, shape: &[usize]| -> ParamIds {
+        let name = format!("{} piece {k}", id.name());
+        let p = g.input(
+            format!("param {name}"),
+            shape,
+            DType::F32,
+            StepInput::Param(id, k, ParamCopy::Master),
+        );
+        let w = if half {
+            g.input(
+                format!("param16 {name}"),
+                shape,
+                DType::F16,
+                StepInput::Param(id, k, ParamCopy::Half),
+            )
+        } else {
+            p
+        };
+        let gr = g.input(
+            format!("grad {name}"),
+            shape,
+            DType::F32,
+            StepInput::Param(id, k, ParamCopy::Grad),
+        );
+        ParamIds { p, w, g: gr }
+    };
+    let mut table = Vec::new();
+    for (k, piece) in storage.pieces.wte.iter().enumerate() {
+        table.push(TablePart {
+            ids: declare(ParamId::Wte, k, &piece.shape),
+            piece: TablePiece {
+                first: piece.rows.start,
+                total: cfg.padded_vocab_size,
+            },
+            rows: piece.rows.len(),
+        });
+    }
+    let whole = Gpt::try_new(cfg, |id| match storage.pieces.get(id).as_slice() {
+        _ if id == ParamId::Wte => Ok(table[0].ids),
+        [one] => Ok(declare(id, 0, &one.shape)),
+        pieces => Err(Error::Other(format!(
+            "{} is stored in {} pieces; only the token embedding may be split",
+            id.name(),
+            pieces.len()
+        ))),
+    })?;
+    Ok((whole, table))
+}
+
+/// Builds the whole training step for parameters stored as `storage`, the classifier working on
+/// `chunk_rows` positions at a time.
+pub fn build_train_graph(
+    s: &TrainSettings,
+    storage: &StorageLayout,
+    chunk_rows: usize,
+) -> Result<Graph<StepInput>> {
     let cfg: &GptConfig = &s.config;
-    let layout = ParamLayout::new(cfg);
-    let align = gpu.alignment();
     let (b, t, c, nh, l) = (s.batch_size, s.seq_len, cfg.n_embd, cfg.n_head, cfg.n_layer);
     let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size);
     let n = b * t;
@@ -69,83 +169,64 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         Precision::F16 => DType::F16,
     };
     let mut g = Graph::new(s.grad_accum);
+    let (p, wte) = declare_params(&mut g, cfg, storage, s.precision == Precision::F16)?;
+    let wpe = p.wpe;
 
-    let param = |g: &mut Graph, name: &str| -> Result<ParamIds> {
-        let p = g.fixed(
-            format!("param {name}"),
-            &view(&io.params, &layout, name, align)?,
-        );
-        let w = match &io.params_f16 {
-            Some(h) => g.fixed(format!("param16 {name}"), &view(h, &layout, name, align)?),
-            None => p,
-        };
-        let gr = g.fixed(
-            format!("grad {name}"),
-            &view(&io.grads, &layout, name, align)?,
-        );
-        Ok(ParamIds { p, w, g: gr })
+    let tokens = g.per_micro("tokens", &[n], DType::U32, StepInput::Tokens);
+    let targets = g.per_micro("targets", &[n], DType::U32, StepInput::Targets);
+    let buckets = g.per_micro(
+        "buckets",
+        &[embedding::embedding_buckets_len(n)],
+        DType::U32,
+        StepInput::Buckets,
+    );
+    let dloss = g.input("dloss", &[1], DType::F32, StepInput::Dloss);
+    let loss = g.input("loss", &[1], DType::F32, StepInput::Loss);
+    let status = g.input(
+        "status",
+        &[optimizer::STATUS_LEN],
+        DType::F32,
+        StepInput::Status,
+    );
+    let norm_scalars = g.input(
+        "norm scalars",
+        &[optimizer::GradNormScalars::LEN],
+        DType::F32,
+        StepInput::NormScalars,
+    );
+    let hyper = g.input(
+        "adamw hyper",
+        &[optimizer::AdamWHyper::LEN],
+        DType::F32,
+        StepInput::Hyper,
+    );
+    // Whole storage buffers, for the per-buffer passes of the optimiser.
+    let buffer = |g: &mut Graph<StepInput>, copy: ParamCopy, k: usize, dtype: DType| {
+        let len = storage.buffers[k].len;
+        g.input(
+            format!("{copy:?} buffer {k}"),
+            &[len],
+            dtype,
+            StepInput::Buffer(copy, k),
+        )
     };
-    let wte = param(&mut g, "wte.weight")?;
-    let wpe = param(&mut g, "wpe.weight")?;
-    struct Block {
-        ln1_w: ParamIds,
-        ln1_b: ParamIds,
-        attn_w: ParamIds,
-        attn_b: ParamIds,
-        proj_w: ParamIds,
-        proj_b: ParamIds,
-        ln2_w: ParamIds,
-        ln2_b: ParamIds,
-        fc_w: ParamIds,
-        fc_b: ParamIds,
-        mlp_w: ParamIds,
-        mlp_b: ParamIds,
-    }
-    let mut blocks = Vec::with_capacity(l);
-    for i in 0..l {
-        let mut pp = |s: &str| param(&mut g, &format!("h.{i}.{s}"));
-        blocks.push(Block {
-            ln1_w: pp("ln_1.weight")?,
-            ln1_b: pp("ln_1.bias")?,
-            attn_w: pp("attn.c_attn.weight")?,
-            attn_b: pp("attn.c_attn.bias")?,
-            proj_w: pp("attn.c_proj.weight")?,
-            proj_b: pp("attn.c_proj.bias")?,
-            ln2_w: pp("ln_2.weight")?,
-            ln2_b: pp("ln_2.bias")?,
-            fc_w: pp("mlp.c_fc.weight")?,
-            fc_b: pp("mlp.c_fc.bias")?,
-            mlp_w: pp("mlp.c_proj.weight")?,
-            mlp_b: pp("mlp.c_proj.bias")?,
-        });
-    }
-    let lnf_w = param(&mut g, "ln_f.weight")?;
-    let lnf_b = param(&mut g, "ln_f.bias")?;
-
-    let tokens = g.per_micro("tokens", &io.tokens)?;
-    let targets = g.per_micro("targets", &io.targets)?;
-    let buckets = g.per_micro("buckets", &io.buckets)?;
-    let dloss = g.fixed("dloss", &io.dloss);
-    let loss = g.fixed("loss", &io.loss);
-    let status = g.fixed("status", &io.status);
-    let norm_scalars = g.fixed("norm scalars", &io.norm_scalars);
-    let hyper = g.fixed("adamw hyper", &io.hyper);
-    let grads_all = g.fixed("grads", &io.grads);
-    let params_all = g.fixed("params", &io.params);
-    let params16_all = io.params_f16.as_ref().map(|h| g.fixed("params f16", h));
-    let m_all = g.fixed("adam m", &io.m);
-    let v_all = g.fixed("adam v", &io.v);
+    let nbuf = storage.buffers.len();
+    let grads_all: Vec<TensorId> = (0..nbuf)
+        .map(|k| buffer(&mut g, ParamCopy::Grad, k, DType::F32))
+        .collect();
 
     // ---------------------------------------------------------------- head: clear accumulators
     g.section(Section::Head);
-    g.node(
-        "zero grads",
-        "optimizer",
-        &[],
-        &[grads_all],
-        0.0,
-        move |gpu, r| Ok(vec![ew::fill(gpu, r.t(grads_all), 0.0)?]),
-    );
+    for (k, &grads) in grads_all.iter().enumerate() {
+        g.node(
+            format!("zero grads {k}"),
+            "optimizer",
+            &[],
+            &[grads],
+            0.0,
+            move |gpu, r| Ok(vec![ew::fill(gpu, r.t(grads), 0.0)?]),
+        );
+    }
     g.node("zero loss", "loss", &[], &[loss], 0.0, move |gpu, r| {
         Ok(vec![ew::fill(gpu, r.t(loss), 0.0)?])
     });
@@ -155,24 +236,35 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     let mm = |m: usize, k: usize, nn: usize| matmul::matmul_flops(m, k, nn);
 
     let emb = g.planned("embedding out", &[n, c], DType::F32);
-    g.node(
-        "embedding.forward",
-        "embedding",
-        &[tokens, wte.p, wpe.p],
-        &[emb],
-        0.0,
-        move |gpu, r| {
-            Ok(vec![embedding::embedding_forward(
-                gpu,
-                r.t(emb),
-                r.t(tokens),
-                r.t(wte.p),
-                r.t(wpe.p),
-                b,
-                t,
-            )?])
-        },
-    );
+    {
+        let mut reads = vec![tokens, wpe.p];
+        reads.extend(wte.iter().map(|part| part.ids.p));
+        let parts = wte.clone();
+        g.node(
+            "embedding.forward",
+            "embedding",
+            &reads,
+            &[emb],
+            0.0,
+            move |gpu, r| {
+                parts
+                    .iter()
+                    .map(|part| {
+                        embedding::embedding_forward(
+                            gpu,
+                            r.t(emb),
+                            r.t(tokens),
+                            r.t(part.ids.p),
+                            part.piece,
+                            r.t(wpe.p),
+                            b,
+                            t,
+                        )
+                    })
+                    .collect()
+            },
+        );
+    }
 
     // Saved activations per layer, for the backward pass.
     struct Saved {
@@ -195,7 +287,7 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     let mut res = emb;
     // With fusion, each layer's first LayerNorm is computed together with the previous residual.
     let mut pending_ln1: Option<Ln> = None;
-    for (i, bl) in blocks.iter().enumerate() {
+    for (i, bl) in p.h.iter().enumerate() {
         let name = |s: &str| format!("h.{i}.{s}");
         let Ln {
             out: ln1,
@@ -205,13 +297,13 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             Some(x) => x,
             None => {
                 let ln = ln_tensors(&mut g, &name("ln_1"), n, c, act);
-                layernorm_node(&mut g, &name("ln_1"), ln, res, bl.ln1_w.p, bl.ln1_b.p);
+                layernorm_node(&mut g, &name("ln_1"), ln, res, bl.ln_1_w.p, bl.ln_1_b.p);
                 ln
             }
         };
         // attention
         let qkv = g.planned(name("qkv"), &[n, 3 * c], act);
-        let (w, bb) = (bl.attn_w.w, bl.attn_b.p);
+        let (w, bb) = (bl.c_attn_w.w, bl.c_attn_b.p);
         linear_forward(
             &mut g,
             name("attn.c_attn.forward"),
@@ -271,7 +363,7 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             }
         };
         let proj = g.planned(name("attn.c_proj out"), &[n, c], act);
-        let (w, bb) = (bl.proj_w.w, bl.proj_b.p);
+        let (w, bb) = (bl.attn_proj_w.w, bl.attn_proj_b.p);
         linear_forward(
             &mut g,
             name("attn.c_proj.forward"),
@@ -290,7 +382,7 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             mean: ln2_mean,
             rstd: ln2_rstd,
         } = ln2s;
-        let (w, bb) = (bl.ln2_w.p, bl.ln2_b.p);
+        let (w, bb) = (bl.ln_2_w.p, bl.ln_2_b.p);
         residual_layernorm(
             &mut g,
             fused,
@@ -305,7 +397,7 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         // MLP
         let fc_pre = g.planned(name("mlp.c_fc out"), &[n, 4 * c], act);
         let fc_gelu = g.planned(name("mlp.gelu out"), &[n, 4 * c], act);
-        let (w, bb) = (bl.fc_w.w, bl.fc_b.p);
+        let (w, bb) = (bl.c_fc_w.w, bl.c_fc_b.p);
         if fused {
             let flops = mm(n, c, 4 * c);
             let what = name("mlp.c_fc+gelu.forward");
@@ -332,7 +424,7 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             );
         }
         let mlp_out = g.planned(name("mlp.c_proj out"), &[n, c], act);
-        let (w, bb) = (bl.mlp_w.w, bl.mlp_b.p);
+        let (w, bb) = (bl.mlp_proj_w.w, bl.mlp_proj_b.p);
         linear_forward(
             &mut g,
             name("mlp.c_proj.forward"),
@@ -346,9 +438,9 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         let res_out = g.planned(name("residual out"), &[n, c], DType::F32);
         if fused {
             // Fuse this residual with the next LayerNorm (the next block's ln_1, or ln_f).
-            let (nw, nb, what) = match blocks.get(i + 1) {
-                Some(next) => (next.ln1_w.p, next.ln1_b.p, format!("h.{}.ln_1", i + 1)),
-                None => (lnf_w.p, lnf_b.p, "ln_f".to_string()),
+            let (nw, nb, what) = match p.h.get(i + 1) {
+                Some(next) => (next.ln_1_w.p, next.ln_1_b.p, format!("h.{}.ln_1", i + 1)),
+                None => (p.ln_f_w.p, p.ln_f_b.p, "ln_f".to_string()),
             };
             let ln = ln_tensors(&mut g, &what, n, c, act);
             residual_layernorm(&mut g, true, &what, res_mid, mlp_out, res_out, ln, nw, nb);
@@ -395,43 +487,133 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         Some(x) => x,
         None => {
             let ln = ln_tensors(&mut g, "ln_f", n, c, act);
-            layernorm_node(&mut g, "ln_f", ln, res, lnf_w.p, lnf_b.p);
+            layernorm_node(&mut g, "ln_f", ln, res, p.ln_f_w.p, p.ln_f_b.p);
             ln
         }
     };
-    // lm_head, tied to wte: logits = ln_f(x) @ wte^T over the padded vocabulary.
-    let logits = g.planned("logits", &[n, vp], act);
-    let w = wte.w;
-    linear_forward(
-        &mut g,
-        "lm_head.forward".into(),
-        lnf,
-        w,
-        None,
-        None,
-        logits,
-        mm(n, c, vp),
-    );
-    // Loss, and its gradient written over the logits.
+    // The classifier, tied to wte, over chunks of rows so that the logits never exceed one
+    // chunk: for each chunk, logits = ln_f(x) @ wte^T (one product per piece of wte, each writing
+    // its columns), the loss and dlogits in place, then dln_f = dlogits @ wte and
+    // dwte += dlogits^T @ ln_f(x), piece by piece.
+    let logits = g.input("logits", &[chunk_rows, vp], act, StepInput::Logits);
     let losses = g.planned("losses", &[n], DType::F32);
-    g.node(
-        "crossentropy.forward_backward",
-        "loss",
-        &[targets, dloss, logits],
-        &[logits, losses],
-        0.0,
-        move |gpu, r| {
-            Ok(vec![crossentropy::crossentropy_forward_backward(
-                gpu,
-                r.t(losses),
-                r.t(logits),
-                r.t(targets),
-                r.t(dloss),
-                v,
-                true,
-            )?])
-        },
-    );
+    let dlnf = g.planned("d ln_f out", &[n, c], act);
+    let chunks = classifier_chunks(n, chunk_rows);
+    let split = chunks.len() > 1 || wte.len() > 1;
+    for chunk in chunks.iter().copied() {
+        let at = |what: &str, k: usize| {
+            if split {
+                format!(
+                    "lm_head.{what}[rows {}+{}, piece {k}]",
+                    chunk.start, chunk.rows
+                )
+            } else {
+                format!("lm_head.{what}")
+            }
+        };
+        let Chunk { start, rows } = chunk;
+        for (k, part) in wte.iter().copied().enumerate() {
+            g.node(
+                at("forward", k),
+                "matmul",
+                &[lnf, part.ids.w],
+                &[logits],
+                mm(rows, c, part.rows),
+                move |gpu, r| {
+                    let align = gpu.alignment();
+                    let o = MatmulForward {
+                        out_columns: Some(part.piece.first),
+                        ..Default::default()
+                    };
+                    Ok(vec![matmul::matmul_forward(
+                        gpu,
+                        &r.t(logits).slice(0, &[rows, vp], align)?,
+                        &r.t(lnf).slice(start * c, &[rows, c], align)?,
+                        r.t(part.ids.w),
+                        &o,
+                    )?])
+                },
+            );
+        }
+        // Loss, and its gradient written over the logits.
+        let ce = if split {
+            format!("crossentropy.forward_backward[rows {start}+{rows}]")
+        } else {
+            "crossentropy.forward_backward".into()
+        };
+        g.node(
+            ce,
+            "loss",
+            &[targets, dloss, logits],
+            &[logits, losses],
+            0.0,
+            move |gpu, r| {
+                let align = gpu.alignment();
+                Ok(vec![crossentropy::crossentropy_forward_backward(
+                    gpu,
+                    &r.t(losses).slice(start, &[rows], align)?,
+                    &r.t(logits).slice(0, &[rows, vp], align)?,
+                    &r.t(targets).slice(start, &[rows], align)?,
+                    r.t(dloss),
+                    v,
+                    true,
+                )?])
+            },
+        );
+        for (k, part) in wte.iter().copied().enumerate() {
+            let mut reads = vec![logits, part.ids.w];
+            if k > 0 {
+                reads.push(dlnf);
+            }
+            g.node(
+                at("backward_input", k),
+                "matmul",
+                &reads,
+                &[dlnf],
+                mm(rows, part.rows, c),
+                move |gpu, r| {
+                    let align = gpu.alignment();
+                    let o = MatmulBackwardInput {
+                        dout_columns: Some(part.piece.first),
+                        accumulate: k > 0,
+                        ..Default::default()
+                    };
+                    Ok(vec![matmul::matmul_backward_input(
+                        gpu,
+                        &r.t(dlnf).slice(start * c, &[rows, c], align)?,
+                        &r.t(logits).slice(0, &[rows, vp], align)?,
+                        r.t(part.ids.w),
+                        &o,
+                    )?])
+                },
+            );
+        }
+        for (k, part) in wte.iter().copied().enumerate() {
+            let gw = part.ids.g;
+            g.node(
+                at("backward_weight", k),
+                "matmul",
+                &[logits, lnf, gw],
+                &[gw],
+                mm(part.rows, rows, c),
+                move |gpu, r| {
+                    let align = gpu.alignment();
+                    let o = MatmulBackwardWeight {
+                        dout_columns: Some(part.piece.first),
+                        accumulate: true,
+                        ..Default::default()
+                    };
+                    Ok(vec![matmul::matmul_backward_weight(
+                        gpu,
+                        r.t(gw),
+                        &r.t(logits).slice(0, &[rows, vp], align)?,
+                        &r.t(lnf).slice(start * c, &[rows, c], align)?,
+                        &o,
+                    )?])
+                },
+            );
+        }
+    }
     let inv = 1.0 / (n * s.grad_accum) as f32;
     g.node(
         "loss.mean",
@@ -451,36 +633,6 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
     );
 
     // ---------------------------------------------------------------- body: backward
-    let dlogits = logits;
-    let dlnf = g.planned("d ln_f out", &[n, c], act);
-    let w = wte.w;
-    let flops = mm(n, vp, c);
-    linear_backward_input(
-        &mut g,
-        "lm_head.backward_input".into(),
-        dlogits,
-        w,
-        None,
-        dlnf,
-        flops,
-    );
-    let gw = wte.g;
-    g.node(
-        "lm_head.backward_weight",
-        "matmul",
-        &[dlogits, lnf, gw],
-        &[gw],
-        mm(n, c, vp),
-        move |gpu, r| {
-            Ok(vec![matmul::matmul_backward_weight(
-                gpu,
-                r.t(gw),
-                r.t(dlogits),
-                r.t(lnf),
-                true,
-            )?])
-        },
-    );
     // The residual stream's gradient: every LayerNorm backward adds into it.
     let dres = g.planned("d residual", &[n, c], DType::F32);
     g.node(
@@ -492,14 +644,14 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         move |gpu, r| Ok(vec![ew::fill(gpu, r.t(dres), 0.0)?]),
     );
     layernorm_backward(
-        &mut g, "ln_f", dres, &lnf_w, &lnf_b, dlnf, res, lnf_mean, lnf_rstd, n, c,
+        &mut g, "ln_f", dres, &p.ln_f_w, &p.ln_f_b, dlnf, res, lnf_mean, lnf_rstd, n, c,
     );
-    for (i, bl) in blocks.iter().enumerate().rev() {
+    for (i, bl) in p.h.iter().enumerate().rev() {
         let sv = &saved[i];
         let name = |s: &str| format!("h.{i}.{s}");
         // mlp.c_proj (+ the GELU before it)
         let dfc_pre = g.planned(name("d mlp.c_fc out"), &[n, 4 * c], act);
-        let (w, fc_pre, fc_gelu) = (bl.mlp_w.w, sv.fc_pre, sv.fc_gelu);
+        let (w, fc_pre, fc_gelu) = (bl.mlp_proj_w.w, sv.fc_pre, sv.fc_gelu);
         if fused {
             let what = name("mlp.c_proj+gelu.backward_input");
             let flops = mm(n, c, 4 * c);
@@ -527,8 +679,8 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         linear_param_grads(
             &mut g,
             &name("mlp.c_proj"),
-            &bl.mlp_w,
-            &bl.mlp_b,
+            &bl.mlp_proj_w,
+            &bl.mlp_proj_b,
             dres,
             fc_gelu,
             n,
@@ -537,14 +689,14 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         );
         // mlp.c_fc
         let dln2 = g.planned(name("d ln_2 out"), &[n, c], act);
-        let w = bl.fc_w.w;
+        let w = bl.c_fc_w.w;
         let what = name("mlp.c_fc.backward_input");
         linear_backward_input(&mut g, what, dfc_pre, w, None, dln2, mm(n, 4 * c, c));
         linear_param_grads(
             &mut g,
             &name("mlp.c_fc"),
-            &bl.fc_w,
-            &bl.fc_b,
+            &bl.c_fc_w,
+            &bl.c_fc_b,
             dfc_pre,
             sv.ln2,
             n,
@@ -555,8 +707,8 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             &mut g,
             &name("ln_2"),
             dres,
-            &bl.ln2_w,
-            &bl.ln2_b,
+            &bl.ln_2_w,
+            &bl.ln_2_b,
             dln2,
             sv.res_mid,
             sv.ln2_mean,
@@ -566,14 +718,14 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         );
         // attn.c_proj
         let datty = g.planned(name("d attention out"), &[n, c], act);
-        let w = bl.proj_w.w;
+        let w = bl.attn_proj_w.w;
         let what = name("attn.c_proj.backward_input");
         linear_backward_input(&mut g, what, dres, w, None, datty, mm(n, c, c));
         linear_param_grads(
             &mut g,
             &name("attn.c_proj"),
-            &bl.proj_w,
-            &bl.proj_b,
+            &bl.attn_proj_w,
+            &bl.attn_proj_b,
             dres,
             sv.atty,
             n,
@@ -635,14 +787,14 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
         }
         // attn.c_attn
         let dln1 = g.planned(name("d ln_1 out"), &[n, c], act);
-        let w = bl.attn_w.w;
+        let w = bl.c_attn_w.w;
         let what = name("attn.c_attn.backward_input");
         linear_backward_input(&mut g, what, dqkv, w, None, dln1, mm(n, 3 * c, c));
         linear_param_grads(
             &mut g,
             &name("attn.c_attn"),
-            &bl.attn_w,
-            &bl.attn_b,
+            &bl.c_attn_w,
+            &bl.c_attn_b,
             dqkv,
             sv.ln1,
             n,
@@ -653,8 +805,8 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             &mut g,
             &name("ln_1"),
             dres,
-            &bl.ln1_w,
-            &bl.ln1_b,
+            &bl.ln_1_w,
+            &bl.ln_1_b,
             dln1,
             sv.res_in,
             sv.ln1_mean,
@@ -663,91 +815,129 @@ pub fn build_train_graph(gpu: &Gpu, s: &TrainSettings, io: &StepTensors) -> Resu
             c,
         );
     }
-    let (gwte, gwpe) = (wte.g, wpe.g);
-    g.node(
-        "embedding.backward",
-        "embedding",
-        &[dres, buckets, gwte, gwpe],
-        &[gwte, gwpe],
-        0.0,
-        move |gpu, r| {
-            embedding::embedding_backward(gpu, r.t(gwte), r.t(gwpe), r.t(dres), r.t(buckets), b, t)
-        },
-    );
+    {
+        let mut rw = vec![wpe.g];
+        rw.extend(wte.iter().map(|part| part.ids.g));
+        let mut reads = vec![dres, buckets];
+        reads.extend(&rw);
+        let parts = wte.clone();
+        g.node(
+            "embedding.backward",
+            "embedding",
+            &reads,
+            &rw,
+            0.0,
+            move |gpu, r| {
+                let mut ds = Vec::with_capacity(parts.len() + 1);
+                for part in &parts {
+                    ds.push(embedding::embedding_backward_wte(
+                        gpu,
+                        r.t(part.ids.g),
+                        part.piece,
+                        r.t(dres),
+                        r.t(buckets),
+                        b,
+                        t,
+                    )?);
+                }
+                ds.push(embedding::embedding_backward_wpe(
+                    gpu,
+                    r.t(wpe.g),
+                    r.t(dres),
+                    b,
+                    t,
+                )?);
+                Ok(ds)
+            },
+        );
+    }
 
     // ---------------------------------------------------------------- tail: norm, clip, AdamW
     g.section(Section::Tail);
+    let buffer_lens: Vec<usize> = storage.buffers.iter().map(|b| b.len).collect();
     let norm_scratch = g.planned(
         "norm partials",
-        &[optimizer::grad_norm_scratch_len(layout.total)],
+        &[optimizer::grad_norm_scratch_len(&buffer_lens)],
         DType::F32,
     );
-    g.node(
-        "grad_norm",
-        "optimizer",
-        &[grads_all, norm_scalars],
-        &[status, norm_scratch],
-        0.0,
-        move |gpu, r| {
-            optimizer::grad_norm(
-                gpu,
-                r.t(status),
-                r.t(grads_all),
-                r.t(norm_scratch),
-                r.t(norm_scalars),
-            )
-        },
-    );
-    let mut reads = vec![grads_all, status, hyper, params_all, m_all, v_all];
-    let mut writes = vec![params_all, m_all, v_all];
-    if let Some(h) = params16_all {
-        reads.push(h);
-        writes.push(h);
+    {
+        let mut reads = grads_all.clone();
+        reads.push(norm_scalars);
+        let grads = grads_all.clone();
+        g.node(
+            "grad_norm",
+            "optimizer",
+            &reads,
+            &[status, norm_scratch],
+            0.0,
+            move |gpu, r| {
+                let views: Vec<_> = grads.iter().map(|&id| r.t(id)).collect();
+                optimizer::grad_norm(
+                    gpu,
+                    r.t(status),
+                    &views,
+                    r.t(norm_scratch),
+                    r.t(norm_scalars),
+                )
+            },
+        );
     }
-    if s.fused_optimizer {
-        let n_decay = layout.n_decay;
-        g.node("adamw", "optimizer", &reads, &writes, 0.0, move |gpu, r| {
-            Ok(vec![optimizer::adamw(
-                gpu,
-                r.t(params_all),
-                r.t(grads_all),
-                r.t(m_all),
-                r.t(v_all),
-                params16_all.map(|h| r.t(h)),
-                r.t(status),
-                r.t(hyper),
-                n_decay,
-            )?])
-        });
-    } else {
-        for e in layout.entries.clone() {
-            let decay = e.decayed();
-            g.node(
-                format!("adamw {}", e.name),
-                "optimizer",
-                &reads,
-                &writes,
-                0.0,
-                move |gpu, r| {
-                    let sl = |id: TensorId| r.t(id).slice(e.offset, &e.shape, gpu.alignment());
-                    let p16 = match params16_all {
-                        Some(h) => Some(sl(h)?),
-                        None => None,
+    let half = s.precision == Precision::F16;
+    for (k, sb) in storage.buffers.iter().enumerate() {
+        let params_k = buffer(&mut g, ParamCopy::Master, k, DType::F32);
+        let m_k = buffer(&mut g, ParamCopy::AdamM, k, DType::F32);
+        let v_k = buffer(&mut g, ParamCopy::AdamV, k, DType::F32);
+        let half_k = half.then(|| buffer(&mut g, ParamCopy::Half, k, DType::F16));
+        let grads_k = grads_all[k];
+        let mut reads = vec![grads_k, status, hyper, params_k, m_k, v_k];
+        let mut writes = vec![params_k, m_k, v_k];
+        if let Some(h) = half_k {
+            reads.push(h);
+            writes.push(h);
+        }
+        // (label, offset, length, decayed prefix) of each AdamW dispatch over this buffer: the
+        // whole buffer at once, or (unfused) one per tensor piece.
+        let spans: Vec<(String, usize, usize, usize)> = if s.fused_optimizer {
+            let label = if nbuf == 1 {
+                "adamw".to_string()
+            } else {
+                format!("adamw buffer {k}")
+            };
+            vec![(label, 0, sb.len, sb.n_decay)]
+        } else {
+            let mut spans = Vec::new();
+            for (id, pieces) in storage.pieces.iter() {
+                for (j, piece) in pieces.iter().enumerate().filter(|(_, p)| p.buffer == k) {
+                    let label = match pieces.len() {
+                        1 => format!("adamw {}", id.name()),
+                        _ => format!("adamw {} piece {j}", id.name()),
                     };
-                    let len = e.len();
-                    Ok(vec![optimizer::adamw(
-                        gpu,
-                        &sl(params_all)?,
-                        &sl(grads_all)?,
-                        &sl(m_all)?,
-                        &sl(v_all)?,
-                        p16.as_ref(),
-                        r.t(status),
-                        r.t(hyper),
-                        if decay { len } else { 0 },
-                    )?])
-                },
-            );
+                    let decay = if id.decayed() { piece.len() } else { 0 };
+                    spans.push((label, piece.offset, piece.len(), decay));
+                }
+            }
+            spans
+        };
+        for (label, offset, len, n_decay) in spans {
+            g.node(label, "optimizer", &reads, &writes, 0.0, move |gpu, r| {
+                let align = gpu.alignment();
+                let sl = |id: TensorId| r.t(id).slice(offset, &[len], align);
+                let p16 = match half_k {
+                    Some(h) => Some(sl(h)?),
+                    None => None,
+                };
+                Ok(vec![optimizer::adamw(
+                    gpu,
+                    &sl(params_k)?,
+                    &sl(grads_k)?,
+                    &sl(m_k)?,
+                    &sl(v_k)?,
+                    p16.as_ref(),
+                    r.t(status),
+                    r.t(hyper),
+                    n_decay,
+                )?])
+            });
         }
     }
     Ok(g)
@@ -762,7 +952,13 @@ pub(crate) struct Ln {
 }
 
 /// Plans the tensors of a LayerNorm over `n` rows of `c`: output in `dtype`, f32 statistics.
-pub(crate) fn ln_tensors(g: &mut Graph, what: &str, n: usize, c: usize, dtype: DType) -> Ln {
+pub(crate) fn ln_tensors<E: Clone>(
+    g: &mut Graph<E>,
+    what: &str,
+    n: usize,
+    c: usize,
+    dtype: DType,
+) -> Ln {
     Ln {
         out: g.planned(format!("{what} out"), &[n, c], dtype),
         mean: g.planned(format!("{what} mean"), &[n], DType::F32),
@@ -771,8 +967,8 @@ pub(crate) fn ln_tensors(g: &mut Graph, what: &str, n: usize, c: usize, dtype: D
 }
 
 /// `ln = LayerNorm(inp)`.
-pub(crate) fn layernorm_node(
-    g: &mut Graph,
+pub(crate) fn layernorm_node<E: Clone>(
+    g: &mut Graph<E>,
     what: &str,
     ln: Ln,
     inp: TensorId,
@@ -802,8 +998,8 @@ pub(crate) fn layernorm_node(
 
 /// `res_out = a + b; ln = LayerNorm(res_out)` (one fused dispatch, or two).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn residual_layernorm(
-    g: &mut Graph,
+pub(crate) fn residual_layernorm<E: Clone>(
+    g: &mut Graph<E>,
     fused: bool,
     what: &str,
     a: TensorId,
@@ -858,7 +1054,7 @@ pub(crate) fn residual_layernorm(
 /// LayerNorm backward: adds into `dres` and the parameter gradients.
 #[allow(clippy::too_many_arguments)]
 fn layernorm_backward(
-    g: &mut Graph,
+    g: &mut Graph<StepInput>,
     what: &str,
     dres: TensorId,
     w: &ParamIds,
@@ -902,8 +1098,8 @@ fn layernorm_backward(
 /// One matmul node: `out = inp @ w^T (+ bias)`. With `gelu_pre`, the GELU epilogue is fused:
 /// `gelu_pre` receives the pre-activation and `out` its GELU.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn linear_forward(
-    g: &mut Graph,
+pub(crate) fn linear_forward<E: Clone>(
+    g: &mut Graph<E>,
     what: String,
     inp: TensorId,
     w: TensorId,
@@ -936,7 +1132,7 @@ pub(crate) fn linear_forward(
 /// pre-activation of a GELU that fed the layer), the GELU backward is fused and `din` is the
 /// gradient at the pre-activation.
 fn linear_backward_input(
-    g: &mut Graph,
+    g: &mut Graph<StepInput>,
     what: String,
     dout: TensorId,
     w: TensorId,
@@ -964,7 +1160,7 @@ fn linear_backward_input(
 /// Weight and bias gradients of a Linear layer `out = inp @ W^T + b` given `dout`.
 #[allow(clippy::too_many_arguments)]
 fn linear_param_grads(
-    g: &mut Graph,
+    g: &mut Graph<StepInput>,
     what: &str,
     w: &ParamIds,
     bias: &ParamIds,
@@ -982,12 +1178,16 @@ fn linear_param_grads(
         &[gw],
         matmul::matmul_flops(n, k, nout),
         move |gpu, r| {
+            let o = MatmulBackwardWeight {
+                accumulate: true,
+                ..Default::default()
+            };
             Ok(vec![matmul::matmul_backward_weight(
                 gpu,
                 r.t(gw),
                 r.t(dout),
                 r.t(inp),
-                true,
+                &o,
             )?])
         },
     );

@@ -1,11 +1,13 @@
 //! The graph executor: a model step as a static list of dispatches over planned buffers.
 //!
-//! A [`Graph`] is built once: tensors are declared (planned activations, fixed tensors such as
-//! parameter views, and per-micro-step inputs), then nodes are appended in execution order, each
-//! naming the tensors it reads and writes and how to build its dispatches. [`Graph::compile`]
-//! computes every planned tensor's lifetime (first to last node that touches it), packs tensors
-//! whose lifetimes do not overlap into shared buffers, and makes every bind group once. A step
-//! then only records the prepared dispatches: `head` once, `body` once per micro-step (with that
+//! A [`Graph`] is built once, without a device: tensors are declared (planned activations, and
+//! inputs the caller owns, named by a key of the caller's type `E` and bound at compile time),
+//! then nodes are appended in execution order, each naming the tensors it reads and writes and
+//! how to build its dispatches. [`Graph::plan`] computes every planned tensor's lifetime (first
+//! to last node that touches it) and packs tensors whose lifetimes do not overlap into shared
+//! buffers ([`pack`], a pure function); that is all a memory plan needs. [`Graph::compile`]
+//! allocates the packed buffers, binds the inputs and makes every bind group once. A step then
+//! only records the prepared dispatches: `head` once, `body` once per micro-step (with that
 //! micro-step's inputs), `tail` once.
 
 pub mod gpt;
@@ -26,20 +28,21 @@ pub enum Section {
     Tail,
 }
 
-enum Storage {
+enum Storage<E> {
     /// An activation: memory assigned by the planner.
     Planned,
-    /// A tensor owned by the caller (parameter views, optimiser state, step scalars).
-    Fixed(Tensor),
-    /// One tensor per micro-step (token ids, targets).
-    PerMicro(Vec<Tensor>),
+    /// A tensor owned by the caller (parameter views, optimiser state, step scalars), the same
+    /// in every micro-step.
+    Input(E),
+    /// A tensor owned by the caller with one instance per micro-step (token ids, targets).
+    PerMicro(E),
 }
 
-struct Decl {
+struct Decl<E> {
     name: String,
     shape: Vec<usize>,
     dtype: DType,
-    storage: Storage,
+    storage: Storage<E>,
 }
 
 type BuildFn = Box<dyn Fn(&Gpu, &Resolved) -> Result<Vec<Dispatch>>>;
@@ -64,17 +67,20 @@ impl Resolved<'_> {
     }
 }
 
-/// A graph under construction.
-pub struct Graph {
-    decls: Vec<Decl>,
+/// A graph under construction; `E` names the tensors the caller owns.
+pub struct Graph<E> {
+    decls: Vec<Decl<E>>,
     nodes: Vec<(Section, Node)>,
     section: Section,
     micro: usize,
 }
 
-impl Graph {
+/// How to find the caller's tensor for an input key in a micro-step.
+pub type Bindings<'a, E> = dyn Fn(&E, usize) -> Result<Tensor> + 'a;
+
+impl<E: Clone> Graph<E> {
     /// A graph whose body runs `micro` times per step.
-    pub fn new(micro: usize) -> Graph {
+    pub fn new(micro: usize) -> Graph<E> {
         Graph {
             decls: Vec::new(),
             nodes: Vec::new(),
@@ -94,34 +100,38 @@ impl Graph {
         self.decls.len() - 1
     }
 
-    /// Declares a tensor owned by the caller.
-    pub fn fixed(&mut self, name: impl Into<String>, tensor: &Tensor) -> TensorId {
+    /// Declares a tensor the caller owns, bound through `key` at compile time.
+    pub fn input(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        dtype: DType,
+        key: E,
+    ) -> TensorId {
         self.decls.push(Decl {
             name: name.into(),
-            shape: tensor.shape.clone(),
-            dtype: tensor.dtype,
-            storage: Storage::Fixed(tensor.clone()),
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Input(key),
         });
         self.decls.len() - 1
     }
 
-    /// Declares an input with one tensor per micro-step.
-    pub fn per_micro(&mut self, name: impl Into<String>, tensors: &[Tensor]) -> Result<TensorId> {
-        let name = name.into();
-        if tensors.len() != self.micro {
-            return Err(Error::Other(format!(
-                "graph input {name}: {} tensors for {} micro-steps",
-                tensors.len(),
-                self.micro
-            )));
-        }
+    /// Declares an input with one tensor per micro-step, bound through `key` at compile time.
+    pub fn per_micro(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        dtype: DType,
+        key: E,
+    ) -> TensorId {
         self.decls.push(Decl {
-            name,
-            shape: tensors[0].shape.clone(),
-            dtype: tensors[0].dtype,
-            storage: Storage::PerMicro(tensors.to_vec()),
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::PerMicro(key),
         });
-        Ok(self.decls.len() - 1)
+        self.decls.len() - 1
     }
 
     pub fn shape(&self, id: TensorId) -> &[usize] {
@@ -161,22 +171,24 @@ impl Graph {
         ));
     }
 
-    /// Plans memory and builds every dispatch.
-    pub fn compile(self, gpu: &Gpu) -> Result<CompiledGraph> {
-        // Execution order: head, body, tail.
-        let mut order: Vec<(Section, Node)> = Vec::with_capacity(self.nodes.len());
-        let mut rest = self.nodes;
+    /// Nodes in execution order: head, body, tail.
+    fn execution_order(&self) -> Vec<usize> {
+        let mut order = Vec::with_capacity(self.nodes.len());
         for s in [Section::Head, Section::Body, Section::Tail] {
-            let (now, later): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(sec, _)| *sec == s);
-            order.extend(now);
-            rest = later;
+            order.extend((0..self.nodes.len()).filter(|&i| self.nodes[i].0 == s));
         }
+        order
+    }
 
-        // Lifetimes of planned tensors.
+    /// Plans the activations' memory: each planned tensor's lifetime, then [`pack`]. Needs no
+    /// device.
+    pub fn plan(&self) -> Result<ActivationPlan> {
+        let order = self.execution_order();
         let n_decl = self.decls.len();
         let mut first = vec![usize::MAX; n_decl];
         let mut last = vec![0usize; n_decl];
-        for (i, (_, node)) in order.iter().enumerate() {
+        for (i, &k) in order.iter().enumerate() {
+            let node = &self.nodes[k].1;
             for &id in node.reads.iter().chain(&node.writes) {
                 if id >= n_decl {
                     return Err(Error::Other(format!(
@@ -198,74 +210,80 @@ impl Graph {
                 last[id] = i;
             }
         }
-
-        // Interval packing: walk planned tensors by first use; reuse the smallest free buffer
-        // that is large enough, else make a new one.
-        struct Phys {
-            bytes: u64,
-            busy_until: usize,
-            buffer: Option<wgpu::Buffer>,
-        }
-        let mut phys: Vec<Phys> = Vec::new();
-        let mut assign = vec![usize::MAX; n_decl];
-        let mut planned: Vec<TensorId> = (0..n_decl)
+        let planned: Vec<TensorId> = (0..n_decl)
             .filter(|&i| {
                 matches!(self.decls[i].storage, Storage::Planned) && first[i] != usize::MAX
             })
             .collect();
-        planned.sort_by_key(|&i| (first[i], std::cmp::Reverse(tensor_bytes(&self.decls[i]))));
+        let intervals: Vec<Interval> = planned
+            .iter()
+            .map(|&id| Interval {
+                bytes: tensor_bytes(&self.decls[id]),
+                first: first[id],
+                last: last[id],
+            })
+            .collect();
+        let packing = pack(&intervals);
+        let mut slot = vec![None; n_decl];
+        for (k, &id) in planned.iter().enumerate() {
+            slot[id] = Some(packing.assign[k]);
+        }
+        let mut largest: Vec<Option<TensorId>> = vec![None; packing.slots.len()];
         for &id in &planned {
-            let bytes = tensor_bytes(&self.decls[id]);
-            let candidate = phys
+            let s = slot[id].expect("assigned above");
+            let bigger = largest[s]
+                .is_none_or(|l| tensor_bytes(&self.decls[id]) > tensor_bytes(&self.decls[l]));
+            if bigger {
+                largest[s] = Some(id);
+            }
+        }
+        Ok(ActivationPlan {
+            buffers: packing
+                .slots
                 .iter()
-                .enumerate()
-                .filter(|(_, p)| p.busy_until < first[id] && p.bytes >= bytes)
-                .min_by_key(|(_, p)| p.bytes)
-                .map(|(i, _)| i);
-            let slot = match candidate {
-                Some(s) => s,
-                None => {
-                    phys.push(Phys {
-                        bytes,
-                        busy_until: 0,
-                        buffer: None,
-                    });
-                    phys.len() - 1
-                }
-            };
-            phys[slot].busy_until = last[id];
-            assign[id] = slot;
-        }
-        let mut planned_bytes = 0;
-        let mut unplanned_bytes = 0;
-        for &id in &planned {
-            unplanned_bytes += tensor_bytes(&self.decls[id]);
-        }
-        for (i, p) in phys.iter_mut().enumerate() {
-            planned_bytes += p.bytes;
+                .zip(&largest)
+                .map(|(&bytes, l)| {
+                    let name = l.map_or_else(String::new, |id| self.decls[id].name.clone());
+                    (name, bytes)
+                })
+                .collect(),
+            unshared_bytes: intervals.iter().map(|i| i.bytes).sum(),
+            largest_tensor: planned
+                .iter()
+                .map(|&id| (self.decls[id].name.clone(), tensor_bytes(&self.decls[id])))
+                .max_by_key(|(_, b)| *b),
+            slot,
+        })
+    }
+
+    /// Allocates the planned buffers, binds the inputs through `bindings` and builds every
+    /// dispatch.
+    pub fn compile(self, gpu: &Gpu, bindings: &Bindings<'_, E>) -> Result<CompiledGraph> {
+        let plan = self.plan()?;
+        let mut buffers = Vec::with_capacity(plan.buffers.len());
+        for (i, (_, bytes)) in plan.buffers.iter().enumerate() {
             let t = gpu.zeros(
                 &format!("activations.{i}"),
-                &[p.bytes as usize / 4],
+                &[*bytes as usize / 4],
                 DType::F32,
             )?;
-            p.buffer = Some(t.buffer);
+            buffers.push(t.buffer);
         }
 
         // Concrete tensors, one table per micro-step.
+        let n_decl = self.decls.len();
         let mut tables: Vec<Vec<Tensor>> = Vec::with_capacity(self.micro);
         for k in 0..self.micro {
             let mut table = Vec::with_capacity(n_decl);
             for (id, d) in self.decls.iter().enumerate() {
                 let t = match &d.storage {
-                    Storage::Fixed(t) => t.clone(),
-                    Storage::PerMicro(ts) => ts[k].clone(),
+                    Storage::Input(key) => bindings(key, 0)?,
+                    Storage::PerMicro(key) => bindings(key, k)?,
                     Storage::Planned => {
-                        let buffer = match assign[id] {
-                            usize::MAX => {
-                                // Declared but never used: give it a minimal buffer.
-                                gpu.zeros(&d.name, &[1], DType::F32)?.buffer
-                            }
-                            slot => phys[slot].buffer.clone().expect("allocated above"),
+                        let buffer = match plan.slot[id] {
+                            // Declared but never used: give it a minimal buffer.
+                            None => gpu.zeros(&d.name, &[1], DType::F32)?.buffer,
+                            Some(slot) => buffers[slot].clone(),
                         };
                         Tensor {
                             buffer,
@@ -275,6 +293,19 @@ impl Graph {
                         }
                     }
                 };
+                if matches!(d.storage, Storage::Input(_) | Storage::PerMicro(_))
+                    && (t.shape.iter().product::<usize>() != d.shape.iter().product::<usize>()
+                        || t.dtype != d.dtype)
+                {
+                    return Err(Error::Other(format!(
+                        "graph input {}: bound a {} tensor of shape {:?}, declared {} {:?}",
+                        d.name,
+                        t.dtype.name(),
+                        t.shape,
+                        d.dtype.name(),
+                        d.shape
+                    )));
+                }
                 table.push(t);
             }
             tables.push(table);
@@ -285,10 +316,13 @@ impl Graph {
             body: Vec::new(),
             tail: Vec::new(),
             micro: self.micro,
-            planned_bytes,
-            unplanned_bytes,
+            planned_bytes: plan.bytes(),
+            unplanned_bytes: plan.unshared_bytes,
         };
-        for (section, node) in order {
+        let order = self.execution_order();
+        let mut nodes: Vec<Option<(Section, Node)>> = self.nodes.into_iter().map(Some).collect();
+        for k in order {
+            let (section, node) = nodes[k].take().expect("each node once");
             let per_micro = node
                 .reads
                 .iter()
@@ -326,7 +360,71 @@ impl Graph {
     }
 }
 
-fn tensor_bytes(d: &Decl) -> u64 {
+/// The activations' memory: the packed buffers and which buffer each planned tensor uses.
+#[derive(Clone, Debug)]
+pub struct ActivationPlan {
+    /// Each buffer's size, named after the largest tensor it holds.
+    pub buffers: Vec<(String, u64)>,
+    /// Bytes the same tensors would take without sharing.
+    pub unshared_bytes: u64,
+    /// The largest planned tensor (name, bytes): what a binding must be able to hold.
+    pub largest_tensor: Option<(String, u64)>,
+    slot: Vec<Option<usize>>,
+}
+
+impl ActivationPlan {
+    /// Bytes of all packed buffers.
+    pub fn bytes(&self) -> u64 {
+        self.buffers.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// A planned tensor for [`pack`]: its size and the first and last node (in execution order) that
+/// use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interval {
+    pub bytes: u64,
+    pub first: usize,
+    pub last: usize,
+}
+
+/// The result of [`pack`]: buffer sizes, and each interval's buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packing {
+    pub slots: Vec<u64>,
+    pub assign: Vec<usize>,
+}
+
+/// Packs tensors into shared buffers: walking them by first use (largest first among equals),
+/// each takes the smallest free buffer that is large enough (free: its last tensor's lifetime
+/// ended before this one's begins), else a new buffer of its own size. Two tensors share a
+/// buffer only if their lifetimes do not overlap.
+pub fn pack(intervals: &[Interval]) -> Packing {
+    let mut order: Vec<usize> = (0..intervals.len()).collect();
+    order.sort_by_key(|&i| (intervals[i].first, std::cmp::Reverse(intervals[i].bytes)));
+    let mut slots: Vec<u64> = Vec::new();
+    let mut busy_until: Vec<usize> = Vec::new();
+    let mut assign = vec![0; intervals.len()];
+    for i in order {
+        let iv = intervals[i];
+        let candidate = (0..slots.len())
+            .filter(|&s| busy_until[s] < iv.first && slots[s] >= iv.bytes)
+            .min_by_key(|&s| slots[s]);
+        let s = match candidate {
+            Some(s) => s,
+            None => {
+                slots.push(iv.bytes);
+                busy_until.push(0);
+                slots.len() - 1
+            }
+        };
+        busy_until[s] = iv.last;
+        assign[i] = s;
+    }
+    Packing { slots, assign }
+}
+
+fn tensor_bytes<E>(d: &Decl<E>) -> u64 {
     let n: usize = d.shape.iter().product();
     ((n * d.dtype.size()) as u64).div_ceil(256).max(1) * 256
 }
@@ -433,5 +531,46 @@ impl CompiledGraph {
     /// Model FLOPs of one step (sum of the nodes' estimates).
     pub fn flops(&self) -> f64 {
         self.node_sequence().iter().map(|n| n.flops).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iv(bytes: u64, first: usize, last: usize) -> Interval {
+        Interval { bytes, first, last }
+    }
+
+    #[test]
+    fn chain_reuses_disjoint_intermediates() {
+        // a -> b -> c -> d, each read only by the next: two buffers alternate.
+        let p = pack(&[iv(100, 0, 1), iv(100, 1, 2), iv(100, 2, 3), iv(100, 3, 4)]);
+        assert_eq!(p.slots, [100, 100]);
+        assert_eq!(p.assign, [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn overlapping_lifetimes_never_share() {
+        let ivs = [
+            iv(64, 0, 9),
+            iv(32, 2, 5),
+            iv(128, 3, 4),
+            iv(16, 6, 8),
+            iv(256, 5, 7),
+        ];
+        let p = pack(&ivs);
+        for i in 0..ivs.len() {
+            assert!(p.slots[p.assign[i]] >= ivs[i].bytes, "buffer too small");
+            for j in 0..i {
+                let overlap = ivs[i].first <= ivs[j].last && ivs[j].first <= ivs[i].last;
+                if overlap {
+                    assert_ne!(p.assign[i], p.assign[j], "{i} and {j} overlap");
+                }
+            }
+        }
+        // The 16-byte tensor reuses the 32-byte buffer freed at node 5.
+        assert_eq!(p.assign[3], p.assign[1]);
+        assert_eq!(p.slots.iter().sum::<u64>(), 64 + 32 + 128 + 256);
     }
 }

@@ -27,14 +27,34 @@ pub fn pad_vocab(v: usize) -> usize {
 impl GptConfig {
     /// GPT-2 (124M): 12 layers, 12 heads, 768 channels, 1024 positions, vocab 50257 padded to 50304.
     pub fn gpt2() -> GptConfig {
+        Self::gpt2_shape(12, 12, 768)
+    }
+
+    /// A GPT-2 shape with GPT-2's vocabulary (50257, padded to 50304) and 1024 positions.
+    fn gpt2_shape(n_layer: usize, n_head: usize, n_embd: usize) -> GptConfig {
         GptConfig {
-            n_layer: 12,
-            n_head: 12,
-            n_embd: 768,
+            n_layer,
+            n_head,
+            n_embd,
             block_size: 1024,
             vocab_size: GPT2_VOCAB,
             padded_vocab_size: pad_vocab(GPT2_VOCAB),
         }
+    }
+
+    /// GPT-2 medium (350M): 24 layers, 16 heads, 1024 channels.
+    pub fn gpt2_medium() -> GptConfig {
+        Self::gpt2_shape(24, 16, 1024)
+    }
+
+    /// GPT-2 large (774M): 36 layers, 20 heads, 1280 channels.
+    pub fn gpt2_large() -> GptConfig {
+        Self::gpt2_shape(36, 20, 1280)
+    }
+
+    /// GPT-2 XL (1.5B): 48 layers, 25 heads, 1600 channels.
+    pub fn gpt2_xl() -> GptConfig {
+        Self::gpt2_shape(48, 25, 1600)
     }
 
     /// A tiny GPT-2 for CPU adapters and tests: 2 layers, 4 heads, 64 channels, 64 positions,
@@ -50,12 +70,19 @@ impl GptConfig {
         }
     }
 
+    /// The presets by name, in size order.
+    pub const PRESETS: [&'static str; 5] = ["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"];
+
     pub fn preset(name: &str) -> Result<GptConfig> {
         match name {
             "gpt2" => Ok(Self::gpt2()),
+            "gpt2-medium" => Ok(Self::gpt2_medium()),
+            "gpt2-large" => Ok(Self::gpt2_large()),
+            "gpt2-xl" => Ok(Self::gpt2_xl()),
             "tiny" => Ok(Self::tiny()),
             other => Err(Error::Config(format!(
-                "unknown preset '{other}'; the presets are gpt2 and tiny"
+                "unknown preset '{other}'; the presets are {}",
+                Self::PRESETS.join(", ")
             ))),
         }
     }

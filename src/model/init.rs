@@ -1,6 +1,7 @@
 //! GPT-2 initialisation from a seed.
 
-use super::{GptConfig, ParamLayout};
+use super::params::storage_order;
+use super::{GptConfig, ParamId, ParamLayout};
 use crate::rng::Rng;
 
 /// Fresh parameters in the flat layout: Linear and Embedding weights ~ N(0, 0.02), the residual
@@ -10,22 +11,23 @@ pub fn init_params(config: &GptConfig, layout: &ParamLayout, seed: u64) -> Vec<f
     let mut rng = Rng::new(seed);
     let mut flat = vec![0f32; layout.total];
     let residual_std = 0.02 * (2.0 * config.n_layer as f32).powf(-0.5);
-    for e in &layout.entries {
-        let dst = &mut flat[e.offset..e.offset + e.len()];
-        let name = e.name.as_str();
-        if name.ends_with(".bias") {
-            continue;
-        }
-        if name.starts_with("ln_") || name.contains(".ln_") {
+    // Storage order (decayed tensors first), so a seed gives the same weights in every version.
+    for id in storage_order(config) {
+        let dst = &mut flat[layout.entry(id).range()];
+        if id.is_layernorm_weight() {
             dst.fill(1.0);
             continue;
         }
-        let std = if name.ends_with("c_proj.weight") {
+        if !id.decayed() {
+            // biases (LayerNorm and Linear)
+            continue;
+        }
+        let std = if id.is_residual_projection() {
             residual_std
         } else {
             0.02
         };
-        let n = if name == "wte.weight" {
+        let n = if id == ParamId::Wte {
             config.vocab_size * config.n_embd
         } else {
             dst.len()
@@ -53,16 +55,22 @@ mod tests {
         };
         let layout = ParamLayout::new(&cfg);
         let p = init_params(&cfg, &layout, 1337);
-        let std = |name: &str| {
-            let e = layout.get(name).unwrap();
-            let v = &p[e.offset..e.offset + e.len()];
+        let std = |id: ParamId| {
+            let v = layout.slice(&p, id);
             (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
         };
-        assert!((std("h.0.mlp.c_fc.weight") - 0.02).abs() < 0.002);
-        assert!((std("h.1.attn.c_proj.weight") - 0.01).abs() < 0.002);
-        let ln = layout.get("h.0.ln_1.weight").unwrap();
-        assert!(p[ln.offset..ln.offset + 32].iter().all(|&x| x == 1.0));
-        let wte = layout.get("wte.weight").unwrap();
+        use crate::model::BlockTensor as B;
+        assert!((std(ParamId::Block(0, B::CFcWeight)) - 0.02).abs() < 0.002);
+        assert!((std(ParamId::Block(1, B::AttnProjWeight)) - 0.01).abs() < 0.002);
+        assert!(layout
+            .slice(&p, ParamId::Block(0, B::Ln1Weight))
+            .iter()
+            .all(|&x| x == 1.0));
+        assert!(layout
+            .slice(&p, ParamId::Block(0, B::CAttnBias))
+            .iter()
+            .all(|&x| x == 0.0));
+        let wte = layout.entry(ParamId::Wte);
         assert!(p[wte.offset + 100 * 32..wte.offset + 128 * 32]
             .iter()
             .all(|&x| x == 0.0));

@@ -1,6 +1,10 @@
 //! Launchers for `shaders/embedding.wgsl`: token + position embedding forward, and its backward
 //! pass, made deterministic without float atomics by grouping the positions by token on the CPU
 //! ([`bucket_tokens`]: the data loader knows the tokens anyway).
+//!
+//! The token table may be stored in pieces of rows (a table larger than one binding, see
+//! `model::storage`): each launch then handles the tokens of one piece ([`TablePiece`]), and
+//! one launch per piece covers every position exactly once.
 
 use super::{check_f32, check_float, check_u32, check_u32_range, Params4};
 use crate::defines;
@@ -8,6 +12,51 @@ use crate::error::{Error, Result};
 use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
 
 const WG: u32 = 256;
+
+/// Which rows of the token table a `wte` tensor holds: rows `first..first + its rows` of a table
+/// of `total` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TablePiece {
+    pub first: usize,
+    pub total: usize,
+}
+
+impl TablePiece {
+    /// The whole table of `rows` rows in one tensor.
+    pub fn whole(rows: usize) -> TablePiece {
+        TablePiece {
+            first: 0,
+            total: rows,
+        }
+    }
+
+    /// Checks a piece tensor of `rows` rows lies within the table.
+    fn check(self, op: &'static str, rows: usize) -> Result<()> {
+        if self.first + rows > self.total {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "a piece of {rows} rows from row {} is outside a table of {} rows",
+                    self.first, self.total
+                ),
+            ));
+        }
+        check_u32_range(op, "table rows", self.total)?;
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ForwardParams {
+    rows: u32, // B*T
+    t: u32,
+    c: u32,
+    vp: u32, // rows of the whole table (ids beyond are clamped)
+    first: u32,
+    piece_rows: u32,
+    _pad: [u32; 2],
+}
 
 /// Checks `t` is `[rows, c]` (2-D) with `rows >= min_rows`; returns (rows, c).
 fn table(op: &'static str, what: &str, t: &Tensor, min_rows: usize) -> Result<(usize, usize)> {
@@ -47,16 +96,21 @@ fn activations(
     Ok(())
 }
 
-/// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`.
+/// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`, for the positions whose token lies in
+/// `piece` (every position when `wte` is the whole table).
 ///
-/// - `out`: `[B, T, C]` (or `[B*T, C]`) f32, overwritten.
-/// - `tokens`: `[B*T]` (any shape of B*T elements) u32; ids `>= Vp` are clamped to `Vp - 1`.
-/// - `wte`: `[Vp, C]` f32 | f16. `wpe`: `[block, C]` f32 | f16 with `block >= T`.
+/// - `out`: `[B, T, C]` (or `[B*T, C]`) f32, overwritten at those positions.
+/// - `tokens`: `[B*T]` (any shape of B*T elements) u32; ids `>= piece.total` are clamped to
+///   `piece.total - 1`.
+/// - `wte`: `[rows, C]` f32 | f16, rows `piece.first..` of the table. `wpe`: `[block, C]` f32 |
+///   f16 with `block >= T`.
+#[allow(clippy::too_many_arguments)]
 pub fn embedding_forward(
     gpu: &Gpu,
     out: &Tensor,
     tokens: &Tensor,
     wte: &Tensor,
+    piece: TablePiece,
     wpe: &Tensor,
     b: usize,
     t: usize,
@@ -70,7 +124,8 @@ pub fn embedding_forward(
     }
     check_float(gpu, OP, "wte", wte)?;
     check_float(gpu, OP, "wpe", wpe)?;
-    let (vp, c) = table(OP, "wte", wte, 1)?;
+    let (piece_rows, c) = table(OP, "wte", wte, 1)?;
+    piece.check(OP, piece_rows)?;
     let (_, cp) = table(OP, "wpe", wpe, t)?;
     if cp != c {
         return Err(Error::shape(
@@ -87,11 +142,14 @@ pub fn embedding_forward(
     let n = (b * t * c) as u32;
     let params = gpu.uniform(
         OP,
-        &Params4 {
-            a: (b * t) as u32,
-            b: t as u32,
+        &ForwardParams {
+            rows: (b * t) as u32,
+            t: t as u32,
             c: c as u32,
-            d: vp as u32,
+            vp: piece.total as u32,
+            first: piece.first as u32,
+            piece_rows: piece_rows as u32,
+            _pad: [0; 2],
         },
     );
     gpu.dispatch(DispatchDesc {
@@ -154,16 +212,9 @@ pub fn bucket_tokens(tokens: &[u32], vp: usize) -> Vec<u32> {
 }
 
 /// Embedding backward: `dwte[tok, :] += sum of dout[pos, :]` over the positions holding `tok`
-/// (in position order), and `dwpe[t, :] += sum over b of dout[b, t, :]`. Returns two dispatches
-/// (independent of each other).
-///
-/// - `dwte`: `[Vp, C]` f32, ACCUMULATED (rows of tokens absent from the batch are untouched).
-/// - `dwpe`: `[block, C]` f32 with `block >= T`, ACCUMULATED (rows `>= T` untouched).
-/// - `dout`: `[B, T, C]` (or `[B*T, C]`) f32 | f16.
-/// - `buckets`: u32 with [`embedding_buckets_len`]`(B*T)` elements, holding
-///   [`bucket_tokens`] of this batch's tokens. The grid is sized for the worst case (every
-///   position a distinct token), so the dispatch can be recorded once and only the buckets
-///   rewritten each step.
+/// (in position order), and `dwpe[t, :] += sum over b of dout[b, t, :]`, for a whole table.
+/// Returns two dispatches (independent of each other); see [`embedding_backward_wte`] and
+/// [`embedding_backward_wpe`].
 pub fn embedding_backward(
     gpu: &Gpu,
     dwte: &Tensor,
@@ -173,48 +224,81 @@ pub fn embedding_backward(
     b: usize,
     t: usize,
 ) -> Result<Vec<Dispatch>> {
-    const OP: &str = "embedding_backward";
+    let (vp, _) = table("embedding_backward", "dwte", dwte, 1)?;
+    Ok(vec![
+        embedding_backward_wte(gpu, dwte, TablePiece::whole(vp), dout, buckets, b, t)?,
+        embedding_backward_wpe(gpu, dwpe, dout, b, t)?,
+    ])
+}
+
+/// Checks B and T are positive and `dout` is (B*T, C); returns C.
+fn check_dout(
+    gpu: &Gpu,
+    op: &'static str,
+    dout: &Tensor,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
     if b == 0 || t == 0 {
         return Err(Error::shape(
-            OP,
+            op,
             format!("B = {b} and T = {t} must be positive"),
         ));
     }
+    check_float(gpu, op, "dout", dout)?;
+    activations(op, "dout", dout, b, t, c)?;
+    check_u32_range(op, "B * T * C", b * t * c)?;
+    Ok(())
+}
+
+/// `dwte[tok - piece.first, :] += sum of dout[pos, :]` over the positions holding `tok`, for the
+/// tokens of `piece` (rows of other pieces are untouched).
+///
+/// - `dwte`: `[rows, C]` f32, rows `piece.first..` of the table's gradient, ACCUMULATED.
+/// - `dout`: `[B, T, C]` (or `[B*T, C]`) f32 | f16.
+/// - `buckets`: u32 with [`embedding_buckets_len`]`(B*T)` elements, holding [`bucket_tokens`] of
+///   this batch's tokens (for the whole table's `total` rows). The grid is sized for the worst
+///   case (every position a distinct token), so the dispatch can be recorded once and only the
+///   buckets rewritten each step.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_backward_wte(
+    gpu: &Gpu,
+    dwte: &Tensor,
+    piece: TablePiece,
+    dout: &Tensor,
+    buckets: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<Dispatch> {
+    const OP: &str = "embedding_backward";
     check_f32(OP, "dwte", dwte)?;
-    check_f32(OP, "dwpe", dwpe)?;
-    let (vp, c) = table(OP, "dwte", dwte, 1)?;
-    let (_, cp) = table(OP, "dwpe", dwpe, t)?;
-    if cp != c {
-        return Err(Error::shape(
-            OP,
-            format!("dwpe has C = {cp} but dwte has C = {c}"),
-        ));
-    }
-    check_float(gpu, OP, "dout", dout)?;
-    activations(OP, "dout", dout, b, t, c)?;
+    let (piece_rows, c) = table(OP, "dwte", dwte, 1)?;
+    piece.check(OP, piece_rows)?;
+    check_dout(gpu, OP, dout, b, t, c)?;
     check_u32(OP, "buckets", buckets)?;
     let positions = b * t;
     buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
     check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
-    check_u32_range(OP, "B * T * C", positions * c)?;
-    check_u32_range(OP, "Vp * C", dwte.len())?;
-    let dout_t = dout.dtype.wgsl();
-
-    let wte_params = gpu.uniform(
+    check_u32_range(OP, "piece elements", dwte.len())?;
+    let params = gpu.uniform(
         OP,
-        &Params4 {
-            a: positions as u32,
-            b: c as u32,
-            c: vp as u32,
-            d: 0,
+        &ForwardParams {
+            rows: positions as u32,
+            t: 0,
+            c: c as u32,
+            vp: piece.total as u32,
+            first: piece.first as u32,
+            piece_rows: piece_rows as u32,
+            _pad: [0; 2],
         },
     );
-    let wte = gpu.dispatch(DispatchDesc {
+    gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_backward_wte",
-        defines: defines![("BACKWARD_WTE", 1), ("DOUT_T", dout_t)],
+        defines: defines![("BACKWARD_WTE", 1), ("DOUT_T", dout.dtype.wgsl())],
         bindings: &[
-            Bind::Uniform(&wte_params),
+            Bind::Uniform(&params),
             Bind::Read(buckets),
             Bind::Read(dout),
             Bind::Write(dwte),
@@ -222,7 +306,24 @@ pub fn embedding_backward(
         workgroups: gpu.grid(positions as u32),
         label: format!("{OP}.wte"),
         family: "embedding",
-    })?;
+    })
+}
+
+/// `dwpe[t, :] += sum over b of dout[b, t, :]`.
+///
+/// - `dwpe`: `[block, C]` f32 with `block >= T`, ACCUMULATED (rows `>= T` untouched).
+/// - `dout`: `[B, T, C]` (or `[B*T, C]`) f32 | f16.
+pub fn embedding_backward_wpe(
+    gpu: &Gpu,
+    dwpe: &Tensor,
+    dout: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<Dispatch> {
+    const OP: &str = "embedding_backward";
+    check_f32(OP, "dwpe", dwpe)?;
+    let (_, c) = table(OP, "dwpe", dwpe, t)?;
+    check_dout(gpu, OP, dout, b, t, c)?;
     let wpe_params = gpu.uniform(
         OP,
         &Params4 {
@@ -232,10 +333,10 @@ pub fn embedding_backward(
             d: 0,
         },
     );
-    let wpe = gpu.dispatch(DispatchDesc {
+    gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_backward_wpe",
-        defines: defines![("BACKWARD_WPE", 1), ("DOUT_T", dout_t)],
+        defines: defines![("BACKWARD_WPE", 1), ("DOUT_T", dout.dtype.wgsl())],
         bindings: &[
             Bind::Uniform(&wpe_params),
             Bind::Read(dout),
@@ -244,8 +345,7 @@ pub fn embedding_backward(
         workgroups: gpu.grid(((t * c) as u32).div_ceil(WG)),
         label: format!("{OP}.wpe"),
         family: "embedding",
-    })?;
-    Ok(vec![wte, wpe])
+    })
 }
 
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {

@@ -208,6 +208,9 @@ pub struct MatmulForward<'a> {
     pub accumulate: bool,
     /// Forces a kernel instead of `choose_kernel`'s choice.
     pub kernel: Option<MatmulKernel>,
+    /// Writes columns `start..start + N` of a wider `out` (M, W) in place, W being its last
+    /// dimension (e.g. one vocabulary piece of the logits). Not with `gelu_pre`.
+    pub out_columns: Option<usize>,
 }
 
 /// Options of [`matmul_backward_input`].
@@ -220,6 +223,21 @@ pub struct MatmulBackwardInput<'a> {
     pub accumulate: bool,
     /// Forces a kernel instead of `choose_kernel`'s choice.
     pub kernel: Option<MatmulKernel>,
+    /// Reads columns `start..start + N` of a wider `dout` (M, W) in place, W being its last
+    /// dimension (e.g. one vocabulary piece of the logits' gradient).
+    pub dout_columns: Option<usize>,
+}
+
+/// Options of [`matmul_backward_weight`].
+#[derive(Clone, Copy, Default)]
+pub struct MatmulBackwardWeight {
+    /// `dweight += ...` instead of `dweight = ...`.
+    pub accumulate: bool,
+    /// Forces a kernel instead of `choose_kernel`'s choice.
+    pub kernel: Option<MatmulKernel>,
+    /// Reads columns `start..start + N` of a wider `dout` (M, W) in place, W being its last
+    /// dimension.
+    pub dout_columns: Option<usize>,
 }
 
 /// What happens to each finished sum before it is stored.
@@ -233,7 +251,9 @@ enum Epilogue<'a> {
 }
 
 /// `c (=|+=) epilogue(A x B (+ bias))`, c: (rows, cols); A is (rows, inner), or (inner, rows)
-/// when `a_trans`; B is (inner, cols), or (cols, inner) when `b_trans`.
+/// when `a_trans`; B is (inner, cols), or (cols, inner) when `b_trans`. A and C may be windows
+/// of wider matrices: A's rows are `a.stride` elements apart and start at element `a.start`
+/// (likewise C); a contiguous operand has stride = its row length and start 0.
 struct Product<'a> {
     op: &'static str,
     c: &'a Tensor,
@@ -244,9 +264,28 @@ struct Product<'a> {
     inner: usize,
     a_trans: bool,
     b_trans: bool,
+    a_window: Window,
+    c_window: Window,
     bias: Option<&'a Tensor>,
     epilogue: Epilogue<'a>,
     accumulate: bool,
+}
+
+/// Where a matrix operand lies in its tensor: element `start`, rows `stride` elements apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    start: usize,
+    stride: usize,
+}
+
+impl Window {
+    /// A whole contiguous matrix with rows of `row_len`.
+    fn whole(row_len: usize) -> Window {
+        Window {
+            start: 0,
+            stride: row_len,
+        }
+    }
 }
 
 /// Define-level description of one `matmul_tiled` specialisation; the launcher and
@@ -621,7 +660,11 @@ pub fn agreement_with_tiled(
             [n, m, k],
             DType::F32,
             Box::new(|out, kernel| {
-                matmul_backward_weight_with(gpu, out, &dout, &inp, false, Some(kernel))
+                let opts = MatmulBackwardWeight {
+                    kernel: Some(kernel),
+                    ..Default::default()
+                };
+                matmul_backward_weight(gpu, out, &dout, &inp, &opts)
             }),
         ),
     ];
@@ -741,15 +784,28 @@ struct TiledParams {
     tiles_m: u32,
     tiles_n: u32,
     tiles: u32,
+    a_start: u32,
+    a_stride: u32,
+    c_start: u32,
+    c_stride: u32,
     _pad: [u32; 2],
 }
 
 fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result<Dispatch> {
     let op = prod.op;
     // Every element index the shader forms must fit its u32 arithmetic.
-    check_u32_range(op, "rows * inner", prod.rows * prod.inner)?;
+    let a_rows = if prod.a_trans { prod.inner } else { prod.rows };
+    check_u32_range(
+        op,
+        "A's last element",
+        prod.a_window.start + a_rows * prod.a_window.stride,
+    )?;
     check_u32_range(op, "inner * cols", prod.inner * prod.cols)?;
-    check_u32_range(op, "rows * cols", prod.rows * prod.cols)?;
+    check_u32_range(
+        op,
+        "C's last element",
+        prod.c_window.start + prod.rows * prod.c_window.stride,
+    )?;
     let kernel = match forced {
         Some(k) => {
             check_kernel(gpu, prod, k)?;
@@ -817,6 +873,10 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
             tiles_m,
             tiles_n,
             tiles,
+            a_start: prod.a_window.start as u32,
+            a_stride: prod.a_window.stride as u32,
+            c_start: prod.c_window.start as u32,
+            c_stride: prod.c_window.stride as u32,
             _pad: [0; 2],
         },
     );
@@ -887,6 +947,54 @@ fn expect_rows(op: &'static str, what: &str, t: &Tensor, rows: usize, width: usi
     Ok(())
 }
 
+/// The window of `t` (rows of `width` elements, leading dimensions flattened) that holds a
+/// `rows x cols` matrix: columns `start..start + cols` when `columns` is `Some(start)` (the
+/// matrix lies inside wider rows), else the whole tensor, which must then be `rows x cols`.
+fn window(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    rows: usize,
+    cols: usize,
+    columns: Option<usize>,
+) -> Result<Window> {
+    let Some(start) = columns else {
+        expect_rows(op, what, t, rows, cols)?;
+        return Ok(Window::whole(cols));
+    };
+    let width = *t.shape.last().unwrap_or(&0);
+    if width == 0 || start + cols > width {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}: columns {start}..{} are outside its rows",
+                t.shape,
+                start + cols
+            ),
+        ));
+    }
+    expect_rows(op, what, t, rows, width)?;
+    Ok(Window {
+        start,
+        stride: width,
+    })
+}
+
+/// Rows of a matrix operand `cols` wide, or of the wider rows it is a window of (`columns`).
+fn window_rows(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    cols: usize,
+    columns: Option<usize>,
+) -> Result<usize> {
+    let width = match columns {
+        Some(_) => *t.shape.last().unwrap_or(&0),
+        None => cols,
+    };
+    rows_of(op, what, t, width.max(1))
+}
+
 /// Whether two tensor views share any byte.
 fn overlaps(x: &Tensor, y: &Tensor) -> bool {
     x.buffer == y.buffer
@@ -941,7 +1049,13 @@ pub fn matmul_forward(
     check_float(gpu, OP, "weight", weight)?;
     let (n, k) = weight_dims(OP, "weight", weight)?;
     let m = rows_of(OP, "inp", inp, k)?;
-    expect_rows(OP, "out", out, m, n)?;
+    let c_window = window(OP, "out", out, m, n, opts.out_columns)?;
+    if opts.out_columns.is_some() && opts.gelu_pre.is_some() {
+        return Err(Error::shape(
+            OP,
+            "a GELU epilogue writes whole rows; it cannot be combined with out_columns",
+        ));
+    }
     let mut inputs = vec![("inp", inp), ("weight", weight)];
     if let Some(bias) = opts.bias {
         check_float(gpu, OP, "bias", bias)?;
@@ -965,6 +1079,8 @@ pub fn matmul_forward(
         inner: k,
         a_trans: false,
         b_trans: true,
+        a_window: Window::whole(k),
+        c_window,
         bias: opts.bias,
         epilogue: opts.gelu_pre.map_or(Epilogue::Plain, Epilogue::GeluForward),
         accumulate: opts.accumulate,
@@ -988,7 +1104,8 @@ pub fn matmul_backward_input(
     check_float(gpu, OP, "dout", dout)?;
     check_float(gpu, OP, "weight", weight)?;
     let (n, k) = weight_dims(OP, "weight", weight)?;
-    let m = rows_of(OP, "dout", dout, n)?;
+    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
+    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
     expect_rows(OP, "dinp", dinp, m, k)?;
     let mut inputs = vec![("dout", dout), ("weight", weight)];
     if let Some(pre) = opts.gelu_pre {
@@ -1007,6 +1124,8 @@ pub fn matmul_backward_input(
         inner: n,
         a_trans: false,
         b_trans: false,
+        a_window,
+        c_window: Window::whole(k),
         bias: None,
         epilogue: opts
             .gelu_pre
@@ -1016,7 +1135,8 @@ pub fn matmul_backward_input(
     launch(gpu, &prod, opts.kernel)
 }
 
-/// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows.
+/// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows (see
+/// [`MatmulBackwardWeight`]).
 ///
 /// dweight: (N, K) (f32, or f16), dout: (M, N), inp: (M, K), leading dimensions flattened;
 /// inputs f32 or f16.
@@ -1025,26 +1145,15 @@ pub fn matmul_backward_weight(
     dweight: &Tensor,
     dout: &Tensor,
     inp: &Tensor,
-    accumulate: bool,
-) -> Result<Dispatch> {
-    matmul_backward_weight_with(gpu, dweight, dout, inp, accumulate, None)
-}
-
-/// [`matmul_backward_weight`] with a forced kernel (`None`: `choose_kernel`'s choice).
-pub fn matmul_backward_weight_with(
-    gpu: &Gpu,
-    dweight: &Tensor,
-    dout: &Tensor,
-    inp: &Tensor,
-    accumulate: bool,
-    kernel: Option<MatmulKernel>,
+    opts: &MatmulBackwardWeight,
 ) -> Result<Dispatch> {
     const OP: &str = "matmul_backward_weight";
     check_float(gpu, OP, "dweight", dweight)?;
     check_float(gpu, OP, "dout", dout)?;
     check_float(gpu, OP, "inp", inp)?;
     let (n, k) = weight_dims(OP, "dweight", dweight)?;
-    let m = rows_of(OP, "dout", dout, n)?;
+    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
+    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
     expect_rows(OP, "inp", inp, m, k)?;
     check_no_alias(OP, &[("dweight", dweight)], &[("dout", dout), ("inp", inp)])?;
     let prod = Product {
@@ -1057,11 +1166,13 @@ pub fn matmul_backward_weight_with(
         inner: m,
         a_trans: true,
         b_trans: false,
+        a_window,
+        c_window: Window::whole(k),
         bias: None,
         epilogue: Epilogue::Plain,
-        accumulate,
+        accumulate: opts.accumulate,
     };
-    launch(gpu, &prod, kernel)
+    launch(gpu, &prod, opts.kernel)
 }
 
 /// Rows summed by one workgroup of the first bias-gradient stage (CHUNK_ROWS in the shader).

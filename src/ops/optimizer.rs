@@ -1,6 +1,6 @@
-//! Launchers for `shaders/optimizer.wgsl`: the global gradient norm (with the clipping
-//! coefficient and a finiteness flag for dynamic loss scaling) and fused AdamW over the one flat
-//! parameter buffer.
+//! Launchers for `shaders/optimizer.wgsl`: the global gradient norm over every gradient buffer
+//! (with the clipping coefficient and a finiteness flag for dynamic loss scaling) and fused
+//! AdamW over a parameter buffer.
 //!
 //! Per step the CPU writes two small f32 tensors: [`GradNormScalars`] and [`AdamWHyper`]; the GPU
 //! writes the status tensor (`[norm, clip_coef, finite, 0]`) that AdamW reads, so clipping and
@@ -105,48 +105,54 @@ impl AdamWHyper {
 struct Params {
     n: u32,
     other: u32, // groups (norm) or n_decay (AdamW)
-    _pad: [u32; 2],
+    base: u32,  // norm partials: this buffer's first partial
+    total: u32, // norm partials: partials over all buffers
 }
 
 fn norm_groups(n: usize, max_groups: usize) -> usize {
     n.div_ceil(WG as usize).clamp(1, max_groups.max(1))
 }
 
-/// Length (f32 elements) of the scratch tensor `grad_norm` needs for `n` gradients.
-pub fn grad_norm_scratch_len(n: usize) -> usize {
-    2 * norm_groups(n, GRAD_NORM_MAX_GROUPS)
+/// Length (f32 elements) of the scratch tensor `grad_norm` needs for gradient buffers of these
+/// lengths.
+pub fn grad_norm_scratch_len(buffer_lens: &[usize]) -> usize {
+    2 * buffer_lens
+        .iter()
+        .map(|&n| norm_groups(n, GRAD_NORM_MAX_GROUPS))
+        .sum::<usize>()
 }
 
-/// Global L2 norm of the gradients, two deterministic stages. Returns two dispatches to run in
-/// order.
+/// Global L2 norm of the gradients in every buffer of `grads`, in deterministic stages: one
+/// dispatch of partial sums per buffer, then one that adds all partials in order. Returns the
+/// dispatches to run in order.
 ///
 /// - `status`: `[4]` f32, overwritten with `[norm, clip_coef, finite, 0]`: norm =
 ///   `sqrt(sum (g * inv_loss_scale)^2)`; clip_coef = `min(1, max_norm / (norm + 1e-6))`, or 1
 ///   when `max_norm <= 0` or the gradients are not finite; finite = 1.0, or 0.0 when any gradient
 ///   is inf/NaN (or the sum of squares overflows).
-/// - `grads`: `[n]` f32 (any shape), every parameter gradient in one buffer.
-/// - `scratch`: f32 with at least [`grad_norm_scratch_len`]`(n)` elements (contents on entry do
-///   not matter).
+/// - `grads`: f32 buffers (any shapes) that together hold every parameter gradient once.
+/// - `scratch`: f32 with at least [`grad_norm_scratch_len`] elements (contents on entry do not
+///   matter).
 /// - `scalars`: f32 `[GradNormScalars::LEN]` holding a [`GradNormScalars`].
 pub fn grad_norm(
     gpu: &Gpu,
     status: &Tensor,
-    grads: &Tensor,
+    grads: &[&Tensor],
     scratch: &Tensor,
     scalars: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     grad_norm_with_groups(gpu, status, grads, scratch, scalars, GRAD_NORM_MAX_GROUPS)
 }
 
-/// [`grad_norm`] with the first stage capped at `max_groups` workgroups instead of
+/// [`grad_norm`] with each buffer's first stage capped at `max_groups` workgroups instead of
 /// [`GRAD_NORM_MAX_GROUPS`], so that tests can make each thread stride over the buffer many
 /// times, as GPT-2 sized buffers do, with small inputs. The scratch must then hold
-/// `2 * min(ceil(n / 256), max_groups)` elements.
+/// `2 * sum over buffers of min(ceil(n / 256), max_groups)` elements.
 #[doc(hidden)]
 pub fn grad_norm_with_groups(
     gpu: &Gpu,
     status: &Tensor,
-    grads: &Tensor,
+    grads: &[&Tensor],
     scratch: &Tensor,
     scalars: &Tensor,
     max_groups: usize,
@@ -154,54 +160,77 @@ pub fn grad_norm_with_groups(
     const OP: &str = "grad_norm";
     check_f32(OP, "status", status)?;
     status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "grads", grads)?;
     check_f32(OP, "scalars", scalars)?;
     scalars.expect_len(OP, "scalars", GradNormScalars::LEN)?;
     check_f32(OP, "scratch", scratch)?;
-    let n = grads.len();
-    let groups = norm_groups(n, max_groups.min(GRAD_NORM_MAX_GROUPS));
-    if scratch.len() < 2 * groups {
+    if grads.is_empty() {
+        return Err(Error::shape(OP, "no gradient buffers"));
+    }
+    let max_groups = max_groups.min(GRAD_NORM_MAX_GROUPS);
+    let groups: Vec<usize> = grads
+        .iter()
+        .map(|g| norm_groups(g.len(), max_groups))
+        .collect();
+    let total: usize = groups.iter().sum();
+    if scratch.len() < 2 * total {
         return Err(Error::shape(
             OP,
             format!(
                 "scratch has {} elements, needs at least {} (grad_norm_scratch_len)",
                 scratch.len(),
-                2 * groups
+                2 * total
             ),
         ));
     }
-    // The grid-stride loop's index (up to n + stride) must not wrap around.
-    check_u32_range(
-        OP,
-        "gradient elements plus the grid stride",
-        n + groups * WG as usize,
-    )?;
-    let n32 = n as u32;
+    check_u32_range(OP, "partial sums", 2 * total)?;
+    let mut dispatches = Vec::with_capacity(grads.len() + 1);
+    let mut base = 0;
+    for (k, (grads, &groups)) in grads.iter().zip(&groups).enumerate() {
+        check_f32(OP, "grads", grads)?;
+        let n = grads.len();
+        // The grid-stride loop's index (up to n + stride) must not wrap around.
+        check_u32_range(
+            OP,
+            "gradient elements plus the grid stride",
+            n + groups * WG as usize,
+        )?;
+        let params = gpu.uniform(
+            OP,
+            &Params {
+                n: n as u32,
+                other: groups as u32,
+                base: base as u32,
+                total: total as u32,
+            },
+        );
+        dispatches.push(gpu.dispatch(DispatchDesc {
+            shader: "optimizer",
+            entry: "grad_norm_partials",
+            defines: defines![
+                ("NORM_PARTIALS", 1),
+                ("SUBGROUPS", uses_subgroup_reductions(gpu))
+            ],
+            bindings: &[
+                Bind::Uniform(&params),
+                Bind::Read(grads),
+                Bind::Read(scalars),
+                Bind::Write(scratch),
+            ],
+            workgroups: [groups as u32, 1, 1],
+            label: format!("{OP}.buffer{k}"),
+            family: "optimizer",
+        })?);
+        base += groups;
+    }
     let params = gpu.uniform(
         OP,
         &Params {
-            n: n32,
-            other: groups as u32,
-            _pad: [0; 2],
+            n: 0,
+            other: total as u32,
+            base: 0,
+            total: total as u32,
         },
     );
-    let partials = gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "grad_norm_partials",
-        defines: defines![
-            ("NORM_PARTIALS", 1),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
-        bindings: &[
-            Bind::Uniform(&params),
-            Bind::Read(grads),
-            Bind::Read(scalars),
-            Bind::Write(scratch),
-        ],
-        workgroups: [groups as u32, 1, 1],
-        label: OP.to_string(),
-        family: "optimizer",
-    })?;
     let finish = gpu.dispatch(DispatchDesc {
         shader: "optimizer",
         entry: "grad_norm_finish",
@@ -219,10 +248,11 @@ pub fn grad_norm_with_groups(
         label: format!("{OP}.finish"),
         family: "optimizer",
     })?;
-    Ok(vec![partials, finish])
+    dispatches.push(finish);
+    Ok(dispatches)
 }
 
-/// Fused AdamW (PyTorch semantics) over the whole flat parameter buffer in one dispatch:
+/// Fused AdamW (PyTorch semantics) over one parameter buffer in one dispatch:
 /// `g = grad * inv_loss_scale * clip_coef`; `p *= 1 - lr * wd` for elements `[0, n_decay)`
 /// only; `m = b1 m + (1 - b1) g`; `v = b2 v + (1 - b2) g^2`;
 /// `p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)`. When `status[2]` (finite) is 0 nothing is
@@ -295,7 +325,8 @@ pub fn adamw_with_grid_limit(
         &Params {
             n: n32,
             other: n_decay as u32,
-            _pad: [0; 2],
+            base: 0,
+            total: 0,
         },
     );
     let mut bindings = vec![

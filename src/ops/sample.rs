@@ -4,6 +4,7 @@
 //! Every dispatch binds the same small `step` uniform ([`DecodeStep`]), which the caller
 //! rewrites before each token; everything else is fixed when the dispatch is built.
 
+use super::embedding::TablePiece;
 use super::{check_float, check_u32, check_u32_range};
 use crate::defines;
 use crate::error::{Error, Result};
@@ -32,8 +33,8 @@ struct ShapeUniform {
     t_max: u32,
     v: u32,
     vp: u32,
-    _pad0: u32,
-    _pad1: u32,
+    first: u32,
+    piece_rows: u32,
 }
 
 /// What changes from one token to the next.
@@ -68,6 +69,17 @@ pub fn max_positions(gpu: &Gpu) -> usize {
 }
 
 fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<wgpu::Buffer> {
+    shape_uniform_for_piece(gpu, op, d, TablePiece::whole(d.vp), d.vp)
+}
+
+/// The shape uniform with the token-table piece `embedding_at` reads (`piece_rows` rows).
+fn shape_uniform_for_piece(
+    gpu: &Gpu,
+    op: &'static str,
+    d: &DecodeDims,
+    piece: TablePiece,
+    piece_rows: usize,
+) -> Result<wgpu::Buffer> {
     if d.s == 0
         || d.c == 0
         || d.nh == 0
@@ -88,14 +100,16 @@ fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<wgpu::Bu
             t_max: u("positions", d.t_max)?,
             v: u("vocabulary", d.v)?,
             vp: u("padded vocabulary", d.vp)?,
-            _pad0: 0,
-            _pad1: 0,
+            first: u("piece's first row", piece.first)?,
+            piece_rows: u("piece rows", piece_rows)?,
         },
     ))
 }
 
-/// `out[s] = wte[tokens[s]] + wpe[step.pos]` for every sample.
-/// out: (S, C) f32; tokens: (S) u32; wte: (Vp, C), wpe: (block, C), f32 or f16 (same dtype).
+/// `out[s] = wte[tokens[s]] + wpe[step.pos]` for every sample whose token lies in `piece`.
+/// out: (S, C) f32; tokens: (S) u32; wte: (rows, C) rows `piece.first..` of the (Vp, C) table;
+/// wpe: (block, C); f32 or f16 (same dtype).
+#[allow(clippy::too_many_arguments)]
 pub fn embedding_at(
     gpu: &Gpu,
     d: &DecodeDims,
@@ -103,6 +117,7 @@ pub fn embedding_at(
     out: &Tensor,
     tokens: &Tensor,
     wte: &Tensor,
+    piece: TablePiece,
     wpe: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_at";
@@ -111,7 +126,16 @@ pub fn embedding_at(
     check_u32(OP, "tokens", tokens)?;
     tokens.expect_len(OP, "tokens", d.s)?;
     check_float(gpu, OP, "wte", wte)?;
-    wte.expect_len(OP, "wte", d.vp * d.c)?;
+    let piece_rows = wte.len() / d.c.max(1);
+    if wte.len() != piece_rows * d.c || piece.total != d.vp || piece.first + piece_rows > d.vp {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "wte has shape {:?}; expected rows {}.. of a ({}, {}) table",
+                wte.shape, piece.first, d.vp, d.c
+            ),
+        ));
+    }
     check_float(gpu, OP, "wpe", wpe)?;
     wpe.expect_dtype(OP, "wpe", &[wte.dtype])?;
     if wpe.len() < d.t_max * d.c {
@@ -124,7 +148,7 @@ pub fn embedding_at(
             ),
         ));
     }
-    let shape = shape_uniform(gpu, OP, d)?;
+    let shape = shape_uniform_for_piece(gpu, OP, d, piece, piece_rows)?;
     gpu.dispatch(DispatchDesc {
         shader: "sample",
         entry: "embedding_at",

@@ -2,7 +2,7 @@
 //! backward, clipping, AdamW, schedule), written as plainly as possible. The GPU executor is
 //! checked against it; it shares nothing with the GPU path but the parameter layout.
 
-use crate::model::{GptConfig, ParamLayout};
+use crate::model::{BlockTensor as B, GptConfig, ParamId, ParamLayout};
 use crate::train::schedule::LrSchedule;
 
 /// `out[n, o] = inp[n, k] @ w[o, k]^T + b[o]`
@@ -205,20 +205,12 @@ impl ReferenceModel {
         }
     }
 
-    fn view<'a>(&self, flat: &'a [f64], name: &str) -> &'a [f64] {
-        let e = self
-            .layout
-            .get(name)
-            .expect("reference model: parameter name");
-        &flat[e.offset..e.offset + e.len()]
+    fn view<'a>(&self, flat: &'a [f64], id: ParamId) -> &'a [f64] {
+        self.layout.slice(flat, id)
     }
 
-    fn range(&self, name: &str) -> std::ops::Range<usize> {
-        let e = self
-            .layout
-            .get(name)
-            .expect("reference model: parameter name");
-        e.offset..e.offset + e.len()
+    fn range(&self, id: ParamId) -> std::ops::Range<usize> {
+        self.layout.entry(id).range()
     }
 
     /// Logits [B*T, V] (real vocabulary only) for tokens `x` (B*T).
@@ -230,8 +222,8 @@ impl ReferenceModel {
     fn forward(&self, p: &[f64], x: &[u32], b: usize, t: usize) -> (Vec<f64>, Saved) {
         let cfg = &self.config;
         let (c, n, nh) = (cfg.n_embd, b * t, cfg.n_head);
-        let wte = self.view(p, "wte.weight");
-        let wpe = self.view(p, "wpe.weight");
+        let wte = self.view(p, ParamId::Wte);
+        let wpe = self.view(p, ParamId::Wpe);
         let mut res = vec![0.0; n * c];
         for i in 0..n {
             let tok = x[i] as usize;
@@ -241,40 +233,19 @@ impl ReferenceModel {
         }
         let mut layers = Vec::new();
         for l in 0..cfg.n_layer {
-            let w = |s: &str| self.view(p, &format!("h.{l}.{s}"));
-            let (ln1, ln1c) = layernorm(&res, w("ln_1.weight"), w("ln_1.bias"), n, c);
-            let qkv = linear(
-                &ln1,
-                w("attn.c_attn.weight"),
-                Some(w("attn.c_attn.bias")),
-                n,
-                c,
-                3 * c,
-            );
+            let w = |t: B| self.view(p, ParamId::Block(l, t));
+            let (ln1, ln1c) = layernorm(&res, w(B::Ln1Weight), w(B::Ln1Bias), n, c);
+            let qkv = linear(&ln1, w(B::CAttnWeight), Some(w(B::CAttnBias)), n, c, 3 * c);
             let (y, probs) = attention(&qkv, b, t, c, nh);
-            let o = linear(
-                &y,
-                w("attn.c_proj.weight"),
-                Some(w("attn.c_proj.bias")),
-                n,
-                c,
-                c,
-            );
+            let o = linear(&y, w(B::AttnProjWeight), Some(w(B::AttnProjBias)), n, c, c);
             let res2: Vec<f64> = res.iter().zip(&o).map(|(a, b)| a + b).collect();
-            let (ln2, ln2c) = layernorm(&res2, w("ln_2.weight"), w("ln_2.bias"), n, c);
-            let f = linear(
-                &ln2,
-                w("mlp.c_fc.weight"),
-                Some(w("mlp.c_fc.bias")),
-                n,
-                c,
-                4 * c,
-            );
+            let (ln2, ln2c) = layernorm(&res2, w(B::Ln2Weight), w(B::Ln2Bias), n, c);
+            let f = linear(&ln2, w(B::CFcWeight), Some(w(B::CFcBias)), n, c, 4 * c);
             let g: Vec<f64> = f.iter().map(|&v| gelu(v)).collect();
             let m = linear(
                 &g,
-                w("mlp.c_proj.weight"),
-                Some(w("mlp.c_proj.bias")),
+                w(B::MlpProjWeight),
+                Some(w(B::MlpProjBias)),
                 n,
                 4 * c,
                 c,
@@ -295,8 +266,8 @@ impl ReferenceModel {
         }
         let (lnf, lnfc) = layernorm(
             &res,
-            self.view(p, "ln_f.weight"),
-            self.view(p, "ln_f.bias"),
+            self.view(p, ParamId::LnFWeight),
+            self.view(p, ParamId::LnFBias),
             n,
             c,
         );
@@ -333,7 +304,7 @@ impl ReferenceModel {
             }
         }
         loss /= n as f64;
-        let wte_r = self.range("wte.weight");
+        let wte_r = self.range(ParamId::Wte);
         let wte = &p[wte_r.clone()];
         let dlnf = {
             let dwte = &mut grads[wte_r.start..wte_r.start + v * c];
@@ -342,13 +313,13 @@ impl ReferenceModel {
         let mut dres = {
             let (dw, db) = two_mut(
                 &mut grads,
-                self.range("ln_f.weight"),
-                self.range("ln_f.bias"),
+                self.range(ParamId::LnFWeight),
+                self.range(ParamId::LnFBias),
             );
             layernorm_backward(
                 &dlnf,
                 &saved.lnfc,
-                self.view(p, "ln_f.weight"),
+                self.view(p, ParamId::LnFWeight),
                 dw,
                 db,
                 n,
@@ -357,25 +328,16 @@ impl ReferenceModel {
         };
         for l in (0..cfg.n_layer).rev() {
             let s = &saved.layers[l];
-            let name = |x: &str| format!("h.{l}.{x}");
-            let w = |x: &str| self.view(p, &name(x));
+            let name = |t: B| ParamId::Block(l, t);
+            let w = |t: B| self.view(p, name(t));
             // MLP
             let dg = {
                 let (dw, db) = two_mut(
                     &mut grads,
-                    self.range(&name("mlp.c_proj.weight")),
-                    self.range(&name("mlp.c_proj.bias")),
+                    self.range(name(B::MlpProjWeight)),
+                    self.range(name(B::MlpProjBias)),
                 );
-                linear_backward(
-                    &dres,
-                    &s.g,
-                    w("mlp.c_proj.weight"),
-                    dw,
-                    Some(db),
-                    n,
-                    4 * c,
-                    c,
-                )
+                linear_backward(&dres, &s.g, w(B::MlpProjWeight), dw, Some(db), n, 4 * c, c)
             };
             let df: Vec<f64> = dg
                 .iter()
@@ -385,18 +347,18 @@ impl ReferenceModel {
             let dln2 = {
                 let (dw, db) = two_mut(
                     &mut grads,
-                    self.range(&name("mlp.c_fc.weight")),
-                    self.range(&name("mlp.c_fc.bias")),
+                    self.range(name(B::CFcWeight)),
+                    self.range(name(B::CFcBias)),
                 );
-                linear_backward(&df, &s.ln2, w("mlp.c_fc.weight"), dw, Some(db), n, c, 4 * c)
+                linear_backward(&df, &s.ln2, w(B::CFcWeight), dw, Some(db), n, c, 4 * c)
             };
             let d = {
                 let (dw, db) = two_mut(
                     &mut grads,
-                    self.range(&name("ln_2.weight")),
-                    self.range(&name("ln_2.bias")),
+                    self.range(name(B::Ln2Weight)),
+                    self.range(name(B::Ln2Bias)),
                 );
-                layernorm_backward(&dln2, &s.ln2c, w("ln_2.weight"), dw, db, n, c)
+                layernorm_backward(&dln2, &s.ln2c, w(B::Ln2Weight), dw, db, n, c)
             };
             for (a, b) in dres.iter_mut().zip(&d) {
                 *a += b;
@@ -405,42 +367,33 @@ impl ReferenceModel {
             let dy = {
                 let (dw, db) = two_mut(
                     &mut grads,
-                    self.range(&name("attn.c_proj.weight")),
-                    self.range(&name("attn.c_proj.bias")),
+                    self.range(name(B::AttnProjWeight)),
+                    self.range(name(B::AttnProjBias)),
                 );
-                linear_backward(&dres, &s.y, w("attn.c_proj.weight"), dw, Some(db), n, c, c)
+                linear_backward(&dres, &s.y, w(B::AttnProjWeight), dw, Some(db), n, c, c)
             };
             let dqkv = attention_backward(&dy, &s.qkv, &s.probs, b, t, c, nh);
             let dln1 = {
                 let (dw, db) = two_mut(
                     &mut grads,
-                    self.range(&name("attn.c_attn.weight")),
-                    self.range(&name("attn.c_attn.bias")),
+                    self.range(name(B::CAttnWeight)),
+                    self.range(name(B::CAttnBias)),
                 );
-                linear_backward(
-                    &dqkv,
-                    &s.ln1,
-                    w("attn.c_attn.weight"),
-                    dw,
-                    Some(db),
-                    n,
-                    c,
-                    3 * c,
-                )
+                linear_backward(&dqkv, &s.ln1, w(B::CAttnWeight), dw, Some(db), n, c, 3 * c)
             };
             let d = {
                 let (dw, db) = two_mut(
                     &mut grads,
-                    self.range(&name("ln_1.weight")),
-                    self.range(&name("ln_1.bias")),
+                    self.range(name(B::Ln1Weight)),
+                    self.range(name(B::Ln1Bias)),
                 );
-                layernorm_backward(&dln1, &s.ln1c, w("ln_1.weight"), dw, db, n, c)
+                layernorm_backward(&dln1, &s.ln1c, w(B::Ln1Weight), dw, db, n, c)
             };
             for (a, b) in dres.iter_mut().zip(&d) {
                 *a += b;
             }
         }
-        let wpe_r = self.range("wpe.weight");
+        let wpe_r = self.range(ParamId::Wpe);
         for i in 0..n {
             let tok = x[i] as usize;
             for j in 0..c {
@@ -508,6 +461,8 @@ pub struct ReferenceStep {
 pub struct ReferenceTrainer {
     pub model: ReferenceModel,
     pub params: Vec<f64>,
+    /// The last step's gradient (mean over its micro-batches, before clipping).
+    pub grads: Vec<f64>,
     m: Vec<f64>,
     v: Vec<f64>,
     pub optim: ReferenceOptim,
@@ -520,11 +475,26 @@ impl ReferenceTrainer {
         ReferenceTrainer {
             model,
             params: params.iter().map(|&x| x as f64).collect(),
+            grads: Vec::new(),
             m: vec![0.0; n],
             v: vec![0.0; n],
             optim,
             step: 0,
         }
+    }
+
+    /// Continues from another trainer's state: f32 weights and AdamW moments (flat, in the
+    /// layout). The step count stays.
+    pub fn set_state(&mut self, params: &[f32], m: &[f32], v: &[f32]) {
+        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        self.params = f64s(params);
+        self.m = f64s(m);
+        self.v = f64s(v);
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.step
     }
 
     /// One optimiser step over `micro` batches (x, y) of B*T tokens each (gradient accumulation).
@@ -565,6 +535,7 @@ impl ReferenceTrainer {
             let vhat = self.v[i] / bc2;
             self.params[i] -= lr * mhat / (vhat.sqrt() + self.optim.eps);
         }
+        self.grads = grads;
         ReferenceStep { loss, norm, lr }
     }
 }
@@ -595,10 +566,10 @@ mod tests {
         let y: Vec<u32> = (0..b * t).map(|_| rng.below(11) as u32).collect();
         let (_, g) = model.loss_and_grads(&p, &x, &y, b, t);
         let h = 1e-6;
-        for e in &model.layout.entries {
+        for (id, e) in model.layout.entries.iter() {
             for k in [0, e.len() / 2, e.len() - 1] {
                 let i = e.offset + k;
-                if e.name == "wte.weight" && k >= 11 * 8 {
+                if id == ParamId::Wte && k >= 11 * 8 {
                     continue; // padded rows: no gradient, not part of the function
                 }
                 let orig = p[i];
@@ -611,7 +582,7 @@ mod tests {
                 assert!(
                     (fd - g[i]).abs() < 1e-6 + 1e-4 * fd.abs(),
                     "{}[{k}]: fd {fd} vs analytic {}",
-                    e.name,
+                    id.name(),
                     g[i]
                 );
             }

@@ -4,10 +4,12 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Tensor};
+use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
 use crate::graph::gpt::{layernorm_node, linear_forward, ln_tensors, residual_layernorm};
 use crate::graph::{CompiledGraph, Graph, TensorId};
-use crate::model::{GptConfig, ParamLayout};
+use crate::model::{Gpt, GptConfig, ParamId, ParamLayout, StorageLayout, StoredParams};
+use crate::ops::embedding::TablePiece;
+use crate::ops::matmul::{self, MatmulForward};
 use crate::ops::sample::{self as ops, DecodeDims, DecodeStep};
 use crate::rng::Rng;
 use std::sync::Arc;
@@ -33,6 +35,19 @@ impl Default for SampleOptions {
     }
 }
 
+/// The tensors a decoding step uses that the generator owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum DecodeInput {
+    /// Piece `k` of a parameter (f32 master weights).
+    Param(ParamId, usize),
+    TokensIn,
+    TokensOut,
+    Uniforms,
+    Logits,
+    /// Layer `l`'s key/value cache.
+    Cache(usize),
+}
+
 /// A GPT-2 ready to decode `samples` sequences at once.
 pub struct Generator {
     gpu: Arc<Gpu>,
@@ -46,45 +61,59 @@ pub struct Generator {
     logits: Tensor,
     staging: wgpu::Buffer,
     /// Keeps an uploaded parameter buffer alive when the generator owns it.
-    _params: Tensor,
+    _params: StoredParams,
 }
 
 impl Generator {
-    /// Uploads the weights of `checkpoint` and prepares decoding of `samples` sequences.
+    /// Uploads the weights of `checkpoint` (in buffers that fit the adapter's limits) and
+    /// prepares decoding of `samples` sequences.
     pub fn from_checkpoint(
         gpu: Arc<Gpu>,
         checkpoint: &Checkpoint,
         samples: usize,
     ) -> Result<Generator> {
-        let layout = ParamLayout::new(&checkpoint.config);
+        let limits = AdapterLimits::of(&gpu);
+        Self::from_checkpoint_with_limits(gpu, checkpoint, samples, &limits)
+    }
+
+    /// [`Generator::from_checkpoint`] with the weights stored for `limits` instead of the
+    /// device's own (which they must not exceed).
+    pub fn from_checkpoint_with_limits(
+        gpu: Arc<Gpu>,
+        checkpoint: &Checkpoint,
+        samples: usize,
+        limits: &AdapterLimits,
+    ) -> Result<Generator> {
+        let config = checkpoint.config;
+        config.validate()?;
+        let layout = ParamLayout::new(&config);
         if checkpoint.params.len() != layout.total {
             return Err(Error::Other(
                 "the checkpoint's parameters do not match its config".into(),
             ));
         }
-        let params = gpu.upload(
-            "generator params",
-            &checkpoint.params,
-            &[layout.total],
-            DType::F32,
-        )?;
-        Self::new(gpu, checkpoint.config, params, samples)
+        let storage = Arc::new(StorageLayout::new(&config, limits.storage_capacity())?);
+        let params = StoredParams::zeros(&gpu, &storage, DType::F32, "generator params")?;
+        params.upload(&gpu, &layout, &checkpoint.params)?;
+        Self::new(gpu, config, params, samples)
     }
 
-    /// Decodes with the f32 master weights in `params` (flat, in [`ParamLayout`] order). The
-    /// buffer may be shared with a trainer: generation then sees its current weights.
+    /// Decodes with the f32 master weights in `params`. The buffers may be shared with a
+    /// trainer: generation then sees its current weights.
     pub fn new(
         gpu: Arc<Gpu>,
         config: GptConfig,
-        params: Tensor,
+        params: StoredParams,
         samples: usize,
     ) -> Result<Generator> {
         config.validate()?;
         if samples == 0 {
             return Err(Error::Config("--num-samples must be at least 1".into()));
         }
-        let layout = ParamLayout::new(&config);
-        params.expect_len("generator", "params", layout.total)?;
+        for t in &params.buffers {
+            t.expect_dtype("generator", "params", &[DType::F32])?;
+        }
+        let storage = params.layout.clone();
         let (s, c, vp) = (samples, config.n_embd, config.padded_vocab_size);
         let dims = DecodeDims {
             s,
@@ -99,66 +128,94 @@ impl Generator {
         let tokens_out = gpu.zeros("decode tokens out", &[s], DType::U32)?;
         let uniforms = gpu.zeros("decode uniforms", &[s], DType::F32)?;
         let logits = gpu.zeros("decode logits", &[s, vp], DType::F32)?;
+        let cache_shape = [config.block_size, s, 3 * c];
         let mut caches = Vec::new();
         for l in 0..config.n_layer {
-            caches.push(gpu.zeros(
-                &format!("h.{l}.kv cache"),
-                &[config.block_size, s, 3 * c],
-                DType::F32,
-            )?);
+            caches.push(gpu.zeros(&format!("h.{l}.kv cache"), &cache_shape, DType::F32)?);
         }
 
-        let align = gpu.alignment();
-        let mut g = Graph::new(1);
-        let p = |g: &mut Graph, name: &str| -> Result<TensorId> {
-            let e = layout.get(name)?;
-            Ok(g.fixed(name, &params.slice(e.offset, &e.shape, align)?))
+        let mut g: Graph<DecodeInput> = Graph::new(1);
+        // Every parameter piece as an input; only wte may have several.
+        let declare = |g: &mut Graph<DecodeInput>, id: ParamId, k: usize| {
+            let shape = &storage.pieces.get(id)[k].shape;
+            g.input(
+                format!("{} piece {k}", id.name()),
+                shape,
+                DType::F32,
+                DecodeInput::Param(id, k),
+            )
         };
-        let wte = p(&mut g, "wte.weight")?;
-        let wpe = p(&mut g, "wpe.weight")?;
-        let tin = g.fixed("tokens in", &tokens_in);
-        let tout = g.fixed("tokens out", &tokens_out);
-        let unif = g.fixed("uniforms", &uniforms);
-        let logits_id = g.fixed("logits", &logits);
+        let wte: Vec<(TensorId, TablePiece)> = storage
+            .pieces
+            .wte
+            .iter()
+            .enumerate()
+            .map(|(k, piece)| {
+                let t = TablePiece {
+                    first: piece.rows.start,
+                    total: vp,
+                };
+                (declare(&mut g, ParamId::Wte, k), t)
+            })
+            .collect();
+        let p = Gpt::try_new(&config, |id| match storage.pieces.get(id).len() {
+            _ if id == ParamId::Wte => Ok(wte[0].0),
+            1 => Ok(declare(&mut g, id, 0)),
+            k => Err(Error::Other(format!(
+                "{} is stored in {k} pieces; only the token embedding may be split",
+                id.name()
+            ))),
+        })?;
+        let tin = g.input("tokens in", &[s], DType::U32, DecodeInput::TokensIn);
+        let tout = g.input("tokens out", &[s], DType::U32, DecodeInput::TokensOut);
+        let unif = g.input("uniforms", &[s], DType::F32, DecodeInput::Uniforms);
+        let logits_id = g.input("logits", &[s, vp], DType::F32, DecodeInput::Logits);
         let step_buf = step.clone();
 
         let x0 = g.planned("embedding", &[s, c], DType::F32);
         {
-            let (sb, d) = (step_buf.clone(), dims);
+            let (sb, d, wpe) = (step_buf.clone(), dims, p.wpe);
+            let mut reads = vec![tin, wpe];
+            reads.extend(wte.iter().map(|(id, _)| *id));
+            let parts = wte.clone();
             g.node(
                 "embedding_at",
                 "embedding",
-                &[tin, wte, wpe],
+                &reads,
                 &[x0],
                 0.0,
                 move |gpu, r| {
-                    Ok(vec![ops::embedding_at(
-                        gpu,
-                        &d,
-                        &sb,
-                        r.t(x0),
-                        r.t(tin),
-                        r.t(wte),
-                        r.t(wpe),
-                    )?])
+                    parts
+                        .iter()
+                        .map(|&(w, piece)| {
+                            ops::embedding_at(
+                                gpu,
+                                &d,
+                                &sb,
+                                r.t(x0),
+                                r.t(tin),
+                                r.t(w),
+                                piece,
+                                r.t(wpe),
+                            )
+                        })
+                        .collect()
                 },
             );
         }
         let mut x = x0;
-        for (l, cache) in caches.iter().enumerate() {
+        for (l, bl) in p.h.iter().enumerate() {
             let name = |s: &str| format!("h.{l}.{s}");
-            let (w1, b1) = (
-                p(&mut g, &name("ln_1.weight"))?,
-                p(&mut g, &name("ln_1.bias"))?,
-            );
-            let ln1 = layer_norm(&mut g, &name("ln_1"), x, w1, b1, s, c);
+            let ln1 = layer_norm(&mut g, &name("ln_1"), x, bl.ln_1_w, bl.ln_1_b, s, c);
             let qkv = g.planned(name("qkv"), &[s, 3 * c], DType::F32);
-            let (w, bias) = (
-                p(&mut g, &name("attn.c_attn.weight"))?,
-                p(&mut g, &name("attn.c_attn.bias"))?,
-            );
+            let (w, bias) = (bl.c_attn_w, bl.c_attn_b);
             linear(&mut g, &name("attn.c_attn"), ln1, w, Some(bias), qkv, false);
-            let cache = g.fixed(name("kv cache"), cache);
+            let cache = g.input(
+                name("kv cache"),
+                &cache_shape,
+                DType::F32,
+                DecodeInput::Cache(l),
+            );
             let atty = g.planned(name("attention out"), &[s, c], DType::F32);
             {
                 let (sb, d) = (step_buf.clone(), dims);
@@ -181,10 +238,7 @@ impl Generator {
                 );
             }
             let proj = g.planned(name("attn.c_proj out"), &[s, c], DType::F32);
-            let (w, bias) = (
-                p(&mut g, &name("attn.c_proj.weight"))?,
-                p(&mut g, &name("attn.c_proj.bias"))?,
-            );
+            let (w, bias) = (bl.attn_proj_w, bl.attn_proj_b);
             linear(
                 &mut g,
                 &name("attn.c_proj"),
@@ -194,25 +248,16 @@ impl Generator {
                 proj,
                 false,
             );
-            let (w2, b2) = (
-                p(&mut g, &name("ln_2.weight"))?,
-                p(&mut g, &name("ln_2.bias"))?,
-            );
             let mid = g.planned(name("residual mid"), &[s, c], DType::F32);
             let ln2 = ln_tensors(&mut g, &name("ln_2"), s, c, DType::F32);
+            let (w2, b2) = (bl.ln_2_w, bl.ln_2_b);
             residual_layernorm(&mut g, true, &name("ln_2"), x, proj, mid, ln2, w2, b2);
             let ln2 = ln2.out;
             let fc = g.planned(name("mlp.gelu out"), &[s, 4 * c], DType::F32);
-            let (w, bias) = (
-                p(&mut g, &name("mlp.c_fc.weight"))?,
-                p(&mut g, &name("mlp.c_fc.bias"))?,
-            );
+            let (w, bias) = (bl.c_fc_w, bl.c_fc_b);
             linear(&mut g, &name("mlp.c_fc"), ln2, w, Some(bias), fc, true);
             let mlp = g.planned(name("mlp.c_proj out"), &[s, c], DType::F32);
-            let (w, bias) = (
-                p(&mut g, &name("mlp.c_proj.weight"))?,
-                p(&mut g, &name("mlp.c_proj.bias"))?,
-            );
+            let (w, bias) = (bl.mlp_proj_w, bl.mlp_proj_b);
             linear(&mut g, &name("mlp.c_proj"), fc, w, Some(bias), mlp, false);
             let out = g.planned(name("residual out"), &[s, c], DType::F32);
             let (m2, o2) = (mid, out);
@@ -233,9 +278,34 @@ impl Generator {
             );
             x = out;
         }
-        let (wf, bf) = (p(&mut g, "ln_f.weight")?, p(&mut g, "ln_f.bias")?);
-        let lnf = layer_norm(&mut g, "ln_f", x, wf, bf, s, c);
-        linear(&mut g, "lm_head", lnf, wte, None, logits_id, false);
+        let lnf = layer_norm(&mut g, "ln_f", x, p.ln_f_w, p.ln_f_b, s, c);
+        // lm_head, tied to wte: one product per piece of wte, each writing its columns.
+        for (k, &(w, piece)) in wte.iter().enumerate() {
+            let label = match wte.len() {
+                1 => "lm_head.forward".to_string(),
+                _ => format!("lm_head.forward[piece {k}]"),
+            };
+            g.node(
+                label,
+                "matmul",
+                &[lnf, w],
+                &[logits_id],
+                0.0,
+                move |gpu, r| {
+                    let o = MatmulForward {
+                        out_columns: Some(piece.first),
+                        ..Default::default()
+                    };
+                    Ok(vec![matmul::matmul_forward(
+                        gpu,
+                        r.t(logits_id),
+                        r.t(lnf),
+                        r.t(w),
+                        &o,
+                    )?])
+                },
+            );
+        }
         {
             let (sb, d) = (step_buf.clone(), dims);
             g.node(
@@ -256,7 +326,15 @@ impl Generator {
                 },
             );
         }
-        let graph = g.compile(&gpu)?;
+        let align = gpu.alignment();
+        let graph = g.compile(&gpu, &|input, _| match *input {
+            DecodeInput::Param(id, k) => params.view(id, k, align),
+            DecodeInput::TokensIn => Ok(tokens_in.clone()),
+            DecodeInput::TokensOut => Ok(tokens_out.clone()),
+            DecodeInput::Uniforms => Ok(uniforms.clone()),
+            DecodeInput::Logits => Ok(logits.clone()),
+            DecodeInput::Cache(l) => Ok(caches[l].clone()),
+        })?;
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("decode read-back"),
             size: (s as u64 * 4).div_ceil(256) * 256,
@@ -284,6 +362,11 @@ impl Generator {
 
     pub fn samples(&self) -> usize {
         self.dims.s
+    }
+
+    /// How the weights are stored (buffers, pieces).
+    pub fn storage(&self) -> &StorageLayout {
+        &self._params.layout
     }
 
     /// Runs one position for every sample: feeds `tokens` (one per sample) at `pos` and returns
@@ -419,7 +502,7 @@ impl Generator {
 }
 
 fn layer_norm(
-    g: &mut Graph,
+    g: &mut Graph<DecodeInput>,
     what: &str,
     x: TensorId,
     w: TensorId,
@@ -433,7 +516,7 @@ fn layer_norm(
 }
 
 fn linear(
-    g: &mut Graph,
+    g: &mut Graph<DecodeInput>,
     what: &str,
     inp: TensorId,
     w: TensorId,

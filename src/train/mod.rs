@@ -1,5 +1,6 @@
 //! Training: schedule, optimiser settings, the training loop.
 
+pub mod plan;
 pub mod schedule;
 pub mod settings;
 pub mod trainer;

@@ -1,16 +1,17 @@
 //! The training loop's state on the GPU: parameters, optimiser moments, the compiled step graph,
 //! the data loader and the loss scaler. One `step()` is one submission.
 
+use super::plan::MemoryPlan;
 use super::settings::{Precision, TrainSettings};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::DataLoader;
 use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
-use crate::gpu::{DType, Gpu, Tensor};
-use crate::graph::gpt::{build_train_graph, StepTensors};
+use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
+use crate::graph::gpt::{build_train_graph, ParamCopy, StepInput};
 use crate::graph::{CompiledGraph, NodeObserver};
 use crate::model::init::init_params;
-use crate::model::ParamLayout;
+use crate::model::{ParamLayout, StoredParams};
 use crate::ops::{elementwise as ew, embedding, optimizer};
 use crate::rng::Rng;
 use std::sync::Arc;
@@ -68,10 +69,65 @@ impl LossScaler {
     }
 }
 
+/// The tensors a training step reads and writes that live outside the graph (see
+/// [`StepInput`]).
+struct StepTensors {
+    params: StoredParams,
+    /// f16 copies of the weights (mixed precision only).
+    params_f16: Option<StoredParams>,
+    grads: StoredParams,
+    m: StoredParams,
+    v: StoredParams,
+    /// Per micro-step: token ids (B*T), targets (B*T), embedding-backward buckets.
+    tokens: Vec<Tensor>,
+    targets: Vec<Tensor>,
+    buckets: Vec<Tensor>,
+    /// The classifier's logits for one chunk of rows.
+    logits: Tensor,
+    dloss: Tensor,
+    loss: Tensor,
+    status: Tensor,
+    norm_scalars: Tensor,
+    hyper: Tensor,
+}
+
+impl StepTensors {
+    fn copy(&self, copy: ParamCopy) -> Result<&StoredParams> {
+        match copy {
+            ParamCopy::Master => Ok(&self.params),
+            ParamCopy::Half => self
+                .params_f16
+                .as_ref()
+                .ok_or_else(|| Error::Other("no f16 copy of the parameters in f32 runs".into())),
+            ParamCopy::Grad => Ok(&self.grads),
+            ParamCopy::AdamM => Ok(&self.m),
+            ParamCopy::AdamV => Ok(&self.v),
+        }
+    }
+
+    /// The tensor behind a graph input in micro-step `k`.
+    fn bind(&self, input: &StepInput, k: usize, alignment: u64) -> Result<Tensor> {
+        Ok(match *input {
+            StepInput::Param(id, piece, copy) => self.copy(copy)?.view(id, piece, alignment)?,
+            StepInput::Buffer(copy, b) => self.copy(copy)?.buffers[b].clone(),
+            StepInput::Tokens => self.tokens[k].clone(),
+            StepInput::Targets => self.targets[k].clone(),
+            StepInput::Buckets => self.buckets[k].clone(),
+            StepInput::Logits => self.logits.clone(),
+            StepInput::Dloss => self.dloss.clone(),
+            StepInput::Loss => self.loss.clone(),
+            StepInput::Status => self.status.clone(),
+            StepInput::NormScalars => self.norm_scalars.clone(),
+            StepInput::Hyper => self.hyper.clone(),
+        })
+    }
+}
+
 pub struct Trainer {
     gpu: Arc<Gpu>,
     settings: TrainSettings,
     layout: ParamLayout,
+    plan: MemoryPlan,
     io: StepTensors,
     graph: CompiledGraph,
     loader: DataLoader,
@@ -90,6 +146,20 @@ impl Trainer {
         settings: TrainSettings,
         tokens: Arc<Vec<u32>>,
         weights: Option<&Checkpoint>,
+    ) -> Result<Trainer> {
+        let limits = AdapterLimits::of(&gpu);
+        Self::with_limits(gpu, settings, tokens, weights, &limits)
+    }
+
+    /// [`Trainer::new`] planned for `limits` instead of the device's own (tests give tighter
+    /// ones, so that small models are split into several buffers and classifier chunks as
+    /// large ones are on real adapters). The limits must not exceed the device's.
+    pub fn with_limits(
+        gpu: Arc<Gpu>,
+        settings: TrainSettings,
+        tokens: Arc<Vec<u32>>,
+        weights: Option<&Checkpoint>,
+        limits: &AdapterLimits,
     ) -> Result<Trainer> {
         settings.validate()?;
         let cfg = settings.config;
@@ -115,44 +185,52 @@ impl Trainer {
         }
         let loader = DataLoader::new(tokens, settings.batch_size, settings.seq_len)?;
         let layout = ParamLayout::new(&cfg);
+        // Refuses, before anything is allocated, a run that cannot fit the adapter.
+        let plan = MemoryPlan::new(&settings, limits)?;
         let n = settings.batch_size * settings.seq_len;
-        let total = layout.total;
-        check_memory(&gpu, &settings, &layout)?;
+        let act = match settings.precision {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+        };
 
         let mut rng = Rng::new(settings.seed);
-        let params = gpu.zeros("params", &[total], DType::F32)?;
-        let params_f16 = match settings.precision {
-            Precision::F16 => Some(gpu.zeros("params f16", &[total], DType::F16)?),
-            Precision::F32 => None,
-        };
-        let grads = gpu.zeros("grads", &[total], DType::F32)?;
-        let m = gpu.zeros("adam m", &[total], DType::F32)?;
-        let v = gpu.zeros("adam v", &[total], DType::F32)?;
+        let storage = &plan.storage;
         let per_micro = |label: &str, len: usize| -> Result<Vec<Tensor>> {
             (0..settings.grad_accum)
                 .map(|k| gpu.zeros(&format!("{label} {k}"), &[len], DType::U32))
                 .collect()
         };
         let io = StepTensors {
+            params: StoredParams::zeros(&gpu, storage, DType::F32, "params")?,
+            params_f16: match settings.precision {
+                Precision::F16 => Some(StoredParams::zeros(
+                    &gpu,
+                    storage,
+                    DType::F16,
+                    "params f16",
+                )?),
+                Precision::F32 => None,
+            },
+            grads: StoredParams::zeros(&gpu, storage, DType::F32, "grads")?,
+            m: StoredParams::zeros(&gpu, storage, DType::F32, "adam m")?,
+            v: StoredParams::zeros(&gpu, storage, DType::F32, "adam v")?,
             tokens: per_micro("tokens", n)?,
             targets: per_micro("targets", n)?,
             buckets: per_micro("buckets", embedding::embedding_buckets_len(n))?,
+            logits: gpu.zeros("logits", &[plan.chunk_rows, cfg.padded_vocab_size], act)?,
             dloss: gpu.zeros("dloss", &[1], DType::F32)?,
             loss: gpu.zeros("loss", &[1], DType::F32)?,
-            status: gpu.zeros("status", &[4], DType::F32)?,
+            status: gpu.zeros("status", &[optimizer::STATUS_LEN], DType::F32)?,
             norm_scalars: gpu.zeros(
                 "norm scalars",
                 &[optimizer::GradNormScalars::LEN],
                 DType::F32,
             )?,
             hyper: gpu.zeros("adamw hyper", &[optimizer::AdamWHyper::LEN], DType::F32)?,
-            params,
-            params_f16,
-            grads,
-            m,
-            v,
         };
-        let graph = build_train_graph(&gpu, &settings, &io)?.compile(&gpu)?;
+        let align = gpu.alignment();
+        let graph = build_train_graph(&settings, storage, plan.chunk_rows)?
+            .compile(&gpu, &|input, k| io.bind(input, k, align))?;
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step scalars read-back"),
             size: 256,
@@ -164,6 +242,7 @@ impl Trainer {
             scaler: LossScaler::new(settings.precision == Precision::F16),
             gpu,
             layout,
+            plan,
             io,
             graph,
             loader,
@@ -182,6 +261,11 @@ impl Trainer {
             }
         }
         Ok(t)
+    }
+
+    /// The run's memory plan: every buffer it allocated and the classifier's chunking.
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.plan
     }
 
     pub fn layout(&self) -> &ParamLayout {
@@ -214,12 +298,18 @@ impl Trainer {
         &self.graph
     }
 
-    /// Uploads master weights (and refreshes their f16 copies).
+    /// Uploads master weights (flat, in the canonical [`ParamLayout`]) and refreshes their f16
+    /// copies.
     pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
-        self.gpu.write(&self.io.params, params)?;
+        self.io.params.upload(&self.gpu, &self.layout, params)?;
         if let Some(h) = &self.io.params_f16 {
-            let d = ew::cast(&self.gpu, h, &self.io.params)?;
-            self.gpu.run(&[&d])?;
+            let casts = h
+                .buffers
+                .iter()
+                .zip(&self.io.params.buffers)
+                .map(|(half, full)| ew::cast(&self.gpu, half, full))
+                .collect::<Result<Vec<_>>>()?;
+            self.gpu.run(&casts.iter().collect::<Vec<_>>())?;
         }
         Ok(())
     }
@@ -227,8 +317,8 @@ impl Trainer {
     fn load(&mut self, c: &Checkpoint) -> Result<()> {
         self.set_params(&c.params)?;
         if let (Some((m, v)), Some(s)) = (&c.moments, &c.state) {
-            self.gpu.write(&self.io.m, m)?;
-            self.gpu.write(&self.io.v, v)?;
+            self.io.m.upload(&self.gpu, &self.layout, m)?;
+            self.io.v.upload(&self.gpu, &self.layout, v)?;
             self.step = s.step;
             self.adam_t = s.adam_t;
             self.loader.set_position(s.loader_position)?;
@@ -239,20 +329,21 @@ impl Trainer {
         Ok(())
     }
 
-    /// The master weights' GPU buffer (flat f32, layout order). A [`crate::sample::Generator`]
-    /// built on it samples from the current weights without copying them.
-    pub fn params_tensor(&self) -> &Tensor {
+    /// The master weights on the GPU. A [`crate::sample::Generator`] built on them samples
+    /// from the current weights without copying them.
+    pub fn stored_params(&self) -> &StoredParams {
         &self.io.params
     }
 
-    /// Master weights, flat.
+    /// Master weights, flat in the canonical [`ParamLayout`].
     pub fn params(&self) -> Result<Vec<f32>> {
-        self.gpu.read(&self.io.params)
+        self.io.params.download(&self.gpu, &self.layout)
     }
 
-    /// The gradients of the last step (scaled by the loss scale it used).
+    /// The gradients of the last step (scaled by the loss scale it used), flat like
+    /// [`Trainer::params`].
     pub fn grads(&self) -> Result<Vec<f32>> {
-        self.gpu.read(&self.io.grads)
+        self.io.grads.download(&self.gpu, &self.layout)
     }
 
     /// Everything needed to continue this run exactly.
@@ -260,7 +351,10 @@ impl Trainer {
         Ok(Checkpoint {
             config: self.settings.config,
             params: self.params()?,
-            moments: Some((self.gpu.read(&self.io.m)?, self.gpu.read(&self.io.v)?)),
+            moments: Some((
+                self.io.m.download(&self.gpu, &self.layout)?,
+                self.io.v.download(&self.gpu, &self.layout)?,
+            )),
             state: Some(TrainState {
                 step: self.step,
                 adam_t: self.adam_t,
@@ -398,58 +492,6 @@ impl Trainer {
         let g = self.grads()?.into_iter().map(|x| x * inv).collect();
         Ok((loss, g))
     }
-}
-
-/// Refuses, before allocating, a run that cannot fit the adapter's buffer limits.
-fn check_memory(gpu: &Gpu, s: &TrainSettings, layout: &ParamLayout) -> Result<()> {
-    let cfg = &s.config;
-    let n = (s.batch_size * s.seq_len) as u64;
-    let act = match s.precision {
-        Precision::F32 => 4,
-        Precision::F16 => 2,
-    };
-    let logits_hint = match s.precision {
-        Precision::F32 => "use a smaller batch (-B) or sequence (-T), or --precision f16",
-        Precision::F16 => "use a smaller batch (-B) or sequence (-T)",
-    };
-    let biggest = [
-        (
-            "the parameter buffer (f32 master weights)",
-            layout.total as u64 * 4,
-            "use a smaller model (fewer layers or a narrower n_embd)",
-        ),
-        (
-            "the logits buffer (B*T x padded vocab)",
-            n * cfg.padded_vocab_size as u64 * act,
-            logits_hint,
-        ),
-        (
-            "the attention-score buffer (B x heads x T x T)",
-            match s.attention {
-                super::settings::AttentionKind::Naive => {
-                    (s.batch_size * cfg.n_head * s.seq_len * s.seq_len) as u64 * 4
-                }
-                super::settings::AttentionKind::Flash => 0,
-            },
-            "use --attention flash (it keeps no T x T matrix), or a smaller -B or -T",
-        ),
-    ];
-    let max = gpu
-        .limits
-        .max_storage_buffer_binding_size
-        .min(gpu.limits.max_buffer_size);
-    for (what, bytes, hint) in biggest {
-        if bytes > max {
-            return Err(Error::Limit {
-                what: what.to_string(),
-                needed: format!("{} MiB in one buffer", bytes.div_ceil(1 << 20)),
-                available: format!("{} MiB per buffer", max >> 20),
-                adapter: gpu.info.name.clone(),
-                hint: hint.into(),
-            });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -164,18 +164,19 @@ pub fn tol_for(dtype: DType) -> f32 {
     }
 }
 
-/// Relative error in the max norm: max |got - want| / max |want|. NaN if anything is non-finite.
+/// Relative error in the max norm: max |got - want| / max |want|. NaN if anything on either
+/// side is non-finite (a NaN must fail every comparison, never vanish in a `max`).
 pub fn rel_error(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "length mismatch");
+    if got.iter().chain(want).any(|x| !x.is_finite()) {
+        return f32::NAN;
+    }
     let scale = want
         .iter()
         .fold(0f64, |m, &w| m.max((w as f64).abs()))
         .max(1e-30);
     let mut worst = 0f64;
     for (&g, &w) in got.iter().zip(want) {
-        if !g.is_finite() {
-            return f32::NAN;
-        }
         worst = worst.max((g as f64 - w as f64).abs());
     }
     (worst / scale) as f32
@@ -205,6 +206,97 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     eprintln!("{what}: relative error {err:.3e} (tolerance {tol:.0e})");
 }
 
+/// Checks the weights after one AdamW step taken from the same state (weights and moments) by the
+/// GPU in f32 and by the float64 reference, element by element, at the tolerance f32 allows.
+///
+/// Each weight may differ by the rounding of its f32 update (`3e-7 |p| + 1e-6 lr`) plus what an
+/// f32 error in its gradient can move it: AdamW's update depends on the gradient's direction
+/// more than on its size, so a gradient known to within `eps` (here `1e-5` of the largest
+/// gradient of its tensor, ten times what the gradient checks measure) changes the update by
+/// about `4 eps / |g|` of `lr`, and by at most `2 lr` (a flipped sign) where `|g|` is not above
+/// the noise (the key bias, whose true gradient is zero, is such a case: AdamW turns its f32
+/// noise into steps of a sizeable part of `lr`). Well-conditioned weights (the vast majority)
+/// must so match to about f32 precision. Returns how many weights needed more than rounding.
+pub fn check_adamw_step(
+    what: &str,
+    layout: &wgpt::model::ParamLayout,
+    got: &[f32],
+    want: &[f64],
+    grads: &[f64],
+    lr: f64,
+) -> usize {
+    assert_eq!(got.len(), want.len(), "{what}: length mismatch");
+    let mut allow = vec![0f64; want.len()];
+    for (_, e) in layout.entries.iter() {
+        let g = &grads[e.range()];
+        let eps = 1e-5 * g.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (a, &gi) in allow[e.range()].iter_mut().zip(g) {
+            *a = lr * (4.0 * eps / gi.abs()).min(2.0);
+        }
+    }
+    let rounding = |w: f64| 3e-7 * w.abs() + 1e-6 * lr;
+    let mut worst = (0f64, 0usize);
+    let mut loose = 0usize;
+    let mut failures = Vec::new();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = rounding(w) + allow[i];
+        let diff = (g as f64 - w).abs();
+        if !g.is_finite() || diff > tol {
+            failures.push(i);
+        }
+        if diff > rounding(w) {
+            loose += 1;
+        }
+        if diff / tol > worst.0 {
+            worst = (diff / tol, i);
+        }
+    }
+    let name_of = |i: usize| {
+        layout
+            .entries
+            .iter()
+            .find(|(_, e)| e.range().contains(&i))
+            .map(|(id, e)| format!("{}[{}]", id.name(), i - e.offset))
+            .unwrap_or_else(|| format!("padding at {i}"))
+    };
+    if !failures.is_empty() {
+        let mut msg = String::new();
+        for &i in failures.iter().take(8) {
+            msg.push_str(&format!(
+                "\n  {}: computed {} vs reference {} (allowed {:.3e}, gradient {:.3e})",
+                name_of(i),
+                got[i],
+                want[i],
+                rounding(want[i]) + allow[i],
+                grads[i]
+            ));
+        }
+        panic!(
+            "{what}: {} of {} weights beyond their tolerance{msg}",
+            failures.len(),
+            got.len()
+        );
+    }
+    let mut worst_tensor = (0f32, String::new());
+    for (id, e) in layout.entries.iter() {
+        let want32: Vec<f32> = want[e.range()].iter().map(|&x| x as f32).collect();
+        let err = rel_error(&got[e.range()], &want32);
+        if err.is_nan() || err > worst_tensor.0 {
+            worst_tensor = (err, id.name());
+        }
+    }
+    eprintln!(
+        "{what}: weights within tolerance (worst {:.2} of it, at {}); {loose} of {} beyond f32 \
+         rounding; worst tensor max-norm relative error {:.2e} ({})",
+        worst.0,
+        name_of(worst.1),
+        got.len(),
+        worst_tensor.0,
+        worst_tensor.1
+    );
+    loose
+}
+
 /// Bitwise equality of two f32 slices.
 pub fn assert_bitwise_eq(what: &str, a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len(), "{what}: length mismatch");
@@ -214,4 +306,36 @@ pub fn assert_bitwise_eq(what: &str, a: &[f32], b: &[f32]) {
             "{what}: runs differ at index {i}: {x} vs {y}"
         );
     }
+}
+
+/// Writes seeded weights for `config` as a Hugging Face GPT-2 folder (`model.safetensors` +
+/// `config.json`) into `dir` and returns them as imported from it. The weights are GPT-2's
+/// initialisation with every bias and LayerNorm parameter moved off its initial value, so that
+/// the bias and LayerNorm paths carry non-trivial values from the first step.
+pub fn hf_checkpoint(
+    dir: &std::path::Path,
+    config: &wgpt::model::GptConfig,
+    seed: u64,
+) -> wgpt::checkpoint::Checkpoint {
+    use wgpt::model::params::storage_order;
+    let layout = wgpt::model::ParamLayout::new(config);
+    let mut params = wgpt::model::init::init_params(config, &layout, seed);
+    let mut r = rng(seed + 1);
+    for id in storage_order(config) {
+        if id.decayed() {
+            continue;
+        }
+        let ln = id.is_layernorm_weight();
+        for x in &mut params[layout.entry(id).range()] {
+            *x += if ln {
+                r.range(-0.2, 0.2)
+            } else {
+                r.range(-0.1, 0.1)
+            };
+        }
+    }
+    wgpt::checkpoint::hf::export(dir, config, &params).expect("export");
+    let back = wgpt::checkpoint::hf::load_any(dir).expect("import");
+    assert_eq!(back.params, params, "export then import is exact");
+    back
 }
