@@ -12,8 +12,8 @@
 // arithmetic (register prefetch) to hide memory latency with a single shared buffer.
 // Every output element is summed over k = 0, 1, ..., inner-1 in order by one thread, so results do
 // not depend on the tile size and two runs are bitwise equal.
-// A and C may be windows of wider matrices (one vocabulary piece of the logits): their first
-// element and row stride come in the parameters (a_start, a_stride, c_start, c_stride).
+// Parameters, bindings (A and C may be windows of wider matrices) and the epilogue are those of
+// every product kernel, in matmul_io.wgsl.
 //
 // Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, TM, TN (4|8), BK (multiple
 // of 8), ACCUMULATE, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
@@ -23,44 +23,7 @@
 // dout[rows, cols], in two deterministic stages through a scratch of (chunks, cols) partial sums.
 
 #if !COLUMN_SUM
-struct Params {
-    rows: u32,
-    cols: u32,
-    inner: u32,
-    tiles_m: u32, // ceil(rows / BM)
-    tiles_n: u32, // ceil(cols / BN)
-    tiles: u32,   // tiles_m * tiles_n
-    a_start: u32,  // A's first element in `a`
-    a_stride: u32, // elements between A's stored rows (inner, or rows with A_TRANS, when whole)
-    c_start: u32,  // C's first element in `c`
-    c_stride: u32, // elements between C's rows (cols when whole)
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-#if A_TRANS
-@group(0) @binding(1) var<storage, read> a: array<{{A_T}}>;        // (inner, rows)
-#else
-@group(0) @binding(1) var<storage, read> a: array<{{A_T}}>;        // (rows, inner)
-#endif
-#if B_TRANS
-@group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (cols, inner)
-#else
-@group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (inner, cols)
-#endif
-@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols) at c_start, rows c_stride apart
-#if BIAS
-@group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
-#endif
-#if GELU_FWD
-// The pre-activation A x B + bias is stored here and C receives gelu(pre).
-@group(0) @binding({{PRE_BINDING}}) var<storage, read_write> pre: array<{{PRE_T}}>; // (rows, cols)
-#endif
-#if GELU_BWD
-// C receives (A x B) * gelu'(pre).
-@group(0) @binding({{PRE_BINDING}}) var<storage, read> pre: array<{{PRE_T}}>;       // (rows, cols)
-#endif
+#include matmul_io
 
 const TM: u32 = {{TM}}u;
 const TN: u32 = {{TN}}u;
@@ -108,11 +71,7 @@ fn load_a(row: u32, k: u32) -> f32 {
     if (row >= p.rows || k >= p.inner) {
         return 0.0;
     }
-#if A_TRANS
-    return f32(a[p.a_start + k * p.a_stride + row]);
-#else
-    return f32(a[p.a_start + row * p.a_stride + k]);
-#endif
+    return f32(a[a_index(row, k)]);
 }
 
 // B[k, col] as f32, 0 outside the matrix.
@@ -120,38 +79,7 @@ fn load_b(k: u32, col: u32) -> f32 {
     if (col >= p.cols || k >= p.inner) {
         return 0.0;
     }
-#if B_TRANS
-    return f32(b[col * p.inner + k]);
-#else
-    return f32(b[k * p.cols + col]);
-#endif
-}
-
-#include gelu
-
-// Applies the epilogue to one finished sum and writes C[row, col]; the only thread that touches
-// this element, so `+=` is an exact read-add-write.
-fn store_output(row: u32, col: u32, sum: f32) {
-    let idx = row * p.cols + col; // in `pre`, always whole
-    let c_idx = p.c_start + row * p.c_stride + col;
-    var v = sum;
-#if BIAS
-    v = v + f32(bias[col]);
-#endif
-#if GELU_FWD
-    // GELU of the value as stored, so the fused pass equals matmul-then-gelu at any precision
-    // and the backward pass sees the same pre-activation.
-    let stored = {{PRE_T}}(v);
-    pre[idx] = stored;
-    v = gelu(f32(stored));
-#endif
-#if GELU_BWD
-    v = v * gelu_grad(f32(pre[idx]));
-#endif
-#if ACCUMULATE
-    v = f32(c[c_idx]) + v;
-#endif
-    c[c_idx] = {{C_T}}(v);
+    return f32(b[b_index(k, col)]);
 }
 
 @compute @workgroup_size(256)

@@ -43,44 +43,7 @@ enable wgpu_cooperative_matrix;
 // epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING). AB_T is always f16.
 // Grid: one workgroup per output tile, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    inner: u32,
-    tiles_m: u32, // ceil(rows / BM)
-    tiles_n: u32, // ceil(cols / BN)
-    tiles: u32,   // tiles_m * tiles_n
-    a_start: u32,  // A's first element in `a`
-    a_stride: u32, // elements between A's stored rows (inner, or rows with A_TRANS, when whole)
-    c_start: u32,  // C's first element in `c`
-    c_stride: u32, // elements between C's rows (cols when whole)
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-#if A_TRANS
-@group(0) @binding(1) var<storage, read> a: array<{{AB_T}}>;       // (inner, rows)
-#else
-@group(0) @binding(1) var<storage, read> a: array<{{AB_T}}>;       // (rows, inner)
-#endif
-#if B_TRANS
-@group(0) @binding(2) var<storage, read> b: array<{{AB_T}}>;       // (cols, inner)
-#else
-@group(0) @binding(2) var<storage, read> b: array<{{AB_T}}>;       // (inner, cols)
-#endif
-@group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols) at c_start, rows c_stride apart
-#if BIAS
-@group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
-#endif
-#if GELU_FWD
-// The pre-activation A x B + bias is stored here and C receives gelu(pre).
-@group(0) @binding({{PRE_BINDING}}) var<storage, read_write> pre: array<{{PRE_T}}>; // (rows, cols)
-#endif
-#if GELU_BWD
-// C receives (A x B) * gelu'(pre).
-@group(0) @binding({{PRE_BINDING}}) var<storage, read> pre: array<{{PRE_T}}>;       // (rows, cols)
-#endif
+#include matmul_io
 
 const WM: u32 = {{WM}}u;
 const WN: u32 = {{WN}}u;
@@ -224,11 +187,7 @@ fn load_a(row: u32, k: u32) -> {{AB_T}} {
     if (row >= p.rows || k >= p.inner) {
         return {{AB_T}}(0.0);
     }
-#if A_TRANS
-    return a[p.a_start + k * p.a_stride + row];
-#else
-    return a[p.a_start + row * p.a_stride + k];
-#endif
+    return a[a_index(row, k)];
 }
 
 // B[k, col], 0 outside the matrix.
@@ -236,36 +195,7 @@ fn load_b(k: u32, col: u32) -> {{AB_T}} {
     if (col >= p.cols || k >= p.inner) {
         return {{AB_T}}(0.0);
     }
-#if B_TRANS
-    return b[col * p.inner + k];
-#else
-    return b[k * p.cols + col];
-#endif
-}
-
-#include gelu
-
-// The epilogue of matmul_tiled: applies it to one finished sum and writes C[row, col]; the only
-// thread that touches this element, so `+=` is an exact read-add-write.
-fn store_output(row: u32, col: u32, sum: f32) {
-    let idx = row * p.cols + col; // in `pre`, always whole
-    let c_idx = p.c_start + row * p.c_stride + col;
-    var v = sum;
-#if BIAS
-    v = v + f32(bias[col]);
-#endif
-#if GELU_FWD
-    let stored = {{PRE_T}}(v);
-    pre[idx] = stored;
-    v = gelu(f32(stored));
-#endif
-#if GELU_BWD
-    v = v * gelu_grad(f32(pre[idx]));
-#endif
-#if ACCUMULATE
-    v = f32(c[c_idx]) + v;
-#endif
-    c[c_idx] = {{C_T}}(v);
+    return b[b_index(k, col)];
 }
 
 // Cooperative operations must run in control flow that is uniform across the subgroup: here

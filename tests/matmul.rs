@@ -776,3 +776,86 @@ fn f16_products_accumulate_in_f32() {
         );
     }
 }
+
+/// Forward products of a few rows (decoding a handful of samples) run on `matmul_rows`, chosen
+/// for them by the launcher: every epilogue, accumulation and a column window, against the
+/// reference.
+#[test]
+fn few_rows_take_the_rows_kernel_and_match_reference() {
+    for dtype in float_dtypes() {
+        for (i, &m) in [1usize, 2, 3, 8].iter().enumerate() {
+            let (k, n, width) = (133, 77, 100);
+            let seed = 1000 + 10 * i as u64;
+            let f = forward_inputs(seed, (m, k, n), dtype);
+            let plain = forward_want(&f.xv, &f.wv, Some(&f.bv), (m, k, n));
+            for (with_gelu, accumulate) in [(false, false), (true, false), (false, true)] {
+                let tag = format!("rows kernel {dtype:?} M={m} gelu={with_gelu} acc={accumulate}");
+                let (out, start) = if accumulate {
+                    upload("out", &uniform(seed + 5, m * n), &[m, n], dtype)
+                } else {
+                    (poisoned("out", &[m, n], dtype), vec![0.0; m * n])
+                };
+                let pre = poisoned("pre", &[m, n], dtype);
+                let opts = MatmulForward {
+                    bias: Some(&f.b),
+                    gelu_pre: with_gelu.then_some(&pre),
+                    accumulate,
+                    ..Default::default()
+                };
+                let d = mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap();
+                assert!(
+                    d.pipeline.label.starts_with("matmul_rows"),
+                    "{tag}: ran {}",
+                    d.pipeline.label
+                );
+                gpu().run(&[&d]).unwrap();
+                let mut y = round_to(&plain, dtype);
+                if with_gelu {
+                    assert_close(&format!("{tag} pre"), &read(&pre), &y, tol_for(dtype));
+                    y = y.iter().map(|&x| gelu(x)).collect();
+                }
+                assert_close(
+                    &tag,
+                    &read(&out),
+                    &round_to(&add(&start, &y), dtype),
+                    tol_for(dtype),
+                );
+            }
+            // Into columns 20..97 of wider rows, the other columns untouched.
+            let (wide, before) = upload("wide", &uniform(seed + 6, m * width), &[m, width], dtype);
+            let opts = MatmulForward {
+                out_columns: Some(20),
+                kernel: Some(MatmulKernel::Rows),
+                ..Default::default()
+            };
+            gpu()
+                .run(&[&mm::matmul_forward(gpu(), &wide, &f.x, &f.w, &opts).unwrap()])
+                .unwrap();
+            let product = forward_want(&f.xv, &f.wv, None, (m, k, n));
+            let mut want = before.clone();
+            for r in 0..m {
+                want[r * width + 20..r * width + 20 + n]
+                    .copy_from_slice(&product[r * n..(r + 1) * n]);
+            }
+            assert_close(
+                &format!("rows kernel {dtype:?} M={m} into a window"),
+                &read(&wide),
+                &round_to(&want, dtype),
+                tol_for(dtype),
+            );
+        }
+    }
+    // Nine rows, or a backward product, are not the rows kernel's.
+    let x = gpu().zeros("inp", &[9, 16], DType::F32).unwrap();
+    let w = gpu().zeros("weight", &[5, 16], DType::F32).unwrap();
+    let out = gpu().zeros("out", &[9, 5], DType::F32).unwrap();
+    let forced = MatmulForward {
+        kernel: Some(MatmulKernel::Rows),
+        ..Default::default()
+    };
+    let e = mm::matmul_forward(gpu(), &out, &x, &w, &forced)
+        .err()
+        .expect("nine rows")
+        .to_string();
+    assert!(e.contains("at most 8 rows"), "{e}");
+}

@@ -83,9 +83,10 @@ fn saved_weights_for(cfg: GptConfig, seed: u64) -> Checkpoint {
 }
 
 /// Trains `steps` steps on the GPU (planned for `limits`, or the device's own) and in float64
-/// on the same data and compares: the first step's gradients tensor by tensor, then, each step
-/// taken by both from the GPU's state (weights and AdamW moments), the loss, the norm and every
-/// weight after the step (see [`check_adamw_step`]).
+/// on the same data, each step taken by both from the GPU's state (weights and AdamW moments),
+/// and compares every step's gradients tensor by tensor (max-norm relative error within
+/// `grad_tol`), loss and norm (within 1e-5) and every weight after the step (see
+/// [`check_adamw_step`]).
 fn check_against_reference_with(
     s: TrainSettings,
     limits: Option<&AdapterLimits>,
@@ -93,6 +94,7 @@ fn check_against_reference_with(
     init: &Checkpoint,
     tok: Arc<Vec<u32>>,
     steps: usize,
+    grad_tol: f32,
 ) -> Trainer {
     let optim = ReferenceOptim {
         schedule: s.schedule(),
@@ -122,35 +124,6 @@ fn check_against_reference_with(
                 (b.x, b.y)
             })
             .collect();
-        if i == 0 {
-            // The GPU's gradients against the reference's, before any update.
-            let (_, gpu_grads) = tr.loss_and_grads(&micro).unwrap();
-            let mut ref_grads = vec![0.0; layout.total];
-            for (x, y) in &micro {
-                let (_, g) = r
-                    .model
-                    .loss_and_grads(&r.params, x, y, s.batch_size, s.seq_len);
-                for (a, b) in ref_grads.iter_mut().zip(g) {
-                    *a += (b / s.grad_accum as f64) as f32;
-                }
-            }
-            let mut worst = (0f32, String::new());
-            for (id, e) in layout.entries.iter() {
-                let err = rel_error(&gpu_grads[e.range()], &ref_grads[e.range()]);
-                if err.is_nan() || err > worst.0 {
-                    worst = (err, id.name());
-                }
-                assert!(
-                    err <= 1e-5,
-                    "{what}: gradient of {} off by {err:e} (relative, max-norm)",
-                    id.name()
-                );
-            }
-            eprintln!(
-                "{what}: gradients within {:.2e} of the reference (worst: {})",
-                worst.0, worst.1
-            );
-        }
         if i > 0 {
             let state = tr.checkpoint().unwrap();
             let (m, v) = state.moments.as_ref().unwrap();
@@ -158,6 +131,40 @@ fn check_against_reference_with(
         }
         let want = r.step(&micro, s.batch_size, s.seq_len);
         let st = tr.step().unwrap();
+        // The step's gradients (f32 runs: a loss scale of 1), before clipping.
+        let grads = tr.grads().unwrap();
+        let mut worst = (0f32, String::new());
+        for (id, e) in layout.entries.iter() {
+            let want32: Vec<f32> = r.grads[e.range()].iter().map(|&g| g as f32).collect();
+            let err = rel_error(&grads[e.range()], &want32);
+            if err.is_nan() || err > worst.0 {
+                worst = (err, id.name());
+            }
+            assert!(
+                err <= grad_tol,
+                "{what} step {i}: gradient of {} off by {err:e} (relative, max-norm)",
+                id.name()
+            );
+        }
+        let el = (st.loss as f64 - want.loss).abs() / want.loss.abs();
+        let en = (st.norm as f64 - want.norm).abs() / want.norm.abs();
+        eprintln!(
+            "{what} step {i}: loss {} vs {:.6} (rel {el:.1e}), norm {} vs {:.4} (rel {en:.1e}), \
+             gradients within {:.2e} (worst: {})",
+            st.loss, want.loss, st.norm, want.norm, worst.0, worst.1
+        );
+        assert!(
+            el <= 1e-5,
+            "{what} step {i}: loss {} vs reference {}",
+            st.loss,
+            want.loss
+        );
+        assert!(
+            en <= 1e-5,
+            "{what} step {i}: norm {} vs reference {}",
+            st.norm,
+            want.norm
+        );
         let weights = tr.params().unwrap();
         // The padded vocabulary rows get no gradient and stay exactly zero.
         let wte = layout.slice(&weights, ParamId::Wte);
@@ -174,30 +181,12 @@ fn check_against_reference_with(
             &r.grads,
             want.lr,
         );
-        let el = (st.loss as f64 - want.loss).abs() / want.loss.abs();
-        let en = (st.norm as f64 - want.norm).abs() / want.norm.abs();
-        eprintln!(
-            "{what} step {i}: loss {} vs {:.6} (rel {el:.1e}), norm {} vs {:.4} (rel {en:.1e})",
-            st.loss, want.loss, st.norm, want.norm
-        );
-        assert!(
-            el <= 1e-5,
-            "{what} step {i}: loss {} vs reference {}",
-            st.loss,
-            want.loss
-        );
-        assert!(
-            en <= 1e-5,
-            "{what} step {i}: norm {} vs reference {}",
-            st.norm,
-            want.norm
-        );
     }
     tr
 }
 
 fn check_against_reference(s: TrainSettings, what: &str) {
-    check_against_reference_with(s, None, what, &saved_weights(7), tokens(2000, 1), 10);
+    check_against_reference_with(s, None, what, &saved_weights(7), tokens(2000, 1), 10, 1e-5);
 }
 
 #[test]
@@ -250,7 +239,7 @@ fn split_storage_and_chunked_classifier_match_the_reference() {
                 .collect::<Vec<u32>>(),
         );
         let init = saved_weights_for(cfg, 21);
-        let tr = check_against_reference_with(s, Some(&limits), &what, &init, tok, 6);
+        let tr = check_against_reference_with(s, Some(&limits), &what, &init, tok, 6, 1e-5);
         let plan = tr.plan();
         assert_eq!(
             plan.storage.pieces.wte.len(),
@@ -288,12 +277,16 @@ fn gpt2_124m_at_its_real_shape_matches_the_reference() {
     ))
     .unwrap();
     let tok = Arc::new(wgpt::data::Tokenizer::gpt2().encode(&corpus[..4000]));
+    // Two steps: AdamW's first (moments empty) and one with moments; on the software driver a
+    // GPT-2 124M step takes about a minute.
     let mut s = TrainSettings::new(cfg, 2, 8);
-    s.steps = 3;
+    s.steps = 2;
     s.warmup_steps = 1;
     s.precision = Precision::F32;
     let limits = AdapterLimits::webgpu_default(gpu().memory);
-    let tr = check_against_reference_with(s, Some(&limits), "gpt2 124M", &init, tok, 3);
+    // Twelve layers of 768-wide sums and a 50257-wide softmax: the gradients carry a little more
+    // f32 rounding than the small models' (8.4e-6 measured on the software driver).
+    let tr = check_against_reference_with(s, Some(&limits), "gpt2 124M", &init, tok, 2, 3e-5);
     let plan = tr.plan();
     eprintln!("gpt2 124M: {}", plan.line());
     assert_eq!(

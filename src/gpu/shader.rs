@@ -31,6 +31,7 @@ shader_files!(
     "elementwise",
     "matmul",
     "matmul_coop",
+    "matmul_rows",
     "layernorm",
     "attention_naive",
     "attention_flash",
@@ -43,10 +44,16 @@ shader_files!(
 /// Files that shaders pull in with `#include NAME`: functions several kernels must compute
 /// identically (the fused GELU epilogue of the matmuls and the GELU kernels, for one). They are
 /// validated as part of each shader that includes them.
-pub static INCLUDES: &[ShaderFile] = &[ShaderFile {
-    name: "gelu",
-    source: include_str!("../../shaders/gelu.wgsl"),
-}];
+pub static INCLUDES: &[ShaderFile] = &[
+    ShaderFile {
+        name: "gelu",
+        source: include_str!("../../shaders/gelu.wgsl"),
+    },
+    ShaderFile {
+        name: "matmul_io",
+        source: include_str!("../../shaders/matmul_io.wgsl"),
+    },
+];
 
 /// The source of a shader file by name.
 pub fn source(name: &str) -> Result<&'static str> {

@@ -25,6 +25,12 @@ use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
 
 const SHADER: &str = "matmul";
 const COOP_SHADER: &str = "matmul_coop";
+const ROWS_SHADER: &str = "matmul_rows";
+/// Most rows `matmul_rows` takes (MAX_ROWS in the shader): the forward products of decoding up
+/// to this many samples at once.
+pub const ROWS_MAX: usize = 8;
+/// Output columns per workgroup of `matmul_rows` (COLS in the shader).
+const ROWS_COLS: usize = 32;
 const FAMILY: &str = "matmul";
 /// Threads per workgroup of the tiled kernel (16 x 16).
 const TILED_THREADS: u32 = 256;
@@ -184,6 +190,9 @@ pub enum MatmulKernel {
     /// For checking the kernel's staging, fragment offsets, subgroup mapping and epilogue where
     /// there are no tensor cores; never chosen by the launchers.
     CoopEmulated(CoopTile),
+    /// `matmul_rows`: forward products with at most [`ROWS_MAX`] rows (decoding a few samples),
+    /// each weight element read once for every row instead of a tile's worth of padded rows.
+    Rows,
 }
 
 impl std::fmt::Display for MatmulKernel {
@@ -192,6 +201,7 @@ impl std::fmt::Display for MatmulKernel {
             MatmulKernel::Tiled(t) => write!(f, "tiled {}x{}", t.bm(), t.bn()),
             MatmulKernel::Coop(t) => write!(f, "coop {}x{}", t.bm(), t.bn()),
             MatmulKernel::CoopEmulated(t) => write!(f, "coop-emulated {}x{}", t.bm(), t.bn()),
+            MatmulKernel::Rows => write!(f, "rows"),
         }
     }
 }
@@ -373,6 +383,8 @@ impl CoopVariant {
         let t = self.tile;
         let mut d = defines![
             ("AB_T", DType::F16.wgsl()),
+            ("A_T", DType::F16.wgsl()),
+            ("B_T", DType::F16.wgsl()),
             ("C_T", self.c_dtype.wgsl()),
             ("A_TRANS", flag(self.a_trans)),
             ("B_TRANS", flag(self.b_trans)),
@@ -391,8 +403,43 @@ impl CoopVariant {
     }
 }
 
-/// The kernel for a product: the one place that decides it (see [`auto_kernel`]).
+/// Whether `matmul_rows` computes a product: a forward product (A as is, B transposed) with at
+/// most [`ROWS_MAX`] rows.
+fn rows_kernel_fits(prod: &Product<'_>) -> bool {
+    prod.rows <= ROWS_MAX && !prod.a_trans && prod.b_trans
+}
+
+/// Define-level description of one `matmul_rows` specialisation (A as is, B transposed).
+struct RowsVariant {
+    a_dtype: DType,
+    b_dtype: DType,
+    c_dtype: DType,
+    bias_dtype: Option<DType>,
+    gelu: Option<(DType, bool)>,
+    accumulate: bool,
+}
+
+impl RowsVariant {
+    fn defines(&self) -> Vec<(String, String)> {
+        let mut d = defines![
+            ("A_T", self.a_dtype.wgsl()),
+            ("B_T", self.b_dtype.wgsl()),
+            ("C_T", self.c_dtype.wgsl()),
+            ("A_TRANS", "0"),
+            ("B_TRANS", "1"),
+            ("ACCUMULATE", flag(self.accumulate)),
+        ];
+        d.extend(epilogue_defines(self.bias_dtype, self.gelu));
+        d
+    }
+}
+
+/// The kernel for a product: the one place that decides it. Forward products of a few rows
+/// (decoding) take `matmul_rows`, every other the rule of [`auto_kernel`].
 fn choose_kernel(gpu: &Gpu, prod: &Product<'_>) -> Result<MatmulKernel> {
+    if rows_kernel_fits(prod) {
+        return Ok(MatmulKernel::Rows);
+    }
     auto_kernel(gpu, prod.rows, prod.cols, prod.a.dtype, prod.b.dtype).map_err(|e| match e {
         Error::Limit {
             needed,
@@ -414,10 +461,11 @@ fn choose_kernel(gpu: &Gpu, prod: &Product<'_>) -> Result<MatmulKernel> {
 /// The kernel the launchers pick for a `rows x cols` output with operands of these dtypes.
 ///
 /// f16 operands run on cooperative matrices when [`coop_matmul_status`] allows it (which runs
-/// the self-check the first time), everything else on the tiled kernel. Either kernel takes its
-/// biggest tile that still gives 264 workgroups, two per streaming multiprocessor of an H100
-/// (big tiles reuse each loaded element more; small ones keep a large GPU busy when the output
-/// is small, e.g. the (768, 768) weight gradient), among those the adapter's limits allow.
+/// the self-check the first time), everything else on the tiled kernel. Either kernel takes,
+/// among the tiles the adapter's limits allow that pad the output least (a 16-row product is
+/// not computed as 128 rows when 64 will do), the biggest that still gives 264 workgroups, two
+/// per streaming multiprocessor of an H100 (big tiles reuse each loaded element more; small
+/// ones keep a large GPU busy when the output is small, e.g. the (768, 768) weight gradient).
 pub fn auto_kernel(
     gpu: &Gpu,
     rows: usize,
@@ -438,14 +486,21 @@ fn output_tiles(rows: usize, cols: usize, bm: u32, bn: u32) -> u64 {
     rows.div_ceil(bm as usize) as u64 * cols.div_ceil(bn as usize) as u64
 }
 
-/// The rule of [`auto_kernel`]: the biggest tile (they come largest first) that still gives
+/// The rule of [`auto_kernel`]: among the tiles whose padded output (`tiles(t) * bm * bn`, the
+/// outputs computed) is least, the biggest (they come largest first) that still gives
 /// [`ENOUGH_TILES`] workgroups, else the smallest. `usable` is not empty.
-fn pick_tile<T: Copy>(usable: &[T], tiles: impl Fn(T) -> u64) -> T {
-    usable
+fn pick_tile<T: Copy>(usable: &[T], tiles: impl Fn(T) -> u64, area: impl Fn(T) -> u64) -> T {
+    let padded = |t: T| tiles(t) * area(t);
+    let least = usable.iter().map(|&t| padded(t)).min().unwrap_or(0);
+    let best: Vec<T> = usable
         .iter()
         .copied()
+        .filter(|&t| padded(t) == least)
+        .collect();
+    best.iter()
+        .copied()
         .find(|&t| tiles(t) >= ENOUGH_TILES)
-        .unwrap_or(usable[usable.len() - 1])
+        .unwrap_or(best[best.len() - 1])
 }
 
 /// The tiled kernel's tile for a `rows x cols` output (the rule of [`auto_kernel`]).
@@ -472,18 +527,22 @@ pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKe
             hint: "use an adapter that meets the WebGPU default limits".into(),
         });
     }
-    Ok(MatmulKernel::Tiled(pick_tile(&usable, |t| {
-        t.tiles(rows, cols)
-    })))
+    Ok(MatmulKernel::Tiled(pick_tile(
+        &usable,
+        |t| t.tiles(rows, cols),
+        |t| (t.bm() * t.bn()) as u64,
+    )))
 }
 
 /// The cooperative-matrix kernel's tile for a `rows x cols` output (the rule of
 /// [`auto_kernel`]), whatever the self-check says; an error if the adapter cannot run it.
 pub fn best_coop_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
     let usable = usable_coop_tiles(gpu).map_err(Error::Gpu)?;
-    Ok(MatmulKernel::Coop(pick_tile(&usable, |t| {
-        t.tiles(rows, cols)
-    })))
+    Ok(MatmulKernel::Coop(pick_tile(
+        &usable,
+        |t| t.tiles(rows, cols),
+        |t| (t.bm() * t.bn()) as u64,
+    )))
 }
 
 /// The subgroup size `matmul_coop` is sized for on this adapter, or why the adapter cannot run
@@ -719,6 +778,18 @@ pub fn relative_difference(got: &[f32], want: &[f32]) -> std::result::Result<f32
 fn check_kernel(gpu: &Gpu, prod: &Product<'_>, kernel: MatmulKernel) -> Result<()> {
     let op = prod.op;
     match kernel {
+        MatmulKernel::Rows => {
+            if !rows_kernel_fits(prod) {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "the rows kernel computes forward products of at most {ROWS_MAX} rows \
+                         (this product has {})",
+                        prod.rows
+                    ),
+                ));
+            }
+        }
         MatmulKernel::Tiled(t) => {
             if !TILE_CONFIGS.contains(&t) {
                 return Err(Error::shape(
@@ -836,6 +907,23 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 "matmul_tiled",
                 tile.bm(),
                 tile.bn(),
+                variant.defines(),
+            )
+        }
+        MatmulKernel::Rows => {
+            let variant = RowsVariant {
+                a_dtype: prod.a.dtype,
+                b_dtype: prod.b.dtype,
+                c_dtype: prod.c.dtype,
+                bias_dtype: prod.bias.map(|b| b.dtype),
+                gelu,
+                accumulate: prod.accumulate,
+            };
+            (
+                ROWS_SHADER,
+                "matmul_rows",
+                ROWS_MAX as u32,
+                ROWS_COLS as u32,
                 variant.defines(),
             )
         }
@@ -1344,6 +1432,31 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
         }
     }
     out.extend(coop_shader_variants());
+    // matmul_rows: every dtype, accumulation, bias and GELU combination of a forward product.
+    for a_dtype in floats {
+        for b_dtype in floats {
+            for c_dtype in floats {
+                for accumulate in [false, true] {
+                    for bias_dtype in [None, Some(DType::F32), Some(DType::F16)] {
+                        for gelu in [None, Some((DType::F32, true)), Some((DType::F16, true))] {
+                            let v = RowsVariant {
+                                a_dtype,
+                                b_dtype,
+                                c_dtype,
+                                bias_dtype,
+                                gelu,
+                                accumulate,
+                            };
+                            out.push(super::ShaderVariant {
+                                shader: ROWS_SHADER,
+                                defines: v.defines(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
     out
 }
 
@@ -1469,6 +1582,24 @@ mod tests {
         assert_eq!(COOP_TILES[0].bm(), 128);
         assert_eq!(COOP_TILES[0].bn(), 128);
         assert_eq!(COOP_TILES[2].bm(), 64);
+    }
+
+    #[test]
+    fn tiles_pad_the_output_least_then_fill_the_gpu() {
+        let tile = |rows, cols| {
+            pick_tile(
+                &TILE_CONFIGS,
+                |t| t.tiles(rows, cols),
+                |t| (t.bm() * t.bn()) as u64,
+            )
+        };
+        // GPT-2's shapes are multiples of 128: the biggest tile when it fills the GPU...
+        assert_eq!(tile(16384, 2304), TILE_CONFIGS[0]);
+        assert_eq!(tile(16384, 50304), TILE_CONFIGS[0]);
+        // ...a smaller one for a small output (768 x 768: 36 tiles of 128 x 128).
+        assert_eq!(tile(768, 768), TILE_CONFIGS[2]);
+        // 16 rows are padded to 64, not 128.
+        assert_eq!(tile(16, 50304).bm(), 64);
     }
 
     #[test]

@@ -212,7 +212,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 /// Each weight may differ by the rounding of its f32 update (`3e-7 |p| + 1e-6 lr`) plus what an
 /// f32 error in its gradient can move it: AdamW's update depends on the gradient's direction
 /// more than on its size, so a gradient known to within `eps` (here `1e-5` of the largest
-/// gradient of its tensor, ten times what the gradient checks measure) changes the update by
+/// gradient of its tensor, about the precision the gradient checks assert) changes the update by
 /// about `4 eps / |g|` of `lr`, and by at most `2 lr` (a flipped sign) where `|g|` is not above
 /// the noise (the key bias, whose true gradient is zero, is such a case: AdamW turns its f32
 /// noise into steps of a sizeable part of `lr`). Well-conditioned weights (the vast majority)
