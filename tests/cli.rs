@@ -215,3 +215,56 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         eprintln!("{:?} -> {line}", &refs[common::SMALL_RUN.len() + 2..]);
     }
 }
+
+/// `--dry-run` prints the memory plan with every buffer and exits without a step; the plan of a
+/// GPT-2 124M run shows its storage and classifier chunks.
+#[test]
+fn dry_run_prints_the_plan_and_trains_nothing() {
+    let o = train(&["--preset", "gpt2", "-B", "4", "-T", "64", "--dry-run"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(losses(&out).is_empty(), "a dry run trains nothing: {out}");
+    let memory = out
+        .lines()
+        .find(|l| l.starts_with("memory: params "))
+        .expect("the memory line");
+    for part in [
+        "| grads ",
+        "| moments ",
+        "| activations ",
+        "| classifier ",
+        "| total ",
+    ] {
+        assert!(memory.contains(part), "{memory}");
+    }
+    assert!(
+        out.contains("classifier: logits in 1 chunk of 256 rows x 50304"),
+        "{out}"
+    );
+    assert!(out.contains("params f32 buffer 0"), "{out}");
+    assert!(out.contains("adam v f32 buffer 0"), "{out}");
+    assert!(out.contains("the run fits the adapter"), "{out}");
+    // A plan beyond the adapter's memory is printed, then refused.
+    let o = train(&[
+        "--n-layer",
+        "200",
+        "--n-embd",
+        "2048",
+        "--n-head",
+        "16",
+        "--block-size",
+        "64",
+        "-B",
+        "1",
+        "-T",
+        "64",
+        "--dry-run",
+    ]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("params f32 buffer"), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("device memory") && err.contains("use a smaller model"),
+        "{err}"
+    );
+}

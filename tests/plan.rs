@@ -59,6 +59,11 @@ fn check_bindings(what: &str, plan: &MemoryPlan, limits: &AdapterLimits) {
 #[test]
 fn the_recipes_batch_fits_a_gpu() {
     let limits = gpu_limits();
+    // The default run: B=16, one chunk of logits.
+    let s = settings(GptConfig::gpt2(), 16, 1024, Precision::F16);
+    let plan = MemoryPlan::new(&s, &limits).unwrap();
+    check_bindings("gpt2 124M B=16 T=1024 f16", &plan, &limits);
+    assert_eq!(plan.chunks, 1);
     for precision in [Precision::F16, Precision::F32] {
         let s = settings(GptConfig::gpt2(), 64, 1024, precision);
         let plan = MemoryPlan::new(&s, &limits).unwrap();
@@ -141,4 +146,25 @@ fn what_cannot_fit_is_refused_with_what_to_change() {
         e.contains("mlp.c_fc.weight") && e.contains("cannot be split"),
         "{e}"
     );
+}
+
+#[test]
+fn a_model_too_large_for_memory_is_told_to_shrink() {
+    // 200 layers 2048 wide: 10B parameters, 190 GB with gradients and moments.
+    let wide = GptConfig {
+        n_layer: 200,
+        n_embd: 2048,
+        n_head: 16,
+        ..GptConfig::gpt2()
+    };
+    let e = MemoryPlan::new(&settings(wide, 1, 64, Precision::F16), &gpu_limits())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("alone take") && e.contains("use a smaller model"),
+        "{e}"
+    );
+    // The same plan laid out without the memory check, for --dry-run to print.
+    let plan = MemoryPlan::layout(&settings(wide, 1, 64, Precision::F16), &gpu_limits()).unwrap();
+    assert!(plan.total() > 80 * GIB);
 }

@@ -485,7 +485,7 @@ fn run(args: Args) -> Result<()> {
     );
 
     // The memory plan, before anything is allocated: refuses a run that cannot fit.
-    let plan = MemoryPlan::new(&settings, &AdapterLimits::of(&gpu))?;
+    let plan = MemoryPlan::layout(&settings, &AdapterLimits::of(&gpu))?;
     println!("{}", plan.line());
     println!(
         "{}",
@@ -493,6 +493,10 @@ fn run(args: Args) -> Result<()> {
     );
     if args.dry_run {
         print!("{}", plan.details());
+    }
+    plan.check_memory(&settings)?;
+    if args.dry_run {
+        println!("the run fits the adapter");
         return Ok(());
     }
     if args.bench_ladder {

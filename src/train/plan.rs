@@ -104,8 +104,17 @@ pub fn classifier_chunk_rows(
 }
 
 impl MemoryPlan {
-    /// Plans `settings` on an adapter with `limits`; refuses what cannot fit.
+    /// Plans `settings` on an adapter with `limits`; refuses what cannot fit: a buffer beyond
+    /// the limits, or a total beyond the adapter's memory.
     pub fn new(settings: &TrainSettings, limits: &AdapterLimits) -> Result<MemoryPlan> {
+        let plan = Self::layout(settings, limits)?;
+        plan.check_memory(settings)?;
+        Ok(plan)
+    }
+
+    /// The plan without the check of the total against the adapter's memory (what `--dry-run`
+    /// prints before saying whether it fits); still refuses a buffer beyond the limits.
+    pub fn layout(settings: &TrainSettings, limits: &AdapterLimits) -> Result<MemoryPlan> {
         settings.validate()?;
         let cfg = &settings.config;
         if limits.alignment > 256 || !limits.alignment.is_power_of_two() {
@@ -183,20 +192,42 @@ impl MemoryPlan {
             storage: Arc::new(storage),
             limits: limits.clone(),
         };
-        if let Some(memory) = limits.memory {
-            if plan.total() > memory {
-                return Err(Error::Limit {
-                    what: "the run".into(),
-                    needed: format!("{} of device memory ({})", mib(plan.total()), plan.line()),
-                    available: mib(memory),
-                    adapter: limits.adapter.clone(),
-                    hint: "use a smaller batch (-B) with more --grad-accum to keep the tokens per \
-                           step, --precision f16, or a smaller model"
-                        .into(),
-                });
-            }
-        }
         Ok(plan)
+    }
+
+    /// Refuses a plan whose total exceeds the adapter's memory (when known), with what to change:
+    /// a smaller model when the weights, gradients and moments alone do not fit, else a smaller
+    /// batch (and f16 for an f32 run).
+    pub fn check_memory(&self, settings: &TrainSettings) -> Result<()> {
+        let Some(memory) = self.limits.memory else {
+            return Ok(());
+        };
+        if self.total() <= memory {
+            return Ok(());
+        }
+        let state = self.params_bytes + self.half_bytes + self.grads_bytes + self.moments_bytes;
+        let hint = if state > memory {
+            format!(
+                "the weights, their gradients and AdamW's moments alone take {}; use a smaller \
+                 model",
+                mib(state)
+            )
+        } else {
+            let mut h = "use a smaller batch (-B) with more --grad-accum to keep the tokens per \
+                         step, or a shorter -T"
+                .to_string();
+            if settings.precision == Precision::F32 {
+                h.push_str(", or --precision f16");
+            }
+            h
+        };
+        Err(Error::Limit {
+            what: "the run".into(),
+            needed: format!("{} of device memory ({})", mib(self.total()), self.line()),
+            available: mib(memory),
+            adapter: self.limits.adapter.clone(),
+            hint,
+        })
     }
 
     /// Bytes of everything the run allocates (all of it is live during a step: the peak).
