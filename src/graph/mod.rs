@@ -91,11 +91,21 @@ impl<E: Clone> Graph<E> {
 
     /// Declares an activation whose memory the planner assigns.
     pub fn planned(&mut self, name: impl Into<String>, shape: &[usize], dtype: DType) -> TensorId {
+        self.declare(name.into(), shape, dtype, Storage::Planned)
+    }
+
+    fn declare(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        dtype: DType,
+        storage: Storage<E>,
+    ) -> TensorId {
         self.decls.push(Decl {
-            name: name.into(),
+            name,
             shape: shape.to_vec(),
             dtype,
-            storage: Storage::Planned,
+            storage,
         });
         self.decls.len() - 1
     }
@@ -108,13 +118,7 @@ impl<E: Clone> Graph<E> {
         dtype: DType,
         key: E,
     ) -> TensorId {
-        self.decls.push(Decl {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            storage: Storage::Input(key),
-        });
-        self.decls.len() - 1
+        self.declare(name.into(), shape, dtype, Storage::Input(key))
     }
 
     /// Declares an input with one tensor per micro-step, bound through `key` at compile time.
@@ -125,13 +129,7 @@ impl<E: Clone> Graph<E> {
         dtype: DType,
         key: E,
     ) -> TensorId {
-        self.decls.push(Decl {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            storage: Storage::PerMicro(key),
-        });
-        self.decls.len() - 1
+        self.declare(name.into(), shape, dtype, Storage::PerMicro(key))
     }
 
     pub fn shape(&self, id: TensorId) -> &[usize] {

@@ -44,6 +44,20 @@ impl TablePiece {
         check_u32_range(op, "table rows", self.total)?;
         Ok(())
     }
+
+    /// The uniform of a launch over `rows` positions (sequences of `t`) of `c` channels, for a
+    /// piece of `piece_rows` rows.
+    fn params(self, rows: usize, t: usize, c: usize, piece_rows: usize) -> ForwardParams {
+        ForwardParams {
+            rows: rows as u32,
+            t: t as u32,
+            c: c as u32,
+            vp: self.total as u32,
+            first: self.first as u32,
+            piece_rows: piece_rows as u32,
+            _pad: [0; 2],
+        }
+    }
 }
 
 #[repr(C)]
@@ -140,18 +154,7 @@ pub fn embedding_forward(
     check_u32_range(OP, "B * T * C", b * t * c)?;
     check_u32_range(OP, "Vp * C", wte.len())?;
     let n = (b * t * c) as u32;
-    let params = gpu.uniform(
-        OP,
-        &ForwardParams {
-            rows: (b * t) as u32,
-            t: t as u32,
-            c: c as u32,
-            vp: piece.total as u32,
-            first: piece.first as u32,
-            piece_rows: piece_rows as u32,
-            _pad: [0; 2],
-        },
-    );
+    let params = gpu.uniform(OP, &piece.params(b * t, t, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_forward",
@@ -281,18 +284,7 @@ pub fn embedding_backward_wte(
     buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
     check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
     check_u32_range(OP, "piece elements", dwte.len())?;
-    let params = gpu.uniform(
-        OP,
-        &ForwardParams {
-            rows: positions as u32,
-            t: 0,
-            c: c as u32,
-            vp: piece.total as u32,
-            first: piece.first as u32,
-            piece_rows: piece_rows as u32,
-            _pad: [0; 2],
-        },
-    );
+    let params = gpu.uniform(OP, &piece.params(positions, 0, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_backward_wte",
