@@ -3,7 +3,8 @@
 // AdamW over one parameter buffer per dispatch.
 //
 // Sections: NORM_PARTIALS, NORM_FINISH, ADAMW (define COPY_T = f16: also refresh an f16 copy of
-// the parameters in the same pass). The norm's sections take SUBGROUPS: whether their workgroup
+// the parameters in the same pass), STEP_STATE (the loss scaler and Adam's step count, advanced
+// on the GPU at the end of each step so that the next step needs nothing from the CPU but lr). The norm's sections take SUBGROUPS: whether their workgroup
 // reductions use subgroup operations (the device has the SUBGROUP feature) instead of a
 // fixed-shape tree in workgroup memory.
 //
@@ -256,5 +257,106 @@ fn adamw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 #if COPY_T
     ad_params_copy[i] = {{COPY_T}}(p);
 #endif
+}
+#endif
+
+#if STEP_STATE
+// ---- advance_step_state: one thread, last node of a step ------------------------------------------
+// Dynamic loss scaling as PyTorch's GradScaler, on the GPU: a step whose gradients are not finite
+// (status[2] == 0) halves the scale (not below 2^-16) and was skipped; otherwise the clean-step
+// count grows and, with scaling on, doubles the scale (not above 2^24) every growth_interval
+// clean steps; Adam's step count t grows with every step taken. Then writes what the next step
+// reads: the cross-entropy's dloss = scale / tokens, 1 / scale for the norm and AdamW, and the
+// bias corrections of step t + 1 from a table computed on the CPU in f64 (1.0 past its end, where
+// both round to 1 in f32). Every value is produced by exact operations (scaling by powers of two,
+// table lookups), so it is bit for bit what the CPU wrote before (StepState in
+// src/ops/optimizer.rs).
+struct StepState {
+    scale: f32,
+    inv_scale: f32,      // 1 / scale, correctly rounded
+    dloss: f32,          // scale / tokens, correctly rounded
+    inv_tokens: f32,     // 1 / tokens, correctly rounded
+    clean_steps: u32,
+    adam_t: u32,         // optimiser steps taken (skipped ones excluded)
+    skipped: u32,        // whether the last step was skipped
+    steps: u32,          // steps run, skipped ones included
+}
+
+struct StateParams {
+    growth_interval: u32,
+    scaling: u32,        // 1: f16 dynamic loss scaling; 0: the scale stays 1
+    table_len: u32,      // bias-correction pairs in the table, for t = 1 ..= table_len
+    _pad: u32,
+}
+
+const MIN_SCALE: f32 = 1.52587890625e-05; // 2^-16
+const MAX_SCALE: f32 = 16777216.0;        // 2^24
+
+@group(0) @binding(0) var<uniform> sp: StateParams;
+@group(0) @binding(1) var<storage, read> st_status: array<f32>;             // (4) from grad_norm
+@group(0) @binding(2) var<storage, read_write> st_state: StepState;
+@group(0) @binding(3) var<storage, read> st_table: array<f32>;              // (2 * table_len)
+@group(0) @binding(4) var<storage, read_write> st_dloss: array<f32>;        // (1)
+@group(0) @binding(5) var<storage, read_write> st_norm: array<f32>;         // GradNormScalars
+@group(0) @binding(6) var<storage, read_write> st_hyper: array<f32>;        // AdamWHyper
+
+// The scale times 2^e (e = -1 or 1) with its reciprocal and dloss scaled alike; clamped to
+// [2^-16, 2^24], where the clamp value's reciprocal and dloss are exact too.
+fn rescale(s: ptr<function, StepState>, up: bool) {
+    if (up) {
+        if ((*s).scale * 2.0 > MAX_SCALE) {
+            (*s).scale = MAX_SCALE;
+            (*s).inv_scale = 1.0 / MAX_SCALE;
+            (*s).dloss = MAX_SCALE * (*s).inv_tokens;
+        } else {
+            (*s).scale *= 2.0;
+            (*s).inv_scale *= 0.5;
+            (*s).dloss *= 2.0;
+        }
+    } else {
+        if ((*s).scale * 0.5 < MIN_SCALE) {
+            (*s).scale = MIN_SCALE;
+            (*s).inv_scale = 1.0 / MIN_SCALE;
+            (*s).dloss = MIN_SCALE * (*s).inv_tokens;
+        } else {
+            (*s).scale *= 0.5;
+            (*s).inv_scale *= 2.0;
+            (*s).dloss *= 0.5;
+        }
+    }
+}
+
+@compute @workgroup_size(1)
+fn advance_step_state() {
+    var s = st_state;
+    s.steps += 1u;
+    if (st_status[2] == 0.0) {
+        if (sp.scaling == 1u) {
+            rescale(&s, false);
+        }
+        s.clean_steps = 0u;
+        s.skipped = 1u;
+    } else {
+        s.skipped = 0u;
+        s.adam_t += 1u;
+        s.clean_steps += 1u;
+        if (sp.scaling == 1u && s.clean_steps >= sp.growth_interval) {
+            rescale(&s, true);
+            s.clean_steps = 0u;
+        }
+    }
+    st_state = s;
+    st_dloss[0] = s.dloss;
+    st_norm[0] = s.inv_scale;
+    // AdamWHyper: [lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
+    // inv_loss_scale]; lr is the CPU's, written per step.
+    let t = s.adam_t + 1u;
+    var bc = vec2<f32>(1.0, 1.0);
+    if (t <= sp.table_len) {
+        bc = vec2<f32>(st_table[2u * (t - 1u)], st_table[2u * (t - 1u) + 1u]);
+    }
+    st_hyper[5] = bc.x;
+    st_hyper[6] = bc.y;
+    st_hyper[7] = s.inv_scale;
 }
 #endif

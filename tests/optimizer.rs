@@ -482,3 +482,128 @@ fn shape_errors_are_reported() {
         .write(g, &z(4, f))
         .is_err());
 }
+
+/// The loss scaler's rules and Adam's bias corrections, on the CPU in the order PyTorch's
+/// GradScaler and AdamW apply them, written independently of the shader: (scale, clean steps,
+/// Adam's t) after a step that was or was not finite.
+fn scaler_rule(
+    (scale, clean, t): (f32, u32, u32),
+    finite: bool,
+    scaling: bool,
+    growth: u32,
+) -> (f32, u32, u32) {
+    if !finite {
+        let s = if scaling {
+            (scale * 0.5).max(1.0 / 65536.0)
+        } else {
+            scale
+        };
+        return (s, 0, t);
+    }
+    if scaling && clean + 1 >= growth {
+        ((scale * 2.0).min(16_777_216.0), 0, t + 1)
+    } else {
+        (scale, clean + 1, t + 1)
+    }
+}
+
+#[test]
+fn step_state_advances_on_the_gpu_as_the_cpu_rules_say() {
+    let g = gpu();
+    let table = opt::bias_correction_table(0.9, 0.95);
+    // Both corrections reach 1.0 in f32 within the table's length, and not before its end.
+    let (last1, last2) = (table[table.len() - 2], table[table.len() - 1]);
+    assert!(
+        last1 < 1.0 || last2 < 1.0,
+        "the table ends at its first (1, 1) pair"
+    );
+    assert!(
+        table.len() / 2 > 300 && table.len() / 2 < 400,
+        "{} pairs",
+        table.len() / 2
+    );
+    let table_t = f32_tensor("table", &table);
+    let tokens = 3 * 7 * 5; // not a power of two: dloss and 1/tokens are rounded
+                            // Starting scales: the default, one that is not a power of two, and ones next to both
+                            // clamps; with and without scaling; a growth interval of 3 so that doubling happens.
+    let cases = [
+        (65536.0f32, true),
+        (3.0, true),
+        (8_388_608.0, true),
+        (1.0 / 32768.0, true),
+        (1.0, false),
+    ];
+    let pattern = [
+        true, true, true, false, true, false, false, true, true, true, true, true, true, true,
+    ];
+    for (start, scaling) in cases {
+        let state = g
+            .zeros("state", &[opt::StepState::LEN], DType::U32)
+            .unwrap();
+        // Steps taken already: t runs past the table's end.
+        let adam_t0 = table.len() / 2 - 5;
+        opt::StepState::new(start, 0, adam_t0, adam_t0, tokens)
+            .write(g, &state)
+            .unwrap();
+        let dloss = f32_tensor("dloss", &[f32::NAN]);
+        let norm = f32_tensor("norm scalars", &[f32::NAN, 0.75, 0.0, 0.0]);
+        let hyper_in = [3e-4, 0.9, 0.95, 1e-8, 0.1, f32::NAN, f32::NAN, f32::NAN];
+        let hyper = f32_tensor("hyper", &hyper_in);
+        let status = f32_tensor("status", &[0.0; 4]);
+        let d = opt::advance_step_state(
+            g, &state, &status, &table_t, &dloss, &norm, &hyper, 3, scaling,
+        )
+        .unwrap();
+        let mut want = (start, 0u32, adam_t0 as u32);
+        for (i, &finite) in pattern.iter().enumerate() {
+            g.write(&status, &[1.5, 0.5, if finite { 1.0 } else { 0.0 }, 0.0])
+                .unwrap();
+            g.run(&[&d]).unwrap();
+            want = scaler_rule(want, finite, scaling, 3);
+            let got = opt::StepState::from_bytes(&g.read_bytes(&state).unwrap()).unwrap();
+            let what = format!("start {start}, scaling {scaling}, step {i}");
+            let n = tokens as f32;
+            assert_eq!(got.scale.to_bits(), want.0.to_bits(), "{what}: scale");
+            assert_eq!(
+                got.inv_scale.to_bits(),
+                (1.0 / want.0).to_bits(),
+                "{what}: 1/scale"
+            );
+            assert_eq!(got.dloss.to_bits(), (want.0 / n).to_bits(), "{what}: dloss");
+            assert_eq!(
+                (got.clean_steps, got.adam_t),
+                (want.1, want.2),
+                "{what}: counts"
+            );
+            assert_eq!(got.skipped, u32::from(!finite), "{what}: skipped");
+            assert_eq!(got.steps as usize, adam_t0 + i + 1, "{what}: steps");
+            assert_eq!(
+                read(&dloss)[0].to_bits(),
+                (want.0 / n).to_bits(),
+                "{what}: dloss out"
+            );
+            assert_eq!(
+                read(&norm),
+                [1.0 / want.0, 0.75, 0.0, 0.0],
+                "{what}: norm scalars"
+            );
+            let next = AdamWHyper::new(3e-4, 0.9, 0.95, 1e-8, 0.1, want.2 + 1, 1.0 / want.0);
+            let h = read(&hyper);
+            assert_eq!(
+                &h[..5],
+                &hyper_in[..5],
+                "{what}: the CPU's hyperparameters kept"
+            );
+            assert_eq!(
+                [h[5].to_bits(), h[6].to_bits(), h[7].to_bits()],
+                [
+                    next.bias_correction1.to_bits(),
+                    next.bias_correction2.to_bits(),
+                    next.inv_loss_scale.to_bits()
+                ],
+                "{what}: bias corrections of step {} and 1/scale",
+                want.2 + 1
+            );
+        }
+    }
+}

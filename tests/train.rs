@@ -12,7 +12,7 @@ use wgpt::model::params::storage_order;
 use wgpt::model::{GptConfig, ParamId, ParamLayout};
 use wgpt::reference::model::{ReferenceModel, ReferenceOptim, ReferenceTrainer};
 use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
-use wgpt::train::trainer::Trainer;
+use wgpt::train::trainer::{StepStats, Trainer};
 
 /// A model small enough for the CPU driver, with a vocabulary that is padded (300 -> 384) and
 /// shapes that are not multiples of any tile.
@@ -396,6 +396,88 @@ fn resumed_run_prints_identical_losses() {
 }
 
 #[test]
+fn queued_steps_train_exactly_as_steps_waited_for() {
+    // Steps queued back to back (the loss scaler and Adam's count advanced on the GPU, the
+    // statistics read one step late) against the same steps each waited for: every statistic
+    // and every weight bit for bit, in f32 and, where the adapter has it, in f16 (dynamic loss
+    // scaling on the GPU).
+    let mut precisions = vec![Precision::F32];
+    if gpu().has_f16() {
+        precisions.push(Precision::F16);
+    }
+    for precision in precisions {
+        let mut s = settings(2, 16);
+        s.precision = precision;
+        s.steps = 7;
+        s.grad_accum = 2;
+        let tok = tokens(3000, 5);
+        let init = saved_weights(13);
+        let mut waited = Trainer::new(arc_gpu(), s.clone(), tok.clone(), Some(&init)).unwrap();
+        let a: Vec<StepStats> = (0..7).map(|_| waited.step().unwrap()).collect();
+        let mut queued = Trainer::new(arc_gpu(), s, tok, Some(&init)).unwrap();
+        let mut b = Vec::new();
+        queued
+            .run_steps(7, |st, _| {
+                assert!(st.encode_ms >= 0.0);
+                b.push(*st);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(queued.in_flight(), 0);
+        let what = format!("{precision}");
+        let field = |v: &[StepStats], f: fn(&StepStats) -> f32| v.iter().map(f).collect::<Vec<_>>();
+        assert_bitwise_eq(
+            &format!("{what} losses"),
+            &field(&b, |x| x.loss),
+            &field(&a, |x| x.loss),
+        );
+        assert_bitwise_eq(
+            &format!("{what} norms"),
+            &field(&b, |x| x.norm),
+            &field(&a, |x| x.norm),
+        );
+        assert_bitwise_eq(
+            &format!("{what} loss scales"),
+            &field(&b, |x| x.loss_scale),
+            &field(&a, |x| x.loss_scale),
+        );
+        assert_eq!(
+            b.iter()
+                .map(|x| (x.step, x.skipped, x.lr))
+                .collect::<Vec<_>>(),
+            a.iter()
+                .map(|x| (x.step, x.skipped, x.lr))
+                .collect::<Vec<_>>()
+        );
+        assert_bitwise_eq(
+            &format!("{what} weights after 7 steps"),
+            &queued.params().unwrap(),
+            &waited.params().unwrap(),
+        );
+        let (ca, cb) = (waited.checkpoint().unwrap(), queued.checkpoint().unwrap());
+        let (sa, sb) = (ca.state.unwrap(), cb.state.unwrap());
+        assert_eq!(
+            (
+                sb.step,
+                sb.adam_t,
+                sb.loss_scale,
+                sb.clean_steps,
+                sb.loader_position
+            ),
+            (
+                sa.step,
+                sa.adam_t,
+                sa.loss_scale,
+                sa.clean_steps,
+                sa.loader_position
+            )
+        );
+        assert_eq!(sb.step, 7);
+        assert_eq!(sb.adam_t, 7);
+    }
+}
+
+#[test]
 fn f16_training_tracks_f32() {
     if !gpu().has_f16() {
         eprintln!("adapter has no SHADER_F16: skipped");
@@ -441,7 +523,7 @@ fn forced_overflow_is_skipped_and_halves_the_scale() {
     tr.step().unwrap();
     let before = tr.params().unwrap();
     // A scale this large makes the f16 gradients overflow to infinity.
-    tr.set_loss_scale(1e30);
+    tr.set_loss_scale(1e30).unwrap();
     let st = tr.step().unwrap();
     assert!(st.skipped, "the overflowing step must be skipped");
     assert_eq!(st.loss_scale, 5e29);
@@ -449,7 +531,7 @@ fn forced_overflow_is_skipped_and_halves_the_scale() {
         tr.params().unwrap() == before,
         "a skipped step must leave the weights unchanged"
     );
-    tr.set_loss_scale(1024.0);
+    tr.set_loss_scale(1024.0).unwrap();
     assert!(!tr.step().unwrap().skipped);
 }
 

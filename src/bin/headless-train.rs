@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use wgpt::checkpoint::{self, hf, Checkpoint};
 use wgpt::error::{Error, Result};
-use wgpt::gpu::profile::{by_family, NodeTime, Profiler};
+use wgpt::gpu::profile::{by_family, known_peaks, NodeTime};
 use wgpt::gpu::{AdapterLimits, Gpu, GpuOptions};
 use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
@@ -121,6 +121,10 @@ struct Args {
     /// (default: known for some GPUs, e.g. 989 for H100/H200 f16 tensor cores).
     #[arg(long = "peak-tflops")]
     peak_tflops: Option<f64>,
+    /// Peak memory bandwidth of the adapter in GB/s, for the roofline bound per op family of
+    /// --profile (default: known for some GPUs, e.g. 3350 for H100, 4800 for H200).
+    #[arg(long = "peak-gbps")]
+    peak_gbps: Option<f64>,
     /// Run the speed ladder instead of training: the same short run with each switch turned on
     /// in turn (f32 + naive attention + vocab 50257; f16; fusion; flash; vocab 50304; fused
     /// optimiser), one table row per rung.
@@ -155,18 +159,30 @@ fn step_line(s: &StepStats) -> String {
     )
 }
 
-/// Node times summed over the profiled steps.
+/// Node times summed over the profiled steps, with the host and idle times of every step.
 #[derive(Default)]
 struct ProfileTotals {
     steps: usize,
     step_ms: f64,
+    encode_ms: f64,
+    submit_ms: f64,
+    gpu_ms: f64,
+    idle_ms: f64,
+    idle_steps: usize,
     nodes: Vec<NodeTime>,
 }
 
 impl ProfileTotals {
-    fn add(&mut self, times: &[NodeTime], step_ms: f64) {
+    fn add(&mut self, s: &StepStats, times: &[NodeTime]) {
         self.steps += 1;
-        self.step_ms += step_ms;
+        self.step_ms += s.dt_ms;
+        self.encode_ms += s.encode_ms;
+        self.submit_ms += s.submit_ms;
+        self.gpu_ms += s.gpu_ms.unwrap_or(0.0);
+        if let Some(idle) = s.gpu_idle_ms {
+            self.idle_ms += idle;
+            self.idle_steps += 1;
+        }
         self.nodes.extend_from_slice(times);
     }
 
@@ -176,7 +192,7 @@ impl ProfileTotals {
         flops: f64,
         dispatches: usize,
         (fused, unfused): (usize, usize),
-        peak: Option<f64>,
+        peaks: (Option<f64>, Option<f64>),
     ) {
         if self.steps == 0 {
             println!("profile: run at least 2 steps (the first is warm-up)");
@@ -185,27 +201,55 @@ impl ProfileTotals {
         let n = self.steps as f64;
         let gpu_ms: f64 = self.nodes.iter().map(|t| t.ms).sum::<f64>() / n;
         let step_ms = self.step_ms / n;
+        let known = known_peaks(&gpu.info.name);
+        let peak_flops = peaks.0.map(|t| t * 1e12).or(known.map(|k| k.0));
+        let peak_bytes = peaks.1.map(|g| g * 1e9).or(known.map(|k| k.1));
         println!(
             "profile over {} steps on {} (GPU time from timestamps; step time is wall clock)",
             self.steps, gpu.info.name
         );
+        match (peak_flops, peak_bytes) {
+            (Some(f), Some(b)) => println!(
+                "roofline: {:.0} TFLOP/s, {:.0} GB/s; bound = max(FLOPs / peak, bytes bound / bandwidth)",
+                f / 1e12,
+                b / 1e9
+            ),
+            _ => println!("roofline: pass --peak-tflops and --peak-gbps for the bound per family"),
+        }
         println!(
-            "{:<14} {:>10} {:>7} {:>10}",
-            "op family", "ms/step", "share", "GFLOP/s"
+            "{:<14} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "op family", "ms/step", "share", "GFLOP", "MB", "GFLOP/s", "bound ms", "x bound"
         );
-        for (family, ms, fl) in by_family(&self.nodes) {
-            let ms = ms / n;
-            let tf = if fl > 0.0 && ms > 0.0 {
-                format!("{:.1}", fl / n / (ms * 1e-3) / 1e9)
+        for f in by_family(&self.nodes) {
+            let ms = f.ms / n;
+            let per_step = |x: f64| x / n;
+            let rate = if f.flops > 0.0 && ms > 0.0 {
+                format!("{:.1}", per_step(f.flops) / (ms * 1e-3) / 1e9)
             } else {
                 "-".into()
             };
+            let (bound, ratio) = match (peak_flops, peak_bytes) {
+                (Some(pf), Some(pb)) => {
+                    let one = wgpt::gpu::profile::FamilyTime {
+                        flops: per_step(f.flops),
+                        bytes: per_step(f.bytes),
+                        ..f
+                    };
+                    let b = one.roofline_ms(pf, pb);
+                    (format!("{b:.3}"), format!("{:.1}", ms / b.max(1e-12)))
+                }
+                _ => ("-".into(), "-".into()),
+            };
             println!(
-                "{:<14} {:>10.3} {:>6.1}% {:>10}",
-                family,
+                "{:<14} {:>10.3} {:>6.1}% {:>10.2} {:>10.1} {:>10} {:>10} {:>8}",
+                f.family,
                 ms,
                 100.0 * ms / gpu_ms.max(1e-9),
-                tf
+                per_step(f.flops) / 1e9,
+                per_step(f.bytes) / 1e6,
+                rate,
+                bound,
+                ratio
             );
         }
         let mut per_node: Vec<(String, f64)> = Vec::new();
@@ -221,14 +265,22 @@ impl ProfileTotals {
             println!("  {label:<40} {ms:>9.3}");
         }
         println!("GPU time per step {gpu_ms:.2} ms of {step_ms:.2} ms wall clock");
+        let idle = if self.idle_steps > 0 {
+            format!("{:.3} ms", self.idle_ms / self.idle_steps as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "host per step: {:.3} ms to write the batch and encode, {:.3} ms in queue.submit; GPU idle between steps {idle} (steps queued {} deep)",
+            self.encode_ms / n,
+            self.submit_ms / n,
+            wgpt::train::trainer::PIPELINE_DEPTH
+        );
         println!(
             "dispatches per step: {dispatches} ({fused} per micro-step fused, {unfused} unfused)"
         );
         let achieved = flops / (step_ms * 1e-3);
-        let peak = peak
-            .map(|t| t * 1e12)
-            .or_else(|| known_peak_flops(&gpu.info.name));
-        match peak {
+        match peak_flops {
             Some(p) => println!(
                 "model FLOPs per step {:.3e}: {:.2} TFLOP/s achieved, MFU {:.1}% of {:.0} TFLOP/s",
                 flops,
@@ -243,23 +295,6 @@ impl ProfileTotals {
             ),
         }
     }
-}
-
-/// Dense f16 tensor-core peak of a few well-known GPUs.
-fn known_peak_flops(name: &str) -> Option<f64> {
-    let n = name.to_lowercase();
-    let tf = if n.contains("h100") || n.contains("h200") || n.contains("gh200") {
-        989.0
-    } else if n.contains("a100") {
-        312.0
-    } else if n.contains("l40") {
-        181.0
-    } else if n.contains("4090") {
-        165.0
-    } else {
-        return None;
-    };
-    Some(tf * 1e12)
 }
 
 /// One rung of the speed ladder: a switch turned on over the previous rung.
@@ -343,12 +378,12 @@ fn bench_ladder(
             }
         };
         let mut ms = Vec::new();
-        for i in 0..steps {
-            let st = t.step()?;
-            if i >= warmup {
+        t.run_steps(steps, |st, _| {
+            if st.step >= warmup {
                 ms.push(st.dt_ms);
             }
-        }
+            Ok(())
+        })?;
         ms.sort_by(|a, b| a.total_cmp(b));
         let sm = ms[ms.len() / 2];
         let tp = s.tokens_per_step() as f64 / (sm * 1e-3);
@@ -505,6 +540,9 @@ fn run(args: Args) -> Result<()> {
     let weights = resumed.as_ref().or(init.as_ref());
     let tokens_for_count = tokens.clone();
     let mut trainer = Trainer::new(gpu.clone(), settings.clone(), tokens, weights)?;
+    if let Err(e) = gpu.save_pipeline_cache() {
+        eprintln!("warning: the pipeline cache was not saved ({e}); the next start compiles anew");
+    }
     let ((dt, dp), (nt, np)) = trainer.layout().counts();
     println!("num decayed parameter tensors: {dt}, with {dp} parameters");
     println!("num non-decayed parameter tensors: {nt}, with {np} parameters");
@@ -521,67 +559,69 @@ fn run(args: Args) -> Result<()> {
         None => None,
     };
 
-    let mut profiler = if args.profile {
-        let nodes = trainer.graph().node_sequence().len();
-        Some(Profiler::new(&gpu, nodes + 2)?)
-    } else {
-        None
-    };
+    if args.profile {
+        trainer.enable_profiling()?;
+    }
     let mut profile = ProfileTotals::default();
-    let mut done_this_run = 0;
+    let first_step = trainer.step_index();
+    let last_step = match args.stop_after {
+        Some(n) => settings.steps.min(first_step + n),
+        None => settings.steps,
+    };
+    let every = args
+        .checkpoint_every
+        .filter(|&e| e > 0 && checkpoint_dir.is_some());
     let mut skipped_in_a_row = 0;
-    while trainer.step_index() < settings.steps {
-        if args.stop_after.is_some_and(|n| done_this_run >= n) {
-            break;
-        }
-        let s = match profiler.as_mut() {
-            Some(p) => {
-                let (s, times) = trainer.step_profiled(p)?;
-                // The first step compiles pipelines and warms caches: leave it out.
-                if done_this_run > 0 {
-                    profile.add(&times, s.dt_ms);
-                }
-                s
-            }
-            None => trainer.step()?,
+    while trainer.step_index() < last_step {
+        // Steps are queued back to back up to the next checkpoint (which needs the GPU idle).
+        let until = match every {
+            Some(e) => last_step.min((trainer.step_index() / e + 1) * e),
+            None => last_step,
         };
-        done_this_run += 1;
-        if s.skipped {
-            println!(
-                "{} | skipped: non-finite gradients, loss scale now {}",
-                step_line(&s),
-                s.loss_scale
-            );
-            skipped_in_a_row += 1;
-            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+        trainer.run_steps(until, |s, times| {
+            // The first step compiles pipelines and warms caches: leave it out.
+            if args.profile && s.step > first_step {
+                profile.add(s, times);
+            }
+            if s.skipped {
+                println!(
+                    "{} | skipped: non-finite gradients, loss scale now {}",
+                    step_line(s),
+                    s.loss_scale
+                );
+                skipped_in_a_row += 1;
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+                    return Err(Error::Other(format!(
+                        "the gradients were non-finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (loss {}); \
+                         stopping (the last checkpoint is kept). Lower --max-lr or use --precision f32",
+                        s.loss
+                    )));
+                }
+            } else {
+                skipped_in_a_row = 0;
+                println!("{}", step_line(s));
+            }
+            if let Some(m) = metrics.as_mut() {
+                let line = serde_json::json!({
+                    "step": s.step, "loss": s.loss, "lr": s.lr, "norm": s.norm, "dt_ms": s.dt_ms,
+                    "tok_per_sec": s.tok_per_sec, "skipped": s.skipped, "loss_scale": s.loss_scale,
+                    "encode_ms": s.encode_ms, "submit_ms": s.submit_ms,
+                });
+                writeln!(m, "{line}")
+                    .map_err(|e| Error::io(args.metrics.clone().unwrap_or_default(), e))?;
+                m.flush()
+                    .map_err(|e| Error::io(args.metrics.clone().unwrap_or_default(), e))?;
+            }
+            if !s.loss.is_finite() && settings.precision == Precision::F32 {
                 return Err(Error::Other(format!(
-                    "the gradients were non-finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (loss {}); \
-                     stopping (the last checkpoint is kept). Lower --max-lr or use --precision f32",
-                    s.loss
+                    "the loss became {} at step {}; stopping (the last checkpoint is kept). Lower --max-lr or check the data",
+                    s.loss, s.step
                 )));
             }
-        } else {
-            skipped_in_a_row = 0;
-            println!("{}", step_line(&s));
-        }
-        if let Some(m) = metrics.as_mut() {
-            let line = serde_json::json!({
-                "step": s.step, "loss": s.loss, "lr": s.lr, "norm": s.norm, "dt_ms": s.dt_ms,
-                "tok_per_sec": s.tok_per_sec, "skipped": s.skipped, "loss_scale": s.loss_scale,
-            });
-            writeln!(m, "{line}")
-                .map_err(|e| Error::io(args.metrics.clone().unwrap_or_default(), e))?;
-            m.flush()
-                .map_err(|e| Error::io(args.metrics.clone().unwrap_or_default(), e))?;
-        }
-        if !s.loss.is_finite() && settings.precision == Precision::F32 {
-            return Err(Error::Other(format!(
-                "the loss became {} at step {}; stopping (the last checkpoint is kept). Lower --max-lr or check the data",
-                s.loss, s.step
-            )));
-        }
-        if let (Some(dir), Some(every)) = (&checkpoint_dir, args.checkpoint_every) {
-            if every > 0 && trainer.step_index() % every == 0 {
+            Ok(())
+        })?;
+        if let (Some(dir), Some(e)) = (&checkpoint_dir, every) {
+            if trainer.step_index() % e == 0 {
                 let path = checkpoint::checkpoint_path(dir, trainer.step_index());
                 trainer.checkpoint()?.save(&path)?;
                 println!("saved {}", path.display());
@@ -616,7 +656,13 @@ fn run(args: Args) -> Result<()> {
             };
             (per_micro(&one)?, per_micro(&u)?)
         };
-        profile.print(&gpu, flops, dispatches, unfused, args.peak_tflops);
+        profile.print(
+            &gpu,
+            flops,
+            dispatches,
+            unfused,
+            (args.peak_tflops, args.peak_gbps),
+        );
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ pub use tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// What the engine may use of an adapter. Everything defaults to "use it if present"; switching
@@ -19,6 +20,9 @@ pub struct GpuOptions {
     pub allow_subgroups: bool,
     pub allow_timestamps: bool,
     pub allow_cooperative_matrix: bool,
+    /// Where compiled pipelines are kept between runs, where the backend can (Vulkan's
+    /// pipeline cache); `None`: compile every pipeline anew. Default: [`default_cache_dir`].
+    pub pipeline_cache_dir: Option<PathBuf>,
 }
 
 impl Default for GpuOptions {
@@ -28,8 +32,50 @@ impl Default for GpuOptions {
             allow_subgroups: true,
             allow_timestamps: true,
             allow_cooperative_matrix: true,
+            pipeline_cache_dir: default_cache_dir(),
         }
     }
+}
+
+/// The pipeline cache's folder: `$WGPT_CACHE_DIR` (empty: no cache), else
+/// `$XDG_CACHE_HOME/wgpt`, else `$HOME/.cache/wgpt`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("WGPT_CACHE_DIR") {
+        Some(d) if d.is_empty() => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(|d| PathBuf::from(d).join("wgpt"))
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|d| !d.is_empty())
+                    .map(|h| PathBuf::from(h).join(".cache").join("wgpt"))
+            }),
+    }
+}
+
+/// Whether shaders are created with wgpu's runtime checks (every array index clamped, every
+/// loop bounded), from the value of `WGPT_SHADER_CHECKS`: on for `1`, `true`, `on` or `yes`.
+/// Off by default: the engine's shaders are proven by the tests and every launch checks its
+/// shapes, and the checks keep drivers from unrolling the kernels' register-blocked loops.
+pub fn shader_checks_from_env(value: Option<&std::ffi::OsStr>) -> bool {
+    value
+        .and_then(|v| v.to_str())
+        .map(|v| {
+            matches!(
+                v.trim().to_lowercase().as_str(),
+                "1" | "true" | "on" | "yes"
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// A pipeline cache loaded from and saved to a file.
+struct DiskCache {
+    cache: wgpu::PipelineCache,
+    path: PathBuf,
+    /// Pipelines were created since the last save.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 /// How a binding is used by a shader; binding `i` of group 0 is the `i`-th of a dispatch's list.
@@ -97,6 +143,9 @@ pub struct Dispatch {
     pub pipeline: Arc<Pipeline>,
     pub bind_group: wgpu::BindGroup,
     pub workgroups: [u32; 3],
+    /// Bytes of the storage tensors it binds, each counted once: a lower bound on its memory
+    /// traffic, for the profile's roofline.
+    pub bytes: u64,
 }
 
 impl Dispatch {
@@ -159,6 +208,16 @@ pub struct Gpu {
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
+    /// Shaders created with wgpu's runtime checks ([`shader_checks_from_env`]).
+    pub shader_checks: bool,
+    pipeline_cache: Option<DiskCache>,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // A cache that cannot be written only costs the next start its compile time.
+        let _ = self.save_pipeline_cache();
+    }
 }
 
 /// The limits a memory plan must respect, with or without a device: what one storage binding
@@ -311,6 +370,9 @@ impl Gpu {
         if options.allow_cooperative_matrix {
             want |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
+        if options.pipeline_cache_dir.is_some() {
+            want |= wgpu::Features::PIPELINE_CACHE;
+        }
         want & have
     }
 
@@ -337,7 +399,65 @@ impl Gpu {
             })
             .await
             .map_err(|e| Error::Gpu(format!("could not open the device: {e}")))?;
-        Ok(Self::from_device(adapter, device, queue))
+        let mut gpu = Self::from_device(adapter, device, queue);
+        if let Some(dir) = &options.pipeline_cache_dir {
+            gpu.pipeline_cache = gpu.open_pipeline_cache(dir);
+        }
+        Ok(gpu)
+    }
+
+    /// The pipeline cache kept in `dir` for this adapter and driver, when the device has
+    /// PIPELINE_CACHE. A missing, unreadable or stale file only means compiling anew.
+    fn open_pipeline_cache(&self, dir: &Path) -> Option<DiskCache> {
+        if !self.features.contains(wgpu::Features::PIPELINE_CACHE) {
+            return None;
+        }
+        let key = wgpu::util::pipeline_cache_key(&self.info)?;
+        let path = dir.join(key);
+        let data = std::fs::read(&path).ok();
+        // SAFETY: the data is what `PipelineCache::get_data` wrote for an adapter with this
+        // key (written whole: to a temporary file, then renamed); with `fallback` the driver
+        // validates it against its own header and starts empty when it does not match.
+        let cache = unsafe {
+            self.device
+                .create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                    label: Some("wgpt pipeline cache"),
+                    data: data.as_deref(),
+                    fallback: true,
+                })
+        };
+        Some(DiskCache {
+            cache,
+            path,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Where the pipeline cache is kept, when there is one.
+    pub fn pipeline_cache_path(&self) -> Option<&Path> {
+        self.pipeline_cache.as_ref().map(|c| c.path.as_path())
+    }
+
+    /// Writes the pipeline cache to its file if pipelines were compiled since the last save
+    /// (a temporary file, then renamed: never a half-written cache). Returns whether it wrote.
+    pub fn save_pipeline_cache(&self) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        let Some(c) = &self.pipeline_cache else {
+            return Ok(false);
+        };
+        if !c.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let Some(data) = c.cache.get_data() else {
+            return Ok(false);
+        };
+        if let Some(dir) = c.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let tmp = c.path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &data).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &c.path).map_err(|e| Error::io(&c.path, e))?;
+        Ok(true)
     }
 
     /// Wraps a device opened elsewhere (the desktop app shares eframe's device).
@@ -388,6 +508,10 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             lost,
             uncaptured,
+            shader_checks: shader_checks_from_env(
+                std::env::var_os("WGPT_SHADER_CHECKS").as_deref(),
+            ),
+            pipeline_cache: None,
         }
     }
 
@@ -643,12 +767,23 @@ impl Gpu {
     /// Waits for the GPU, then maps the first `len` bytes of a MAP_READ buffer (filled by work
     /// already submitted) and copies them out.
     pub fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        self.map_read_after(staging, len, None)
+    }
+
+    /// [`Gpu::map_read`] waiting only for submission `index` (and those before it), not for
+    /// work queued since: how a step's statistics are read while the next step runs.
+    pub fn map_read_after(
+        &self,
+        staging: &wgpu::Buffer,
+        len: u64,
+        index: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>> {
         let slice = staging.slice(..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait()?;
+        self.wait_for(index)?;
         rx.recv()
             .map_err(|_| Error::Gpu("read-back never completed".into()))?
             .map_err(|e| Error::Gpu(format!("read-back failed: {e}")))?;
@@ -684,8 +819,16 @@ impl Gpu {
 
     /// Blocks until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
+        self.wait_for(None)
+    }
+
+    /// Blocks until submission `index` has finished (all submitted work when `None`).
+    pub fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
             .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
         self.check_lost()
     }
@@ -775,11 +918,24 @@ impl Gpu {
                 let text =
                     shader::preprocess(key.shader, shader::source(key.shader)?, &key.defines)?;
                 let m = self.scoped(&format!("compiling shaders/{}.wgsl", key.shader), || {
-                    self.device
-                        .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(&label),
-                            source: wgpu::ShaderSource::Wgsl(text.into()),
-                        })
+                    let desc = wgpu::ShaderModuleDescriptor {
+                        label: Some(&label),
+                        source: wgpu::ShaderSource::Wgsl(text.into()),
+                    };
+                    if self.shader_checks {
+                        self.device.create_shader_module(desc)
+                    } else {
+                        // SAFETY: only the engine's own shaders are created here; every
+                        // launcher checks the shapes and lengths of what it binds, and the
+                        // tests run every kernel against CPU references (also with the checks
+                        // on, WGPT_SHADER_CHECKS=1) on shapes that reach every edge path.
+                        unsafe {
+                            self.device.create_shader_module_trusted(
+                                desc,
+                                wgpu::ShaderRuntimeChecks::unchecked(),
+                            )
+                        }
+                    }
                 })?;
                 self.modules
                     .lock()
@@ -804,9 +960,12 @@ impl Gpu {
                     module: &module,
                     entry_point: Some(key.entry),
                     compilation_options: Default::default(),
-                    cache: None,
+                    cache: self.pipeline_cache.as_ref().map(|c| &c.cache),
                 })
         })?;
+        if let Some(c) = &self.pipeline_cache {
+            c.dirty.store(true, std::sync::atomic::Ordering::Release);
+        }
         let p = Arc::new(Pipeline {
             pipeline,
             bind_group_layout,
@@ -874,12 +1033,21 @@ impl Gpu {
                 entries: &entries,
             })
         })?;
+        let bytes = desc
+            .bindings
+            .iter()
+            .map(|b| match b {
+                Bind::Read(t) | Bind::Write(t) => t.byte_size(),
+                Bind::Uniform(_) => 0,
+            })
+            .sum();
         Ok(Dispatch {
             label: desc.label,
             family: desc.family,
             pipeline,
             bind_group,
             workgroups: desc.workgroups,
+            bytes,
         })
     }
 

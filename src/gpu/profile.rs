@@ -12,10 +12,11 @@ pub struct Profiler {
     resolve: wgpu::Buffer,
     staging: wgpu::Buffer,
     capacity: u32,
-    labels: Vec<(String, &'static str, f64)>,
+    labels: Vec<(String, &'static str, f64, f64)>,
     written: u32,
     overflowed: bool,
     period_ns: f64,
+    span_ns: Option<(f64, f64)>,
 }
 
 /// Time of one node in one step.
@@ -24,6 +25,8 @@ pub struct NodeTime {
     pub label: String,
     pub family: &'static str,
     pub flops: f64,
+    /// Bytes of the tensors it binds (a lower bound on its memory traffic).
+    pub bytes: f64,
     pub ms: f64,
 }
 
@@ -66,6 +69,7 @@ impl Profiler {
             written: 0,
             overflowed: false,
             period_ns: gpu.queue.get_timestamp_period() as f64,
+            span_ns: None,
         })
     }
 
@@ -80,18 +84,37 @@ impl Profiler {
 
     /// Reads the step's node times (after the submission finished) and resets for the next step.
     pub fn read(&mut self, gpu: &Gpu) -> Result<Vec<NodeTime>> {
+        self.read_after(gpu, None)
+    }
+
+    /// [`Profiler::read`] waiting only for submission `index`. Also keeps the step's first and
+    /// last timestamps ([`Profiler::span_ns`]).
+    pub fn read_after(
+        &mut self,
+        gpu: &Gpu,
+        index: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<NodeTime>> {
         let n = self.written as usize;
         let mut out = Vec::new();
+        self.span_ns = None;
         if n >= 2 {
-            let ticks: Vec<u64> =
-                bytemuck::pod_collect_to_vec(&gpu.map_read(&self.staging, n as u64 * 8)?);
+            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&gpu.map_read_after(
+                &self.staging,
+                n as u64 * 8,
+                index,
+            )?);
+            self.span_ns = Some((
+                ticks[0] as f64 * self.period_ns,
+                ticks[n - 1] as f64 * self.period_ns,
+            ));
             for i in 0..n - 1 {
-                let (label, family, flops) = self.labels[i].clone();
+                let (label, family, flops, bytes) = self.labels[i].clone();
                 let dt = ticks[i + 1].saturating_sub(ticks[i]) as f64 * self.period_ns * 1e-6;
                 out.push(NodeTime {
                     label,
                     family,
                     flops,
+                    bytes,
                     ms: dt,
                 });
             }
@@ -99,6 +122,12 @@ impl Profiler {
         self.labels.clear();
         self.written = 0;
         Ok(out)
+    }
+
+    /// The first and last timestamps of the step last read, in ns on the GPU's clock (the same
+    /// clock for every submission to the queue, so the gap between steps is GPU idle time).
+    pub fn span_ns(&self) -> Option<(f64, f64)> {
+        self.span_ns
     }
 
     /// Whether the step had more nodes than the query set holds (later nodes went unmeasured).
@@ -115,7 +144,7 @@ impl NodeObserver for Profiler {
         }
         pass.write_timestamp(&self.query_set, self.written);
         self.labels
-            .push((node.label.clone(), node.family, node.flops));
+            .push((node.label.clone(), node.family, node.flops, node.bytes));
         self.written += 1;
     }
 
@@ -127,15 +156,55 @@ impl NodeObserver for Profiler {
     }
 }
 
-/// Sums node times per op family: (family, ms, flops), largest first.
-pub fn by_family(times: &[NodeTime]) -> Vec<(&'static str, f64, f64)> {
-    let mut m: BTreeMap<&'static str, (f64, f64)> = BTreeMap::new();
-    for t in times {
-        let e = m.entry(t.family).or_default();
-        e.0 += t.ms;
-        e.1 += t.flops;
+/// One op family's share of the profiled steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FamilyTime {
+    pub family: &'static str,
+    pub ms: f64,
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl FamilyTime {
+    /// The roofline's lower bound on its time (ms) on an adapter of `peak_flops` FLOP/s and
+    /// `peak_bytes` B/s: whichever of compute and memory traffic takes longer.
+    pub fn roofline_ms(&self, peak_flops: f64, peak_bytes: f64) -> f64 {
+        (self.flops / peak_flops).max(self.bytes / peak_bytes) * 1e3
     }
-    let mut v: Vec<_> = m.into_iter().map(|(f, (ms, fl))| (f, ms, fl)).collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+}
+
+/// Sums node times per op family, largest time first.
+pub fn by_family(times: &[NodeTime]) -> Vec<FamilyTime> {
+    let mut m: BTreeMap<&'static str, FamilyTime> = BTreeMap::new();
+    for t in times {
+        let e = m.entry(t.family).or_insert(FamilyTime {
+            family: t.family,
+            ..Default::default()
+        });
+        e.ms += t.ms;
+        e.flops += t.flops;
+        e.bytes += t.bytes;
+    }
+    let mut v: Vec<_> = m.into_values().collect();
+    v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     v
+}
+
+/// Dense f16 tensor-core FLOP/s and memory bandwidth (B/s) of a few well-known GPUs, by name.
+pub fn known_peaks(adapter_name: &str) -> Option<(f64, f64)> {
+    let n = adapter_name.to_lowercase();
+    let (tflops, tbps) = if n.contains("h200") {
+        (989.0, 4.8)
+    } else if n.contains("h100") || n.contains("gh200") {
+        (989.0, 3.35)
+    } else if n.contains("a100") {
+        (312.0, 2.0)
+    } else if n.contains("l40") {
+        (181.0, 0.864)
+    } else if n.contains("4090") {
+        (165.0, 1.008)
+    } else {
+        return None;
+    };
+    Some((tflops * 1e12, tbps * 1e12))
 }

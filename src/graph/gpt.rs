@@ -14,7 +14,8 @@ use crate::ops::matmul::{MatmulBackwardInput, MatmulBackwardWeight, MatmulForwar
 use crate::ops::{
     attention, crossentropy, elementwise as ew, embedding, layernorm, matmul, optimizer,
 };
-use crate::train::settings::{AttentionKind, Precision, TrainSettings};
+use crate::train::settings::{AttentionKind, Precision, TrainSettings, ADAM_BETAS};
+use crate::train::trainer::LossScaler;
 
 /// One copy of the parameters; every copy has the same storage layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,16 +44,23 @@ pub enum StepInput {
     Buckets,
     /// The classifier's logits for one chunk of rows: [chunk rows, padded vocab].
     Logits,
-    /// [1] f32: d(loss)/d(per-position loss) = loss_scale / (B*T*grad_accum), written each step.
+    /// [1] f32: d(loss)/d(per-position loss) = loss_scale / (B*T*grad_accum), written by the
+    /// previous step's state update.
     Dloss,
     /// [1] f32: the step's mean loss (accumulated over micro-steps).
     Loss,
     /// [4] f32: gradient norm, clip coefficient, finite flag (written by the norm kernel).
     Status,
-    /// Inputs of the gradient norm (inverse loss scale, max norm), written each step.
+    /// Inputs of the gradient norm (inverse loss scale, max norm): the scale's by the state
+    /// update, the max norm once.
     NormScalars,
-    /// AdamW hyperparameters, written each step.
+    /// AdamW hyperparameters: lr by the CPU each step, the bias corrections and inverse loss
+    /// scale by the state update, the rest once.
     Hyper,
+    /// [`optimizer::StepState`]: loss scaler and Adam's step count, kept on the GPU.
+    State,
+    /// Adam's bias corrections per step ([`optimizer::bias_correction_table`]).
+    BiasTable,
 }
 
 /// Views of one parameter piece.
@@ -199,6 +207,18 @@ pub fn build_train_graph(
         &[optimizer::AdamWHyper::LEN],
         DType::F32,
         StepInput::Hyper,
+    );
+    let state = g.input(
+        "step state",
+        &[optimizer::StepState::LEN],
+        DType::U32,
+        StepInput::State,
+    );
+    let bias_table = g.input(
+        "bias corrections",
+        &[optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1).len()],
+        DType::F32,
+        StepInput::BiasTable,
     );
     // Whole storage buffers, for the per-buffer passes of the optimiser.
     let buffer = |g: &mut Graph<StepInput>, copy: ParamCopy, k: usize, dtype: DType| {
@@ -940,6 +960,29 @@ pub fn build_train_graph(
             });
         }
     }
+    // Last: the loss scaler and Adam's step count advance on the GPU, and the next step's
+    // scalars are written, so that the next step can be queued before this one has finished.
+    let scaling = half;
+    g.node(
+        "step state",
+        "optimizer",
+        &[status, state, bias_table],
+        &[state, dloss, norm_scalars, hyper],
+        0.0,
+        move |gpu, r| {
+            Ok(vec![optimizer::advance_step_state(
+                gpu,
+                r.t(state),
+                r.t(status),
+                r.t(bias_table),
+                r.t(dloss),
+                r.t(norm_scalars),
+                r.t(hyper),
+                LossScaler::GROWTH_INTERVAL,
+                scaling,
+            )?])
+        },
+    );
     Ok(g)
 }
 

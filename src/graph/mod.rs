@@ -327,7 +327,7 @@ impl<E: Clone> Graph<E> {
                 .chain(&node.writes)
                 .any(|&id| matches!(self.decls[id].storage, Storage::PerMicro(_)));
             let copies = if per_micro { self.micro } else { 1 };
-            let mut built = Vec::with_capacity(copies);
+            let mut built: Vec<Vec<Dispatch>> = Vec::with_capacity(copies);
             for table in tables.iter().take(copies) {
                 let ds = (node.build)(gpu, &Resolved { tensors: table }).map_err(|e| match e {
                     Error::Shape { op, message } => Error::Shape {
@@ -342,10 +342,12 @@ impl<E: Clone> Graph<E> {
                         .collect(),
                 );
             }
+            let bytes = built[0].iter().map(|d| d.bytes as f64).sum();
             let c = CompiledNode {
                 label: node.label,
                 family: node.family,
                 flops: node.flops,
+                bytes,
                 copies: built,
             };
             match section {
@@ -432,6 +434,8 @@ pub struct CompiledNode {
     pub label: String,
     pub family: &'static str,
     pub flops: f64,
+    /// Bytes of the tensors its dispatches bind (each once per dispatch).
+    pub bytes: f64,
     copies: Vec<Vec<Dispatch>>,
 }
 

@@ -2,11 +2,13 @@
 //! (with the clipping coefficient and a finiteness flag for dynamic loss scaling) and fused
 //! AdamW over a parameter buffer.
 //!
-//! Per step the CPU writes two small f32 tensors: [`GradNormScalars`] and [`AdamWHyper`]; the GPU
-//! writes the status tensor (`[norm, clip_coef, finite, 0]`) that AdamW reads, so clipping and
-//! the skip of non-finite steps need no read-back.
+//! The GPU writes the status tensor (`[norm, clip_coef, finite, 0]`) that AdamW reads, so
+//! clipping and the skip of non-finite steps need no read-back; and [`advance_step_state`] keeps
+//! the loss scaler and Adam's step count on the GPU, writing the next step's
+//! [`GradNormScalars`], [`AdamWHyper`] bias corrections and dloss, so that steps can be queued
+//! back to back with only the learning rate written by the CPU.
 
-use super::{check_f32, check_u32_range, uses_subgroup_reductions};
+use super::{check_f32, check_u32, check_u32_range, uses_subgroup_reductions};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
@@ -357,6 +359,147 @@ pub fn adamw_with_grid_limit(
     })
 }
 
+/// The loss scaler and Adam's step count as the GPU keeps them between steps (a u32 tensor of
+/// [`StepState::LEN`] elements; the first four hold f32 bits). [`advance_step_state`] updates it
+/// at the end of every step.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StepState {
+    pub scale: f32,
+    /// `1 / scale`, correctly rounded.
+    pub inv_scale: f32,
+    /// What the cross-entropy backward starts from: `scale / tokens`, correctly rounded.
+    pub dloss: f32,
+    /// `1 / tokens`, correctly rounded (tokens: per optimiser step).
+    pub inv_tokens: f32,
+    pub clean_steps: u32,
+    /// Optimiser steps taken; skipped steps do not count.
+    pub adam_t: u32,
+    /// 1 when the last step was skipped (non-finite gradients).
+    pub skipped: u32,
+    /// Steps run, skipped ones included.
+    pub steps: u32,
+}
+
+impl StepState {
+    pub const LEN: usize = 8;
+
+    /// The state before a step, computed on the CPU (at the start of a run, on resume, or when
+    /// the scale is set by hand).
+    pub fn new(scale: f32, clean_steps: usize, adam_t: usize, steps: usize, tokens: usize) -> Self {
+        let n = tokens as f32;
+        StepState {
+            scale,
+            inv_scale: 1.0 / scale,
+            dloss: scale / n,
+            inv_tokens: 1.0 / n,
+            clean_steps: clean_steps as u32,
+            adam_t: adam_t as u32,
+            skipped: 0,
+            steps: steps as u32,
+        }
+    }
+
+    pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
+        check_state(t)?;
+        gpu.write_bytes(t, bytemuck::bytes_of(self))
+    }
+
+    /// Decodes the state from its tensor's bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let size = std::mem::size_of::<Self>();
+        if bytes.len() < size {
+            return Err(Error::Gpu(format!(
+                "step state: {} bytes read back, {size} expected",
+                bytes.len()
+            )));
+        }
+        Ok(bytemuck::pod_read_unaligned(&bytes[..size]))
+    }
+}
+
+fn check_state(t: &Tensor) -> Result<()> {
+    check_u32("advance_step_state", "state", t)?;
+    t.expect_len("advance_step_state", "state", StepState::LEN)
+}
+
+/// Adam's bias corrections `(1 - beta1^t, 1 - beta2^t)` for t = 1, 2, ..., computed in f64 and
+/// rounded to f32 as [`AdamWHyper::new`] does, flat in pairs, up to the first t from which both
+/// round to 1.0 (for 0.9 / 0.95: about 340 steps); [`advance_step_state`] uses 1.0 beyond.
+pub fn bias_correction_table(beta1: f32, beta2: f32) -> Vec<f32> {
+    let mut table = Vec::new();
+    for t in 1..=100_000u32 {
+        let h = AdamWHyper::new(0.0, beta1, beta2, 0.0, 0.0, t, 1.0);
+        if h.bias_correction1 == 1.0 && h.bias_correction2 == 1.0 {
+            break;
+        }
+        table.extend([h.bias_correction1, h.bias_correction2]);
+    }
+    table
+}
+
+/// The last node of a training step: advances the loss scaler and Adam's step count in `state`
+/// from the step's finiteness flag (`status[2]`, from [`grad_norm`]) as [`LossScaler`] rules
+/// (skip and halve on non-finite gradients; with `scaling`, double every `growth_interval` clean
+/// steps), then writes what the next step reads: `dloss[0]`, the norm's `inv_loss_scale`
+/// (`norm_scalars[0]`) and AdamW's bias corrections and `inv_loss_scale` (`hyper[5..8]`, from
+/// `table` = [`bias_correction_table`]). AdamW's `lr` is left for the CPU to write.
+///
+/// [`LossScaler`]: crate::train::trainer::LossScaler
+#[allow(clippy::too_many_arguments)]
+pub fn advance_step_state(
+    gpu: &Gpu,
+    state: &Tensor,
+    status: &Tensor,
+    table: &Tensor,
+    dloss: &Tensor,
+    norm_scalars: &Tensor,
+    hyper: &Tensor,
+    growth_interval: usize,
+    scaling: bool,
+) -> Result<Dispatch> {
+    const OP: &str = "advance_step_state";
+    check_state(state)?;
+    check_f32(OP, "status", status)?;
+    status.expect_len(OP, "status", STATUS_LEN)?;
+    check_f32(OP, "table", table)?;
+    if !table.len().is_multiple_of(2) {
+        return Err(Error::shape(OP, "the bias-correction table holds pairs"));
+    }
+    check_f32(OP, "dloss", dloss)?;
+    dloss.expect_len(OP, "dloss", 1)?;
+    check_f32(OP, "norm_scalars", norm_scalars)?;
+    norm_scalars.expect_len(OP, "norm_scalars", GradNormScalars::LEN)?;
+    check_f32(OP, "hyper", hyper)?;
+    hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
+    let uniform = gpu.uniform(
+        OP,
+        &[
+            check_u32_range(OP, "growth interval", growth_interval.max(1))?,
+            scaling as u32,
+            (table.len() / 2) as u32,
+            0u32,
+        ],
+    );
+    gpu.dispatch(DispatchDesc {
+        shader: "optimizer",
+        entry: "advance_step_state",
+        defines: defines![("STEP_STATE", 1)],
+        bindings: &[
+            Bind::Uniform(&uniform),
+            Bind::Read(status),
+            Bind::Write(state),
+            Bind::Read(table),
+            Bind::Write(dloss),
+            Bind::Write(norm_scalars),
+            Bind::Write(hyper),
+        ],
+        workgroups: [1, 1, 1],
+        label: OP.to_string(),
+        family: "optimizer",
+    })
+}
+
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
     let sg = super::SUBGROUPS_AXIS;
     let mut v = super::combinations("optimizer", &[("NORM_PARTIALS", &["1"]), sg]);
@@ -369,5 +512,6 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
         "optimizer",
         &[("ADAMW", &["1"]), ("COPY_T", &["f16"])],
     ));
+    v.extend(super::combinations("optimizer", &[("STEP_STATE", &["1"])]));
     v
 }

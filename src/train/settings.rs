@@ -4,6 +4,10 @@ use crate::error::{Error, Result};
 use crate::model::GptConfig;
 use serde::{Deserialize, Serialize};
 
+/// AdamW's betas and epsilon, as the recipe fixes them.
+pub const ADAM_BETAS: (f32, f32) = (0.9, 0.95);
+pub const ADAM_EPS: f32 = 1e-8;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

@@ -1,8 +1,15 @@
 //! The training loop's state on the GPU: parameters, optimiser moments, the compiled step graph,
-//! the data loader and the loss scaler. One `step()` is one submission.
+//! the data loader and the loss scaler. One step is one submission.
+//!
+//! Steps are queued without waiting for each other: the loss scaler and Adam's step count live
+//! on the GPU (the step's last node advances them), each step's statistics are copied into one
+//! of a ring of read-back buffers, and the CPU writes only the next step's tokens and learning
+//! rate, through the queue, which orders those writes after the previous step's reads. So while
+//! the GPU runs step n the CPU encodes step n+1 ([`Trainer::submit`]) and reads step n's
+//! statistics one step late ([`Trainer::collect`]).
 
 use super::plan::MemoryPlan;
-use super::settings::{Precision, TrainSettings};
+use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::DataLoader;
 use crate::error::{Error, Result};
@@ -14,6 +21,7 @@ use crate::model::init::init_params;
 use crate::model::{ParamLayout, StoredParams};
 use crate::ops::{elementwise as ew, embedding, optimizer};
 use crate::rng::Rng;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,7 +36,42 @@ pub struct StepStats {
     pub tok_per_sec: f64,
     /// Non-finite gradients: the update was skipped and the loss scale halved.
     pub skipped: bool,
+    /// The loss scale after the step (what the next step uses).
     pub loss_scale: f32,
+    /// Host time to prepare and encode the step: its batches written, its commands recorded
+    /// (the CPU's share of a step).
+    pub encode_ms: f64,
+    /// Host time in `queue.submit`. Drivers that execute submissions in order on the calling
+    /// thread (Mesa's software driver) block here until the previous step has finished.
+    pub submit_ms: f64,
+    /// With profiling: GPU time from the step's first to its last timestamp, and the GPU's idle
+    /// time between the previous step's last timestamp and this step's first.
+    pub gpu_ms: Option<f64>,
+    pub gpu_idle_ms: Option<f64>,
+}
+
+/// Steps that may be queued at once: the GPU runs one while the CPU encodes the next.
+pub const PIPELINE_DEPTH: usize = 2;
+
+/// Bytes of one step's read-back: loss (f32) at 0, status ([`optimizer::STATUS_LEN`] f32) at 16,
+/// [`optimizer::StepState`] at 32.
+const STATS_BYTES: u64 = 64;
+
+/// One read-back buffer of the ring, with its profiler when profiling.
+struct StatsSlot {
+    staging: wgpu::Buffer,
+    profiler: Option<Profiler>,
+}
+
+/// A step queued and not yet collected.
+struct Pending {
+    slot: usize,
+    step: usize,
+    lr: f64,
+    submitted: Instant,
+    encode_ms: f64,
+    submit_ms: f64,
+    index: wgpu::SubmissionIndex,
 }
 
 /// Dynamic loss scaling as PyTorch's GradScaler: start at 2^16, halve and skip the step on any
@@ -89,6 +132,8 @@ struct StepTensors {
     status: Tensor,
     norm_scalars: Tensor,
     hyper: Tensor,
+    state: Tensor,
+    bias_table: Tensor,
 }
 
 impl StepTensors {
@@ -119,6 +164,8 @@ impl StepTensors {
             StepInput::Status => self.status.clone(),
             StepInput::NormScalars => self.norm_scalars.clone(),
             StepInput::Hyper => self.hyper.clone(),
+            StepInput::State => self.state.clone(),
+            StepInput::BiasTable => self.bias_table.clone(),
         })
     }
 }
@@ -131,8 +178,15 @@ pub struct Trainer {
     io: StepTensors,
     graph: CompiledGraph,
     loader: DataLoader,
-    staging: wgpu::Buffer,
+    slots: Vec<StatsSlot>,
+    pending: VecDeque<Pending>,
+    /// When the last step was collected (the end of its wall-clock time).
+    last_collect: Option<Instant>,
+    /// With profiling: the last collected step's node times and last timestamp (ns).
+    node_times: Vec<NodeTime>,
+    last_gpu_end_ns: Option<f64>,
     rng: Rng,
+    /// Steps collected; the CPU's copies of the scaler and Adam's count are as after them.
     step: usize,
     adam_t: usize,
     scaler: LossScaler,
@@ -227,16 +281,28 @@ impl Trainer {
                 DType::F32,
             )?,
             hyper: gpu.zeros("adamw hyper", &[optimizer::AdamWHyper::LEN], DType::F32)?,
+            state: gpu.zeros("step state", &[optimizer::StepState::LEN], DType::U32)?,
+            bias_table: gpu.upload(
+                "bias corrections",
+                &optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1),
+                &[optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1).len()],
+                DType::F32,
+            )?,
         };
         let align = gpu.alignment();
         let graph = build_train_graph(&settings, storage, plan.chunk_rows)?
             .compile(&gpu, &|input, k| io.bind(input, k, align))?;
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("step scalars read-back"),
-            size: 256,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let slots = (0..PIPELINE_DEPTH)
+            .map(|i| StatsSlot {
+                staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("step statistics read-back {i}")),
+                    size: STATS_BYTES,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                profiler: None,
+            })
+            .collect();
 
         let mut t = Trainer {
             scaler: LossScaler::new(settings.precision == Precision::F16),
@@ -246,7 +312,11 @@ impl Trainer {
             io,
             graph,
             loader,
-            staging,
+            slots,
+            pending: VecDeque::new(),
+            last_collect: None,
+            node_times: Vec::new(),
+            last_gpu_end_ns: None,
             rng: rng.clone(),
             step: 0,
             adam_t: 0,
@@ -260,7 +330,35 @@ impl Trainer {
                 t.set_params(&p)?;
             }
         }
+        t.write_state()?;
         Ok(t)
+    }
+
+    /// Writes the GPU's step state from the CPU's copy (scaler, Adam's count, steps), with the
+    /// scalars the next step reads. Later steps advance it on the GPU.
+    fn write_state(&self) -> Result<()> {
+        let s = &self.settings;
+        let state = optimizer::StepState::new(
+            self.scaler.scale,
+            self.scaler.clean_steps,
+            self.adam_t,
+            self.step,
+            s.tokens_per_step(),
+        );
+        state.write(&self.gpu, &self.io.state)?;
+        self.gpu.write(&self.io.dloss, &[state.dloss])?;
+        optimizer::GradNormScalars::new(state.inv_scale, s.grad_clip as f32)
+            .write(&self.gpu, &self.io.norm_scalars)?;
+        optimizer::AdamWHyper::new(
+            s.schedule().lr(self.step) as f32,
+            ADAM_BETAS.0,
+            ADAM_BETAS.1,
+            ADAM_EPS,
+            s.weight_decay as f32,
+            (self.adam_t + 1) as u32,
+            state.inv_scale,
+        )
+        .write(&self.gpu, &self.io.hyper)
     }
 
     /// The run's memory plan: every buffer it allocated and the classifier's chunking.
@@ -289,9 +387,49 @@ impl Trainer {
         self.scaler
     }
 
-    /// Overrides the loss scale (tests force an overflow with it).
-    pub fn set_loss_scale(&mut self, scale: f32) {
+    /// Overrides the loss scale (tests force an overflow with it). Steps still in flight are
+    /// collected first.
+    pub fn set_loss_scale(&mut self, scale: f32) -> Result<()> {
+        self.expect_idle("setting the loss scale")?;
         self.scaler.scale = scale;
+        self.write_state()
+    }
+
+    /// Steps queued and not yet collected.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The index the next queued step will have: collected steps plus those in flight.
+    pub fn queued_index(&self) -> usize {
+        self.step + self.pending.len()
+    }
+
+    fn expect_idle(&self, what: &str) -> Result<()> {
+        if self.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Other(format!(
+                "{what} needs every queued step collected first ({} in flight)",
+                self.pending.len()
+            )))
+        }
+    }
+
+    /// Turns on per-node timestamps for the steps queued from now on (needs
+    /// TIMESTAMP_QUERY_INSIDE_PASSES); [`Trainer::take_node_times`] returns them per step.
+    pub fn enable_profiling(&mut self) -> Result<()> {
+        self.expect_idle("turning profiling on")?;
+        let nodes = self.graph.node_sequence().len() + 2;
+        for slot in &mut self.slots {
+            slot.profiler = Some(Profiler::new(&self.gpu, nodes)?);
+        }
+        Ok(())
+    }
+
+    /// The node times of the step last collected (empty without profiling).
+    pub fn take_node_times(&mut self) -> Vec<NodeTime> {
+        std::mem::take(&mut self.node_times)
     }
 
     pub fn graph(&self) -> &CompiledGraph {
@@ -346,8 +484,9 @@ impl Trainer {
         self.io.grads.download(&self.gpu, &self.layout)
     }
 
-    /// Everything needed to continue this run exactly.
+    /// Everything needed to continue this run exactly (after every queued step is collected).
     pub fn checkpoint(&self) -> Result<Checkpoint> {
+        self.expect_idle("a checkpoint")?;
         Ok(Checkpoint {
             config: self.settings.config,
             params: self.params()?,
@@ -379,73 +518,61 @@ impl Trainer {
         Ok(())
     }
 
-    fn write_step_scalars(&self, lr: f64) -> Result<()> {
-        let s = &self.settings;
-        let n = (s.batch_size * s.seq_len * s.grad_accum) as f32;
-        let scale = self.scaler.scale;
-        self.gpu.write(&self.io.dloss, &[scale / n])?;
-        optimizer::GradNormScalars::new(1.0 / scale, s.grad_clip as f32)
-            .write(&self.gpu, &self.io.norm_scalars)?;
-        let t = (self.adam_t + 1) as i32;
-        let hyper = optimizer::AdamWHyper {
-            lr: lr as f32,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: s.weight_decay as f32,
-            bias_correction1: (1.0 - 0.9f64.powi(t)) as f32,
-            bias_correction2: (1.0 - 0.95f64.powi(t)) as f32,
-            inv_loss_scale: 1.0 / scale,
-        };
-        hyper.write(&self.gpu, &self.io.hyper)
-    }
-
-    /// Records and submits `head + body * micro (+ tail)`, then reads [loss, norm, clip, finite].
-    fn submit(&self, include_tail: bool, mut profiler: Option<&mut Profiler>) -> Result<[f32; 5]> {
-        let gpu = &self.gpu;
-        gpu.scoped("training step", || {
-            let mut enc = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("training step"),
-                });
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("training step"),
-                    timestamp_writes: None,
-                });
-                if include_tail {
-                    let observer = profiler.as_deref_mut().map(|p| p as &mut dyn NodeObserver);
-                    self.graph.record(&mut pass, observer);
-                } else {
-                    self.graph.record_without_tail(&mut pass);
-                }
+    /// Records `head + body * micro (+ tail)` into one command buffer: the step's statistics are
+    /// copied into `staging` when given.
+    fn encode(&mut self, include_tail: bool, slot: Option<usize>) -> Result<wgpu::CommandBuffer> {
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training step"),
+            });
+        let mut profiler = slot.and_then(|i| self.slots[i].profiler.as_mut());
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("training step"),
+                timestamp_writes: None,
+            });
+            if include_tail {
+                let observer = profiler.as_deref_mut().map(|p| p as &mut dyn NodeObserver);
+                self.graph.record(&mut pass, observer);
+            } else {
+                self.graph.record_without_tail(&mut pass);
             }
-            if let Some(p) = profiler.as_deref() {
-                p.resolve(&mut enc);
-            }
-            enc.copy_buffer_to_buffer(&self.io.loss.buffer, 0, &self.staging, 0, 4);
-            enc.copy_buffer_to_buffer(&self.io.status.buffer, 0, &self.staging, 16, 16);
-            gpu.queue.submit([enc.finish()]);
-        })?;
-        let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&gpu.map_read(&self.staging, 32)?);
-        Ok([vals[0], vals[4], vals[5], vals[6], vals[7]])
+        }
+        if let Some(p) = profiler.as_deref() {
+            p.resolve(&mut enc);
+        }
+        if let Some(i) = slot {
+            let staging = &self.slots[i].staging;
+            enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
+            enc.copy_buffer_to_buffer(
+                &self.io.status.buffer,
+                self.io.status.offset,
+                staging,
+                16,
+                16,
+            );
+            enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
+        }
+        Ok(enc.finish())
     }
 
-    /// One optimiser step: `grad_accum` micro-batches forward and backward, gradient norm,
-    /// clipping and AdamW, in one submission.
-    pub fn step(&mut self) -> Result<StepStats> {
-        self.step_inner(None)
-    }
-
-    /// [`Trainer::step`] with a timestamp before every node: also returns each node's GPU time.
-    pub fn step_profiled(&mut self, profiler: &mut Profiler) -> Result<(StepStats, Vec<NodeTime>)> {
-        let stats = self.step_inner(Some(&mut *profiler))?;
-        Ok((stats, profiler.read(&self.gpu)?))
-    }
-
-    fn step_inner(&mut self, profiler: Option<&mut Profiler>) -> Result<StepStats> {
+    /// Queues the next optimiser step (`grad_accum` micro-batches forward and backward, gradient
+    /// norm, clipping, AdamW and the loss scaler's update, in one submission) without waiting
+    /// for the GPU. At most [`PIPELINE_DEPTH`] steps may be in flight; [`Trainer::collect`]
+    /// returns their statistics in order.
+    pub fn submit(&mut self) -> Result<()> {
+        if self.pending.len() >= PIPELINE_DEPTH {
+            return Err(Error::Other(format!(
+                "{PIPELINE_DEPTH} steps are already in flight: collect one first"
+            )));
+        }
         let start = Instant::now();
+        let step = self.queued_index();
+        let slot = (0..PIPELINE_DEPTH)
+            .find(|i| self.pending.iter().all(|p| p.slot != *i))
+            .expect("a free slot when fewer steps than slots are in flight");
         let batches: Vec<_> = (0..self.settings.grad_accum)
             .map(|_| {
                 let b = self.loader.next_batch();
@@ -453,26 +580,119 @@ impl Trainer {
             })
             .collect();
         self.upload_batches(&batches)?;
-        let lr = self.settings.schedule().lr(self.step);
-        self.write_step_scalars(lr)?;
-        let [loss, norm, _clip, finite, _] = self.submit(true, profiler)?;
-        let dt = start.elapsed().as_secs_f64();
-        let skipped = self.scaler.update(finite == 1.0);
-        if !skipped {
-            self.adam_t += 1;
+        // The learning rate follows the step index alone (skipped steps count), so the CPU
+        // knows it ahead; everything else the step reads was written by the previous step.
+        let lr = self.settings.schedule().lr(step);
+        self.gpu
+            .write_bytes(&self.io.hyper, bytemuck::bytes_of(&(lr as f32)))?;
+        let gpu = self.gpu.clone();
+        let mut encoded = start;
+        let index = gpu.scoped("training step", || -> Result<wgpu::SubmissionIndex> {
+            let commands = self.encode(true, Some(slot))?;
+            encoded = Instant::now();
+            Ok(gpu.queue.submit([commands]))
+        })??;
+        self.pending.push_back(Pending {
+            slot,
+            step,
+            lr,
+            submitted: start,
+            encode_ms: (encoded - start).as_secs_f64() * 1e3,
+            submit_ms: encoded.elapsed().as_secs_f64() * 1e3,
+            index,
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest queued step and returns its statistics (read one step late: the
+    /// next step may already be running).
+    pub fn collect(&mut self) -> Result<StepStats> {
+        let p = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| Error::Other("no step in flight to collect".into()))?;
+        let slot = &mut self.slots[p.slot];
+        let bytes = self
+            .gpu
+            .map_read_after(&slot.staging, STATS_BYTES, Some(p.index.clone()))?;
+        let now = Instant::now();
+        let (mut gpu_ms, mut gpu_idle_ms) = (None, None);
+        if let Some(prof) = slot.profiler.as_mut() {
+            self.node_times = prof.read_after(&self.gpu, Some(p.index))?;
+            if let Some((first, last)) = prof.span_ns() {
+                gpu_ms = Some((last - first) * 1e-6);
+                gpu_idle_ms = self
+                    .last_gpu_end_ns
+                    .map(|end| (first - end).max(0.0) * 1e-6);
+                self.last_gpu_end_ns = Some(last);
+            }
         }
-        let stats = StepStats {
-            step: self.step,
+        let f = |i: usize| f32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        let (loss, norm) = (f(0), f(16));
+        let state = optimizer::StepState::from_bytes(&bytes[32..])?;
+        self.scaler.scale = state.scale;
+        self.scaler.clean_steps = state.clean_steps as usize;
+        self.adam_t = state.adam_t as usize;
+        // Wall time: from the later of its submission and the previous step's end, so that
+        // with steps queued back to back it is the time between steps finishing.
+        let began = match self.last_collect {
+            Some(t) if t > p.submitted => t,
+            _ => p.submitted,
+        };
+        let dt = (now - began).as_secs_f64();
+        self.last_collect = Some(now);
+        self.step += 1;
+        Ok(StepStats {
+            step: p.step,
             loss,
             norm,
-            lr,
+            lr: p.lr,
             dt_ms: dt * 1e3,
             tok_per_sec: self.settings.tokens_per_step() as f64 / dt,
-            skipped,
-            loss_scale: self.scaler.scale,
-        };
-        self.step += 1;
-        Ok(stats)
+            skipped: state.skipped == 1,
+            loss_scale: state.scale,
+            encode_ms: p.encode_ms,
+            submit_ms: p.submit_ms,
+            gpu_ms,
+            gpu_idle_ms,
+        })
+    }
+
+    /// One optimiser step, waited for: [`Trainer::submit`] then [`Trainer::collect`].
+    pub fn step(&mut self) -> Result<StepStats> {
+        self.expect_idle("a synchronous step")?;
+        self.submit()?;
+        self.collect()
+    }
+
+    /// Runs steps up to index `until` (exclusive) with [`PIPELINE_DEPTH`] of them in flight,
+    /// calling `report` with each step's statistics and node times (when profiling) as they
+    /// are collected. An error from `report` stops the queueing: the steps already in flight
+    /// are collected unreported and the error is returned. On return no step is in flight.
+    pub fn run_steps(
+        &mut self,
+        until: usize,
+        mut report: impl FnMut(&StepStats, &[NodeTime]) -> Result<()>,
+    ) -> Result<()> {
+        let mut outcome = Ok(());
+        loop {
+            while outcome.is_ok()
+                && self.pending.len() < PIPELINE_DEPTH
+                && self.queued_index() < until
+            {
+                if let Err(e) = self.submit() {
+                    outcome = Err(e);
+                }
+            }
+            if self.pending.is_empty() {
+                return outcome;
+            }
+            let stats = self.collect()?;
+            if outcome.is_ok() {
+                let nodes = self.take_node_times();
+                outcome = report(&stats, &nodes);
+            }
+        }
     }
 
     /// Forward and backward on the given micro-batches without an optimiser step: returns the
@@ -485,9 +705,15 @@ impl Trainer {
                 self.settings.grad_accum
             )));
         }
+        self.expect_idle("a gradient check")?;
         self.upload_batches(batches)?;
-        self.write_step_scalars(0.0)?;
-        let [loss, ..] = self.submit(false, None)?;
+        let gpu = self.gpu.clone();
+        gpu.scoped("forward and backward", || -> Result<()> {
+            let commands = self.encode(false, None)?;
+            gpu.queue.submit([commands]);
+            Ok(())
+        })??;
+        let loss = gpu.read(&self.io.loss)?[0];
         let inv = 1.0 / self.scaler.scale;
         let g = self.grads()?.into_iter().map(|x| x * inv).collect();
         Ok((loss, g))
