@@ -223,3 +223,47 @@ fn init_from_accepts_each_kind_and_names_what_is_wrong() {
     let e = hf::load_any(&empty).unwrap_err().to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn pruning_keeps_the_newest_and_the_protected() {
+    let dir = tmpdir("prune");
+    let c = sample(&small());
+    for step in [2, 4, 6, 8, 10] {
+        c.save(&checkpoint::checkpoint_path(&dir, step)).unwrap();
+    }
+    let other = dir.join("notes.txt");
+    std::fs::write(&other, "not a checkpoint").unwrap();
+    let resumed = checkpoint::checkpoint_path(&dir, 2);
+    let removed = checkpoint::prune(&dir, 2, &[resumed.as_path()]).unwrap();
+    assert_eq!(
+        removed,
+        [6, 4].map(|s| checkpoint::checkpoint_path(&dir, s))
+    );
+    let left: Vec<usize> = checkpoint::list_checkpoints(&dir)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(left, [10, 8, 2]);
+    assert!(other.exists(), "files that are not checkpoints stay");
+    // keep = 0 keeps everything
+    assert!(checkpoint::prune(&dir, 0, &[]).unwrap().is_empty());
+    assert_eq!(checkpoint::list_checkpoints(&dir).unwrap().len(), 3);
+}
+
+#[test]
+fn a_folder_that_cannot_hold_checkpoints_is_refused() {
+    let dir = tmpdir("unwritable");
+    // A folder below a regular file cannot be created, whoever runs the test.
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = checkpoint::check_writable(&file.join("ck"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checkpoints cannot be written here"), "{e}");
+    assert!(e.contains("a-file"), "{e}");
+    // A writable one is created and left empty.
+    let ok = dir.join("new").join("ck");
+    checkpoint::check_writable(&ok).unwrap();
+    assert_eq!(std::fs::read_dir(&ok).unwrap().count(), 0);
+}

@@ -111,6 +111,56 @@ fn stop_checkpoint_and_resume_reproduce_the_uninterrupted_losses() {
 }
 
 #[test]
+fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_training() {
+    let dir = tmp("keep");
+    let ck = dir.join("ck");
+    let mut args = common::SMALL_RUN.to_vec();
+    let ck_s = ck.to_str().unwrap().to_string();
+    args.extend(["--steps", "8", "--stop-after", "5"]);
+    args.extend(["--checkpoint-every", "1", "--keep-last", "2"]);
+    args.extend(["--checkpoint-dir", &ck_s]);
+    let o = train(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let left: Vec<usize> = wgpt::checkpoint::list_checkpoints(&ck)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(left, [5, 4]);
+    // Resumed from step 5 (the run's settings come from the checkpoint) and pruned to one:
+    // the resumed-from checkpoint stays.
+    let o = train(&[
+        "--resume",
+        &ck_s,
+        "--checkpoint-every",
+        "1",
+        "--keep-last",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let left: Vec<usize> = wgpt::checkpoint::list_checkpoints(&ck)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(left, [8, 5]);
+    // A folder below a regular file: refused at start-up, no step trained.
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let bad = file.join("ck");
+    let mut args = common::SMALL_RUN.to_vec();
+    args.extend(["--steps", "2", "--checkpoint-dir", bad.to_str().unwrap()]);
+    let o = train(&args);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("checkpoints cannot be written here"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(losses(&stdout(&o)).is_empty(), "no step before the refusal");
+}
+
+#[test]
 fn export_with_zero_steps_converts_the_initial_weights() {
     let dir = tmp("export");
     let hf = dir.join("hf");

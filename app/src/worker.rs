@@ -199,6 +199,8 @@ struct Run {
     checkpoint_dir: PathBuf,
     /// The step count of the last checkpoint written (or loaded).
     saved_at: Option<usize>,
+    /// The checkpoint the run continues from: never pruned.
+    resumed_from: Option<PathBuf>,
 }
 
 struct Engine {
@@ -365,14 +367,19 @@ impl Engine {
             tokens.len(),
             spec.data.display()
         )));
+        // A folder that cannot hold checkpoints is refused before anything is trained.
+        checkpoint::check_writable(&spec.checkpoint_dir)?;
+        let mut resumed_from = None;
         let weights: Option<Checkpoint> = match &spec.init {
             Init::Scratch => None,
             Init::Checkpoint(p) => {
                 let c = if p.is_dir() {
                     let (file, c) = checkpoint::load_newest(p)?;
                     self.emit(Event::Log(format!("loaded {}", file.display())));
+                    resumed_from = Some(file);
                     c
                 } else {
+                    resumed_from = Some(p.clone());
                     Checkpoint::load(p)?
                 };
                 Some(c)
@@ -408,6 +415,7 @@ impl Engine {
             state: RunState::Running,
             checkpoint_dir: spec.checkpoint_dir,
             saved_at,
+            resumed_from,
         })
     }
 
@@ -466,8 +474,17 @@ impl Engine {
             return;
         }
         let path = checkpoint::checkpoint_path(&run.checkpoint_dir, step);
-        match run.trainer.checkpoint().and_then(|c| c.save(&path)) {
-            Ok(()) => {
+        let mut protect = vec![path.as_path()];
+        protect.extend(run.resumed_from.as_deref());
+        let saved = run
+            .trainer
+            .checkpoint()
+            .and_then(|c| c.save(&path))
+            .and_then(|()| {
+                checkpoint::prune(&run.checkpoint_dir, checkpoint::DEFAULT_KEEP_LAST, &protect)
+            });
+        match saved {
+            Ok(_) => {
                 run.saved_at = Some(step);
                 self.emit(Event::Saved(path));
             }

@@ -98,6 +98,10 @@ struct Args {
     /// Write a checkpoint every N steps (and always at the end when --checkpoint-dir is set).
     #[arg(long = "checkpoint-every")]
     checkpoint_every: Option<usize>,
+    /// Checkpoints kept in the folder: the newest K (0 keeps all). The one just written and
+    /// the one the run resumed from are never deleted.
+    #[arg(long = "keep-last", default_value_t = checkpoint::DEFAULT_KEEP_LAST)]
+    keep_last: usize,
     /// Continue from the newest complete checkpoint in DIR.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -409,10 +413,12 @@ fn run(args: Args) -> Result<()> {
     println!("{}", gpu.summary());
 
     // What to start from: a resumed run, imported weights, or a fresh init.
+    let mut resumed_from = None;
     let resumed: Option<Checkpoint> = match &args.resume {
         Some(dir) => {
             let (path, c) = checkpoint::load_newest(dir)?;
             println!("resuming from {}", path.display());
+            resumed_from = Some(path);
             Some(c)
         }
         None => None,
@@ -537,6 +543,11 @@ fn run(args: Args) -> Result<()> {
     if args.bench_ladder {
         return bench_ladder(&args, gpu, tokens, settings);
     }
+    let checkpoint_dir = args.checkpoint_dir.clone().or(args.resume.clone());
+    if let Some(dir) = &checkpoint_dir {
+        // Found now, not at the first save after hours of training.
+        checkpoint::check_writable(dir)?;
+    }
     let weights = resumed.as_ref().or(init.as_ref());
     let tokens_for_count = tokens.clone();
     let mut trainer = Trainer::new(gpu.clone(), settings.clone(), tokens, weights)?;
@@ -547,7 +558,6 @@ fn run(args: Args) -> Result<()> {
     println!("num decayed parameter tensors: {dt}, with {dp} parameters");
     println!("num non-decayed parameter tensors: {nt}, with {np} parameters");
 
-    let checkpoint_dir = args.checkpoint_dir.clone().or(args.resume.clone());
     let mut metrics = match &args.metrics {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::OpenOptions::new()
@@ -622,17 +632,13 @@ fn run(args: Args) -> Result<()> {
         })?;
         if let (Some(dir), Some(e)) = (&checkpoint_dir, every) {
             if trainer.step_index() % e == 0 {
-                let path = checkpoint::checkpoint_path(dir, trainer.step_index());
-                trainer.checkpoint()?.save(&path)?;
-                println!("saved {}", path.display());
+                save_checkpoint(&trainer, dir, args.keep_last, resumed_from.as_deref())?;
             }
         }
     }
     if let Some(dir) = &checkpoint_dir {
-        let path = checkpoint::checkpoint_path(dir, trainer.step_index());
-        if !path.exists() {
-            trainer.checkpoint()?.save(&path)?;
-            println!("saved {}", path.display());
+        if !checkpoint::checkpoint_path(dir, trainer.step_index()).exists() {
+            save_checkpoint(&trainer, dir, args.keep_last, resumed_from.as_deref())?;
         }
     }
     if let Some(dir) = &args.export_hf {
@@ -664,6 +670,23 @@ fn run(args: Args) -> Result<()> {
             (args.peak_tflops, args.peak_gbps),
         );
     }
+    Ok(())
+}
+
+/// Saves the trainer's checkpoint in `dir`, then deletes all but the newest `keep` (never the
+/// one just written or the one the run resumed from).
+fn save_checkpoint(
+    trainer: &Trainer,
+    dir: &std::path::Path,
+    keep: usize,
+    resumed_from: Option<&std::path::Path>,
+) -> Result<()> {
+    let path = checkpoint::checkpoint_path(dir, trainer.step_index());
+    trainer.checkpoint()?.save(&path)?;
+    println!("saved {}", path.display());
+    let mut protect = vec![path.as_path()];
+    protect.extend(resumed_from);
+    checkpoint::prune(dir, keep, &protect)?;
     Ok(())
 }
 

@@ -476,6 +476,45 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
+/// Checkpoints a run keeps by default: the newest three.
+pub const DEFAULT_KEEP_LAST: usize = 3;
+
+/// Makes sure checkpoints can be written in `dir` before a run trains anything: creates the
+/// folder and writes, then removes, a small probe file.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    let why = |e: std::io::Error| {
+        Error::io(
+            dir,
+            std::io::Error::new(
+                e.kind(),
+                format!("checkpoints cannot be written here ({e}); pick another folder"),
+            ),
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(why)?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"checkpoint folder write test").map_err(why)?;
+    std::fs::remove_file(&probe).map_err(why)
+}
+
+/// Deletes all but the newest `keep` checkpoints in `dir` (`keep` = 0 keeps every one), never
+/// one of `protect` (the checkpoint just written, the one the run resumed from). Returns the
+/// files deleted. Files that are not checkpoints are left alone.
+pub fn prune(dir: &Path, keep: usize, protect: &[&Path]) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for (_, path) in list_checkpoints(dir)?.into_iter().skip(keep) {
+        if protect.iter().any(|p| *p == path) {
+            continue;
+        }
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 /// The newest checkpoint in `dir` that loads completely (a damaged newer file is reported
 /// on stderr and skipped).
 pub fn load_newest(dir: &Path) -> Result<(PathBuf, Checkpoint)> {
