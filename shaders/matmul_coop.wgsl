@@ -32,7 +32,7 @@ enable wgpu_cooperative_matrix;
 // subgroup, and the pointer and stride of its loads must be uniform in it). Should the
 // subgroups be smaller, the surplus ones repeat the last warp's products and store into a spare
 // slot that is never read; should they be larger, fragments would be missing, which the
-// start-up self-check in ops/matmul.rs (this kernel against matmul_tiled) detects.
+// start-up self-check in ops/matmul/check.rs (this kernel against matmul_tiled) detects.
 //
 // EMULATE_COOP replaces the cooperative-matrix operations by plain-WGSL stand-ins that follow
 // their SPIR-V definition: everything else in the kernel (staging, fragment offsets, subgroup
