@@ -1,4 +1,4 @@
-// Matrix products and the bias-gradient column sum.
+// Matrix products, the split-K reduction and the bias-gradient column sum.
 //
 // matmul_tiled: C[rows, cols] (=|+=) epilogue(A x B), one kernel for every product of a Linear layer:
 //   forward          out[M,N]  = inp[M,K] @ weight[N,K]^T   A = inp  [rows, inner], B = weight [cols, inner] (B_TRANS)
@@ -10,19 +10,23 @@
 // Each step stages a BM x BK slice of A and a BK x BN slice of B in workgroup memory, k-major,
 // converted to f32; the next step's global loads are issued before the current step's
 // arithmetic (register prefetch) to hide memory latency with a single shared buffer.
-// Every output element is summed over k = 0, 1, ..., inner-1 in order by one thread, so results do
-// not depend on the tile size and two runs are bitwise equal.
+// Every output element is summed over k = 0, 1, ..., inner-1 in order by one thread (over its K
+// slice, in a split product: see matmul_io.wgsl and split_k_reduce below), so results do not
+// depend on the tile size and two runs are bitwise equal.
 // Parameters, bindings (A and C may be windows of wider matrices) and the epilogue are those of
 // every product kernel, in matmul_io.wgsl.
 //
 // Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, TM, TN (4|8), BK (multiple
 // of 8), ACCUMULATE, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
-// Grid: one workgroup per output tile, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
+// Grid: one workgroup per output tile and K slice, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
+//
+// split_k_reduce (SPLIT_REDUCE): C (=|+=) the sum of a split product's partials, in slice order.
 //
 // column_sum_partial / column_sum_finish (COLUMN_SUM): dbias[cols] (=|+=) sum over rows of
 // dout[rows, cols], in two deterministic stages through a scratch of (chunks, cols) partial sums.
 
 #if !COLUMN_SUM
+#if !SPLIT_REDUCE
 #include matmul_io
 
 const TM: u32 = {{TM}}u;
@@ -85,10 +89,15 @@ fn load_b(k: u32, col: u32) -> f32 {
 @compute @workgroup_size(256)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let tile = wid.x + wid.y * nwg.x;
-    if (tile >= p.tiles) {
+    let id = wid.x + wid.y * nwg.x;
+    if (id >= p.tiles * p.splits) {
         return;
     }
+    // Split-K: this workgroup sums slice `split` of the inner dimension for output tile `tile`.
+    let split = id / p.tiles;
+    let tile = id % p.tiles;
+    let k_begin = split * p.k_slice;
+    let c_row0 = split * p.rows;
     // Grouped tile order: GROUP_M row tiles sweep the columns together.
     let per_group = GROUP_M * p.tiles_n;
     let first_m = (tile / per_group) * GROUP_M;
@@ -107,14 +116,14 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
     for (var l = 0u; l < A_LOADS; l++) {
         let mk = a_tile_coord(l * 256u + lid);
-        a_next[l] = load_a(row0 + mk.x, mk.y);
+        a_next[l] = load_a(row0 + mk.x, k_begin + mk.y);
     }
     for (var l = 0u; l < B_LOADS; l++) {
         let nk = b_tile_coord(l * 256u + lid);
-        b_next[l] = load_b(nk.y, col0 + nk.x);
+        b_next[l] = load_b(k_begin + nk.y, col0 + nk.x);
     }
 
-    let steps = (p.inner + BK - 1u) / BK;
+    let steps = (min(p.k_slice, p.inner - k_begin) + BK - 1u) / BK;
     for (var s = 0u; s < steps; s++) {
         for (var l = 0u; l < A_LOADS; l++) {
             let mk = a_tile_coord(l * 256u + lid);
@@ -128,7 +137,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
         // Issue the next step's global loads now; they complete during the arithmetic below.
         if (s + 1u < steps) {
-            let k0 = (s + 1u) * BK;
+            let k0 = k_begin + (s + 1u) * BK;
             for (var l = 0u; l < A_LOADS; l++) {
                 let mk = a_tile_coord(l * 256u + lid);
                 a_next[l] = load_a(row0 + mk.x, k0 + mk.y);
@@ -170,13 +179,56 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                     for (var q = 0u; q < 4u; q++) {
                         let col = col0 + 4u * tx + 64u * j + q;
                         if (col < p.cols) {
-                            store_output(row, col, v[q]);
+                            store_output(c_row0 + row, col, v[q]);
                         }
                     }
                 }
             }
         }
     }
+}
+#endif
+#endif
+
+#if SPLIT_REDUCE
+// split_k_reduce: C (=|+=) the sum of the K slices' partial products, added in slice order so
+// that the result does not depend on anything but the slicing. One thread per VEC elements of
+// C (whole, contiguous): 16-byte loads of the partials when VEC = 4.
+// Defines: C_T (f32|f16), VEC4, ACCUMULATE. Grid: linear id wid.x + wid.y * nwg.x, 256 threads.
+#if VEC4
+alias Part = vec4<f32>;
+alias Out = vec4<{{C_T}}>;
+#else
+alias Part = f32;
+alias Out = {{C_T}};
+#endif
+
+struct ReduceParams {
+    len: u32,    // elements of C / VEC
+    splits: u32, // K slices
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> rp: ReduceParams;
+@group(0) @binding(1) var<storage, read> partials: array<Part>; // (splits, len)
+@group(0) @binding(2) var<storage, read_write> out: array<Out>;      // (len)
+
+@compute @workgroup_size(256)
+fn split_k_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (i >= rp.len) {
+        return;
+    }
+    var s = partials[i];
+    for (var k = 1u; k < rp.splits; k++) {
+        s = s + partials[k * rp.len + i];
+    }
+#if ACCUMULATE
+    s = Part(out[i]) + s;
+#endif
+    out[i] = Out(s);
 }
 #endif
 

@@ -41,7 +41,8 @@ enable wgpu_cooperative_matrix;
 //
 // Defines: C_T (f32|f16), A_TRANS, B_TRANS, WM, WN, FM, FN, SG, ACCUMULATE, EMULATE_COOP, and the
 // epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING). AB_T is always f16.
-// Grid: one workgroup per output tile, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
+// Grid: one workgroup per output tile and K slice (split-K: see matmul_io.wgsl), linear id
+// wid.x + wid.y * nwg.x (see Gpu::grid).
 
 #include matmul_io
 
@@ -208,10 +209,15 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                @builtin(subgroup_invocation_id) lane: u32,
 #endif
                ) {
-    let tile = wid.x + wid.y * nwg.x;
-    if (tile >= p.tiles) {
+    let id = wid.x + wid.y * nwg.x;
+    if (id >= p.tiles * p.splits) {
         return;
     }
+    // Split-K: this workgroup sums slice `split` of the inner dimension for output tile `tile`.
+    let split = id / p.tiles;
+    let tile = id % p.tiles;
+    let k_begin = split * p.k_slice;
+    let c_row0 = split * p.rows;
     // Grouped tile order: GROUP_M row tiles sweep the columns together.
     let per_group = GROUP_M * p.tiles_n;
     let first_m = (tile / per_group) * GROUP_M;
@@ -233,14 +239,14 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 
     for (var l = 0u; l < A_LOADS; l++) {
         let mk = a_tile_coord(l * THREADS + lid);
-        a_next[l] = load_a(row0 + mk.x, mk.y);
+        a_next[l] = load_a(row0 + mk.x, k_begin + mk.y);
     }
     for (var l = 0u; l < B_LOADS; l++) {
         let nk = b_tile_coord(l * THREADS + lid);
-        b_next[l] = load_b(nk.y, col0 + nk.x);
+        b_next[l] = load_b(k_begin + nk.y, col0 + nk.x);
     }
 
-    let steps = (p.inner + BK - 1u) / BK;
+    let steps = (min(p.k_slice, p.inner - k_begin) + BK - 1u) / BK;
     for (var s = 0u; s < steps; s++) {
         for (var l = 0u; l < A_LOADS; l++) {
             a_tile[a_tile_index(a_tile_coord(l * THREADS + lid))] = a_next[l];
@@ -252,7 +258,7 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 
         // Issue the next step's global loads now; they complete during the products below.
         if (s + 1u < steps) {
-            let k0 = (s + 1u) * BK;
+            let k0 = k_begin + (s + 1u) * BK;
             for (var l = 0u; l < A_LOADS; l++) {
                 let mk = a_tile_coord(l * THREADS + lid);
                 a_next[l] = load_a(row0 + mk.x, k0 + mk.y);
@@ -330,7 +336,7 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             let row = row0 + (w / WN) * FM * 16u + frag_m0 + r;
             let col = col0 + (w % WN) * FN * 16u + frag_n0 + q;
             if (row < p.rows && col < p.cols) {
-                store_output(row, col, c_tile[w * SLOT_LEN + r * SC + q]);
+                store_output(c_row0 + row, col, c_tile[w * SLOT_LEN + r * SC + q]);
             }
         }
         workgroupBarrier();

@@ -259,6 +259,57 @@ fn backward_weight_matches_reference_on_every_tile() {
     }
 }
 
+/// Split-K weight gradients on every tile: M = 300 rows in 3 slices (128, 128 and a ragged 44),
+/// overwrite and accumulate, f32 and f16 gradients, against the reference on the values as
+/// stored (f16 products are exact in f32: within f32 rounding), and bitwise equal when rerun.
+#[test]
+fn split_backward_weight_matches_reference_on_every_tile() {
+    let (m, k, n, splits) = (300, 37, 53, 3);
+    let shape = (m, k, n);
+    let (dout, doutv) = f16_input("dout", 3500, &[m, n]);
+    let (x, xv) = f16_input("inp", 3501, &[m, k]);
+    let mut want = vec![0.0; n * k];
+    cpu::matmul_backward_weight(&mut want, &doutv, &xv, m, k, n);
+    let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+    for tested in kernels_under_test("split_backward_weight_matches_reference_on_every_tile") {
+        for (out_dt, accumulate, tol) in [
+            (DType::F32, false, 1e-5),
+            (DType::F32, true, 1e-5),
+            (DType::F16, true, 1e-3),
+        ] {
+            let opts = MatmulBackwardWeight {
+                accumulate,
+                kernel: Some(tested),
+                splits: Some(splits),
+                ..Default::default()
+            };
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let (dw, start) = output("dweight", &[n, k], out_dt, accumulate, 3502);
+                gpu().poison(&scratch).unwrap();
+                let ds =
+                    mm::matmul_backward_weight_split(gpu(), &dw, &dout, &x, Some(&scratch), &opts)
+                        .unwrap();
+                assert_eq!(
+                    ds.len(),
+                    2,
+                    "{tested}: a forced split runs partials, then their sum"
+                );
+                gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
+                let what = tag(
+                    tested,
+                    shape,
+                    &format!("split-K backward weight out={out_dt:?} accumulate={accumulate}"),
+                );
+                let got = read(&dw);
+                assert_close(&what, &got, &round_to(&add(&start, &want), out_dt), tol);
+                runs.push(got);
+            }
+            assert_bitwise_eq(&format!("{tested} split-K run twice"), &runs[0], &runs[1]);
+        }
+    }
+}
+
 /// Two runs of each product on each tile are bitwise equal.
 #[test]
 fn coop_runs_are_bitwise_deterministic() {

@@ -10,15 +10,30 @@ use crate::gpu::{DType, Gpu};
 
 /// A configuration is "big enough" for a large GPU when it gives at least this many workgroups:
 /// two for each of the 132 streaming multiprocessors of an H100.
-const ENOUGH_TILES: u64 = 264;
+pub(super) const ENOUGH_TILES: u64 = 264;
+
+/// How many K slices a product may be cut into when its output makes a given number of tiles
+/// (split-K: see `split.rs`); [`no_split`] for every product but a weight gradient with a scratch.
+pub(super) type SliceRule<'a> = &'a dyn Fn(u64) -> usize;
+
+/// The [`SliceRule`] of a product computed whole.
+pub(super) fn no_split(_tiles: u64) -> usize {
+    1
+}
 
 /// The kernel for a product: the one place that decides it. Forward products of a few rows
-/// (decoding) take `matmul_rows`, every other the rule of [`auto_kernel`].
-pub(super) fn choose_kernel(gpu: &Gpu, prod: &Product<'_>) -> Result<MatmulKernel> {
+/// (decoding) take `matmul_rows`, every other the rule of [`auto_kernel`], with the K slices
+/// `slices` allows counted as workgroups.
+pub(super) fn choose_kernel(
+    gpu: &Gpu,
+    prod: &Product<'_>,
+    slices: SliceRule<'_>,
+) -> Result<MatmulKernel> {
     if rows_kernel_fits(prod) {
         return Ok(MatmulKernel::Rows);
     }
-    auto_kernel(gpu, prod.rows, prod.cols, prod.a.dtype, prod.b.dtype).map_err(|e| match e {
+    let (a, b) = (prod.a.dtype, prod.b.dtype);
+    auto_kernel_sliced(gpu, prod.rows, prod.cols, a, b, slices).map_err(|e| match e {
         Error::Limit {
             needed,
             available,
@@ -51,12 +66,24 @@ pub fn auto_kernel(
     a_dtype: DType,
     b_dtype: DType,
 ) -> Result<MatmulKernel> {
+    auto_kernel_sliced(gpu, rows, cols, a_dtype, b_dtype, &no_split)
+}
+
+/// [`auto_kernel`] for a product that `slices` may cut into K slices.
+pub(super) fn auto_kernel_sliced(
+    gpu: &Gpu,
+    rows: usize,
+    cols: usize,
+    a_dtype: DType,
+    b_dtype: DType,
+    slices: SliceRule<'_>,
+) -> Result<MatmulKernel> {
     if a_dtype == DType::F16 && b_dtype == DType::F16 && coop_matmul_status(gpu).is_ok() {
-        if let Ok(kernel) = best_coop_kernel(gpu, rows, cols) {
+        if let Ok(kernel) = coop_kernel(gpu, rows, cols, slices) {
             return Ok(kernel);
         }
     }
-    best_tiled_kernel(gpu, rows, cols)
+    tiled_kernel(gpu, rows, cols, slices)
 }
 
 /// Workgroups of a `bm x bn` tile that cover a `rows x cols` output.
@@ -66,8 +93,14 @@ pub(super) fn output_tiles(rows: usize, cols: usize, bm: u32, bn: u32) -> u64 {
 
 /// The rule of [`auto_kernel`]: among the tiles whose padded output (`tiles(t) * bm * bn`, the
 /// outputs computed) is least, the biggest (they come largest first) that still gives
-/// [`ENOUGH_TILES`] workgroups, else the smallest. `usable` is not empty.
-fn pick_tile<T: Copy>(usable: &[T], tiles: impl Fn(T) -> u64, area: impl Fn(T) -> u64) -> T {
+/// [`ENOUGH_TILES`] workgroups, counting each tile once per K slice `slices` allows (so a split
+/// weight gradient keeps big tiles), else the smallest. `usable` is not empty.
+pub(super) fn pick_tile<T: Copy>(
+    usable: &[T],
+    tiles: impl Fn(T) -> u64,
+    area: impl Fn(T) -> u64,
+    slices: SliceRule<'_>,
+) -> T {
     let padded = |t: T| tiles(t) * area(t);
     let least = usable.iter().map(|&t| padded(t)).min().unwrap_or(0);
     let best: Vec<T> = usable
@@ -77,12 +110,21 @@ fn pick_tile<T: Copy>(usable: &[T], tiles: impl Fn(T) -> u64, area: impl Fn(T) -
         .collect();
     best.iter()
         .copied()
-        .find(|&t| tiles(t) >= ENOUGH_TILES)
+        .find(|&t| tiles(t) * slices(tiles(t)) as u64 >= ENOUGH_TILES)
         .unwrap_or(best[best.len() - 1])
 }
 
 /// The tiled kernel's tile for a `rows x cols` output (the rule of [`auto_kernel`]).
 pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
+    tiled_kernel(gpu, rows, cols, &no_split)
+}
+
+fn tiled_kernel(
+    gpu: &Gpu,
+    rows: usize,
+    cols: usize,
+    slices: SliceRule<'_>,
+) -> Result<MatmulKernel> {
     let fits = |t: &TileConfig| {
         t.workgroup_bytes() <= gpu.limits.max_compute_workgroup_storage_size
             && TILED_THREADS <= gpu.limits.max_compute_invocations_per_workgroup
@@ -109,17 +151,23 @@ pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKe
         &usable,
         |t| t.tiles(rows, cols),
         |t| (t.bm() * t.bn()) as u64,
+        slices,
     )))
 }
 
 /// The cooperative-matrix kernel's tile for a `rows x cols` output (the rule of
 /// [`auto_kernel`]), whatever the self-check says; an error if the adapter cannot run it.
 pub fn best_coop_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
+    coop_kernel(gpu, rows, cols, &no_split)
+}
+
+fn coop_kernel(gpu: &Gpu, rows: usize, cols: usize, slices: SliceRule<'_>) -> Result<MatmulKernel> {
     let usable = usable_coop_tiles(gpu).map_err(Error::Gpu)?;
     Ok(MatmulKernel::Coop(pick_tile(
         &usable,
         |t| t.tiles(rows, cols),
         |t| (t.bm() * t.bn()) as u64,
+        slices,
     )))
 }
 
@@ -261,6 +309,7 @@ mod tests {
                 &TILE_CONFIGS,
                 |t| t.tiles(rows, cols),
                 |t| (t.bm() * t.bn()) as u64,
+                &no_split,
             )
         };
         // GPT-2's shapes are multiples of 128: the biggest tile when it fills the GPU...

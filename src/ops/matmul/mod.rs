@@ -21,13 +21,15 @@
 //! The folder, by concern: this file has the public launchers, their shape and alias checks and
 //! the one `launch` every product goes through; `choice` decides the kernel and tile, `check` is
 //! the start-up self-check of the cooperative-matrix kernel, `tiled`, `coop` and `rows` hold
-//! each kernel's tiles and specialisations, `bias` the bias gradient's column sums.
+//! each kernel's tiles and specialisations, `split` the split-K weight gradient, `bias` the bias
+//! gradient's column sums.
 
 mod bias;
 mod check;
 mod choice;
 mod coop;
 mod rows;
+mod split;
 mod tiled;
 
 pub use bias::{matmul_backward_bias, matmul_backward_bias_scratch_len};
@@ -38,13 +40,17 @@ pub use check::{
 pub use choice::{auto_kernel, best_coop_kernel, best_tiled_kernel};
 pub use coop::{CoopTile, COOP_TILES};
 pub use rows::ROWS_MAX;
+pub use split::{
+    backward_weight_choice, matmul_backward_weight_scratch_len, matmul_backward_weight_split,
+    SPLIT_MAX, SPLIT_MIN_SLICE,
+};
 pub use tiled::{TileConfig, TILE_CONFIGS};
 
 use super::{check_float, check_u32_range};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
-use choice::{check_kernel, choose_kernel, coop_subgroup_size};
+use choice::{check_kernel, choose_kernel, coop_subgroup_size, no_split};
 use coop::CoopVariant;
 use rows::{RowsVariant, ROWS_COLS};
 use tiled::TiledVariant;
@@ -121,7 +127,7 @@ pub struct MatmulBackwardInput<'a> {
     pub dout_columns: Option<usize>,
 }
 
-/// Options of [`matmul_backward_weight`].
+/// Options of [`matmul_backward_weight`] and [`matmul_backward_weight_split`].
 #[derive(Clone, Copy, Default)]
 pub struct MatmulBackwardWeight {
     /// `dweight += ...` instead of `dweight = ...`.
@@ -131,6 +137,10 @@ pub struct MatmulBackwardWeight {
     /// Reads columns `start..start + N` of a wider `dout` (M, W) in place, W being its last
     /// dimension.
     pub dout_columns: Option<usize>,
+    /// Forces the number of K slices of [`matmul_backward_weight_split`] (1: no split) instead
+    /// of [`backward_weight_choice`]'s; the scratch must hold them. (Slices are whole multiples
+    /// of 64 rows, so a short M may give fewer.)
+    pub splits: Option<usize>,
 }
 
 /// What happens to each finished sum before it is stored.
@@ -162,6 +172,25 @@ struct Product<'a> {
     bias: Option<&'a Tensor>,
     epilogue: Epilogue<'a>,
     accumulate: bool,
+    /// How the inner dimension is cut (split-K); C holds one (rows, cols) block per slice.
+    slices: Slices,
+}
+
+/// The K slices of a product: `count` slices of `len` inner elements, the last one possibly
+/// shorter. An unsplit product is one slice of the whole inner dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slices {
+    len: usize,
+    count: usize,
+}
+
+impl Slices {
+    fn whole(inner: usize) -> Slices {
+        Slices {
+            len: inner,
+            count: 1,
+        }
+    }
 }
 
 /// Where a matrix operand lies in its tensor: element `start`, rows `stride` elements apart.
@@ -225,7 +254,8 @@ struct TiledParams {
     a_stride: u32,
     c_start: u32,
     c_stride: u32,
-    _pad: [u32; 2],
+    k_slice: u32,
+    splits: u32,
 }
 
 fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result<Dispatch> {
@@ -241,14 +271,14 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
     check_u32_range(
         op,
         "C's last element",
-        prod.c_window.start + prod.rows * prod.c_window.stride,
+        prod.c_window.start + prod.slices.count * prod.rows * prod.c_window.stride,
     )?;
     let kernel = match forced {
         Some(k) => {
             check_kernel(gpu, prod, k)?;
             k
         }
-        None => choose_kernel(gpu, prod)?,
+        None => choose_kernel(gpu, prod, &no_split)?,
     };
     let gelu = match prod.epilogue {
         Epilogue::Plain => None,
@@ -318,6 +348,11 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
     let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(bm as usize))?;
     let tiles_n = check_u32_range(op, "column tiles", prod.cols.div_ceil(bn as usize))?;
     let tiles = check_u32_range(op, "tiles", tiles_m as usize * tiles_n as usize)?;
+    let workgroups = check_u32_range(
+        op,
+        "workgroups (tiles x K slices)",
+        tiles as usize * prod.slices.count,
+    )?;
     let params = gpu.uniform(
         op,
         &TiledParams {
@@ -331,7 +366,8 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
             a_stride: prod.a_window.stride as u32,
             c_start: prod.c_window.start as u32,
             c_stride: prod.c_window.stride as u32,
-            _pad: [0; 2],
+            k_slice: prod.slices.len as u32,
+            splits: prod.slices.count as u32,
         },
     );
     let mut bindings = vec![
@@ -353,8 +389,12 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         entry,
         defines,
         bindings: &bindings,
-        workgroups: gpu.grid(tiles),
-        label: op.to_string(),
+        workgroups: gpu.grid(workgroups),
+        label: if prod.slices.count > 1 {
+            format!("{op}.partial[{} K slices]", prod.slices.count)
+        } else {
+            op.to_string()
+        },
         family: FAMILY,
     })
 }
@@ -538,6 +578,7 @@ pub fn matmul_forward(
         bias: opts.bias,
         epilogue: opts.gelu_pre.map_or(Epilogue::Plain, Epilogue::GeluForward),
         accumulate: opts.accumulate,
+        slices: Slices::whole(k),
     };
     launch(gpu, &prod, opts.kernel)
 }
@@ -585,12 +626,14 @@ pub fn matmul_backward_input(
             .gelu_pre
             .map_or(Epilogue::Plain, Epilogue::GeluBackward),
         accumulate: opts.accumulate,
+        slices: Slices::whole(n),
     };
     launch(gpu, &prod, opts.kernel)
 }
 
 /// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows (see
-/// [`MatmulBackwardWeight`]).
+/// [`MatmulBackwardWeight`]), in one dispatch; [`matmul_backward_weight_split`] may split the
+/// sum over M to fill a large GPU.
 ///
 /// dweight: (N, K) (f32, or f16), dout: (M, N), inp: (M, K), leading dimensions flattened;
 /// inputs f32 or f16.
@@ -601,6 +644,25 @@ pub fn matmul_backward_weight(
     inp: &Tensor,
     opts: &MatmulBackwardWeight,
 ) -> Result<Dispatch> {
+    let prod = backward_weight_product(gpu, dweight, dout, inp, opts)?;
+    if opts.splits.is_some_and(|s| s != 1) {
+        return Err(Error::shape(
+            prod.op,
+            "split-K needs a scratch: use matmul_backward_weight_split",
+        ));
+    }
+    launch(gpu, &prod, opts.kernel)
+}
+
+/// The checked, unsplit product of [`matmul_backward_weight`]: C = dweight (N, K), A = dout
+/// read transposed (N rows of the product along its M rows), B = inp (M, K), inner = M.
+fn backward_weight_product<'a>(
+    gpu: &Gpu,
+    dweight: &'a Tensor,
+    dout: &'a Tensor,
+    inp: &'a Tensor,
+    opts: &MatmulBackwardWeight,
+) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_weight";
     check_float(gpu, OP, "dweight", dweight)?;
     check_float(gpu, OP, "dout", dout)?;
@@ -610,7 +672,7 @@ pub fn matmul_backward_weight(
     let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
     expect_rows(OP, "inp", inp, m, k)?;
     check_no_alias(OP, &[("dweight", dweight)], &[("dout", dout), ("inp", inp)])?;
-    let prod = Product {
+    Ok(Product {
         op: OP,
         c: dweight,
         a: dout,
@@ -625,13 +687,14 @@ pub fn matmul_backward_weight(
         bias: None,
         epilogue: Epilogue::Plain,
         accumulate: opts.accumulate,
-    };
-    launch(gpu, &prod, opts.kernel)
+        slices: Slices::whole(m),
+    })
 }
 
 /// Every specialisation of the three product kernels and the column sums.
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
     let mut out = tiled::shader_variants();
+    out.extend(split::shader_variants());
     out.extend(bias::shader_variants());
     out.extend(coop::shader_variants());
     out.extend(rows::shader_variants());
