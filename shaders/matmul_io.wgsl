@@ -28,8 +28,17 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+// With A_VEC / B_VEC (matmul_tiled) the operand is bound as 16-byte packets of its elements.
+#if A_VEC
+@group(0) @binding(1) var<storage, read> a: array<vec4<u32>>;     // (rows, inner) or (inner, rows)
+#else
 @group(0) @binding(1) var<storage, read> a: array<{{A_T}}>;        // (rows, inner) or (inner, rows)
+#endif
+#if B_VEC
+@group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;     // (inner, cols) or (cols, inner)
+#else
 @group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (inner, cols) or (cols, inner)
+#endif
 @group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols)
 #if BIAS
 @group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)

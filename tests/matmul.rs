@@ -328,22 +328,38 @@ fn backward_bias_matches_reference() {
     }
 }
 
-/// Small shapes make the launcher pick the smallest tile; every tile shape is forced here, on
-/// shapes that are not multiples of any of them, including K below one k step.
+/// Small shapes make the launcher pick the smallest tile; every tile and k step the adapter's
+/// workgroup memory holds is forced here, on shapes that are not multiples of any tile: element
+/// loads (K = 70 and 3, below one k step, N = 150) and 16-byte packet loads (every extent a
+/// multiple of 8: f32 and f16 packets), with ragged tiles at the edges.
 #[test]
 fn every_tile_config_matches_reference() {
-    let shapes = [(130, 70, 200), (200, 3, 150)];
+    let shapes = [(130, 70, 200), (200, 3, 150), (136, 72, 200)];
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
     for tile in TILE_CONFIGS {
         let kernel = Some(MatmulKernel::Tiled(tile));
         for dtype in float_dtypes() {
-            // The f16 specialisations only for the largest tile, to keep the test quick.
-            if dtype == DType::F16 && tile != TILE_CONFIGS[0] {
+            // Operands staged in f16 when both are f16, else f32: larger tiles need more.
+            let need = tile.workgroup_bytes_staged(dtype == DType::F16);
+            if need > limit {
+                eprintln!(
+                    "{dtype:?} tile {}x{} k step {}: needs {need} bytes of workgroup memory, the \
+                     adapter offers {limit}: not run",
+                    tile.bm(),
+                    tile.bn(),
+                    tile.bk
+                );
                 continue;
             }
             for (i, &shape) in shapes.iter().enumerate() {
                 let (m, k, n) = shape;
                 let seed = 200 + 10 * i as u64;
-                let tag = format!("{dtype:?} {shape:?} tile {}x{}", tile.bm(), tile.bn());
+                let tag = format!(
+                    "{dtype:?} {shape:?} tile {}x{} k step {}",
+                    tile.bm(),
+                    tile.bn(),
+                    tile.bk
+                );
 
                 let f = forward_inputs(seed, shape, dtype);
                 let out = poisoned("out", &[m, n], dtype);
@@ -352,9 +368,14 @@ fn every_tile_config_matches_reference() {
                     kernel,
                     ..Default::default()
                 };
-                gpu()
-                    .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
-                    .unwrap();
+                let d = mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap();
+                // Packets where every extent allows them (K = 72), elements elsewhere.
+                let packets = k % 8 == 0;
+                for operand in ["A_VEC", "B_VEC"] {
+                    let want = format!("{operand}={}", u8::from(packets));
+                    assert!(d.pipeline.label.contains(&want), "{}", d.pipeline.label);
+                }
+                gpu().run(&[&d]).unwrap();
                 let want = forward_want(&f.xv, &f.wv, Some(&f.bv), shape);
                 assert_close(
                     &format!("matmul_forward {tag}"),
@@ -616,7 +637,13 @@ fn bad_shapes_and_aliases_are_errors() {
 #[test]
 fn products_on_column_windows_of_wider_rows() {
     let (m, k, width) = (70, 29, 150);
-    let mut kernels = vec![None, Some(MatmulKernel::Tiled(TILE_CONFIGS[0]))];
+    // The largest tile the adapter holds whatever the operands.
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
+    let largest = TILE_CONFIGS
+        .into_iter()
+        .find(|t| t.workgroup_bytes() <= limit)
+        .unwrap();
+    let mut kernels = vec![None, Some(MatmulKernel::Tiled(largest))];
     if gpu().has_f16() && gpu().has_subgroups() {
         kernels.push(Some(MatmulKernel::CoopEmulated(mm::COOP_TILES[2])));
     }

@@ -458,7 +458,13 @@ fn self_check_passes_correct_candidates() {
         eprintln!("adapter has no SHADER_F16: the self-check runs f16 products: skipped");
         return;
     }
-    let candidate = MatmulKernel::Tiled(mm::TILE_CONFIGS[0]);
+    // The largest tile (and k step) the adapter holds for f16 operands.
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
+    let largest = mm::TILE_CONFIGS
+        .into_iter()
+        .find(|t| t.workgroup_bytes_staged(true) <= limit)
+        .unwrap();
+    let candidate = MatmulKernel::Tiled(largest);
     let err = mm::agreement_with_tiled(gpu(), candidate).unwrap();
     eprintln!("{candidate} against the tiled 64x64 kernel: relative difference {err:.3e}");
     assert_eq!(err, 0.0);

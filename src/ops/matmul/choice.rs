@@ -83,7 +83,8 @@ pub(super) fn auto_kernel_sliced(
             return Ok(kernel);
         }
     }
-    tiled_kernel(gpu, rows, cols, slices)
+    let half = a_dtype == DType::F16 && b_dtype == DType::F16;
+    tiled_kernel(gpu, rows, cols, half, slices)
 }
 
 /// Workgroups of a `bm x bn` tile that cover a `rows x cols` output.
@@ -114,29 +115,40 @@ pub(super) fn pick_tile<T: Copy>(
         .unwrap_or(best[best.len() - 1])
 }
 
-/// The tiled kernel's tile for a `rows x cols` output (the rule of [`auto_kernel`]).
+/// The tiled kernel's tile for a `rows x cols` output (the rule of [`auto_kernel`]), for any
+/// operand dtypes (its k step as for operands staged in f32).
 pub fn best_tiled_kernel(gpu: &Gpu, rows: usize, cols: usize) -> Result<MatmulKernel> {
-    tiled_kernel(gpu, rows, cols, &no_split)
+    tiled_kernel(gpu, rows, cols, false, &no_split)
+}
+
+/// Whether the tiled kernel with tile `t` runs on `gpu`, its operands staged in f16 (`half`)
+/// or f32.
+pub(super) fn tiled_tile_fits(gpu: &Gpu, t: TileConfig, half: bool) -> bool {
+    t.workgroup_bytes_staged(half) <= gpu.limits.max_compute_workgroup_storage_size
+        && TILED_THREADS <= gpu.limits.max_compute_invocations_per_workgroup
+        && TILED_THREADS <= gpu.limits.max_compute_workgroup_size_x
 }
 
 fn tiled_kernel(
     gpu: &Gpu,
     rows: usize,
     cols: usize,
+    half: bool,
     slices: SliceRule<'_>,
 ) -> Result<MatmulKernel> {
-    let fits = |t: &TileConfig| {
-        t.workgroup_bytes() <= gpu.limits.max_compute_workgroup_storage_size
-            && TILED_THREADS <= gpu.limits.max_compute_invocations_per_workgroup
-            && TILED_THREADS <= gpu.limits.max_compute_workgroup_size_x
-    };
-    let usable: Vec<TileConfig> = TILE_CONFIGS.iter().copied().filter(fits).collect();
+    let mut usable: Vec<TileConfig> = TILE_CONFIGS
+        .iter()
+        .copied()
+        .filter(|&t| tiled_tile_fits(gpu, t, half))
+        .collect();
+    // Each shape with its largest k step that fits.
+    usable.dedup_by_key(|t| (t.tm, t.tn));
     if usable.is_empty() {
         return Err(Error::Limit {
             what: "matmul".to_string(),
             needed: format!(
                 "{TILED_THREADS} threads and {} bytes of workgroup memory",
-                TILE_CONFIGS[2].workgroup_bytes()
+                TILE_CONFIGS[TILE_CONFIGS.len() - 1].workgroup_bytes_staged(half)
             ),
             available: format!(
                 "{} threads and {} bytes",
@@ -249,12 +261,13 @@ pub(super) fn check_kernel(gpu: &Gpu, prod: &Product<'_>, kernel: MatmulKernel) 
                     format!("tile {t:?} is not one of the configurations {TILE_CONFIGS:?}"),
                 ));
             }
-            if t.workgroup_bytes() > gpu.limits.max_compute_workgroup_storage_size {
+            let half = prod.a.dtype == DType::F16 && prod.b.dtype == DType::F16;
+            if !tiled_tile_fits(gpu, t, half) {
                 return Err(Error::shape(
                     op,
                     format!(
                         "tile {t:?} needs {} bytes of workgroup memory, the adapter offers {}",
-                        t.workgroup_bytes(),
+                        t.workgroup_bytes_staged(half),
                         gpu.limits.max_compute_workgroup_storage_size
                     ),
                 ));
@@ -304,20 +317,40 @@ mod tests {
 
     #[test]
     fn tiles_pad_the_output_least_then_fill_the_gpu() {
+        // One k step per shape, as the launcher keeps them.
+        let mut shapes = TILE_CONFIGS.to_vec();
+        shapes.dedup_by_key(|t| (t.tm, t.tn));
         let tile = |rows, cols| {
-            pick_tile(
-                &TILE_CONFIGS,
+            let t = pick_tile(
+                &shapes,
                 |t| t.tiles(rows, cols),
                 |t| (t.bm() * t.bn()) as u64,
                 &no_split,
-            )
+            );
+            (t.bm(), t.bn())
         };
         // GPT-2's shapes are multiples of 128: the biggest tile when it fills the GPU...
-        assert_eq!(tile(16384, 2304), TILE_CONFIGS[0]);
-        assert_eq!(tile(16384, 50304), TILE_CONFIGS[0]);
+        assert_eq!(tile(16384, 2304), (128, 128));
+        assert_eq!(tile(16384, 50304), (128, 128));
         // ...a smaller one for a small output (768 x 768: 36 tiles of 128 x 128).
-        assert_eq!(tile(768, 768), TILE_CONFIGS[2]);
+        assert_eq!(tile(768, 768), (64, 64));
         // 16 rows are padded to 64, not 128.
-        assert_eq!(tile(16, 50304).bm(), 64);
+        assert_eq!(tile(16, 50304).0, 64);
+    }
+
+    #[test]
+    fn tiled_tiles_fit_nvidia_and_the_webgpu_default() {
+        // NVIDIA (48 KiB): f16 operands get 128x128 with k step 32, f32 ones k step 16.
+        let fits = |t: TileConfig, half: bool, limit: u32| t.workgroup_bytes_staged(half) <= limit;
+        assert!(fits(TILE_CONFIGS[0], true, 48 * 1024));
+        assert!(!fits(TILE_CONFIGS[0], false, 48 * 1024));
+        assert!(fits(TILE_CONFIGS[1], false, 48 * 1024));
+        // WebGPU's default 16 KiB: the last tile, whatever the operands.
+        assert!(fits(TILE_CONFIGS[TILE_CONFIGS.len() - 1], false, 16 * 1024));
+        for t in TILE_CONFIGS {
+            // Whole packets and elements per thread, k steps of whole 32-byte sectors.
+            assert!((t.bm() * t.bk).is_multiple_of(256) && (t.bn() * t.bk).is_multiple_of(256));
+            assert!(t.bk.is_multiple_of(8) && 64 % t.bk == 0, "{t:?}");
+        }
     }
 }

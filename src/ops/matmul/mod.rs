@@ -53,7 +53,7 @@ use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
 use choice::{check_kernel, choose_kernel, coop_subgroup_size, no_split};
 use coop::CoopVariant;
 use rows::{RowsVariant, ROWS_COLS};
-use tiled::TiledVariant;
+use tiled::{packets_fit, TiledVariant};
 
 const SHADER: &str = "matmul";
 const COOP_SHADER: &str = "matmul_coop";
@@ -297,6 +297,20 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 bias_dtype: prod.bias.map(|b| b.dtype),
                 gelu,
                 accumulate: prod.accumulate,
+                a_vec: packets_fit(
+                    prod.a.dtype,
+                    if prod.a_trans { prod.rows } else { prod.inner },
+                    prod.a_window.stride,
+                    prod.a_window.start,
+                    prod.a.len(),
+                ),
+                b_vec: packets_fit(
+                    prod.b.dtype,
+                    if prod.b_trans { prod.inner } else { prod.cols },
+                    if prod.b_trans { prod.inner } else { prod.cols },
+                    0,
+                    prod.b.len(),
+                ),
             };
             (
                 SHADER,
