@@ -645,7 +645,7 @@ fn products_on_column_windows_of_wider_rows() {
         .unwrap();
     let mut kernels = vec![None, Some(MatmulKernel::Tiled(largest))];
     if gpu().has_f16() && gpu().has_subgroups() {
-        kernels.push(Some(MatmulKernel::CoopEmulated(mm::COOP_TILES[2])));
+        kernels.push(Some(MatmulKernel::CoopEmulated(mm::COOP_TILES[3])));
     }
     for dtype in float_dtypes() {
         for kernel in kernels.clone() {

@@ -72,7 +72,9 @@ fn pick(
         KernelChoice::Auto => matmul::auto_kernel(gpu, rows, cols, dt, dt),
         KernelChoice::Tiled => matmul::best_tiled_kernel(gpu, rows, cols),
         KernelChoice::Coop => matmul::best_coop_kernel(gpu, rows, cols),
-        KernelChoice::CoopEmulated => Ok(MatmulKernel::CoopEmulated(matmul::COOP_TILES[2])),
+        KernelChoice::CoopEmulated => Ok(MatmulKernel::CoopEmulated(
+            matmul::COOP_TILES[matmul::COOP_TILES.len() - 1],
+        )),
     }
 }
 

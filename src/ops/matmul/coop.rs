@@ -67,9 +67,16 @@ impl CoopTile {
     }
 }
 
-/// The cooperative-matrix tiles, largest first: 128x128 (8 subgroups of 64x32), 128x64 and
-/// 64x64 (4 subgroups of 64x32 and of 32x32).
-pub const COOP_TILES: [CoopTile; 3] = [
+/// The cooperative-matrix tiles, largest first: 128x256 (8 subgroups of 64x64: 42 KiB of
+/// workgroup memory, within NVIDIA's 48 KiB), 128x128 (8 subgroups of 64x32), 128x64 and 64x64
+/// (4 subgroups of 64x32 and of 32x32). The launcher uses those the adapter's limits allow.
+pub const COOP_TILES: [CoopTile; 4] = [
+    CoopTile {
+        warps_m: 2,
+        warps_n: 4,
+        frags_m: 4,
+        frags_n: 4,
+    },
     CoopTile {
         warps_m: 2,
         warps_n: 4,
@@ -103,6 +110,12 @@ pub(super) struct CoopVariant {
     pub(super) accumulate: bool,
     /// Plain-WGSL stand-ins for the cooperative-matrix operations (`EMULATE_COOP`).
     pub(super) emulate: bool,
+    /// A (B) loaded in 16-byte packets (see `tiled::packets_fit`).
+    pub(super) a_vec: bool,
+    pub(super) b_vec: bool,
+    /// Whole tiles stored with coopStoreT straight into C (`DIRECT_STORE`): nothing fused, no
+    /// accumulation, f32 C with 16-byte aligned rows.
+    pub(super) direct_store: bool,
 }
 
 impl CoopVariant {
@@ -121,6 +134,9 @@ impl CoopVariant {
             ("FN", t.frags_n),
             ("SG", self.subgroup),
             ("ACCUMULATE", flag(self.accumulate)),
+            ("A_VEC", flag(self.a_vec)),
+            ("B_VEC", flag(self.b_vec)),
+            ("DIRECT_STORE", flag(self.direct_store)),
         ];
         if self.emulate {
             d.extend(defines![("EMULATE_COOP", "1")]);
@@ -149,6 +165,9 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                     gelu: None,
                     accumulate,
                     emulate: false,
+                    a_vec: false,
+                    b_vec: false,
+                    direct_store: false,
                 };
                 // matmul_forward: every bias and GELU combination.
                 for bias_dtype in [None, Some(DType::F32), Some(DType::F16)] {
@@ -184,6 +203,9 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                     gelu: None,
                     accumulate: false,
                     emulate: false,
+                    a_vec: false,
+                    b_vec: false,
+                    direct_store: false,
                 });
             }
         }
@@ -202,8 +224,26 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
         })
         .collect();
     variants.extend(emulated);
+    // Each with every combination of packet and element loads, and the plain f32 products with
+    // the direct store too.
+    let plain = |v: &CoopVariant| {
+        v.bias_dtype.is_none() && v.gelu.is_none() && !v.accumulate && v.c_dtype == DType::F32
+    };
     variants
-        .into_iter()
+        .iter()
+        .flat_map(|v| {
+            let stores: &[bool] = if plain(v) { &[false, true] } else { &[false] };
+            stores.iter().flat_map(move |&direct_store| {
+                [(false, false), (false, true), (true, false), (true, true)].map(
+                    |(a_vec, b_vec)| CoopVariant {
+                        a_vec,
+                        b_vec,
+                        direct_store,
+                        ..*v
+                    },
+                )
+            })
+        })
         .map(|v| crate::ops::ShaderVariant {
             shader: COOP_SHADER,
             defines: v.defines(),
@@ -225,8 +265,8 @@ mod tests {
                 assert!(t.warps() * subgroup <= 1024, "{t:?} subgroup {subgroup}");
             }
         }
-        assert_eq!(COOP_TILES[0].bm(), 128);
-        assert_eq!(COOP_TILES[0].bn(), 128);
-        assert_eq!(COOP_TILES[2].bm(), 64);
+        assert_eq!((COOP_TILES[0].bm(), COOP_TILES[0].bn()), (128, 256));
+        assert_eq!((COOP_TILES[1].bm(), COOP_TILES[1].bn()), (128, 128));
+        assert_eq!(COOP_TILES[3].bm(), 64);
     }
 }

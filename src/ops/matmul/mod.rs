@@ -285,6 +285,16 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         Epilogue::GeluForward(t) => Some((t.dtype, true)),
         Epilogue::GeluBackward(t) => Some((t.dtype, false)),
     };
+    // 16-byte packet loads where the operands' shapes allow them (matmul_tiled, matmul_coop).
+    let a_vec = packets_fit(
+        prod.a.dtype,
+        if prod.a_trans { prod.rows } else { prod.inner },
+        prod.a_window.stride,
+        prod.a_window.start,
+        prod.a.len(),
+    );
+    let b_len = if prod.b_trans { prod.inner } else { prod.cols };
+    let b_vec = packets_fit(prod.b.dtype, b_len, b_len, 0, prod.b.len());
     let (shader, entry, bm, bn, defines) = match kernel {
         MatmulKernel::Tiled(tile) => {
             let variant = TiledVariant {
@@ -297,20 +307,8 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 bias_dtype: prod.bias.map(|b| b.dtype),
                 gelu,
                 accumulate: prod.accumulate,
-                a_vec: packets_fit(
-                    prod.a.dtype,
-                    if prod.a_trans { prod.rows } else { prod.inner },
-                    prod.a_window.stride,
-                    prod.a_window.start,
-                    prod.a.len(),
-                ),
-                b_vec: packets_fit(
-                    prod.b.dtype,
-                    if prod.b_trans { prod.inner } else { prod.cols },
-                    if prod.b_trans { prod.inner } else { prod.cols },
-                    0,
-                    prod.b.len(),
-                ),
+                a_vec,
+                b_vec,
             };
             (
                 SHADER,
@@ -349,6 +347,15 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 gelu,
                 accumulate: prod.accumulate,
                 emulate,
+                a_vec,
+                b_vec,
+                direct_store: matches!(prod.epilogue, Epilogue::Plain)
+                    && prod.bias.is_none()
+                    && !prod.accumulate
+                    && prod.c.dtype == DType::F32
+                    && prod.c_window.start.is_multiple_of(4)
+                    && prod.c_window.stride.is_multiple_of(4)
+                    && prod.c.offset.is_multiple_of(16),
             };
             (
                 COOP_SHADER,

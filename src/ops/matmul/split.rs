@@ -316,18 +316,20 @@ mod tests {
 
     #[test]
     fn scratch_holds_any_kernels_split_and_stays_small() {
+        // 768 x 768 is 18 cooperative-matrix tiles of 128 x 256: 15 slices.
         assert_eq!(
             matmul_backward_weight_scratch_len(768, 768, 16384),
-            8 * 768 * 768
+            15 * 768 * 768
         );
         assert_eq!(matmul_backward_weight_scratch_len(768, 768, 1024), 0);
         assert_eq!(matmul_backward_weight_scratch_len(50304, 768, 16384), 0);
         // Slices only ever bring the workgroups to ENOUGH_TILES (plus one slice's worth), so the
-        // scratch is at most about 2 * 264 tiles of 128 x 128 f32: well below any binding limit.
+        // scratch is at most about 2 * 264 of the largest tiles (128 x 256) in f32: 66 MiB,
+        // within large GPUs' bindings (smaller adapters cap the slices at theirs).
         for (n, k) in [(768, 768), (2304, 768), (3072, 768), (1600, 1600), (64, 64)] {
             let bytes = 4 * matmul_backward_weight_scratch_len(n, k, 1 << 20);
             assert!(
-                bytes <= 2 * 264 * 128 * 128 * 4 + 4 * n * k,
+                bytes <= 2 * 264 * 128 * 256 * 4 + 4 * n * k,
                 "{n}x{k}: {bytes}"
             );
         }
