@@ -22,7 +22,10 @@ enable wgpu_cooperative_matrix;
 // ColumnMajorKHR at pointer + c*stride + r, the stride counted in elements of the array.)
 // At the end each warp stores one fragment at a time, row-major, into its slot of c_tile, and
 // every thread of the workgroup applies the epilogue to its share of the slots and writes C in
-// its storage type, exactly as matmul_tiled does.
+// its storage type, exactly as matmul_tiled does. With DIRECT_STORE (no bias, no GELU, no
+// accumulation, f32 C with rows 16-byte aligned: the launcher decides) a tile wholly inside C
+// skips that: each warp stores its fragments into C with coopStoreT, no barrier; tiles on the
+// ragged edges still go through c_tile.
 //
 // Sums: each fragment adds k in steps of 16 in the order the hardware's multiply-add uses, the
 // same on every run, so two runs are bitwise equal (but not equal to matmul_tiled's sums).
@@ -32,16 +35,18 @@ enable wgpu_cooperative_matrix;
 // subgroup, and the pointer and stride of its loads must be uniform in it). Should the
 // subgroups be smaller, the surplus ones repeat the last warp's products and store into a spare
 // slot that is never read; should they be larger, fragments would be missing, which the
-// start-up self-check in ops/matmul.rs (this kernel against matmul_tiled) detects.
+// start-up self-check in ops/matmul/check.rs (this kernel against matmul_tiled) detects.
 //
 // EMULATE_COOP replaces the cooperative-matrix operations by plain-WGSL stand-ins that follow
 // their SPIR-V definition: everything else in the kernel (staging, fragment offsets, subgroup
 // mapping, epilogue) then runs, slowly, on adapters without cooperative matrices, so that tests
 // can check it there.
 //
-// Defines: C_T (f32|f16), A_TRANS, B_TRANS, WM, WN, FM, FN, SG, ACCUMULATE, EMULATE_COOP, and the
-// epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING). AB_T is always f16.
-// Grid: one workgroup per output tile, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
+// Defines: C_T (f32|f16), A_TRANS, B_TRANS, A_VEC, B_VEC, WM, WN, FM, FN, SG, ACCUMULATE,
+// DIRECT_STORE, EMULATE_COOP, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T,
+// PRE_BINDING). AB_T is always f16.
+// Grid: one workgroup per output tile and K slice (split-K: see matmul_io.wgsl), linear id
+// wid.x + wid.y * nwg.x (see Gpu::grid).
 
 #include matmul_io
 
@@ -83,9 +88,6 @@ const SC: u32 = 20u;
 const SLOT_LEN: u32 = 16u * SC;
 // One slot per warp and the spare one.
 const C_TILE_LEN: u32 = (WARPS + 1u) * SLOT_LEN;
-// Elements of each tile every thread stages per step (the launcher checks they divide).
-const A_LOADS: u32 = BM * BK / THREADS;
-const B_LOADS: u32 = BN * BK / THREADS;
 // Elements of the warps' slots every thread finishes per fragment: 256 * WARPS / THREADS.
 const EPILOGUE_LOADS: u32 = 256u / SG;
 // Consecutive row tiles of one group run next to each other so that they share B in cache.
@@ -141,6 +143,16 @@ fn emulated_store_c(m: FragC, start: u32, stride: u32, row_major: bool, lane: u3
         c_tile[start + emulated_offset(e / 16u, e % 16u, stride, row_major)] = m[t];
     }
 }
+
+#if DIRECT_STORE
+// coopStoreT of a C fragment into C itself (row-major, f32).
+fn emulated_store_global(m: FragC, start: u32, stride: u32, lane: u32) {
+    for (var t = 0u; t < EMULATED_SHARE; t++) {
+        let e = t * SG + lane;
+        c[start + (e / 16u) * stride + e % 16u] = m[t];
+    }
+}
+#endif
 #else
 alias FragA = coop_mat16x16<{{AB_T}}, A>;
 alias FragB = coop_mat16x16<{{AB_T}}, B>;
@@ -182,21 +194,139 @@ fn b_tile_index(nk: vec2<u32>) -> u32 {
 #endif
 }
 
-// A[row, k], 0 outside the matrix.
-fn load_a(row: u32, k: u32) -> {{AB_T}} {
-    if (row >= p.rows || k >= p.inner) {
-        return {{AB_T}}(0.0);
-    }
-    return a[a_index(row, k)];
+// Global loads of one k step, held in registers (issued before the step's products, so they
+// complete during them) and then written to the staged tiles. With A_VEC (B_VEC) an operand
+// is bound as 16-byte packets of 8 f16 along its contiguous dimension and each thread loads
+// whole packets, consecutive threads consecutive packets; the launcher sets it when the
+// contiguous extent, the row stride, the start and the length are whole packets, so a packet
+// lies wholly inside or outside the matrix. Otherwise elements are loaded one by one.
+#if A_VEC
+const A_PACKETS: u32 = BM * BK / 8u;
+const A_LOADS: u32 = (A_PACKETS + THREADS - 1u) / THREADS;
+var<private> a_regs: array<vec4<u32>, A_LOADS>;
+
+// (m, k) of the first element of packet e within the A tile.
+fn a_packet_coord(e: u32) -> vec2<u32> {
+#if A_TRANS
+    return vec2<u32>((e % (BM / 8u)) * 8u, e / (BM / 8u));
+#else
+    return vec2<u32>(e / (BK / 8u), (e % (BK / 8u)) * 8u);
+#endif
 }
 
-// B[k, col], 0 outside the matrix.
-fn load_b(k: u32, col: u32) -> {{AB_T}} {
-    if (col >= p.cols || k >= p.inner) {
-        return {{AB_T}}(0.0);
+fn load_a_step(row0: u32, k0: u32, lid: u32) {
+    for (var l = 0u; l < A_LOADS; l++) {
+        let e = l * THREADS + lid;
+        var v = vec4<u32>(0u);
+        if (e < A_PACKETS) {
+            let mk = a_packet_coord(e);
+            if (row0 + mk.x < p.rows && k0 + mk.y < p.inner) {
+                v = a[a_index(row0 + mk.x, k0 + mk.y) / 8u];
+            }
+        }
+        a_regs[l] = v;
     }
-    return b[b_index(k, col)];
 }
+
+// The packet's 8 elements lie consecutively in the staged tile too (it keeps the operand's
+// layout).
+fn store_a_step(lid: u32) {
+    for (var l = 0u; l < A_LOADS; l++) {
+        let e = l * THREADS + lid;
+        if (e < A_PACKETS) {
+            let at = a_tile_index(a_packet_coord(e));
+            for (var h = 0u; h < 4u; h++) {
+                let two = unpack2x16float(a_regs[l][h]);
+                a_tile[at + 2u * h] = {{AB_T}}(two.x);
+                a_tile[at + 2u * h + 1u] = {{AB_T}}(two.y);
+            }
+        }
+    }
+}
+#else
+const A_LOADS: u32 = BM * BK / THREADS;
+var<private> a_regs: array<{{AB_T}}, A_LOADS>;
+
+fn load_a_step(row0: u32, k0: u32, lid: u32) {
+    for (var l = 0u; l < A_LOADS; l++) {
+        let mk = a_tile_coord(l * THREADS + lid);
+        var v = {{AB_T}}(0.0);
+        if (row0 + mk.x < p.rows && k0 + mk.y < p.inner) {
+            v = a[a_index(row0 + mk.x, k0 + mk.y)];
+        }
+        a_regs[l] = v;
+    }
+}
+
+fn store_a_step(lid: u32) {
+    for (var l = 0u; l < A_LOADS; l++) {
+        a_tile[a_tile_index(a_tile_coord(l * THREADS + lid))] = a_regs[l];
+    }
+}
+#endif
+
+#if B_VEC
+const B_PACKETS: u32 = BN * BK / 8u;
+const B_LOADS: u32 = (B_PACKETS + THREADS - 1u) / THREADS;
+var<private> b_regs: array<vec4<u32>, B_LOADS>;
+
+// (n, k) of the first element of packet e within the B tile.
+fn b_packet_coord(e: u32) -> vec2<u32> {
+#if B_TRANS
+    return vec2<u32>(e / (BK / 8u), (e % (BK / 8u)) * 8u);
+#else
+    return vec2<u32>((e % (BN / 8u)) * 8u, e / (BN / 8u));
+#endif
+}
+
+fn load_b_step(col0: u32, k0: u32, lid: u32) {
+    for (var l = 0u; l < B_LOADS; l++) {
+        let e = l * THREADS + lid;
+        var v = vec4<u32>(0u);
+        if (e < B_PACKETS) {
+            let nk = b_packet_coord(e);
+            if (col0 + nk.x < p.cols && k0 + nk.y < p.inner) {
+                v = b[b_index(k0 + nk.y, col0 + nk.x) / 8u];
+            }
+        }
+        b_regs[l] = v;
+    }
+}
+
+fn store_b_step(lid: u32) {
+    for (var l = 0u; l < B_LOADS; l++) {
+        let e = l * THREADS + lid;
+        if (e < B_PACKETS) {
+            let at = b_tile_index(b_packet_coord(e));
+            for (var h = 0u; h < 4u; h++) {
+                let two = unpack2x16float(b_regs[l][h]);
+                b_tile[at + 2u * h] = {{AB_T}}(two.x);
+                b_tile[at + 2u * h + 1u] = {{AB_T}}(two.y);
+            }
+        }
+    }
+}
+#else
+const B_LOADS: u32 = BN * BK / THREADS;
+var<private> b_regs: array<{{AB_T}}, B_LOADS>;
+
+fn load_b_step(col0: u32, k0: u32, lid: u32) {
+    for (var l = 0u; l < B_LOADS; l++) {
+        let nk = b_tile_coord(l * THREADS + lid);
+        var v = {{AB_T}}(0.0);
+        if (col0 + nk.x < p.cols && k0 + nk.y < p.inner) {
+            v = b[b_index(k0 + nk.y, col0 + nk.x)];
+        }
+        b_regs[l] = v;
+    }
+}
+
+fn store_b_step(lid: u32) {
+    for (var l = 0u; l < B_LOADS; l++) {
+        b_tile[b_tile_index(b_tile_coord(l * THREADS + lid))] = b_regs[l];
+    }
+}
+#endif
 
 // Cooperative operations must run in control flow that is uniform across the subgroup: here
 // they sit only in loops whose trip counts are the same for the whole workgroup. Every index
@@ -208,10 +338,15 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                @builtin(subgroup_invocation_id) lane: u32,
 #endif
                ) {
-    let tile = wid.x + wid.y * nwg.x;
-    if (tile >= p.tiles) {
+    let id = wid.x + wid.y * nwg.x;
+    if (id >= p.tiles * p.splits) {
         return;
     }
+    // Split-K: this workgroup sums slice `split` of the inner dimension for output tile `tile`.
+    let split = id / p.tiles;
+    let tile = id % p.tiles;
+    let k_begin = split * p.k_slice;
+    let c_row0 = split * p.rows;
     // Grouped tile order: GROUP_M row tiles sweep the columns together.
     let per_group = GROUP_M * p.tiles_n;
     let first_m = (tile / per_group) * GROUP_M;
@@ -228,39 +363,21 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 
     var acc: array<FragC, FM * FN>; // [i * FN + j], zero to start
     var b_frag: array<FragB, FN>;
-    var a_next: array<{{AB_T}}, A_LOADS>;
-    var b_next: array<{{AB_T}}, B_LOADS>;
 
-    for (var l = 0u; l < A_LOADS; l++) {
-        let mk = a_tile_coord(l * THREADS + lid);
-        a_next[l] = load_a(row0 + mk.x, mk.y);
-    }
-    for (var l = 0u; l < B_LOADS; l++) {
-        let nk = b_tile_coord(l * THREADS + lid);
-        b_next[l] = load_b(nk.y, col0 + nk.x);
-    }
+    load_a_step(row0, k_begin, lid);
+    load_b_step(col0, k_begin, lid);
 
-    let steps = (p.inner + BK - 1u) / BK;
+    let steps = (min(p.k_slice, p.inner - k_begin) + BK - 1u) / BK;
     for (var s = 0u; s < steps; s++) {
-        for (var l = 0u; l < A_LOADS; l++) {
-            a_tile[a_tile_index(a_tile_coord(l * THREADS + lid))] = a_next[l];
-        }
-        for (var l = 0u; l < B_LOADS; l++) {
-            b_tile[b_tile_index(b_tile_coord(l * THREADS + lid))] = b_next[l];
-        }
+        store_a_step(lid);
+        store_b_step(lid);
         workgroupBarrier();
 
         // Issue the next step's global loads now; they complete during the products below.
         if (s + 1u < steps) {
-            let k0 = (s + 1u) * BK;
-            for (var l = 0u; l < A_LOADS; l++) {
-                let mk = a_tile_coord(l * THREADS + lid);
-                a_next[l] = load_a(row0 + mk.x, k0 + mk.y);
-            }
-            for (var l = 0u; l < B_LOADS; l++) {
-                let nk = b_tile_coord(l * THREADS + lid);
-                b_next[l] = load_b(k0 + nk.y, col0 + nk.x);
-            }
+            let k0 = k_begin + (s + 1u) * BK;
+            load_a_step(row0, k0, lid);
+            load_b_step(col0, k0, lid);
         }
 
         for (var kk = 0u; kk < BK; kk += 16u) {
@@ -310,6 +427,27 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         workgroupBarrier();
     }
 
+#if DIRECT_STORE
+    // Nothing fused, f32 C with 16-byte aligned rows: when the whole tile lies inside C (the
+    // same for the whole workgroup), each warp stores its fragments straight from registers.
+    if (row0 + BM <= p.rows && col0 + BN <= p.cols) {
+        if (sg < WARPS) {
+            let stride = p.c_stride;
+            for (var f = 0u; f < FM * FN; f++) {
+                let row = c_row0 + row0 + warp_m0 + (f / FN) * 16u;
+                let col = col0 + warp_n0 + (f % FN) * 16u;
+                let ci = p.c_start + row * stride + col;
+                let frag = acc[f];
+#if EMULATE_COOP
+                emulated_store_global(frag, ci, stride, lane);
+#else
+                coopStoreT(frag, &c[ci], stride);
+#endif
+            }
+        }
+        return;
+    }
+#endif
     // Fragment f of every warp goes through the warps' slots: C(r, q) at r*SC + q.
     let slot_start = slot * SLOT_LEN;
     for (var f = 0u; f < FM * FN; f++) {
@@ -330,7 +468,7 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             let row = row0 + (w / WN) * FM * 16u + frag_m0 + r;
             let col = col0 + (w % WN) * FN * 16u + frag_n0 + q;
             if (row < p.rows && col < p.cols) {
-                store_output(row, col, c_tile[w * SLOT_LEN + r * SC + q]);
+                store_output(c_row0 + row, col, c_tile[w * SLOT_LEN + r * SC + q]);
             }
         }
         workgroupBarrier();

@@ -5,6 +5,10 @@
 // C[rows, cols] (=|+=) epilogue(A x B): A is (rows, inner), or (inner, rows) with A_TRANS; B is
 // (inner, cols), or (cols, inner) with B_TRANS. A and C may be windows of wider matrices (one
 // vocabulary piece of the logits): their first element and row stride come in the parameters.
+// Split-K (matmul_tiled and matmul_coop, weight gradients): with splits > 1 the inner dimension is
+// cut into slices of k_slice elements and slice s's partial product A[:, slice] x B[slice, :] is
+// stored, plain, as rows s*rows .. (s+1)*rows of C, an f32 scratch of (splits, rows, cols) that
+// split_k_reduce (matmul.wgsl) then adds up in slice order.
 // Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, ACCUMULATE, and the
 // epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
 
@@ -19,13 +23,22 @@ struct Params {
     a_stride: u32, // elements between A's stored rows (inner, or rows with A_TRANS, when whole)
     c_start: u32,  // C's first element in `c`
     c_stride: u32, // elements between C's rows (cols when whole)
-    _pad0: u32,
-    _pad1: u32,
+    k_slice: u32,  // inner elements per K slice: inner, or a multiple of 64 when split
+    splits: u32,   // K slices; workgroup tiles * s + t sums slice s of output tile t
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+// With A_VEC / B_VEC (matmul_tiled) the operand is bound as 16-byte packets of its elements.
+#if A_VEC
+@group(0) @binding(1) var<storage, read> a: array<vec4<u32>>;     // (rows, inner) or (inner, rows)
+#else
 @group(0) @binding(1) var<storage, read> a: array<{{A_T}}>;        // (rows, inner) or (inner, rows)
+#endif
+#if B_VEC
+@group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;     // (inner, cols) or (cols, inner)
+#else
 @group(0) @binding(2) var<storage, read> b: array<{{B_T}}>;        // (inner, cols) or (cols, inner)
+#endif
 @group(0) @binding(3) var<storage, read_write> c: array<{{C_T}}>;  // (rows, cols)
 #if BIAS
 @group(0) @binding(4) var<storage, read> bias: array<{{BIAS_T}}>;  // (cols)
@@ -58,7 +71,8 @@ fn b_index(k: u32, col: u32) -> u32 {
 }
 
 // Applies the epilogue to one finished sum and writes C[row, col]; the only thread that touches
-// this element, so `+=` is an exact read-add-write.
+// this element, so `+=` is an exact read-add-write. (A split product's slice s passes row
+// s*rows + r; its epilogue is plain, so `pre` and `bias` are not used.)
 fn store_output(row: u32, col: u32, sum: f32) {
     let idx = row * p.cols + col; // in `pre`, always whole
     let c_idx = p.c_start + row * p.c_stride + col;

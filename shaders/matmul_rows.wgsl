@@ -17,7 +17,7 @@
 
 const COLS: u32 = 32u;
 const LANES: u32 = 8u;
-const MAX_ROWS: u32 = 8u; // ROWS_MAX in ops/matmul.rs
+const MAX_ROWS: u32 = 8u; // ROWS_MAX in ops/matmul/rows.rs
 
 var<workgroup> partials: array<array<f32, MAX_ROWS>, 256>; // [thread][row]
 

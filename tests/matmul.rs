@@ -328,22 +328,38 @@ fn backward_bias_matches_reference() {
     }
 }
 
-/// Small shapes make the launcher pick the smallest tile; every tile shape is forced here, on
-/// shapes that are not multiples of any of them, including K below one k step.
+/// Small shapes make the launcher pick the smallest tile; every tile and k step the adapter's
+/// workgroup memory holds is forced here, on shapes that are not multiples of any tile: element
+/// loads (K = 70 and 3, below one k step, N = 150) and 16-byte packet loads (every extent a
+/// multiple of 8: f32 and f16 packets), with ragged tiles at the edges.
 #[test]
 fn every_tile_config_matches_reference() {
-    let shapes = [(130, 70, 200), (200, 3, 150)];
+    let shapes = [(130, 70, 200), (200, 3, 150), (136, 72, 200)];
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
     for tile in TILE_CONFIGS {
         let kernel = Some(MatmulKernel::Tiled(tile));
         for dtype in float_dtypes() {
-            // The f16 specialisations only for the largest tile, to keep the test quick.
-            if dtype == DType::F16 && tile != TILE_CONFIGS[0] {
+            // Operands staged in f16 when both are f16, else f32: larger tiles need more.
+            let need = tile.workgroup_bytes_staged(dtype == DType::F16);
+            if need > limit {
+                eprintln!(
+                    "{dtype:?} tile {}x{} k step {}: needs {need} bytes of workgroup memory, the \
+                     adapter offers {limit}: not run",
+                    tile.bm(),
+                    tile.bn(),
+                    tile.bk
+                );
                 continue;
             }
             for (i, &shape) in shapes.iter().enumerate() {
                 let (m, k, n) = shape;
                 let seed = 200 + 10 * i as u64;
-                let tag = format!("{dtype:?} {shape:?} tile {}x{}", tile.bm(), tile.bn());
+                let tag = format!(
+                    "{dtype:?} {shape:?} tile {}x{} k step {}",
+                    tile.bm(),
+                    tile.bn(),
+                    tile.bk
+                );
 
                 let f = forward_inputs(seed, shape, dtype);
                 let out = poisoned("out", &[m, n], dtype);
@@ -352,9 +368,14 @@ fn every_tile_config_matches_reference() {
                     kernel,
                     ..Default::default()
                 };
-                gpu()
-                    .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
-                    .unwrap();
+                let d = mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap();
+                // Packets where every extent allows them (K = 72), elements elsewhere.
+                let packets = k % 8 == 0;
+                for operand in ["A_VEC", "B_VEC"] {
+                    let want = format!("{operand}={}", u8::from(packets));
+                    assert!(d.pipeline.label.contains(&want), "{}", d.pipeline.label);
+                }
+                gpu().run(&[&d]).unwrap();
                 let want = forward_want(&f.xv, &f.wv, Some(&f.bv), shape);
                 assert_close(
                     &format!("matmul_forward {tag}"),
@@ -616,9 +637,15 @@ fn bad_shapes_and_aliases_are_errors() {
 #[test]
 fn products_on_column_windows_of_wider_rows() {
     let (m, k, width) = (70, 29, 150);
-    let mut kernels = vec![None, Some(MatmulKernel::Tiled(TILE_CONFIGS[0]))];
+    // The largest tile the adapter holds whatever the operands.
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
+    let largest = TILE_CONFIGS
+        .into_iter()
+        .find(|t| t.workgroup_bytes() <= limit)
+        .unwrap();
+    let mut kernels = vec![None, Some(MatmulKernel::Tiled(largest))];
     if gpu().has_f16() && gpu().has_subgroups() {
-        kernels.push(Some(MatmulKernel::CoopEmulated(mm::COOP_TILES[2])));
+        kernels.push(Some(MatmulKernel::CoopEmulated(mm::COOP_TILES[3])));
     }
     for dtype in float_dtypes() {
         for kernel in kernels.clone() {
@@ -858,4 +885,200 @@ fn few_rows_take_the_rows_kernel_and_match_reference() {
         .expect("nine rows")
         .to_string();
     assert!(e.contains("at most 8 rows"), "{e}");
+}
+
+/// `matmul_backward_weight_split` with `scratch`, `accumulate` and forced `splits` (None: the
+/// launcher's choice).
+fn backward_weight_split(
+    dw: &Tensor,
+    dout: &Tensor,
+    x: &Tensor,
+    scratch: Option<&Tensor>,
+    accumulate: bool,
+    splits: Option<usize>,
+) -> wgpt::Result<Vec<wgpt::Dispatch>> {
+    let opts = MatmulBackwardWeight {
+        accumulate,
+        splits,
+        ..Default::default()
+    };
+    mm::matmul_backward_weight_split(gpu(), dw, dout, x, scratch, &opts)
+}
+
+fn run_all(ds: &[wgpt::Dispatch]) {
+    gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
+}
+
+/// Split-K weight gradients forced to split, against the CPU reference: M (the rows summed) not
+/// a multiple of the 64-row slice step, so the last slice is ragged; outputs of whole vec4s and
+/// not; f32 and f16 inputs (sums in f32: within f32 rounding of the reference on the values as
+/// stored); f32 and f16 gradients; accumulate on and off.
+#[test]
+fn backward_weight_split_matches_reference() {
+    // (M, K, N, slices): 1000 rows in 3 slices of 384 (the last 232), N*K = 1073 (no vec4);
+    // 777 in 5 of 192 (the last 9); 130 in 2 of 128 (the last 2).
+    let cases = [(1000, 29, 37, 3), (777, 64, 48, 5), (130, 70, 200, 2)];
+    let dtypes = float_dtypes();
+    for &dtype in &dtypes {
+        for (i, &(m, k, n, splits)) in cases.iter().enumerate() {
+            let seed = 1100 + 10 * i as u64;
+            let (dout, doutv) = upload("dout", &uniform(seed, m * n), &[m, n], dtype);
+            let (x, xv) = upload("inp", &uniform(seed + 1, m * k), &[m, k], dtype);
+            let want = backward_weight_want(&doutv, &xv, (m, k, n));
+            let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+            // (gradient dtype, accumulate, tolerance: f32 rounding, or one f16 rounding)
+            let mut outputs = vec![(DType::F32, false, 1e-5), (DType::F32, true, 1e-5)];
+            if dtypes.contains(&DType::F16) {
+                outputs.push((DType::F16, true, 1e-3));
+            }
+            for (out_dt, accumulate, tol) in outputs {
+                let (dw, start) = if accumulate {
+                    upload("dweight", &uniform(seed + 2, n * k), &[n, k], out_dt)
+                } else {
+                    (poisoned("dweight", &[n, k], out_dt), vec![0.0; n * k])
+                };
+                let ds =
+                    backward_weight_split(&dw, &dout, &x, Some(&scratch), accumulate, Some(splits))
+                        .unwrap();
+                assert_eq!(ds.len(), 2, "a forced split runs partials, then their sum");
+                run_all(&ds);
+                let what = format!(
+                    "split-K matmul_backward_weight {dtype:?} -> {out_dt:?} (M {m}, K {k}, N {n}) \
+                     {splits} slices accumulate={accumulate}"
+                );
+                let got = read(&dw);
+                let want = round_to(&add(&start, &want), out_dt);
+                assert_close(&what, &got, &want, tol);
+            }
+        }
+    }
+}
+
+/// A small gradient summed over many rows splits by itself: (64, 64) over 4096 rows is one tile,
+/// cut into 4 slices of 1024 rows. It matches the reference and the unsplit product, and
+/// without a scratch (or with too small a one) the same call does not split.
+#[test]
+fn small_output_with_many_rows_splits_by_itself() {
+    let (m, k, n) = (4096, 64, 64);
+    for dtype in float_dtypes() {
+        let (dout, doutv) = upload("dout", &uniform(1200, m * n), &[m, n], dtype);
+        let (x, xv) = upload("inp", &uniform(1201, m * k), &[m, k], dtype);
+        let want = backward_weight_want(&doutv, &xv, (m, k, n));
+        let len = mm::matmul_backward_weight_scratch_len(n, k, m);
+        assert!(len >= 4 * n * k, "scratch of {len} elements");
+        let choice = |len| mm::backward_weight_choice(gpu(), (n, k), m, (dtype, dtype), len);
+        assert_eq!(choice(len).unwrap().1, 4);
+        assert_eq!(choice(0).unwrap().1, 1);
+        assert_eq!(choice(2 * n * k).unwrap().1, 2);
+
+        let scratch = poisoned("scratch", &[len], DType::F32);
+        let split = poisoned("dweight", &[n, k], DType::F32);
+        let ds = backward_weight_split(&split, &dout, &x, Some(&scratch), false, None).unwrap();
+        assert_eq!(ds.len(), 2);
+        run_all(&ds);
+        let whole = poisoned("dweight", &[n, k], DType::F32);
+        let ds = backward_weight_split(&whole, &dout, &x, None, false, None).unwrap();
+        assert_eq!(ds.len(), 1, "no scratch, no split");
+        run_all(&ds);
+        let (split, whole) = (read(&split), read(&whole));
+        for (what, got) in [("split", &split), ("unsplit", &whole)] {
+            let what = format!("{dtype:?} (M {m}, K {k}, N {n}) {what}");
+            assert_close(&what, got, &want, 1e-5);
+        }
+        assert_close("split against unsplit", &split, &whole, 1e-5);
+    }
+}
+
+/// Split-K runs are bitwise repeatable, plain and accumulating, whatever was in the scratch.
+#[test]
+fn split_runs_are_bitwise_deterministic() {
+    let (m, k, n, splits) = (777, 64, 48, 5);
+    let (dout, _) = upload("dout", &uniform(1300, m * n), &[m, n], DType::F32);
+    let (x, _) = upload("inp", &uniform(1301, m * k), &[m, k], DType::F32);
+    let start = uniform(1302, n * k);
+    let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+    for accumulate in [false, true] {
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let (dw, _) = upload("dweight", &start, &[n, k], DType::F32);
+            gpu().poison(&scratch).unwrap();
+            let ds =
+                backward_weight_split(&dw, &dout, &x, Some(&scratch), accumulate, Some(splits))
+                    .unwrap();
+            run_all(&ds);
+            runs.push(read(&dw));
+        }
+        assert_bitwise_eq(
+            &format!("split-K accumulate={accumulate} run twice"),
+            &runs[0],
+            &runs[1],
+        );
+    }
+}
+
+#[test]
+fn split_k_refuses_what_it_cannot_do() {
+    let f32_ = DType::F32;
+    let (m, k, n) = (300, 29, 37);
+    let dout = gpu().zeros("dout", &[m, n], f32_).unwrap();
+    let x = gpu().zeros("inp", &[m, k], f32_).unwrap();
+    let dw = gpu().zeros("dweight", &[n, k], f32_).unwrap();
+    let err = |r: wgpt::Result<Vec<wgpt::Dispatch>>| r.err().expect("must be refused").to_string();
+    // A split without a scratch, or with one too small for the slices asked for.
+    let opts = MatmulBackwardWeight {
+        splits: Some(2),
+        ..Default::default()
+    };
+    let e = mm::matmul_backward_weight(gpu(), &dw, &dout, &x, &opts)
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(e.contains("scratch"), "{e}");
+    assert!(err(backward_weight_split(&dw, &dout, &x, None, false, Some(2))).contains("scratch"));
+    let small = gpu().zeros("scratch", &[2 * n * k - 1], f32_).unwrap();
+    let e = err(backward_weight_split(
+        &dw,
+        &dout,
+        &x,
+        Some(&small),
+        false,
+        Some(2),
+    ));
+    assert!(
+        e.contains("matmul_backward_weight") && e.contains("scratch"),
+        "{e}"
+    );
+    let scratch = gpu().zeros("scratch", &[2 * n * k], f32_).unwrap();
+    assert!(backward_weight_split(&dw, &dout, &x, Some(&scratch), false, Some(2)).is_ok());
+    assert!(err(backward_weight_split(
+        &dw,
+        &dout,
+        &x,
+        Some(&scratch),
+        false,
+        Some(0)
+    ))
+    .contains("0"));
+    // The scratch is f32 and shares no buffer with the operands.
+    if let Ok(half) = gpu().zeros("scratch", &[2 * n * k], DType::F16) {
+        assert!(backward_weight_split(&dw, &dout, &x, Some(&half), false, Some(2)).is_err());
+    }
+    let e = err(backward_weight_split(
+        &dw,
+        &dout,
+        &x,
+        Some(&dout),
+        false,
+        Some(2),
+    ));
+    assert!(e.contains("alias"), "{e}");
+    let e = err(backward_weight_split(
+        &dw,
+        &dout,
+        &x,
+        Some(&dw),
+        false,
+        Some(2),
+    ));
+    assert!(e.contains("alias") || e.contains("overlap"), "{e}");
 }

@@ -17,13 +17,16 @@ use wgpt::reference::elementwise::{gelu, gelu_grad};
 use wgpt::reference::matmul as cpu;
 
 /// (M, K, N): one element; below one fragment; odd sizes across tiles with K not a multiple of
-/// 16 or of the k step; K below one fragment; more than one 128x128 tile with ragged edges.
-const SHAPES: [(usize, usize, usize); 5] = [
+/// 16 or of the k step; K below one fragment; more than one 128x128 tile with ragged edges;
+/// the same with every extent a multiple of 8 (16-byte packet loads; whole tiles stored
+/// directly by f32 products that fuse nothing).
+const SHAPES: [(usize, usize, usize); 6] = [
     (1, 1, 1),
     (13, 9, 7),
     (37, 29, 53),
     (200, 3, 150),
     (130, 70, 200),
+    (136, 72, 200),
 ];
 
 /// Whether the cooperative-matrix kernel can run here, or else why not.
@@ -53,7 +56,24 @@ fn kernels_under_test(test: &str) -> Vec<MatmulKernel> {
             "{test}: adapter '{}' {why}: cooperative-matrix kernel skipped, testing its emulated form",
             g.info.name
         );
-        COOP_TILES.map(MatmulKernel::CoopEmulated).to_vec()
+        let limit = g.limits.max_compute_workgroup_storage_size;
+        COOP_TILES
+            .into_iter()
+            .filter(|t| {
+                let fits = t.workgroup_bytes() <= limit;
+                if !fits {
+                    eprintln!(
+                        "{test}: tile {}x{} needs {} bytes of workgroup memory, the adapter \
+                         offers {limit}: not run",
+                        t.bm(),
+                        t.bn(),
+                        t.workgroup_bytes()
+                    );
+                }
+                fits
+            })
+            .map(MatmulKernel::CoopEmulated)
+            .collect()
     } else {
         eprintln!("{test}: adapter '{}' {why}: skipped", g.info.name);
         Vec::new()
@@ -259,6 +279,63 @@ fn backward_weight_matches_reference_on_every_tile() {
     }
 }
 
+/// Split-K weight gradients on every tile: M = 300 rows in 3 slices (128, 128 and a ragged 44),
+/// overwrite and accumulate, f32 and f16 gradients, against the reference on the values as
+/// stored (f16 products are exact in f32: within f32 rounding), and bitwise equal when rerun.
+/// The operands load in 16-byte packets and the partials (f32, nothing fused) are stored
+/// straight from the fragments where a whole tile lies inside the (136, 72) gradient.
+#[test]
+fn split_backward_weight_matches_reference_on_every_tile() {
+    let (m, k, n, splits) = (300, 72, 136, 3);
+    let shape = (m, k, n);
+    let (dout, doutv) = f16_input("dout", 3500, &[m, n]);
+    let (x, xv) = f16_input("inp", 3501, &[m, k]);
+    let mut want = vec![0.0; n * k];
+    cpu::matmul_backward_weight(&mut want, &doutv, &xv, m, k, n);
+    let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+    for tested in kernels_under_test("split_backward_weight_matches_reference_on_every_tile") {
+        for (out_dt, accumulate, tol) in [
+            (DType::F32, false, 1e-5),
+            (DType::F32, true, 1e-5),
+            (DType::F16, true, 1e-3),
+        ] {
+            let opts = MatmulBackwardWeight {
+                accumulate,
+                kernel: Some(tested),
+                splits: Some(splits),
+                ..Default::default()
+            };
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let (dw, start) = output("dweight", &[n, k], out_dt, accumulate, 3502);
+                gpu().poison(&scratch).unwrap();
+                let ds =
+                    mm::matmul_backward_weight_split(gpu(), &dw, &dout, &x, Some(&scratch), &opts)
+                        .unwrap();
+                assert_eq!(
+                    ds.len(),
+                    2,
+                    "{tested}: a forced split runs partials, then their sum"
+                );
+                for define in ["A_VEC=1", "B_VEC=1", "DIRECT_STORE=1"] {
+                    let label = &ds[0].pipeline.label;
+                    assert!(label.contains(define), "{label}");
+                }
+                gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
+                let what = tag(
+                    tested,
+                    shape,
+                    &format!("split-K backward weight out={out_dt:?} accumulate={accumulate}"),
+                );
+                let got = read(&dw);
+                assert_close(&what, &got, &round_to(&add(&start, &want), out_dt), tol);
+                runs.push(got);
+            }
+            assert_bitwise_eq(&format!("{tested} split-K run twice"), &runs[0], &runs[1]);
+        }
+    }
+}
+
 /// Two runs of each product on each tile are bitwise equal.
 #[test]
 fn coop_runs_are_bitwise_deterministic() {
@@ -407,7 +484,13 @@ fn self_check_passes_correct_candidates() {
         eprintln!("adapter has no SHADER_F16: the self-check runs f16 products: skipped");
         return;
     }
-    let candidate = MatmulKernel::Tiled(mm::TILE_CONFIGS[0]);
+    // The largest tile (and k step) the adapter holds for f16 operands.
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
+    let largest = mm::TILE_CONFIGS
+        .into_iter()
+        .find(|t| t.workgroup_bytes_staged(true) <= limit)
+        .unwrap();
+    let candidate = MatmulKernel::Tiled(largest);
     let err = mm::agreement_with_tiled(gpu(), candidate).unwrap();
     eprintln!("{candidate} against the tiled 64x64 kernel: relative difference {err:.3e}");
     assert_eq!(err, 0.0);
@@ -415,7 +498,11 @@ fn self_check_passes_correct_candidates() {
         eprintln!("adapter has no subgroup operations: emulated candidates skipped");
         return;
     }
-    for tile in COOP_TILES {
+    let limit = gpu().limits.max_compute_workgroup_storage_size;
+    for tile in COOP_TILES
+        .into_iter()
+        .filter(|t| t.workgroup_bytes() <= limit)
+    {
         let candidate = MatmulKernel::CoopEmulated(tile);
         let err = mm::agreement_with_tiled(gpu(), candidate).unwrap();
         eprintln!("{candidate} against the tiled 64x64 kernel: relative difference {err:.3e}");
@@ -431,7 +518,7 @@ fn coop_kernel_refuses_f32_operands() {
     let w = gpu().zeros("weight", &[n, k], DType::F32).unwrap();
     let out = gpu().zeros("out", &[m, n], DType::F32).unwrap();
     let forced = MatmulForward {
-        kernel: Some(MatmulKernel::Coop(COOP_TILES[2])),
+        kernel: Some(MatmulKernel::Coop(COOP_TILES[3])),
         ..Default::default()
     };
     let e = mm::matmul_forward(gpu(), &out, &x, &w, &forced)

@@ -12,6 +12,9 @@
 //!
 //! `cargo run --release --bin kernel-bench -- --precision f16 --kernel coop`
 //! `cargo run --release --bin kernel-bench -- --precision f16 --kernel tiled`
+//!
+//! The last matmul rows run one weight gradient whole and split along its rows (split-K); the
+//! kernel column then ends in `/S`, the number of K slices.
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -69,7 +72,9 @@ fn pick(
         KernelChoice::Auto => matmul::auto_kernel(gpu, rows, cols, dt, dt),
         KernelChoice::Tiled => matmul::best_tiled_kernel(gpu, rows, cols),
         KernelChoice::Coop => matmul::best_coop_kernel(gpu, rows, cols),
-        KernelChoice::CoopEmulated => Ok(MatmulKernel::CoopEmulated(matmul::COOP_TILES[2])),
+        KernelChoice::CoopEmulated => Ok(MatmulKernel::CoopEmulated(
+            matmul::COOP_TILES[matmul::COOP_TILES.len() - 1],
+        )),
     }
 }
 
@@ -267,6 +272,67 @@ fn run(args: Args) -> Result<()> {
                 check
             );
         }
+    }
+
+    // Split-K: attn.c_proj's weight gradient (C x C, summed over all rows) makes too few tiles
+    // to fill a large GPU; whole (the kernel and tile the launcher takes without a scratch) and
+    // split along the rows into a scratch, then summed. Rows 4096 on a CPU adapter (the least
+    // that splits in four).
+    let split_m = if cpu { 4096 } else { m };
+    let (n, k) = (c, c);
+    let dout = gpu.upload(
+        "dout",
+        &rng.vec_uniform(split_m * n, -1.0, 1.0),
+        &[split_m, n],
+        dt,
+    )?;
+    let inp = gpu.upload(
+        "inp",
+        &rng.vec_uniform(split_m * k, -1.0, 1.0),
+        &[split_m, k],
+        dt,
+    )?;
+    let dw = gpu.zeros("dw", &[n, k], DType::F32)?;
+    let scratch_len = matmul::matmul_backward_weight_scratch_len(n, k, split_m);
+    let scratch = gpu.zeros("scratch", &[scratch_len.max(1)], DType::F32)?;
+    for (what, scratch) in [("whole", None), ("split", Some(&scratch))] {
+        let scratch_len = scratch.map_or(0, |s| s.len());
+        let (auto, slices) =
+            matmul::backward_weight_choice(&gpu, (n, k), split_m, (dt, dt), scratch_len)?;
+        let kernel = match choice {
+            KernelChoice::Auto => auto,
+            _ => pick(&gpu, choice, n, k, dt)?,
+        };
+        let ds = matmul::matmul_backward_weight_split(
+            &gpu,
+            &dw,
+            &dout,
+            &inp,
+            scratch,
+            &MatmulBackwardWeight {
+                accumulate: true,
+                kernel: Some(kernel),
+                splits: Some(slices),
+                ..Default::default()
+            },
+        )?;
+        let s = time(&gpu, &ds, reps)?;
+        let slices = if slices > 1 {
+            format!(" /{slices}")
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<34} {:>7} {:>7} {:>7} {:>10.3} {:>9.1}  {:<14} {:>9}",
+            format!("attn.c_proj backward weight {what}"),
+            n,
+            split_m,
+            k,
+            s * 1e3,
+            matmul::matmul_flops(n, split_m, k) / s / 1e9,
+            format!("{kernel}{slices}"),
+            "-"
+        );
     }
 
     let (b, t, nh, hs) = if cpu {

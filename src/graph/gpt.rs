@@ -1214,24 +1214,31 @@ fn linear_param_grads(
     nout: usize,
 ) {
     let gw = w.g;
+    // Split-K partials when the (nout, k) gradient is too small to fill a large GPU alone.
+    let split_len = matmul::matmul_backward_weight_scratch_len(nout, k, n);
+    let split = (split_len > 0)
+        .then(|| g.planned(format!("{what} weight partials"), &[split_len], DType::F32));
+    let mut writes = vec![gw];
+    writes.extend(split);
     g.node(
         format!("{what}.backward_weight"),
         "matmul",
         &[dout, inp, gw],
-        &[gw],
+        &writes,
         matmul::matmul_flops(n, k, nout),
         move |gpu, r| {
             let o = MatmulBackwardWeight {
                 accumulate: true,
                 ..Default::default()
             };
-            Ok(vec![matmul::matmul_backward_weight(
+            matmul::matmul_backward_weight_split(
                 gpu,
                 r.t(gw),
                 r.t(dout),
                 r.t(inp),
+                split.map(|s| r.t(s)),
                 &o,
-            )?])
+            )
         },
     );
     let gb = bias.g;

@@ -1,0 +1,723 @@
+//! Launchers for `shaders/matmul.wgsl`: the three products of a Linear layer and its bias
+//! gradient, in PyTorch layout (weight (N, K) = (out, in)).
+//!
+//! Every product is one kernel with its operands read in place (transposed or not), so no
+//! launcher copies or transposes anything: the tiled kernel `matmul_tiled` (shaders/matmul.wgsl),
+//! or, for f16 operands on adapters with 16x16 f16 cooperative matrices (tensor cores), the
+//! cooperative-matrix kernel `matmul_coop` (shaders/matmul_coop.wgsl). Which kernel and tile
+//! shape runs is decided in one place, `choose_kernel`; options may force one (tests do).
+//!
+//! Cooperative matrices are young in wgpu and drivers differ, so `matmul_coop` is only chosen
+//! after a self-check has compared it with `matmul_tiled` on this device (once per [`Gpu`], at
+//! the first f16 product; see [`coop_matmul_status`]). `WGPT_NO_COOPMAT=1` turns it off.
+//!
+//! Gradient convention of the executor: parameter gradients are cleared once per optimiser step
+//! and every weight and bias gradient is launched with `accumulate = true`. Accumulation is exact:
+//! the one thread that owns an output element reads it, adds, and writes it back.
+//!
+//! Dtypes: inputs f32 or f16 (f16 needs SHADER_F16), each tensor its own; every sum is f32.
+//! Outputs f32 or f16. The bias may be f32 or f16 whatever the output is.
+//!
+//! The folder, by concern: this file has the public launchers, their shape and alias checks and
+//! the one `launch` every product goes through; `choice` decides the kernel and tile, `check` is
+//! the start-up self-check of the cooperative-matrix kernel, `tiled`, `coop` and `rows` hold
+//! each kernel's tiles and specialisations, `split` the split-K weight gradient, `bias` the bias
+//! gradient's column sums.
+
+mod bias;
+mod check;
+mod choice;
+mod coop;
+mod rows;
+mod split;
+mod tiled;
+
+pub use bias::{matmul_backward_bias, matmul_backward_bias_scratch_len};
+pub use check::{
+    agreement_with_tiled, coop_disabled_by_env, coop_matmul_status, relative_difference,
+    SELF_CHECK_TOLERANCE,
+};
+pub use choice::{auto_kernel, best_coop_kernel, best_tiled_kernel};
+pub use coop::{CoopTile, COOP_TILES};
+pub use rows::ROWS_MAX;
+pub use split::{
+    backward_weight_choice, matmul_backward_weight_scratch_len, matmul_backward_weight_split,
+    SPLIT_MAX, SPLIT_MIN_SLICE,
+};
+pub use tiled::{TileConfig, TILE_CONFIGS};
+
+use super::{check_float, check_u32_range};
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use choice::{check_kernel, choose_kernel, coop_subgroup_size, no_split};
+use coop::CoopVariant;
+use rows::{RowsVariant, ROWS_COLS};
+use tiled::{packets_fit, TiledVariant};
+
+const SHADER: &str = "matmul";
+const COOP_SHADER: &str = "matmul_coop";
+const ROWS_SHADER: &str = "matmul_rows";
+const FAMILY: &str = "matmul";
+
+/// `2 * M * K * N`: the floating-point operations of an (M, K) x (K, N) product.
+pub fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
+    2.0 * m as f64 * k as f64 * n as f64
+}
+
+/// Which kernel computes a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MatmulKernel {
+    /// `matmul_tiled`: workgroup-memory tiles, register blocking, f32 arithmetic.
+    Tiled(TileConfig),
+    /// `matmul_coop`: f16 operands on 16x16x16 cooperative matrices with f32 sums.
+    Coop(CoopTile),
+    /// `matmul_coop` with its cooperative-matrix operations replaced by plain-WGSL stand-ins
+    /// that follow their SPIR-V definition (each lane of a subgroup sums its share of a fragment
+    /// from the staged tiles): runs on any adapter with f16 and subgroups, slowly (on Mesa's
+    /// software rasteriser only for inner dimensions up to about 3000, as it ends long loops).
+    /// For checking the kernel's staging, fragment offsets, subgroup mapping and epilogue where
+    /// there are no tensor cores; never chosen by the launchers.
+    CoopEmulated(CoopTile),
+    /// `matmul_rows`: forward products with at most [`ROWS_MAX`] rows (decoding a few samples),
+    /// each weight element read once for every row instead of a tile's worth of padded rows.
+    Rows,
+}
+
+impl std::fmt::Display for MatmulKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MatmulKernel::Tiled(t) => write!(f, "tiled {}x{}", t.bm(), t.bn()),
+            MatmulKernel::Coop(t) => write!(f, "coop {}x{}", t.bm(), t.bn()),
+            MatmulKernel::CoopEmulated(t) => write!(f, "coop-emulated {}x{}", t.bm(), t.bn()),
+            MatmulKernel::Rows => write!(f, "rows"),
+        }
+    }
+}
+
+/// Options of [`matmul_forward`].
+#[derive(Clone, Copy, Default)]
+pub struct MatmulForward<'a> {
+    /// (N) added to every row.
+    pub bias: Option<&'a Tensor>,
+    /// (M, N): when set, the pre-activation `inp @ weight^T + bias` is stored here and `out`
+    /// receives `gelu(pre)` (tanh approximation, computed from the value as stored).
+    pub gelu_pre: Option<&'a Tensor>,
+    /// `out += ...` instead of `out = ...` (`gelu_pre` is always overwritten).
+    pub accumulate: bool,
+    /// Forces a kernel instead of `choose_kernel`'s choice.
+    pub kernel: Option<MatmulKernel>,
+    /// Writes columns `start..start + N` of a wider `out` (M, W) in place, W being its last
+    /// dimension (e.g. one vocabulary piece of the logits). Not with `gelu_pre`.
+    pub out_columns: Option<usize>,
+}
+
+/// Options of [`matmul_backward_input`].
+#[derive(Clone, Copy, Default)]
+pub struct MatmulBackwardInput<'a> {
+    /// (M, K): when set, `dinp = (dout @ weight) * gelu'(pre)`, the gradient through this layer
+    /// and the GELU that produced its input (`pre` is the GELU's input).
+    pub gelu_pre: Option<&'a Tensor>,
+    /// `dinp += ...` instead of `dinp = ...`.
+    pub accumulate: bool,
+    /// Forces a kernel instead of `choose_kernel`'s choice.
+    pub kernel: Option<MatmulKernel>,
+    /// Reads columns `start..start + N` of a wider `dout` (M, W) in place, W being its last
+    /// dimension (e.g. one vocabulary piece of the logits' gradient).
+    pub dout_columns: Option<usize>,
+}
+
+/// Options of [`matmul_backward_weight`] and [`matmul_backward_weight_split`].
+#[derive(Clone, Copy, Default)]
+pub struct MatmulBackwardWeight {
+    /// `dweight += ...` instead of `dweight = ...`.
+    pub accumulate: bool,
+    /// Forces a kernel instead of `choose_kernel`'s choice.
+    pub kernel: Option<MatmulKernel>,
+    /// Reads columns `start..start + N` of a wider `dout` (M, W) in place, W being its last
+    /// dimension.
+    pub dout_columns: Option<usize>,
+    /// Forces the number of K slices of [`matmul_backward_weight_split`] (1: no split) instead
+    /// of [`backward_weight_choice`]'s; the scratch must hold them. (Slices are whole multiples
+    /// of 64 rows, so a short M may give fewer.)
+    pub splits: Option<usize>,
+}
+
+/// What happens to each finished sum before it is stored.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    Plain,
+    /// Store the sum (plus bias) in the tensor, output its GELU.
+    GeluForward(&'a Tensor),
+    /// Multiply the sum by the GELU derivative at the tensor's values.
+    GeluBackward(&'a Tensor),
+}
+
+/// `c (=|+=) epilogue(A x B (+ bias))`, c: (rows, cols); A is (rows, inner), or (inner, rows)
+/// when `a_trans`; B is (inner, cols), or (cols, inner) when `b_trans`. A and C may be windows
+/// of wider matrices: A's rows are `a.stride` elements apart and start at element `a.start`
+/// (likewise C); a contiguous operand has stride = its row length and start 0.
+struct Product<'a> {
+    op: &'static str,
+    c: &'a Tensor,
+    a: &'a Tensor,
+    b: &'a Tensor,
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    a_trans: bool,
+    b_trans: bool,
+    a_window: Window,
+    c_window: Window,
+    bias: Option<&'a Tensor>,
+    epilogue: Epilogue<'a>,
+    accumulate: bool,
+    /// How the inner dimension is cut (split-K); C holds one (rows, cols) block per slice.
+    slices: Slices,
+}
+
+/// The K slices of a product: `count` slices of `len` inner elements, the last one possibly
+/// shorter. An unsplit product is one slice of the whole inner dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slices {
+    len: usize,
+    count: usize,
+}
+
+impl Slices {
+    fn whole(inner: usize) -> Slices {
+        Slices {
+            len: inner,
+            count: 1,
+        }
+    }
+}
+
+/// Where a matrix operand lies in its tensor: element `start`, rows `stride` elements apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    start: usize,
+    stride: usize,
+}
+
+impl Window {
+    /// A whole contiguous matrix with rows of `row_len`.
+    fn whole(row_len: usize) -> Window {
+        Window {
+            start: 0,
+            stride: row_len,
+        }
+    }
+}
+
+fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+/// The epilogue defines, shared by both kernels: `BIAS` (+ `BIAS_T`), `GELU_FWD` or `GELU_BWD`
+/// (+ `PRE_T`, `PRE_BINDING`).
+fn epilogue_defines(
+    bias_dtype: Option<DType>,
+    gelu: Option<(DType, bool)>,
+) -> Vec<(String, String)> {
+    let mut d = Vec::new();
+    if let Some(bt) = bias_dtype {
+        d.extend(defines![("BIAS", "1"), ("BIAS_T", bt.wgsl())]);
+    }
+    if let Some((pt, forward)) = gelu {
+        let entry = if forward { "GELU_FWD" } else { "GELU_BWD" };
+        // Bindings are numbered in order: params, A, B, C, [bias], [pre].
+        let binding = 4 + u32::from(bias_dtype.is_some());
+        d.extend(defines![
+            (entry, "1"),
+            ("PRE_T", pt.wgsl()),
+            ("PRE_BINDING", binding)
+        ]);
+    }
+    d
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TiledParams {
+    rows: u32,
+    cols: u32,
+    inner: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    tiles: u32,
+    a_start: u32,
+    a_stride: u32,
+    c_start: u32,
+    c_stride: u32,
+    k_slice: u32,
+    splits: u32,
+}
+
+fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result<Dispatch> {
+    let op = prod.op;
+    // Every element index the shader forms must fit its u32 arithmetic.
+    let a_rows = if prod.a_trans { prod.inner } else { prod.rows };
+    check_u32_range(
+        op,
+        "A's last element",
+        prod.a_window.start + a_rows * prod.a_window.stride,
+    )?;
+    check_u32_range(op, "inner * cols", prod.inner * prod.cols)?;
+    check_u32_range(
+        op,
+        "C's last element",
+        prod.c_window.start + prod.slices.count * prod.rows * prod.c_window.stride,
+    )?;
+    let kernel = match forced {
+        Some(k) => {
+            check_kernel(gpu, prod, k)?;
+            k
+        }
+        None => choose_kernel(gpu, prod, &no_split)?,
+    };
+    let gelu = match prod.epilogue {
+        Epilogue::Plain => None,
+        Epilogue::GeluForward(t) => Some((t.dtype, true)),
+        Epilogue::GeluBackward(t) => Some((t.dtype, false)),
+    };
+    // 16-byte packet loads where the operands' shapes allow them (matmul_tiled, matmul_coop).
+    let a_vec = packets_fit(
+        prod.a.dtype,
+        if prod.a_trans { prod.rows } else { prod.inner },
+        prod.a_window.stride,
+        prod.a_window.start,
+        prod.a.len(),
+    );
+    let b_len = if prod.b_trans { prod.inner } else { prod.cols };
+    let b_vec = packets_fit(prod.b.dtype, b_len, b_len, 0, prod.b.len());
+    let (shader, entry, bm, bn, defines) = match kernel {
+        MatmulKernel::Tiled(tile) => {
+            let variant = TiledVariant {
+                tile,
+                a_dtype: prod.a.dtype,
+                b_dtype: prod.b.dtype,
+                c_dtype: prod.c.dtype,
+                a_trans: prod.a_trans,
+                b_trans: prod.b_trans,
+                bias_dtype: prod.bias.map(|b| b.dtype),
+                gelu,
+                accumulate: prod.accumulate,
+                a_vec,
+                b_vec,
+            };
+            (
+                SHADER,
+                "matmul_tiled",
+                tile.bm(),
+                tile.bn(),
+                variant.defines(),
+            )
+        }
+        MatmulKernel::Rows => {
+            let variant = RowsVariant {
+                a_dtype: prod.a.dtype,
+                b_dtype: prod.b.dtype,
+                c_dtype: prod.c.dtype,
+                bias_dtype: prod.bias.map(|b| b.dtype),
+                gelu,
+                accumulate: prod.accumulate,
+            };
+            (
+                ROWS_SHADER,
+                "matmul_rows",
+                ROWS_MAX as u32,
+                ROWS_COLS as u32,
+                variant.defines(),
+            )
+        }
+        MatmulKernel::Coop(tile) | MatmulKernel::CoopEmulated(tile) => {
+            let emulate = matches!(kernel, MatmulKernel::CoopEmulated(_));
+            let variant = CoopVariant {
+                tile,
+                subgroup: coop_subgroup_size(gpu, emulate).map_err(|why| Error::shape(op, why))?,
+                c_dtype: prod.c.dtype,
+                a_trans: prod.a_trans,
+                b_trans: prod.b_trans,
+                bias_dtype: prod.bias.map(|b| b.dtype),
+                gelu,
+                accumulate: prod.accumulate,
+                emulate,
+                a_vec,
+                b_vec,
+                direct_store: matches!(prod.epilogue, Epilogue::Plain)
+                    && prod.bias.is_none()
+                    && !prod.accumulate
+                    && prod.c.dtype == DType::F32
+                    && prod.c_window.start.is_multiple_of(4)
+                    && prod.c_window.stride.is_multiple_of(4)
+                    && prod.c.offset.is_multiple_of(16),
+            };
+            (
+                COOP_SHADER,
+                "matmul_coop",
+                tile.bm(),
+                tile.bn(),
+                variant.defines(),
+            )
+        }
+    };
+    let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(bm as usize))?;
+    let tiles_n = check_u32_range(op, "column tiles", prod.cols.div_ceil(bn as usize))?;
+    let tiles = check_u32_range(op, "tiles", tiles_m as usize * tiles_n as usize)?;
+    let workgroups = check_u32_range(
+        op,
+        "workgroups (tiles x K slices)",
+        tiles as usize * prod.slices.count,
+    )?;
+    let params = gpu.uniform(
+        op,
+        &TiledParams {
+            rows: prod.rows as u32,
+            cols: prod.cols as u32,
+            inner: prod.inner as u32,
+            tiles_m,
+            tiles_n,
+            tiles,
+            a_start: prod.a_window.start as u32,
+            a_stride: prod.a_window.stride as u32,
+            c_start: prod.c_window.start as u32,
+            c_stride: prod.c_window.stride as u32,
+            k_slice: prod.slices.len as u32,
+            splits: prod.slices.count as u32,
+        },
+    );
+    let mut bindings = vec![
+        Bind::Uniform(&params),
+        Bind::Read(prod.a),
+        Bind::Read(prod.b),
+        Bind::Write(prod.c),
+    ];
+    if let Some(bias) = prod.bias {
+        bindings.push(Bind::Read(bias));
+    }
+    match prod.epilogue {
+        Epilogue::Plain => {}
+        Epilogue::GeluForward(pre) => bindings.push(Bind::Write(pre)),
+        Epilogue::GeluBackward(pre) => bindings.push(Bind::Read(pre)),
+    }
+    gpu.dispatch(DispatchDesc {
+        shader,
+        entry,
+        defines,
+        bindings: &bindings,
+        workgroups: gpu.grid(workgroups),
+        label: if prod.slices.count > 1 {
+            format!("{op}.partial[{} K slices]", prod.slices.count)
+        } else {
+            op.to_string()
+        },
+        family: FAMILY,
+    })
+}
+
+/// (N, K) of a weight, which must be 2-D and non-empty.
+fn weight_dims(op: &'static str, what: &str, w: &Tensor) -> Result<(usize, usize)> {
+    match w.shape[..] {
+        [n, k] if n > 0 && k > 0 => Ok((n, k)),
+        _ => Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}, expected a non-empty (N, K) matrix",
+                w.shape
+            ),
+        )),
+    }
+}
+
+/// Rows of `t` seen as (rows, width) with leading dimensions flattened. A tensor of rank >= 2
+/// must have `width` as its last dimension; a flat one just a multiple of `width` elements.
+fn rows_of(op: &'static str, what: &str, t: &Tensor, width: usize) -> Result<usize> {
+    let last_ok = t.shape.len() < 2 || t.shape.last() == Some(&width);
+    if !last_ok || t.is_empty() || !t.len().is_multiple_of(width) {
+        return Err(Error::shape(
+            op,
+            format!("{what} has shape {:?}, expected (..., {width})", t.shape),
+        ));
+    }
+    Ok(t.len() / width)
+}
+
+/// Checks `t` is (rows, width) up to flattening of its leading dimensions.
+fn expect_rows(op: &'static str, what: &str, t: &Tensor, rows: usize, width: usize) -> Result<()> {
+    let got = rows_of(op, what, t, width)?;
+    if got != rows {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}, expected {rows} rows of {width}",
+                t.shape
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The window of `t` (rows of `width` elements, leading dimensions flattened) that holds a
+/// `rows x cols` matrix: columns `start..start + cols` when `columns` is `Some(start)` (the
+/// matrix lies inside wider rows), else the whole tensor, which must then be `rows x cols`.
+fn window(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    rows: usize,
+    cols: usize,
+    columns: Option<usize>,
+) -> Result<Window> {
+    let Some(start) = columns else {
+        expect_rows(op, what, t, rows, cols)?;
+        return Ok(Window::whole(cols));
+    };
+    let width = *t.shape.last().unwrap_or(&0);
+    if width == 0 || start + cols > width {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}: columns {start}..{} are outside its rows",
+                t.shape,
+                start + cols
+            ),
+        ));
+    }
+    expect_rows(op, what, t, rows, width)?;
+    Ok(Window {
+        start,
+        stride: width,
+    })
+}
+
+/// Rows of a matrix operand `cols` wide, or of the wider rows it is a window of (`columns`).
+fn window_rows(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    cols: usize,
+    columns: Option<usize>,
+) -> Result<usize> {
+    let width = match columns {
+        Some(_) => *t.shape.last().unwrap_or(&0),
+        None => cols,
+    };
+    rows_of(op, what, t, width.max(1))
+}
+
+/// Whether two tensor views share any byte.
+fn overlaps(x: &Tensor, y: &Tensor) -> bool {
+    x.buffer == y.buffer
+        && x.offset < y.offset + y.byte_size()
+        && y.offset < x.offset + x.byte_size()
+}
+
+/// Outputs may not share a buffer with any input (wgpu forbids binding one buffer both read-only
+/// and writable in a dispatch), nor overlap each other.
+fn check_no_alias(
+    op: &'static str,
+    outputs: &[(&str, &Tensor)],
+    inputs: &[(&str, &Tensor)],
+) -> Result<()> {
+    for (i, (out_name, out)) in outputs.iter().enumerate() {
+        for (in_name, inp) in inputs {
+            if out.buffer == inp.buffer {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{out_name} shares a buffer with {in_name}; outputs may not alias inputs"
+                    ),
+                ));
+            }
+        }
+        for (other_name, other) in &outputs[i + 1..] {
+            if overlaps(out, other) {
+                return Err(Error::shape(
+                    op,
+                    format!("{out_name} overlaps {other_name}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `out (=|+=) inp @ weight^T (+ bias)`, optionally followed by GELU (see [`MatmulForward`]).
+///
+/// out: (M, N), inp: (M, K) with leading dimensions flattened (M = inp.len() / K),
+/// weight: (N, K), bias: (N), gelu_pre: (M, N). Any float dtypes.
+pub fn matmul_forward(
+    gpu: &Gpu,
+    out: &Tensor,
+    inp: &Tensor,
+    weight: &Tensor,
+    opts: &MatmulForward<'_>,
+) -> Result<Dispatch> {
+    const OP: &str = "matmul_forward";
+    check_float(gpu, OP, "out", out)?;
+    check_float(gpu, OP, "inp", inp)?;
+    check_float(gpu, OP, "weight", weight)?;
+    let (n, k) = weight_dims(OP, "weight", weight)?;
+    let m = rows_of(OP, "inp", inp, k)?;
+    let c_window = window(OP, "out", out, m, n, opts.out_columns)?;
+    if opts.out_columns.is_some() && opts.gelu_pre.is_some() {
+        return Err(Error::shape(
+            OP,
+            "a GELU epilogue writes whole rows; it cannot be combined with out_columns",
+        ));
+    }
+    let mut inputs = vec![("inp", inp), ("weight", weight)];
+    if let Some(bias) = opts.bias {
+        check_float(gpu, OP, "bias", bias)?;
+        bias.expect_len(OP, "bias", n)?;
+        inputs.push(("bias", bias));
+    }
+    let mut outputs = vec![("out", out)];
+    if let Some(pre) = opts.gelu_pre {
+        check_float(gpu, OP, "gelu_pre", pre)?;
+        expect_rows(OP, "gelu_pre", pre, m, n)?;
+        outputs.push(("gelu_pre", pre));
+    }
+    check_no_alias(OP, &outputs, &inputs)?;
+    let prod = Product {
+        op: OP,
+        c: out,
+        a: inp,
+        b: weight,
+        rows: m,
+        cols: n,
+        inner: k,
+        a_trans: false,
+        b_trans: true,
+        a_window: Window::whole(k),
+        c_window,
+        bias: opts.bias,
+        epilogue: opts.gelu_pre.map_or(Epilogue::Plain, Epilogue::GeluForward),
+        accumulate: opts.accumulate,
+        slices: Slices::whole(k),
+    };
+    launch(gpu, &prod, opts.kernel)
+}
+
+/// `dinp (=|+=) dout @ weight`, optionally times `gelu'(pre)` (see [`MatmulBackwardInput`]).
+///
+/// dinp: (M, K), dout: (M, N) with leading dimensions flattened, weight: (N, K),
+/// gelu_pre: (M, K). Any float dtypes.
+pub fn matmul_backward_input(
+    gpu: &Gpu,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: &Tensor,
+    opts: &MatmulBackwardInput<'_>,
+) -> Result<Dispatch> {
+    const OP: &str = "matmul_backward_input";
+    check_float(gpu, OP, "dinp", dinp)?;
+    check_float(gpu, OP, "dout", dout)?;
+    check_float(gpu, OP, "weight", weight)?;
+    let (n, k) = weight_dims(OP, "weight", weight)?;
+    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
+    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
+    expect_rows(OP, "dinp", dinp, m, k)?;
+    let mut inputs = vec![("dout", dout), ("weight", weight)];
+    if let Some(pre) = opts.gelu_pre {
+        check_float(gpu, OP, "gelu_pre", pre)?;
+        expect_rows(OP, "gelu_pre", pre, m, k)?;
+        inputs.push(("gelu_pre", pre));
+    }
+    check_no_alias(OP, &[("dinp", dinp)], &inputs)?;
+    let prod = Product {
+        op: OP,
+        c: dinp,
+        a: dout,
+        b: weight,
+        rows: m,
+        cols: k,
+        inner: n,
+        a_trans: false,
+        b_trans: false,
+        a_window,
+        c_window: Window::whole(k),
+        bias: None,
+        epilogue: opts
+            .gelu_pre
+            .map_or(Epilogue::Plain, Epilogue::GeluBackward),
+        accumulate: opts.accumulate,
+        slices: Slices::whole(n),
+    };
+    launch(gpu, &prod, opts.kernel)
+}
+
+/// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows (see
+/// [`MatmulBackwardWeight`]), in one dispatch; [`matmul_backward_weight_split`] may split the
+/// sum over M to fill a large GPU.
+///
+/// dweight: (N, K) (f32, or f16), dout: (M, N), inp: (M, K), leading dimensions flattened;
+/// inputs f32 or f16.
+pub fn matmul_backward_weight(
+    gpu: &Gpu,
+    dweight: &Tensor,
+    dout: &Tensor,
+    inp: &Tensor,
+    opts: &MatmulBackwardWeight,
+) -> Result<Dispatch> {
+    let prod = backward_weight_product(gpu, dweight, dout, inp, opts)?;
+    if opts.splits.is_some_and(|s| s != 1) {
+        return Err(Error::shape(
+            prod.op,
+            "split-K needs a scratch: use matmul_backward_weight_split",
+        ));
+    }
+    launch(gpu, &prod, opts.kernel)
+}
+
+/// The checked, unsplit product of [`matmul_backward_weight`]: C = dweight (N, K), A = dout
+/// read transposed (N rows of the product along its M rows), B = inp (M, K), inner = M.
+fn backward_weight_product<'a>(
+    gpu: &Gpu,
+    dweight: &'a Tensor,
+    dout: &'a Tensor,
+    inp: &'a Tensor,
+    opts: &MatmulBackwardWeight,
+) -> Result<Product<'a>> {
+    const OP: &str = "matmul_backward_weight";
+    check_float(gpu, OP, "dweight", dweight)?;
+    check_float(gpu, OP, "dout", dout)?;
+    check_float(gpu, OP, "inp", inp)?;
+    let (n, k) = weight_dims(OP, "dweight", dweight)?;
+    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
+    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
+    expect_rows(OP, "inp", inp, m, k)?;
+    check_no_alias(OP, &[("dweight", dweight)], &[("dout", dout), ("inp", inp)])?;
+    Ok(Product {
+        op: OP,
+        c: dweight,
+        a: dout,
+        b: inp,
+        rows: n,
+        cols: k,
+        inner: m,
+        a_trans: true,
+        b_trans: false,
+        a_window,
+        c_window: Window::whole(k),
+        bias: None,
+        epilogue: Epilogue::Plain,
+        accumulate: opts.accumulate,
+        slices: Slices::whole(m),
+    })
+}
+
+/// Every specialisation of the three product kernels and the column sums.
+pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
+    let mut out = tiled::shader_variants();
+    out.extend(split::shader_variants());
+    out.extend(bias::shader_variants());
+    out.extend(coop::shader_variants());
+    out.extend(rows::shader_variants());
+    out
+}

@@ -1,0 +1,359 @@
+//! Split-K for the weight gradients.
+//!
+//! `dweight (N, K) = dout^T (N, M) x inp (M, K)` sums over M = B*T rows (16384 for GPT-2 at
+//! B=16, T=1024) into an output of few tiles: (768, 768) is 36 tiles of 128 x 128, far from
+//! the [`ENOUGH_TILES`] workgroups that keep a large GPU busy. Smaller tiles would fill it but
+//! load every operand element more often. Instead the M rows are cut into K slices (whole
+//! multiples of 64 rows, at least [`SPLIT_MIN_SLICE`] of them): the product kernel sums each
+//! (tile, slice) pair in its own workgroup into an f32 scratch of (slices, N, K) partials, and
+//! `split_k_reduce` (shaders/matmul.wgsl) adds each element's partials in slice order, then
+//! stores or accumulates into dweight. Deterministic: the slicing is a function of the shape,
+//! the kernel and the scratch, and every sum of a given slicing is made in a fixed order; two
+//! runs are bitwise equal (an unsplit run differs from a split one in the last bits).
+//!
+//! The scratch comes from the caller, sized by [`matmul_backward_weight_scratch_len`], which
+//! depends on the shape only (the most slices any kernel's tiles would take), so that a memory
+//! plan made without a device can hold it; the launcher takes no more slices than the scratch
+//! and the adapter's largest storage binding hold.
+
+use super::choice::{auto_kernel_sliced, check_kernel, choose_kernel, output_tiles, ENOUGH_TILES};
+use super::coop::COOP_TILES;
+use super::tiled::TILE_CONFIGS;
+use super::{
+    backward_weight_product, check_no_alias, flag, launch, MatmulBackwardWeight, MatmulKernel,
+    Product, Slices, Window, FAMILY, ROWS_COLS, SHADER,
+};
+use crate::defines;
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::ops::{check_f32, check_u32_range};
+
+/// Fewest rows of M a K slice sums. Each slice's partial is written and read back once, 8 bytes
+/// per output element, against 2 flops per output element and row: at least 1024 rows keeps
+/// that traffic below 1/256 of a byte per flop.
+pub const SPLIT_MIN_SLICE: usize = 1024;
+/// Most K slices of one product.
+pub const SPLIT_MAX: usize = 16;
+/// Slices are whole multiples of this many rows: of every kernel's k step, and 16-byte aligned.
+const SLICE_STEP: usize = 64;
+/// Threads per workgroup of `split_k_reduce`.
+const REDUCE_THREADS: usize = 256;
+
+/// K slices for a product of `inner` rows whose output makes `tiles` workgroups: 1 when the
+/// tiles are [`ENOUGH_TILES`] already or the rows too few for two slices of
+/// [`SPLIT_MIN_SLICE`], else as many as bring the workgroups to ENOUGH_TILES, at most
+/// [`SPLIT_MAX`] and at least SPLIT_MIN_SLICE rows each.
+pub(super) fn split_count(tiles: u64, inner: usize) -> usize {
+    if tiles >= ENOUGH_TILES {
+        return 1;
+    }
+    let want = ENOUGH_TILES.div_ceil(tiles.max(1)) as usize;
+    want.min(inner / SPLIT_MIN_SLICE).clamp(1, SPLIT_MAX)
+}
+
+impl Slices {
+    /// At most `count` slices of `inner` rows, equal but for the last, in whole multiples of
+    /// 64 rows (so a short inner dimension may give fewer).
+    fn new(inner: usize, count: usize) -> Slices {
+        let len = inner.div_ceil(count.max(1)).next_multiple_of(SLICE_STEP);
+        if len >= inner {
+            return Slices::whole(inner);
+        }
+        Slices {
+            len,
+            count: inner.div_ceil(len),
+        }
+    }
+}
+
+/// Elements of the f32 scratch [`matmul_backward_weight_split`] needs for dweight (N, K) summed
+/// over M rows, on any adapter: the most K slices any kernel's tile would take, times N * K;
+/// 0 when no tile would split (few rows, or an output that fills a large GPU by itself).
+pub fn matmul_backward_weight_scratch_len(n: usize, k: usize, m: usize) -> usize {
+    let tiled = TILE_CONFIGS.iter().map(|t| (t.bm(), t.bn()));
+    let coop = COOP_TILES.iter().map(|t| (t.bm(), t.bn()));
+    let most = tiled
+        .chain(coop)
+        .map(|(bm, bn)| split_count(output_tiles(n, k, bm, bn), m))
+        .max()
+        .unwrap_or(1);
+    if most > 1 {
+        most * n * k
+    } else {
+        0
+    }
+}
+
+/// The K slices a scratch of `scratch_len` f32 elements holds for an output of `outputs`
+/// elements, within the adapter's largest storage binding (at least 1: no split).
+fn scratch_slices(gpu: &Gpu, scratch_len: usize, outputs: usize) -> usize {
+    let binding = gpu.limits.max_storage_buffer_binding_size / (4 * outputs.max(1) as u64);
+    (scratch_len / outputs.max(1)).min(binding as usize).max(1)
+}
+
+/// The kernel and the number of K slices [`matmul_backward_weight_split`] takes for dweight
+/// (N, K) summed over M rows with operands of these dtypes and a scratch of `scratch_len` f32
+/// elements (0: none), on `gpu`. The tile is [`auto_kernel`](super::auto_kernel)'s rule with
+/// each tile counted once per slice, so a small output keeps big tiles and is split instead.
+pub fn backward_weight_choice(
+    gpu: &Gpu,
+    (n, k): (usize, usize),
+    m: usize,
+    dtypes: (DType, DType),
+    scratch_len: usize,
+) -> Result<(MatmulKernel, usize)> {
+    let cap = scratch_slices(gpu, scratch_len, n * k);
+    let slices = |tiles: u64| split_count(tiles, m).min(cap);
+    let kernel = auto_kernel_sliced(gpu, n, k, dtypes.0, dtypes.1, &slices)?;
+    let (bm, bn) = kernel.output_tile();
+    let count = slices(output_tiles(n, k, bm, bn));
+    Ok((kernel, Slices::new(m, count).count))
+}
+
+/// `dweight (=|+=) dout^T @ inp` as [`matmul_backward_weight`](super::matmul_backward_weight),
+/// split over the M rows when the output alone makes too few workgroups and M is long (see the
+/// module's text): one dispatch, or two (partial products into `scratch`, then their sum into
+/// dweight), to be run in order. Without a scratch it never splits.
+///
+/// dweight: (N, K) (f32, or f16), dout: (M, N), inp: (M, K), leading dimensions flattened;
+/// inputs f32 or f16; scratch: f32, [`matmul_backward_weight_scratch_len`]`(N, K, M)` elements
+/// for any split the launcher may choose (fewer allow fewer slices), its contents overwritten.
+/// `opts.splits` forces the number of slices (the scratch must hold them).
+pub fn matmul_backward_weight_split(
+    gpu: &Gpu,
+    dweight: &Tensor,
+    dout: &Tensor,
+    inp: &Tensor,
+    scratch: Option<&Tensor>,
+    opts: &MatmulBackwardWeight,
+) -> Result<Vec<Dispatch>> {
+    let prod = backward_weight_product(gpu, dweight, dout, inp, opts)?;
+    let op = prod.op;
+    let outputs = prod.rows * prod.cols;
+    let scratch_len = match scratch {
+        Some(s) => {
+            check_f32(op, "scratch", s)?;
+            check_no_alias(
+                op,
+                &[("scratch", s)],
+                &[("dout", dout), ("inp", inp), ("dweight", dweight)],
+            )?;
+            s.len()
+        }
+        None => 0,
+    };
+    let cap = scratch_slices(gpu, scratch_len, outputs);
+    let kernel = match opts.kernel {
+        Some(k) => {
+            check_kernel(gpu, &prod, k)?;
+            k
+        }
+        None => choose_kernel(gpu, &prod, &|tiles| split_count(tiles, prod.inner).min(cap))?,
+    };
+    let count = match opts.splits {
+        Some(0) => return Err(Error::shape(op, "splits = 0: at least one K slice")),
+        Some(s) if s > cap => {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{s} K slices of ({}, {}) need a scratch of {} f32 elements; it has \
+                     {scratch_len} (and the adapter binds at most {} bytes)",
+                    prod.rows,
+                    prod.cols,
+                    s * outputs,
+                    gpu.limits.max_storage_buffer_binding_size
+                ),
+            ))
+        }
+        Some(s) => s,
+        None => {
+            let (bm, bn) = kernel.output_tile();
+            split_count(output_tiles(prod.rows, prod.cols, bm, bn), prod.inner).min(cap)
+        }
+    };
+    let slices = Slices::new(prod.inner, count);
+    let (Some(scratch), true) = (scratch, slices.count > 1) else {
+        return Ok(vec![launch(gpu, &prod, Some(kernel))?]);
+    };
+    let partial = Product {
+        c: scratch,
+        c_window: Window::whole(prod.cols),
+        accumulate: false,
+        slices,
+        ..prod
+    };
+    let partial = launch(gpu, &partial, Some(kernel))?;
+    let reduce = split_k_reduce(
+        gpu,
+        op,
+        dweight,
+        scratch,
+        outputs,
+        slices.count,
+        opts.accumulate,
+    )?;
+    Ok(vec![partial, reduce])
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ReduceParams {
+    len: u32,
+    splits: u32,
+    _pad: [u32; 2],
+}
+
+/// `out (=|+=)` the sum, in slice order, of the `splits` blocks of `outputs` partials that lead
+/// `scratch`; four elements a thread (16-byte loads) when the sizes and offsets allow.
+fn split_k_reduce(
+    gpu: &Gpu,
+    op: &'static str,
+    out: &Tensor,
+    scratch: &Tensor,
+    outputs: usize,
+    splits: usize,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    check_u32_range(op, "scratch elements", splits * outputs)?;
+    let vec4 = outputs.is_multiple_of(4)
+        && out.offset.is_multiple_of(16)
+        && scratch.offset.is_multiple_of(16);
+    let len = if vec4 { outputs / 4 } else { outputs };
+    let params = gpu.uniform(
+        op,
+        &ReduceParams {
+            len: len as u32,
+            splits: splits as u32,
+            _pad: [0; 2],
+        },
+    );
+    let groups = check_u32_range(op, "workgroups", len.div_ceil(REDUCE_THREADS))?;
+    gpu.dispatch(DispatchDesc {
+        shader: SHADER,
+        entry: "split_k_reduce",
+        defines: reduce_defines(out.dtype, vec4, accumulate),
+        bindings: &[
+            Bind::Uniform(&params),
+            Bind::Read(scratch),
+            Bind::Write(out),
+        ],
+        workgroups: gpu.grid(groups),
+        label: format!("{op}.reduce[{splits} K slices]"),
+        family: FAMILY,
+    })
+}
+
+fn reduce_defines(out: DType, vec4: bool, accumulate: bool) -> Vec<(String, String)> {
+    defines![
+        ("SPLIT_REDUCE", "1"),
+        ("C_T", out.wgsl()),
+        ("VEC4", flag(vec4)),
+        ("ACCUMULATE", flag(accumulate)),
+    ]
+}
+
+/// The `split_k_reduce` specialisations: each output dtype, vectorised or not, with and without
+/// accumulation. (The partial products are the plain f32-output specialisations of the product
+/// kernels, which their own variants include.)
+pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::F16] {
+        for vec4 in [false, true] {
+            for accumulate in [false, true] {
+                out.push(crate::ops::ShaderVariant {
+                    shader: SHADER,
+                    defines: reduce_defines(dtype, vec4, accumulate),
+                });
+            }
+        }
+    }
+    out
+}
+
+impl MatmulKernel {
+    /// (rows, columns) of the output tile one workgroup computes.
+    pub(super) fn output_tile(self) -> (u32, u32) {
+        match self {
+            MatmulKernel::Tiled(t) => (t.bm(), t.bn()),
+            MatmulKernel::Coop(t) | MatmulKernel::CoopEmulated(t) => (t.bm(), t.bn()),
+            MatmulKernel::Rows => (super::ROWS_MAX as u32, ROWS_COLS as u32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::choice::pick_tile;
+    use super::*;
+
+    #[test]
+    fn gpt2_weight_gradients_split_only_when_the_output_is_small() {
+        let m = 16 * 1024;
+        // (N, K) of the weight gradients of GPT-2 124M: the chosen tiled tile, the slices.
+        let choice = |n: usize, k: usize| {
+            let slices = |tiles: u64| split_count(tiles, m);
+            let t = pick_tile(
+                &TILE_CONFIGS,
+                |t| t.tiles(n, k),
+                |t| (t.bm() * t.bn()) as u64,
+                &slices,
+            );
+            (t.bm(), t.bn(), slices(t.tiles(n, k)))
+        };
+        // attn.c_proj: 36 tiles of 128 x 128, 8 slices of 2048 rows make 288 workgroups.
+        assert_eq!(choice(768, 768), (128, 128, 8));
+        // attn.c_attn: 108 tiles, 3 slices; mlp.c_fc and mlp.c_proj: 144 tiles, 2 slices.
+        assert_eq!(choice(2304, 768), (128, 128, 3));
+        assert_eq!(choice(3072, 768), (128, 128, 2));
+        assert_eq!(choice(768, 3072), (128, 128, 2));
+        // The tied classifier's gradient fills the GPU by itself.
+        assert_eq!(choice(50304, 768), (128, 128, 1));
+        // Too few rows to split: the rule of auto_kernel, small tiles.
+        assert_eq!(split_count(36, 2047), 1);
+        assert_eq!(split_count(36, 4096), 4);
+        assert_eq!(split_count(1, 1 << 20), SPLIT_MAX);
+    }
+
+    #[test]
+    fn scratch_holds_any_kernels_split_and_stays_small() {
+        // 768 x 768 is 18 cooperative-matrix tiles of 128 x 256: 15 slices.
+        assert_eq!(
+            matmul_backward_weight_scratch_len(768, 768, 16384),
+            15 * 768 * 768
+        );
+        assert_eq!(matmul_backward_weight_scratch_len(768, 768, 1024), 0);
+        assert_eq!(matmul_backward_weight_scratch_len(50304, 768, 16384), 0);
+        // Slices only ever bring the workgroups to ENOUGH_TILES (plus one slice's worth), so the
+        // scratch is at most about 2 * 264 of the largest tiles (128 x 256) in f32: 66 MiB,
+        // within large GPUs' bindings (smaller adapters cap the slices at theirs).
+        for (n, k) in [(768, 768), (2304, 768), (3072, 768), (1600, 1600), (64, 64)] {
+            let bytes = 4 * matmul_backward_weight_scratch_len(n, k, 1 << 20);
+            assert!(
+                bytes <= 2 * 264 * 128 * 256 * 4 + 4 * n * k,
+                "{n}x{k}: {bytes}"
+            );
+        }
+    }
+
+    #[test]
+    fn slices_are_whole_steps_and_cover_the_rows() {
+        for (inner, count) in [(16384, 8), (1000, 3), (130, 2), (777, 5), (100, 4), (64, 2)] {
+            let s = Slices::new(inner, count);
+            assert!(s.count <= count && s.count >= 1, "{inner} {count}: {s:?}");
+            assert!(s.len * s.count >= inner && s.len * (s.count - 1) < inner);
+            if s.count > 1 {
+                assert_eq!(s.len % SLICE_STEP, 0);
+            } else {
+                assert_eq!(s.len, inner);
+            }
+        }
+        assert_eq!(
+            Slices::new(16384, 8),
+            Slices {
+                len: 2048,
+                count: 8
+            }
+        );
+        assert_eq!(Slices::new(1000, 3), Slices { len: 384, count: 3 });
+    }
+}
