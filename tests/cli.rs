@@ -119,14 +119,13 @@ fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_trainin
     args.extend(["--steps", "8", "--stop-after", "5"]);
     args.extend(["--checkpoint-every", "1", "--keep-last", "2"]);
     args.extend(["--checkpoint-dir", &ck_s]);
+    let steps_kept = || -> Vec<usize> {
+        let all = wgpt::checkpoint::list_checkpoints(&ck).unwrap();
+        all.into_iter().map(|(s, _)| s).collect()
+    };
     let o = train(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    let left: Vec<usize> = wgpt::checkpoint::list_checkpoints(&ck)
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
-    assert_eq!(left, [5, 4]);
+    assert_eq!(steps_kept(), [5, 4]);
     // Resumed from step 5 (the run's settings come from the checkpoint) and pruned to one:
     // the resumed-from checkpoint stays.
     let o = train(&[
@@ -138,12 +137,7 @@ fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_trainin
         "1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let left: Vec<usize> = wgpt::checkpoint::list_checkpoints(&ck)
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
-    assert_eq!(left, [8, 5]);
+    assert_eq!(steps_kept(), [8, 5]);
     // A folder below a regular file: refused at start-up, no step trained.
     let file = dir.join("a-file");
     std::fs::write(&file, "x").unwrap();
