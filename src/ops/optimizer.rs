@@ -423,17 +423,23 @@ fn check_state(t: &Tensor) -> Result<()> {
     t.expect_len("advance_step_state", "state", StepState::LEN)
 }
 
-/// Adam's bias corrections `(1 - beta1^t, 1 - beta2^t)` for t = 1, 2, ..., computed in f64 and
-/// rounded to f32 as [`AdamWHyper::new`] does, flat in pairs, up to the first t from which both
-/// round to 1.0 (for 0.9 / 0.95: about 340 steps); [`advance_step_state`] uses 1.0 beyond.
-pub fn bias_correction_table(beta1: f32, beta2: f32) -> Vec<f32> {
+/// Adam's bias corrections `(1 - beta1^t, 1 - beta2^t)` for the 1-based step `t`, computed in
+/// f64 from the f64 betas and rounded to f32.
+pub fn bias_corrections(beta1: f64, beta2: f64, t: u32) -> (f32, f32) {
+    let t = t.min(i32::MAX as u32) as i32;
+    ((1.0 - beta1.powi(t)) as f32, (1.0 - beta2.powi(t)) as f32)
+}
+
+/// [`bias_corrections`] for t = 1, 2, ..., flat in pairs, up to the first t from which both
+/// round to 1.0 (for 0.9 / 0.95: 337 steps); [`advance_step_state`] uses 1.0 beyond.
+pub fn bias_correction_table(beta1: f64, beta2: f64) -> Vec<f32> {
     let mut table = Vec::new();
     for t in 1..=100_000u32 {
-        let h = AdamWHyper::new(0.0, beta1, beta2, 0.0, 0.0, t, 1.0);
-        if h.bias_correction1 == 1.0 && h.bias_correction2 == 1.0 {
+        let (c1, c2) = bias_corrections(beta1, beta2, t);
+        if c1 == 1.0 && c2 == 1.0 {
             break;
         }
-        table.extend([h.bias_correction1, h.bias_correction2]);
+        table.extend([c1, c2]);
     }
     table
 }

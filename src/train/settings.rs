@@ -4,8 +4,9 @@ use crate::error::{Error, Result};
 use crate::model::GptConfig;
 use serde::{Deserialize, Serialize};
 
-/// AdamW's betas and epsilon, as the recipe fixes them.
-pub const ADAM_BETAS: (f32, f32) = (0.9, 0.95);
+/// AdamW's betas and epsilon, as the recipe fixes them (the betas in f64: the bias corrections
+/// are computed from them in f64; the kernel gets them rounded to f32).
+pub const ADAM_BETAS: (f64, f64) = (0.9, 0.95);
 pub const ADAM_EPS: f32 = 1e-8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -254,6 +254,7 @@ impl Trainer {
                 .map(|k| gpu.zeros(&format!("{label} {k}"), &[len], DType::U32))
                 .collect()
         };
+        let bias_table = optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1);
         let io = StepTensors {
             params: StoredParams::zeros(&gpu, storage, DType::F32, "params")?,
             params_f16: match settings.precision {
@@ -284,8 +285,8 @@ impl Trainer {
             state: gpu.zeros("step state", &[optimizer::StepState::LEN], DType::U32)?,
             bias_table: gpu.upload(
                 "bias corrections",
-                &optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1),
-                &[optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1).len()],
+                &bias_table,
+                &[bias_table.len()],
                 DType::F32,
             )?,
         };
@@ -349,15 +350,18 @@ impl Trainer {
         self.gpu.write(&self.io.dloss, &[state.dloss])?;
         optimizer::GradNormScalars::new(state.inv_scale, s.grad_clip as f32)
             .write(&self.gpu, &self.io.norm_scalars)?;
-        optimizer::AdamWHyper::new(
-            s.schedule().lr(self.step) as f32,
-            ADAM_BETAS.0,
-            ADAM_BETAS.1,
-            ADAM_EPS,
-            s.weight_decay as f32,
-            (self.adam_t + 1) as u32,
-            state.inv_scale,
-        )
+        let (bias_correction1, bias_correction2) =
+            optimizer::bias_corrections(ADAM_BETAS.0, ADAM_BETAS.1, (self.adam_t + 1) as u32);
+        optimizer::AdamWHyper {
+            lr: s.schedule().lr(self.step) as f32,
+            beta1: ADAM_BETAS.0 as f32,
+            beta2: ADAM_BETAS.1 as f32,
+            eps: ADAM_EPS,
+            weight_decay: s.weight_decay as f32,
+            bias_correction1,
+            bias_correction2,
+            inv_loss_scale: state.inv_scale,
+        }
         .write(&self.gpu, &self.io.hyper)
     }
 
