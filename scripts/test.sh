@@ -13,6 +13,10 @@ if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 
 fi
 
 export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+# Shaders with wgpu's runtime checks (bounded loops): the software driver's LLVM compiles the
+# unchecked ones several times slower (it unrolls their loops), which would double CI's time.
+# The unchecked path, the default elsewhere, is compared with the checked one in tests/gpu.rs.
+export WGPT_SHADER_CHECKS=${WGPT_SHADER_CHECKS:-1}
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 
