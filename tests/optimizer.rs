@@ -60,27 +60,6 @@ fn gpu_norm_split(
     read(&status)
 }
 
-fn check_status(what: &str, got: &[f32], want: &cpu::NormStatus) {
-    assert_close(
-        &format!("{what} norm"),
-        &got[..1],
-        &[want.norm as f32],
-        1e-5,
-    );
-    assert_close(
-        &format!("{what} clip_coef"),
-        &got[1..2],
-        &[want.clip_coef as f32],
-        1e-5,
-    );
-    assert_eq!(
-        got[2],
-        if want.finite { 1.0 } else { 0.0 },
-        "{what}: finite flag"
-    );
-    assert_eq!(got[3], 0.0, "{what}: unused slot");
-}
-
 #[test]
 fn grad_norm_matches_reference() {
     for_each_reduction_path(|| {

@@ -339,3 +339,25 @@ pub fn hf_checkpoint(
     assert_eq!(back.params, params, "export then import is exact");
     back
 }
+
+/// Checks a gradient-norm status tensor `[norm, clip_coef, finite, 0]` against the reference.
+pub fn check_status(what: &str, got: &[f32], want: &wgpt::reference::optimizer::NormStatus) {
+    assert_close(
+        &format!("{what} norm"),
+        &got[..1],
+        &[want.norm as f32],
+        1e-5,
+    );
+    assert_close(
+        &format!("{what} clip_coef"),
+        &got[1..2],
+        &[want.clip_coef as f32],
+        1e-5,
+    );
+    assert_eq!(
+        got[2],
+        if want.finite { 1.0 } else { 0.0 },
+        "{what}: finite flag"
+    );
+    assert_eq!(got[3], 0.0, "{what}: unused slot");
+}
