@@ -170,7 +170,6 @@ struct ProfileTotals {
     step_ms: f64,
     encode_ms: f64,
     submit_ms: f64,
-    gpu_ms: f64,
     idle_ms: f64,
     idle_steps: usize,
     nodes: Vec<NodeTime>,
@@ -182,7 +181,6 @@ impl ProfileTotals {
         self.step_ms += s.dt_ms;
         self.encode_ms += s.encode_ms;
         self.submit_ms += s.submit_ms;
-        self.gpu_ms += s.gpu_ms.unwrap_or(0.0);
         if let Some(idle) = s.gpu_idle_ms {
             self.idle_ms += idle;
             self.idle_steps += 1;
