@@ -88,6 +88,7 @@ fn main() -> Result<()> {
             step: 3,
             adam_t: 3,
             loader_position: 96,
+            loader_epoch: 0,
             rng_state: [1, 2, 3, 4],
             loss_scale: 1.0,
             clean_steps: 3,

@@ -43,6 +43,7 @@ fn sample(cfg: &GptConfig) -> Checkpoint {
             step: 7,
             adam_t: 6,
             loader_position: 1234,
+            loader_epoch: 3,
             rng_state: [1, 2, u64::MAX, 4],
             loss_scale: 32768.0,
             clean_steps: 5,

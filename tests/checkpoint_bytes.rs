@@ -47,6 +47,7 @@ fn sample(cfg: &GptConfig) -> Checkpoint {
             step: 2,
             adam_t: 2,
             loader_position: 10,
+            loader_epoch: 0,
             rng_state: [5, 6, 7, 8],
             loss_scale: 1024.0,
             clean_steps: 2,

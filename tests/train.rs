@@ -120,7 +120,7 @@ fn check_against_reference_with(
     for i in 0..steps {
         let micro: Vec<_> = (0..s.grad_accum)
             .map(|_| {
-                let b = loader.next_batch();
+                let b = loader.next_batch().unwrap();
                 (b.x, b.y)
             })
             .collect();
@@ -307,7 +307,7 @@ fn full_model_gradient_matches_finite_differences() {
     let init = saved_weights(3);
     let tok = tokens(200, 2);
     let mut loader = DataLoader::new(tok.clone(), 2, 8).unwrap();
-    let b = loader.next_batch();
+    let b = loader.next_batch().unwrap();
     let mut tr = Trainer::new(arc_gpu(), s.clone(), tok, Some(&init)).unwrap();
     let (loss, grads) = tr.loss_and_grads(&[(b.x.clone(), b.y.clone())]).unwrap();
     let model = ReferenceModel::new(s.config);
@@ -393,6 +393,66 @@ fn resumed_run_prints_identical_losses() {
     parts.extend((0..4).map(|_| second.step().unwrap().loss));
     std::fs::remove_dir_all(&dir).ok();
     assert_bitwise_eq("losses of 8 steps vs 4 + resume + 4", &parts, &whole);
+}
+
+#[test]
+fn resumed_run_on_shuffled_shards_continues_exactly() {
+    // A folder of small shards (so that steps cross shard boundaries and the run passes into a
+    // second, differently shuffled epoch): 6 steps in one go against 3, a checkpoint, and 3
+    // more in a new trainer. Loader state (epoch, position)
+    // and the per-epoch orders must bring back the same batches: same losses and weights.
+    let dir = std::env::temp_dir().join(format!("wgpt-shard-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let docs: Vec<String> = (0..40)
+        .map(|i| {
+            serde_json::json!({ "text": format!("Document {i} says {} things.", i * 7) })
+                .to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("docs.jsonl"), docs.join("\n")).unwrap();
+    let mut o = wgpt::data::prepare::PrepareOptions::new(dir.join("shards"));
+    o.shard_tokens = 100;
+    wgpt::data::prepare::prepare(&[dir.join("docs.jsonl")], &o).unwrap();
+    let corpus = wgpt::data::Corpus::open(&dir.join("shards")).unwrap();
+    let cfg = GptConfig {
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 32,
+        block_size: 16,
+        vocab_size: 50257,
+        padded_vocab_size: 50304,
+    };
+    let mut s = TrainSettings::new(cfg, 4, 16);
+    s.steps = 6;
+    s.warmup_steps = 2;
+    s.max_lr = 1e-3;
+    s.shuffle = true;
+    let init = saved_weights_for(cfg, 5);
+    let mut full = Trainer::new(arc_gpu(), s.clone(), corpus.clone(), Some(&init)).unwrap();
+    let whole: Vec<f32> = (0..6).map(|_| full.step().unwrap().loss).collect();
+    let mut first = Trainer::new(arc_gpu(), s.clone(), corpus.clone(), Some(&init)).unwrap();
+    let mut parts: Vec<f32> = (0..3).map(|_| first.step().unwrap().loss).collect();
+    let path = wgpt::checkpoint::checkpoint_path(&dir.join("ck"), 3);
+    first.checkpoint().unwrap().save(&path).unwrap();
+    drop(first);
+    let (_, ck) = wgpt::checkpoint::load_newest(&dir.join("ck")).unwrap();
+    let state = ck.state.as_ref().unwrap();
+    eprintln!(
+        "resumed at epoch {} position {}",
+        state.loader_epoch, state.loader_position
+    );
+    let mut second = Trainer::new(arc_gpu(), s, corpus, Some(&ck)).unwrap();
+    parts.extend((0..3).map(|_| second.step().unwrap().loss));
+    assert_bitwise_eq("losses of 6 steps vs 3 + resume + 3", &parts, &whole);
+    let end = full.checkpoint().unwrap().state.unwrap();
+    assert!(end.loader_epoch >= 1, "the run stayed in its first epoch");
+    assert_bitwise_eq(
+        "weights after 6 steps vs 3 + resume + 3",
+        &second.params().unwrap(),
+        &full.params().unwrap(),
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

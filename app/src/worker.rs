@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use wgpt::checkpoint::{self, hf, Checkpoint};
-use wgpt::data::{load_tokens, Tokenizer};
+use wgpt::data::{Corpus, Tokenizer};
 use wgpt::gpu::Gpu;
 use wgpt::sample::{Generator, SampleOptions};
 use wgpt::train::settings::TrainSettings;
@@ -209,7 +209,7 @@ struct Engine {
     notify: Notify,
     run: Option<Run>,
     tokenizer: Option<Tokenizer>,
-    data_cache: Option<(PathBuf, Arc<Vec<u32>>)>,
+    data_cache: Option<(PathBuf, Corpus)>,
 }
 
 /// Turns a panic payload into text.
@@ -316,15 +316,16 @@ impl Engine {
         self.tokenizer.get_or_insert_with(Tokenizer::gpt2)
     }
 
-    fn load_data(&mut self, path: &Path) -> wgpt::Result<Arc<Vec<u32>>> {
+    /// A text file (tokenised once and kept) or a folder of shards.
+    fn load_data(&mut self, path: &Path) -> wgpt::Result<Corpus> {
         if let Some((p, t)) = &self.data_cache {
             if p == path {
                 return Ok(t.clone());
             }
         }
-        let tokens = Arc::new(load_tokens(path)?);
-        self.data_cache = Some((path.to_path_buf(), tokens.clone()));
-        Ok(tokens)
+        let corpus = Corpus::open(path)?;
+        self.data_cache = Some((path.to_path_buf(), corpus.clone()));
+        Ok(corpus)
     }
 
     fn start(&mut self, spec: RunSpec) {
@@ -343,7 +344,10 @@ impl Engine {
                 let t = &run.trainer;
                 self.emit(Event::RunStarted {
                     settings: Box::new(t.settings().clone()),
-                    tokens: self.data_cache.as_ref().map_or(0, |(_, t)| t.len()),
+                    tokens: self
+                        .data_cache
+                        .as_ref()
+                        .map_or(0, |(_, t)| t.train_tokens()),
                     params: t.layout().num_params(),
                     start_step: t.step_index(),
                 });
@@ -363,8 +367,8 @@ impl Engine {
     fn build_run(&mut self, spec: RunSpec) -> wgpt::Result<Run> {
         let tokens = self.load_data(&spec.data)?;
         self.emit(Event::Log(format!(
-            "loaded {} tokens from {}",
-            tokens.len(),
+            "loaded {} from {}",
+            tokens.describe(),
             spec.data.display()
         )));
         // A folder that cannot hold checkpoints is refused before anything is trained.

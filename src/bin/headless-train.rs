@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use wgpt::checkpoint::{self, hf, Checkpoint};
+use wgpt::data::Corpus;
 use wgpt::error::{Error, Result};
 use wgpt::gpu::profile::{by_family, known_peaks, NodeTime};
 use wgpt::gpu::{AdapterLimits, Gpu, GpuOptions};
@@ -29,9 +30,14 @@ struct Args {
     /// Default: gpt2 on a GPU adapter, tiny on a CPU adapter.
     #[arg(long)]
     preset: Option<String>,
-    /// UTF-8 text file to train on (default: the corpus in assets/).
+    /// A UTF-8 text file, or a folder of token shards made by prepare-data (its first shard is
+    /// the validation split), to train on (default: the corpus in assets/).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Shuffle the shards, and the documents within each shard, anew every epoch (from --seed;
+    /// a shard folder only).
+    #[arg(long)]
+    shuffle: bool,
     /// Sequences per micro-batch (default 16 for gpt2, 4 for tiny).
     #[arg(short = 'B', long = "batch-size")]
     batch_size: Option<usize>,
@@ -305,12 +311,7 @@ struct Rung {
     apply: fn(&mut TrainSettings),
 }
 
-fn bench_ladder(
-    args: &Args,
-    gpu: Arc<Gpu>,
-    tokens: Arc<Vec<u32>>,
-    base: TrainSettings,
-) -> Result<()> {
+fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings) -> Result<()> {
     let rungs = [
         Rung {
             name: "f32, naive attention, vocab 50257",
@@ -404,8 +405,8 @@ fn bench_ladder(
 
 fn run(args: Args) -> Result<()> {
     let data = args.data.clone().unwrap_or_else(default_data);
-    let tokens = Arc::new(wgpt::data::load_tokens(&data)?);
-    println!("loaded {} tokens", tokens.len());
+    let tokens = Corpus::open(&data)?;
+    println!("loaded {}", tokens.describe());
 
     let gpu = Arc::new(Gpu::new(&GpuOptions::default())?);
     println!("{}", gpu.summary());
@@ -497,6 +498,7 @@ fn run(args: Args) -> Result<()> {
         s.attention = args.attention;
         s.fused = !args.no_fusion;
         s.fused_optimizer = !args.no_fused_optimizer;
+        s.shuffle = args.shuffle;
         s.precision = match args.precision {
             Some(p) => p,
             None if gpu.has_f16() => Precision::F16,

@@ -30,6 +30,9 @@ pub struct TrainState {
     /// AdamW's own step count (skipped steps do not advance it).
     pub adam_t: usize,
     pub loader_position: usize,
+    /// How many times the loader has wrapped (the shuffled order of a shard folder is drawn
+    /// per epoch).
+    pub loader_epoch: u64,
     pub rng_state: [u64; 4],
     pub loss_scale: f32,
     pub clean_steps: usize,
@@ -331,6 +334,7 @@ impl Checkpoint {
             md.insert("step".into(), s.step.to_string());
             md.insert("adam_t".into(), s.adam_t.to_string());
             md.insert("loader_position".into(), s.loader_position.to_string());
+            md.insert("loader_epoch".into(), s.loader_epoch.to_string());
             md.insert(
                 "rng_state".into(),
                 s.rng_state
@@ -425,6 +429,11 @@ impl Checkpoint {
                 step: meta_num(path, &md, "step")?,
                 adam_t: meta_num(path, &md, "adam_t")?,
                 loader_position: meta_num(path, &md, "loader_position")?,
+                // Absent in checkpoints written before shard folders: epoch 0.
+                loader_epoch: match md.contains_key("loader_epoch") {
+                    true => meta_num(path, &md, "loader_epoch")?,
+                    false => 0,
+                },
                 rng_state,
                 loss_scale: meta_num(path, &md, "loss_scale")?,
                 clean_steps: meta_num(path, &md, "clean_steps")?,

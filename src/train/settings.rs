@@ -93,6 +93,10 @@ pub struct TrainSettings {
     pub fused: bool,
     /// One AdamW dispatch over all parameters (off: one per tensor).
     pub fused_optimizer: bool,
+    /// Shuffle the order of shards, and of documents within each shard, every epoch (from
+    /// `seed`; a folder of shards only).
+    #[serde(default)]
+    pub shuffle: bool,
 }
 
 impl TrainSettings {
@@ -114,6 +118,7 @@ impl TrainSettings {
             attention: AttentionKind::Flash,
             fused: true,
             fused_optimizer: true,
+            shuffle: false,
         }
     }
 

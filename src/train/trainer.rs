@@ -11,7 +11,7 @@
 use super::plan::MemoryPlan;
 use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
 use crate::checkpoint::{Checkpoint, TrainState};
-use crate::data::DataLoader;
+use crate::data::{Corpus, DataLoader, LoaderState};
 use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
@@ -193,16 +193,17 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Sets up training on `tokens`. `weights` may be imported weights (params only) or a full
-    /// checkpoint (params, moments and state: the run continues exactly where it stopped).
+    /// Sets up training on `data` (a text's tokens or a folder of shards). `weights` may be
+    /// imported weights (params only) or a full checkpoint (params, moments and state: the run
+    /// continues exactly where it stopped).
     pub fn new(
         gpu: Arc<Gpu>,
         settings: TrainSettings,
-        tokens: Arc<Vec<u32>>,
+        data: impl Into<Corpus>,
         weights: Option<&Checkpoint>,
     ) -> Result<Trainer> {
         let limits = AdapterLimits::of(&gpu);
-        Self::with_limits(gpu, settings, tokens, weights, &limits)
+        Self::with_limits(gpu, settings, data, weights, &limits)
     }
 
     /// [`Trainer::new`] planned for `limits` instead of the device's own (tests give tighter
@@ -211,10 +212,11 @@ impl Trainer {
     pub fn with_limits(
         gpu: Arc<Gpu>,
         settings: TrainSettings,
-        tokens: Arc<Vec<u32>>,
+        data: impl Into<Corpus>,
         weights: Option<&Checkpoint>,
         limits: &AdapterLimits,
     ) -> Result<Trainer> {
+        let corpus: Corpus = data.into();
         settings.validate()?;
         let cfg = settings.config;
         if let Some(w) = weights {
@@ -225,11 +227,24 @@ impl Trainer {
                 )));
             }
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        // Shards hold GPT-2 ids (checked as they are read), within any vocabulary the settings
+        // allow; a text's tokens are checked here.
+        if matches!(corpus, Corpus::Shards(_)) && cfg.vocab_size < crate::model::config::GPT2_VOCAB
+        {
             return Err(Error::Config(format!(
-                "the data holds token id {bad}, outside the model's vocabulary of {}; raise --vocab-size",
-                cfg.vocab_size
+                "shards hold GPT-2 token ids (up to {}), outside the model's vocabulary of {}; use a vocabulary of at least {}",
+                crate::model::config::GPT2_VOCAB - 1,
+                cfg.vocab_size,
+                crate::model::config::GPT2_VOCAB
             )));
+        }
+        if let Corpus::Text(tokens) = &corpus {
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::Config(format!(
+                    "the data holds token id {bad}, outside the model's vocabulary of {}; raise --vocab-size",
+                    cfg.vocab_size
+                )));
+            }
         }
         if settings.precision == Precision::F16 && !gpu.has_f16() {
             return Err(Error::Config(format!(
@@ -237,7 +252,8 @@ impl Trainer {
                 gpu.info.name
             )));
         }
-        let loader = DataLoader::new(tokens, settings.batch_size, settings.seq_len)?;
+        let shuffle = settings.shuffle.then_some(settings.seed);
+        let loader = DataLoader::train(&corpus, settings.batch_size, settings.seq_len, shuffle)?;
         let layout = ParamLayout::new(&cfg);
         // Refuses, before anything is allocated, a run that cannot fit the adapter.
         let plan = MemoryPlan::new(&settings, limits)?;
@@ -463,7 +479,10 @@ impl Trainer {
             self.io.v.upload(&self.gpu, &self.layout, v)?;
             self.step = s.step;
             self.adam_t = s.adam_t;
-            self.loader.set_position(s.loader_position)?;
+            self.loader.set_state(LoaderState {
+                epoch: s.loader_epoch,
+                position: s.loader_position,
+            })?;
             self.rng = Rng::from_state(s.rng_state);
             self.scaler.scale = s.loss_scale;
             self.scaler.clean_steps = s.clean_steps;
@@ -502,6 +521,7 @@ impl Trainer {
                 step: self.step,
                 adam_t: self.adam_t,
                 loader_position: self.loader.position(),
+                loader_epoch: self.loader.state().epoch,
                 rng_state: self.rng.state(),
                 loss_scale: self.scaler.scale,
                 clean_steps: self.scaler.clean_steps,
@@ -578,11 +598,8 @@ impl Trainer {
             .find(|i| self.pending.iter().all(|p| p.slot != *i))
             .expect("a free slot when fewer steps than slots are in flight");
         let batches: Vec<_> = (0..self.settings.grad_accum)
-            .map(|_| {
-                let b = self.loader.next_batch();
-                (b.x, b.y)
-            })
-            .collect();
+            .map(|_| self.loader.next_batch().map(|b| (b.x, b.y)))
+            .collect::<Result<_>>()?;
         self.upload_batches(&batches)?;
         // The learning rate follows the step index alone (skipped steps count), so the CPU
         // knows it ahead; everything else the step reads was written by the previous step.
