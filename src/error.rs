@@ -45,12 +45,83 @@ pub enum Error {
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
 
+    /// A run setting that cannot be used as given. Each front end names the setting in its
+    /// own words (a flag, a form field) before the message.
+    #[error("{}: {message}", setting.flag())]
+    Setting { setting: Setting, message: String },
+
     /// Anything else, with its explanation.
     #[error("{0}")]
     Other(String),
 }
 
+/// The settings of a run that the library checks and both front ends expose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Setting {
+    Model,
+    Data,
+    Shuffle,
+    BatchSize,
+    SeqLen,
+    GradAccum,
+    Steps,
+    MaxLr,
+    MinLrRatio,
+    WarmupSteps,
+    WeightDecay,
+    GradClip,
+    Seed,
+    Precision,
+    Attention,
+    Fusion,
+    FusedOptimizer,
+    ValEvery,
+    ValSteps,
+    SampleEvery,
+    HellaSwag,
+    EvalEvery,
+    CheckpointDir,
+}
+
+impl Setting {
+    /// The command-line flag of headless-train.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Setting::Model => "--preset/--n-layer/--n-head/--n-embd/--block-size/--vocab-size",
+            Setting::Data => "--data",
+            Setting::Shuffle => "--shuffle",
+            Setting::BatchSize => "--batch-size",
+            Setting::SeqLen => "--seq-len",
+            Setting::GradAccum => "--grad-accum",
+            Setting::Steps => "--steps",
+            Setting::MaxLr => "--max-lr",
+            Setting::MinLrRatio => "--min-lr-ratio",
+            Setting::WarmupSteps => "--warmup-steps",
+            Setting::WeightDecay => "--weight-decay",
+            Setting::GradClip => "--grad-clip",
+            Setting::Seed => "--seed",
+            Setting::Precision => "--precision",
+            Setting::Attention => "--attention",
+            Setting::Fusion => "--no-fusion",
+            Setting::FusedOptimizer => "--no-fused-optimizer",
+            Setting::ValEvery => "--val-every",
+            Setting::ValSteps => "--val-steps",
+            Setting::SampleEvery => "--sample-every",
+            Setting::HellaSwag => "--hellaswag",
+            Setting::EvalEvery => "--eval-every",
+            Setting::CheckpointDir => "--checkpoint-dir",
+        }
+    }
+}
+
 impl Error {
+    pub fn setting(setting: Setting, message: impl Into<String>) -> Self {
+        Error::Setting {
+            setting,
+            message: message.into(),
+        }
+    }
+
     pub fn shape(op: &'static str, message: impl Into<String>) -> Self {
         Error::Shape {
             op,

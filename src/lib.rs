@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod graph;
 pub mod model;

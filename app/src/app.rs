@@ -67,6 +67,10 @@ pub struct RunView {
     pub params: usize,
     pub start_step: usize,
     pub steps: Vec<StepStats>,
+    /// (step, validation loss).
+    pub val: Vec<(usize, f64)>,
+    /// Samples during training: (step, texts), oldest first.
+    pub samples: Vec<(usize, Vec<String>)>,
     pub last_saved: Option<PathBuf>,
     /// Whether the engine holds this run's weights (to sample from).
     pub weights_loaded: bool,
@@ -92,6 +96,48 @@ impl RunView {
         let left = self.total_steps().saturating_sub(self.steps_done());
         Some(mean * left as f64)
     }
+}
+
+/// How the loss plot is drawn: TensorBoard's smoothing (an exponential moving average with a
+/// debiased start) and a logarithmic loss axis.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlotOptions {
+    /// 0: raw values; up to 0.999.
+    pub smoothing: f64,
+    pub log_scale: bool,
+}
+
+impl Default for PlotOptions {
+    fn default() -> Self {
+        PlotOptions {
+            smoothing: 0.6,
+            log_scale: false,
+        }
+    }
+}
+
+/// TensorBoard's smoothing of `values`: an exponential moving average with weight `w` on the
+/// past, divided by `1 - w^n` so that the first points are not pulled towards 0; non-finite
+/// values are passed through and left out of the average.
+pub fn smooth(values: &[f64], w: f64) -> Vec<f64> {
+    let mut last = 0.0;
+    let mut n = 0;
+    values
+        .iter()
+        .map(|&v| {
+            if !v.is_finite() {
+                return v;
+            }
+            last = last * w + (1.0 - w) * v;
+            n += 1;
+            let debias = 1.0 - w.powi(n);
+            if debias > 0.0 {
+                last / debias
+            } else {
+                v
+            }
+        })
+        .collect()
 }
 
 /// The Generate panel's output.
@@ -140,6 +186,8 @@ pub struct WgptApp {
     pub status: RunStatus,
     pub run: RunView,
     pub gen_view: GenView,
+    /// How the loss plot is drawn.
+    pub plot: PlotOptions,
     /// Errors not yet dismissed, newest last.
     pub errors: Vec<String>,
     pub log: Vec<String>,
@@ -172,6 +220,7 @@ impl WgptApp {
             status: RunStatus::Idle,
             run: RunView::default(),
             gen_view: GenView::default(),
+            plot: PlotOptions::default(),
             errors: Vec::new(),
             log: Vec::new(),
             closing: false,
@@ -342,6 +391,17 @@ impl WgptApp {
                     if s.skipped { " | skipped (non-finite gradients)" } else { "" }
                 ));
                 self.run.steps.push(s);
+            }
+            Event::Val { step, loss } => {
+                self.log
+                    .push(format!("step {step:4} | val loss: {loss:.6}"));
+                self.run.val.push((step, loss));
+            }
+            Event::Samples { step, texts } => {
+                for (i, t) in texts.iter().enumerate() {
+                    self.log.push(format!("step {step:4} | sample {i}: {t:?}"));
+                }
+                self.run.samples.push((step, texts));
             }
             Event::Paused => {
                 if self.status.is_active() && self.status != RunStatus::Stopping {

@@ -83,6 +83,12 @@ pub struct TrainForm {
     pub init: InitChoice,
     pub init_path: String,
     pub checkpoint_dir: String,
+    /// Shuffle shards and documents per epoch (a shard folder only).
+    pub shuffle: bool,
+    /// Validation loss every N steps; 0: off (needs a shard folder).
+    pub val_every: usize,
+    /// Samples every N steps; 0: off.
+    pub sample_every: usize,
 }
 
 /// The corpus shipped in `assets/`, found from the source tree or the working directory.
@@ -138,6 +144,9 @@ impl TrainForm {
             init: InitChoice::Scratch,
             init_path: String::new(),
             checkpoint_dir: default_checkpoint_dir(),
+            shuffle: false,
+            val_every: 0,
+            sample_every: 0,
         }
     }
 
@@ -175,6 +184,7 @@ impl TrainForm {
         s.seed = self.seed;
         s.precision = self.precision;
         s.attention = self.attention;
+        s.shuffle = self.shuffle;
         s
     }
 
@@ -182,7 +192,10 @@ impl TrainForm {
     pub fn run_spec(&self, gpu: &Gpu) -> Result<RunSpec, String> {
         let data = self.data_path.trim();
         if data.is_empty() {
-            return Err("choose a data file (a UTF-8 text file) to train on".into());
+            return Err(
+                "choose the data to train on (a UTF-8 text file or a folder of shards from prepare-data)"
+                    .into(),
+            );
         }
         let init_path = self.init_path.trim();
         let init = match self.init {
@@ -213,6 +226,8 @@ impl TrainForm {
             data: data.into(),
             init,
             checkpoint_dir: dir.into(),
+            val_every: (self.val_every > 0).then_some(self.val_every),
+            sample_every: (self.sample_every > 0).then_some(self.sample_every),
         })
     }
 }

@@ -209,7 +209,17 @@ fn train_settings(app: &mut WgptApp, ui: &mut Ui) {
         ui.separator();
         ui.heading("Data and weights");
         egui::Grid::new("files").num_columns(2).show(ui, |ui| {
-            path_row(app, ui, "Data file", PathField::Data, false, true);
+            path_row(
+                app,
+                ui,
+                "Data (text or shards)",
+                PathField::Data,
+                false,
+                true,
+            );
+            row(ui, "Shuffle", |ui| {
+                ui.checkbox(&mut app.train.shuffle, "shards and documents per epoch")
+            });
             let l = ui.label("Start from");
             ui.vertical(|ui| {
                 let i = &mut app.train.init;
@@ -231,6 +241,31 @@ fn train_settings(app: &mut WgptApp, ui: &mut Ui) {
                 true,
                 true,
             );
+        });
+        ui.separator();
+        ui.heading("During training");
+        egui::Grid::new("evaluation").num_columns(2).show(ui, |ui| {
+            let t = &mut app.train;
+            row(ui, "Validate every", |ui| {
+                ui.add(
+                    egui::DragValue::new(&mut t.val_every)
+                        .range(0..=1_000_000)
+                        .suffix(" steps"),
+                )
+                .on_hover_text(
+                    "0: off. Needs a shard folder (its first shard is the validation split).",
+                )
+            });
+            row(ui, "Sample every", |ui| {
+                ui.add(
+                    egui::DragValue::new(&mut t.sample_every)
+                        .range(0..=1_000_000)
+                        .suffix(" steps"),
+                )
+                .on_hover_text(
+                    "0: off. 4 samples of 32 tokens after \"Hello, I'm a language model,\"",
+                )
+            });
         });
         if app.train.init != InitChoice::Scratch {
             ui.label(
@@ -370,24 +405,79 @@ fn format_metric(v: f64) -> String {
     }
 }
 
-fn plots(app: &WgptApp, ui: &mut Ui, height: f32) {
+/// The loss plot: the training loss (raw, faint, and smoothed), the validation loss, and the
+/// smoothing and log-scale controls.
+fn loss_plot(app: &mut WgptApp, ui: &mut Ui, height: f32) {
     let steps = &app.run.steps;
-    let series = |f: fn(&wgpt::train::trainer::StepStats) -> f64| -> Vec<[f64; 2]> {
-        steps.iter().map(|s| [s.step as f64, f(s)]).collect()
-    };
-    ui.columns(2, |cols| {
-        metric_plot(
-            &mut cols[0],
-            "Loss",
-            Color32::from_rgb(230, 120, 60),
-            series(|s| s.loss as f64),
-            height,
+    let o = app.plot;
+    let axis = |v: f64| if o.log_scale { v.log10() } else { v };
+    let raw: Vec<f64> = steps.iter().map(|s| s.loss as f64).collect();
+    let smoothed = crate::app::smooth(&raw, o.smoothing);
+    let at = |i: usize| steps[i].step as f64;
+    let train: Vec<[f64; 2]> = (0..raw.len()).map(|i| [at(i), axis(smoothed[i])]).collect();
+    let faint: Vec<[f64; 2]> = (0..raw.len()).map(|i| [at(i), axis(raw[i])]).collect();
+    let val: Vec<[f64; 2]> = app
+        .run
+        .val
+        .iter()
+        .map(|&(step, l)| [step as f64, axis(l)])
+        .collect();
+    let last = |v: Option<f64>| v.map(format_metric).unwrap_or_else(|| "-".into());
+    ui.horizontal(|ui| {
+        ui.label(format!(
+            "Loss: train {} (last), val {}",
+            last(raw.last().copied()),
+            last(app.run.val.last().map(|v| v.1))
+        ));
+        ui.add(
+            egui::Slider::new(&mut app.plot.smoothing, 0.0..=0.99)
+                .text("smoothing")
+                .fixed_decimals(2),
         );
+        ui.checkbox(&mut app.plot.log_scale, "log scale");
+    });
+    let color = Color32::from_rgb(230, 120, 60);
+    Plot::new("Loss")
+        .height(height)
+        .allow_scroll(false)
+        .allow_zoom(false)
+        .allow_drag(false)
+        .x_axis_label("step")
+        .y_axis_label(if o.log_scale { "log10 loss" } else { "loss" })
+        .legend(egui_plot::Legend::default())
+        .show(ui, |p| {
+            if o.smoothing > 0.0 {
+                p.line(Line::new("train (raw)", faint).color(color.gamma_multiply(0.3)));
+            }
+            p.line(Line::new("train", train).color(color));
+            if !val.is_empty() {
+                let blue = Color32::from_rgb(70, 140, 240);
+                p.points(Points::new("val", val.clone()).radius(3.0).color(blue));
+                p.line(Line::new("val", val).color(blue));
+            }
+        });
+}
+
+fn plots(app: &mut WgptApp, ui: &mut Ui, height: f32) {
+    let series = |app: &WgptApp, f: fn(&wgpt::train::trainer::StepStats) -> f64| -> Vec<[f64; 2]> {
+        app.run
+            .steps
+            .iter()
+            .map(|s| [s.step as f64, f(s)])
+            .collect()
+    };
+    let (lr, norm, tps) = (
+        series(app, |s| s.lr),
+        series(app, |s| s.norm as f64),
+        series(app, |s| s.tok_per_sec),
+    );
+    ui.columns(2, |cols| {
+        loss_plot(app, &mut cols[0], height);
         metric_plot(
             &mut cols[1],
             "Learning rate",
             Color32::from_rgb(90, 160, 230),
-            series(|s| s.lr),
+            lr,
             height,
         );
     });
@@ -396,16 +486,41 @@ fn plots(app: &WgptApp, ui: &mut Ui, height: f32) {
             &mut cols[0],
             "Gradient norm",
             Color32::from_rgb(120, 200, 110),
-            series(|s| s.norm as f64),
+            norm,
             height,
         );
         metric_plot(
             &mut cols[1],
             "Tokens per second",
             Color32::from_rgb(200, 120, 210),
-            series(|s| s.tok_per_sec),
+            tps,
             height,
         );
+    });
+}
+
+/// Samples taken during training, newest first.
+fn samples_panel(app: &WgptApp, ui: &mut Ui) {
+    if app.run.samples.is_empty() {
+        return;
+    }
+    egui::CollapsingHeader::new(format!(
+        "Samples during training ({})",
+        app.run.samples.len()
+    ))
+    .default_open(true)
+    .show(ui, |ui| {
+        egui::ScrollArea::vertical()
+            .id_salt("training samples")
+            .max_height(140.0)
+            .show(ui, |ui| {
+                for (step, texts) in app.run.samples.iter().rev() {
+                    ui.strong(format!("after step {step}"));
+                    for t in texts {
+                        ui.label(RichText::new(t).monospace());
+                    }
+                }
+            });
     });
 }
 
@@ -489,6 +604,7 @@ pub fn train_tab(app: &mut WgptApp, ui: &mut Ui) {
         let avail = ui.available_height();
         let plot_h = ((avail - 260.0) / 2.0 - 24.0).clamp(80.0, 260.0);
         plots(app, ui, plot_h);
+        samples_panel(app, ui);
         ui.separator();
         ui.label("Step log");
         step_table(app, ui);

@@ -13,8 +13,10 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 use wgpt::checkpoint::{self, hf, Checkpoint};
 use wgpt::data::{Corpus, Tokenizer};
+use wgpt::error::Setting;
 use wgpt::gpu::Gpu;
 use wgpt::sample::{Generator, SampleOptions};
+use wgpt::train::run::{self as lib_run, Progress, RunEvent, RunOptions};
 use wgpt::train::settings::TrainSettings;
 use wgpt::train::trainer::{StepStats, Trainer};
 
@@ -37,6 +39,10 @@ pub struct RunSpec {
     pub data: PathBuf,
     pub init: Init,
     pub checkpoint_dir: PathBuf,
+    /// Validation loss every N steps (a shard folder's validation split).
+    pub val_every: Option<usize>,
+    /// Samples from the live weights every N steps.
+    pub sample_every: Option<usize>,
 }
 
 /// Which weights to sample from.
@@ -80,6 +86,16 @@ pub enum Event {
         start_step: usize,
     },
     Step(StepStats),
+    /// Validation loss after `step` steps.
+    Val {
+        step: usize,
+        loss: f64,
+    },
+    /// Samples from the weights after `step` steps.
+    Samples {
+        step: usize,
+        texts: Vec<String>,
+    },
     Paused,
     Resumed,
     Saved(PathBuf),
@@ -194,13 +210,52 @@ enum RunState {
 }
 
 struct Run {
-    trainer: Trainer,
+    /// The library's run: trainer, guards, evaluation and checkpoint schedule.
+    run: lib_run::Run,
     state: RunState,
-    checkpoint_dir: PathBuf,
-    /// The step count of the last checkpoint written (or loaded).
-    saved_at: Option<usize>,
-    /// The checkpoint the run continues from: never pruned.
-    resumed_from: Option<PathBuf>,
+}
+
+impl Run {
+    fn trainer(&self) -> &Trainer {
+        self.run.trainer()
+    }
+}
+
+/// The Train panel's name for a setting, for errors from the library.
+pub fn field_name(s: Setting) -> &'static str {
+    match s {
+        Setting::Model => "Model (layers, heads, width, context)",
+        Setting::Data => "Data",
+        Setting::Shuffle => "Shuffle",
+        Setting::BatchSize => "Batch size",
+        Setting::SeqLen => "Sequence length",
+        Setting::GradAccum => "Gradient accumulation",
+        Setting::Steps => "Steps",
+        Setting::MaxLr => "Max learning rate",
+        Setting::MinLrRatio => "Min learning rate ratio",
+        Setting::WarmupSteps => "Warmup steps",
+        Setting::WeightDecay => "Weight decay",
+        Setting::GradClip => "Gradient clip",
+        Setting::Seed => "Seed",
+        Setting::Precision => "Precision",
+        Setting::Attention => "Attention",
+        Setting::Fusion => "Kernel fusion",
+        Setting::FusedOptimizer => "Fused optimiser",
+        Setting::ValEvery => "Validate every",
+        Setting::ValSteps => "Validation batches",
+        Setting::SampleEvery => "Sample every",
+        Setting::HellaSwag => "HellaSwag file",
+        Setting::EvalEvery => "Evaluate every",
+        Setting::CheckpointDir => "Checkpoint folder",
+    }
+}
+
+/// A library error in the panel's words: a setting's error names its field.
+fn in_app_words(e: wgpt::Error) -> String {
+    match e {
+        wgpt::Error::Setting { setting, message } => format!("{}: {message}", field_name(setting)),
+        other => other.to_string(),
+    }
 }
 
 struct Engine {
@@ -299,7 +354,7 @@ impl Engine {
                     self.save_if_unsaved();
                     if let Some(r) = self.run.as_mut() {
                         r.state = RunState::Ended;
-                        let step = r.trainer.step_index();
+                        let step = r.trainer().step_index();
                         self.emit(Event::RunEnded {
                             reason: format!("stopped after step {step}"),
                             weights_kept: true,
@@ -341,7 +396,7 @@ impl Engine {
         self.run = None;
         match self.build_run(spec) {
             Ok(run) => {
-                let t = &run.trainer;
+                let t = run.trainer();
                 self.emit(Event::RunStarted {
                     settings: Box::new(t.settings().clone()),
                     tokens: self
@@ -355,7 +410,7 @@ impl Engine {
                 self.check_finished();
             }
             Err(e) => {
-                self.error(e);
+                self.error(in_app_words(e));
                 self.emit(Event::RunEnded {
                     reason: "could not start".into(),
                     weights_kept: false,
@@ -371,8 +426,6 @@ impl Engine {
             tokens.describe(),
             spec.data.display()
         )));
-        // A folder that cannot hold checkpoints is refused before anything is trained.
-        checkpoint::check_writable(&spec.checkpoint_dir)?;
         let mut resumed_from = None;
         let weights: Option<Checkpoint> = match &spec.init {
             Init::Scratch => None,
@@ -391,6 +444,15 @@ impl Engine {
             Init::HuggingFace(p) => Some(hf::load_any(p)?),
         };
         let mut settings = spec.settings;
+        if let (Some(w), Some(p)) = (&weights, &resumed_from) {
+            // A run's checkpoint continues with its settings: the panel's must agree (the
+            // model's shape always comes from the weights).
+            if let Some(stored) = lib_run::stored_settings(p, w)? {
+                let mut asked = settings.clone();
+                asked.config = stored.config;
+                settings = lib_run::resume_settings(&stored, &asked, |_| true)?;
+            }
+        }
         if let Some(w) = &weights {
             if w.config != settings.config {
                 self.emit(Event::Log(format!(
@@ -401,10 +463,6 @@ impl Engine {
                 settings.seq_len = settings.seq_len.min(w.config.block_size);
             }
         }
-        let saved_at = weights
-            .as_ref()
-            .and_then(|w| w.state.as_ref())
-            .map(|s| s.step);
         self.emit(Event::Log(format!(
             "building the training step for {} | B {} | T {} | {} | attention {}",
             settings.config.describe(),
@@ -413,33 +471,66 @@ impl Engine {
             settings.precision,
             settings.attention
         )));
-        let trainer = Trainer::new(self.gpu.clone(), settings, tokens, weights.as_ref())?;
+        let trainer = Trainer::new(self.gpu.clone(), settings, tokens.clone(), weights.as_ref())?;
+        let opts = RunOptions {
+            checkpoint_dir: Some(spec.checkpoint_dir),
+            val_every: spec.val_every,
+            sample_every: spec.sample_every,
+            ..RunOptions::default()
+        };
         Ok(Run {
-            trainer,
+            run: lib_run::Run::new(trainer, &tokens, opts, resumed_from)?,
             state: RunState::Running,
-            checkpoint_dir: spec.checkpoint_dir,
-            saved_at,
-            resumed_from,
         })
     }
 
+    /// Forwards what the library's run reports.
+    fn forward(events: &Sender<Event>, notify: &Notify, e: RunEvent) {
+        let ev = match e {
+            RunEvent::Step { stats, .. } => Event::Step(*stats),
+            RunEvent::Validation { step, loss } => Event::Val { step, loss },
+            RunEvent::Samples { step, texts } => Event::Samples { step, texts },
+            RunEvent::HellaSwag { step, score } => Event::Log(format!(
+                "step {step}: HellaSwag acc_norm {}/{} = {:.4}",
+                score.correct,
+                score.total,
+                score.acc_norm()
+            )),
+            RunEvent::Saved { path } => Event::Saved(path),
+        };
+        let _ = events.send(ev);
+        notify();
+    }
+
+    /// One step (with the evaluations and checkpoints due), as the library's run schedules
+    /// them; its guards end the run with their reason.
     fn step(&mut self) {
+        let (events, notify) = (self.events.clone(), self.notify.clone());
         let Some(run) = self.run.as_mut() else { return };
-        match run.trainer.step() {
-            Ok(stats) => {
-                self.emit(Event::Step(stats));
-                if !stats.loss.is_finite() && !stats.skipped {
-                    self.error(format!(
-                        "the loss became {} at step {}; the run is paused. Lower the learning rate or check the data",
-                        stats.loss, stats.step
-                    ));
-                    if let Some(r) = self.run.as_mut() {
-                        r.state = RunState::Paused;
-                    }
-                    self.emit(Event::Paused);
-                    return;
-                }
-                self.check_finished();
+        let mut on = |e: RunEvent| -> wgpt::Result<()> {
+            Self::forward(&events, &notify, e);
+            Ok(())
+        };
+        match run.run.advance(1, &mut on) {
+            Ok(Progress::Running) => {}
+            Ok(Progress::Finished) => {
+                run.state = RunState::Ended;
+                let n = run.trainer().step_index();
+                self.emit(Event::RunEnded {
+                    reason: format!("finished: {n} steps"),
+                    weights_kept: true,
+                });
+            }
+            Err(e @ wgpt::Error::Setting { .. }) => {
+                // A guard stopped it: the weights stay for sampling (a diverged run is worth
+                // looking at).
+                run.state = RunState::Ended;
+                let step = run.trainer().step_index();
+                self.error(in_app_words(e));
+                self.emit(Event::RunEnded {
+                    reason: format!("stopped at step {step}"),
+                    weights_kept: true,
+                });
             }
             Err(e) => {
                 self.run = None;
@@ -452,47 +543,29 @@ impl Engine {
         }
     }
 
-    /// Ends a run that has done all its steps, saving its checkpoint.
+    /// Ends a run that has done all its steps (a resumed run may have none left).
     fn check_finished(&mut self) {
         let done = self.run.as_ref().is_some_and(|r| {
-            r.state != RunState::Ended && r.trainer.step_index() >= r.trainer.settings().steps
+            r.state != RunState::Ended && r.trainer().step_index() >= r.trainer().settings().steps
         });
         if done {
-            self.save_if_unsaved();
-            if let Some(r) = self.run.as_mut() {
-                r.state = RunState::Ended;
-                let n = r.trainer.step_index();
-                self.emit(Event::RunEnded {
-                    reason: format!("finished: {n} steps"),
-                    weights_kept: true,
-                });
-            }
+            self.step();
         }
     }
 
     /// Writes a checkpoint unless one exists for the current step.
     fn save_if_unsaved(&mut self) {
+        let (events, notify) = (self.events.clone(), self.notify.clone());
         let Some(run) = self.run.as_mut() else { return };
-        let step = run.trainer.step_index();
-        if run.saved_at == Some(step) {
-            return;
-        }
-        let path = checkpoint::checkpoint_path(&run.checkpoint_dir, step);
-        let mut protect = vec![path.as_path()];
-        protect.extend(run.resumed_from.as_deref());
-        let saved = run
-            .trainer
-            .checkpoint()
-            .and_then(|c| c.save(&path))
-            .and_then(|()| {
-                checkpoint::prune(&run.checkpoint_dir, checkpoint::DEFAULT_KEEP_LAST, &protect)
-            });
-        match saved {
-            Ok(_) => {
-                run.saved_at = Some(step);
-                self.emit(Event::Saved(path));
-            }
-            Err(e) => self.error(format!("could not save the checkpoint: {e}")),
+        let mut on = |e: RunEvent| -> wgpt::Result<()> {
+            Self::forward(&events, &notify, e);
+            Ok(())
+        };
+        if let Err(e) = run.run.save(&mut on) {
+            self.error(format!(
+                "could not save the checkpoint: {}",
+                in_app_words(e)
+            ));
         }
     }
 
@@ -530,11 +603,11 @@ impl Engine {
                 if run.state == RunState::Running {
                     self.emit(Event::Log(format!(
                         "sampling between steps {} and {}",
-                        run.trainer.step_index(),
-                        run.trainer.step_index() + 1
+                        run.trainer().step_index(),
+                        run.trainer().step_index() + 1
                     )));
                 }
-                let t = &run.trainer;
+                let t = run.trainer();
                 Generator::new(
                     self.gpu.clone(),
                     t.settings().config,

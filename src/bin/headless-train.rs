@@ -2,19 +2,21 @@
 //!
 //! `cargo run --release --bin headless-train -- [flags]`; see `--help`.
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use wgpt::checkpoint::{self, hf, Checkpoint};
 use wgpt::data::Corpus;
-use wgpt::error::{Error, Result};
+use wgpt::error::{Error, Result, Setting};
 use wgpt::gpu::profile::{by_family, known_peaks, NodeTime};
 use wgpt::gpu::{AdapterLimits, Gpu, GpuOptions};
 use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
 use wgpt::train::plan::MemoryPlan;
+use wgpt::train::run::{self, Progress, Run, RunEvent, RunOptions};
 use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
 use wgpt::train::trainer::{StepStats, Trainer};
 
@@ -108,9 +110,28 @@ struct Args {
     /// the one the run resumed from are never deleted.
     #[arg(long = "keep-last", default_value_t = checkpoint::DEFAULT_KEEP_LAST)]
     keep_last: usize,
-    /// Continue from the newest complete checkpoint in DIR.
+    /// Continue from the newest complete checkpoint in DIR. The run keeps the checkpoint's
+    /// settings; a setting given here that differs from them is refused.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Validation loss every N steps (and after the last), over the first --val-steps batches
+    /// of the validation split (a shard folder's first shard).
+    #[arg(long = "val-every")]
+    val_every: Option<usize>,
+    /// Batches of B x T tokens per validation.
+    #[arg(long = "val-steps", default_value_t = run::DEFAULT_VAL_STEPS)]
+    val_steps: usize,
+    /// Print samples from the live weights every N steps (and after the last): 4 of 32 tokens
+    /// after "Hello, I'm a language model,", top-k 50.
+    #[arg(long = "sample-every")]
+    sample_every: Option<usize>,
+    /// HellaSwag jsonl file (ctx, endings, label per line) to evaluate: every --eval-every
+    /// steps and after the last; acc_norm is printed.
+    #[arg(long)]
+    hellaswag: Option<PathBuf>,
+    /// HellaSwag evaluation every N steps (needs --hellaswag).
+    #[arg(long = "eval-every")]
+    eval_every: Option<usize>,
     /// End this run after N steps (the schedule still spans --steps).
     #[arg(long = "stop-after")]
     stop_after: Option<usize>,
@@ -148,10 +169,6 @@ struct Args {
     #[arg(long = "dry-run")]
     dry_run: bool,
 }
-
-/// Mixed precision halves the loss scale on each overflow; this many skipped steps in a row mean
-/// the training itself diverged.
-const MAX_SKIPPED_IN_A_ROW: usize = 25;
 
 fn default_data() -> PathBuf {
     let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare.txt");
@@ -403,7 +420,7 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
     Ok(())
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, matches: &ArgMatches) -> Result<()> {
     let data = args.data.clone().unwrap_or_else(default_data);
     let tokens = Corpus::open(&data)?;
     println!("loaded {}", tokens.describe());
@@ -431,11 +448,11 @@ fn run(args: Args) -> Result<()> {
         _ => None,
     };
 
-    let settings = if let Some(state) = resumed.as_ref().and_then(|c| c.state.as_ref()) {
-        let s: TrainSettings = serde_json::from_str(&state.settings)
-            .map_err(|e| Error::Other(format!("the checkpoint's settings do not parse: {e}")))?;
-        s
-    } else {
+    let stored = match (&resumed, &resumed_from) {
+        (Some(c), Some(p)) => run::stored_settings(p, c)?,
+        _ => None,
+    };
+    let requested = {
         let preset_name = match &args.preset {
             Some(p) => p.clone(),
             None if gpu.is_cpu() => {
@@ -506,6 +523,11 @@ fn run(args: Args) -> Result<()> {
         };
         s
     };
+    let settings = match &stored {
+        // A resumed run keeps its settings; flags given that differ are refused.
+        Some(stored) => run::resume_settings(stored, &requested, |s| given(matches, s))?,
+        None => requested,
+    };
     settings.validate()?;
     if settings.precision == Precision::F16 && !gpu.has_f16() {
         return Err(Error::Config(format!(
@@ -544,13 +566,8 @@ fn run(args: Args) -> Result<()> {
         return bench_ladder(&args, gpu, tokens, settings);
     }
     let checkpoint_dir = args.checkpoint_dir.clone().or(args.resume.clone());
-    if let Some(dir) = &checkpoint_dir {
-        // Found now, not at the first save after hours of training.
-        checkpoint::check_writable(dir)?;
-    }
     let weights = resumed.as_ref().or(init.as_ref());
-    let tokens_for_count = tokens.clone();
-    let mut trainer = Trainer::new(gpu.clone(), settings.clone(), tokens, weights)?;
+    let mut trainer = Trainer::new(gpu.clone(), settings.clone(), tokens.clone(), weights)?;
     if let Err(e) = gpu.save_pipeline_cache() {
         eprintln!("warning: the pipeline cache was not saved ({e}); the next start compiles anew");
     }
@@ -559,88 +576,92 @@ fn run(args: Args) -> Result<()> {
     println!("num non-decayed parameter tensors: {nt}, with {np} parameters");
 
     let mut metrics = match &args.metrics {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::io(p, e))?,
-        )),
+        Some(p) => Some(Metrics {
+            path: p.clone(),
+            file: std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| Error::io(p, e))?,
+            ),
+        }),
         None => None,
     };
 
     if args.profile {
         trainer.enable_profiling()?;
     }
-    let mut profile = ProfileTotals::default();
-    let first_step = trainer.step_index();
-    let last_step = match args.stop_after {
-        Some(n) => settings.steps.min(first_step + n),
-        None => settings.steps,
+    let opts = RunOptions {
+        checkpoint_dir,
+        checkpoint_every: args.checkpoint_every.filter(|&e| e > 0),
+        keep_last: args.keep_last,
+        stop_after: args.stop_after,
+        val_every: args.val_every,
+        val_steps: args.val_steps,
+        sample_every: args.sample_every,
+        hellaswag: args.hellaswag.clone(),
+        eval_every: args.eval_every,
+        ..RunOptions::default()
     };
-    let every = args
-        .checkpoint_every
-        .filter(|&e| e > 0 && checkpoint_dir.is_some());
-    let mut skipped_in_a_row = 0;
-    while trainer.step_index() < last_step {
-        // Steps are queued back to back up to the next checkpoint (which needs the GPU idle).
-        let until = match every {
-            Some(e) => last_step.min((trainer.step_index() / e + 1) * e),
-            None => last_step,
-        };
-        trainer.run_steps(until, |s, times| {
-            // The first step compiles pipelines and warms caches: leave it out.
-            if args.profile && s.step > first_step {
-                profile.add(s, times);
-            }
-            if s.skipped {
-                println!(
-                    "{} | skipped: non-finite gradients, loss scale now {}",
-                    step_line(s),
-                    s.loss_scale
-                );
-                skipped_in_a_row += 1;
-                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
-                    return Err(Error::Other(format!(
-                        "the gradients were non-finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (loss {}); \
-                         stopping (the last checkpoint is kept). Lower --max-lr or use --precision f32",
-                        s.loss
-                    )));
+    let mut run = Run::new(trainer, &tokens, opts, resumed_from)?;
+    let mut profile = ProfileTotals::default();
+    let first_step = run.steps().0;
+    let mut on = |e: RunEvent| -> Result<()> {
+        match e {
+            RunEvent::Step { stats: s, nodes } => {
+                // The first step compiles pipelines and warms caches: leave it out.
+                if args.profile && s.step > first_step {
+                    profile.add(s, nodes);
                 }
-            } else {
-                skipped_in_a_row = 0;
-                println!("{}", step_line(s));
+                if s.skipped {
+                    println!(
+                        "{} | skipped: non-finite gradients, loss scale now {}",
+                        step_line(s),
+                        s.loss_scale
+                    );
+                } else {
+                    println!("{}", step_line(s));
+                }
+                if let Some(m) = metrics.as_mut() {
+                    m.write(serde_json::json!({
+                        "step": s.step, "loss": s.loss, "lr": s.lr, "norm": s.norm, "dt_ms": s.dt_ms,
+                        "tok_per_sec": s.tok_per_sec, "skipped": s.skipped, "loss_scale": s.loss_scale,
+                        "encode_ms": s.encode_ms, "submit_ms": s.submit_ms,
+                    }))?;
+                }
             }
-            if let Some(m) = metrics.as_mut() {
-                let line = serde_json::json!({
-                    "step": s.step, "loss": s.loss, "lr": s.lr, "norm": s.norm, "dt_ms": s.dt_ms,
-                    "tok_per_sec": s.tok_per_sec, "skipped": s.skipped, "loss_scale": s.loss_scale,
-                    "encode_ms": s.encode_ms, "submit_ms": s.submit_ms,
-                });
-                writeln!(m, "{line}")
-                    .map_err(|e| Error::io(args.metrics.clone().unwrap_or_default(), e))?;
-                m.flush()
-                    .map_err(|e| Error::io(args.metrics.clone().unwrap_or_default(), e))?;
+            RunEvent::Validation { step, loss } => {
+                println!("step {step:4} | val loss: {loss:.6}");
+                if let Some(m) = metrics.as_mut() {
+                    m.write(serde_json::json!({ "step": step, "val_loss": loss }))?;
+                }
             }
-            if !s.loss.is_finite() && settings.precision == Precision::F32 {
-                return Err(Error::Other(format!(
-                    "the loss became {} at step {}; stopping (the last checkpoint is kept). Lower --max-lr or check the data",
-                    s.loss, s.step
-                )));
+            RunEvent::HellaSwag { step, score } => {
+                println!(
+                    "step {step:4} | hellaswag acc_norm: {}/{} = {:.4}",
+                    score.correct,
+                    score.total,
+                    score.acc_norm()
+                );
+                if let Some(m) = metrics.as_mut() {
+                    m.write(serde_json::json!({
+                        "step": step, "hellaswag_acc_norm": score.acc_norm(),
+                        "hellaswag_correct": score.correct, "hellaswag_total": score.total,
+                    }))?;
+                }
             }
-            Ok(())
-        })?;
-        if let (Some(dir), Some(e)) = (&checkpoint_dir, every) {
-            if trainer.step_index() % e == 0 {
-                save_checkpoint(&trainer, dir, args.keep_last, resumed_from.as_deref())?;
+            RunEvent::Samples { step, texts } => {
+                for (i, t) in texts.iter().enumerate() {
+                    println!("step {step:4} | sample {i}: {t:?}");
+                }
             }
+            RunEvent::Saved { path } => println!("saved {}", path.display()),
         }
-    }
-    if let Some(dir) = &checkpoint_dir {
-        if !checkpoint::checkpoint_path(dir, trainer.step_index()).exists() {
-            save_checkpoint(&trainer, dir, args.keep_last, resumed_from.as_deref())?;
-        }
-    }
+        Ok(())
+    };
+    while run.advance(usize::MAX, &mut on)? == Progress::Running {}
+    let trainer = run.into_trainer();
     if let Some(dir) = &args.export_hf {
         hf::export(dir, &settings.config, &trainer.params()?)?;
         println!("exported Hugging Face GPT-2 to {}", dir.display());
@@ -657,7 +678,7 @@ fn run(args: Args) -> Result<()> {
             let mut one = settings.clone();
             one.grad_accum = 1;
             let per_micro = |s: &TrainSettings| -> Result<usize> {
-                let t = Trainer::new(gpu.clone(), s.clone(), tokens_for_count.clone(), None)?;
+                let t = Trainer::new(gpu.clone(), s.clone(), tokens.clone(), None)?;
                 Ok(t.graph().dispatch_count())
             };
             (per_micro(&one)?, per_micro(&u)?)
@@ -673,26 +694,60 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Saves the trainer's checkpoint in `dir`, then deletes all but the newest `keep` (never the
-/// one just written or the one the run resumed from).
-fn save_checkpoint(
-    trainer: &Trainer,
-    dir: &std::path::Path,
-    keep: usize,
-    resumed_from: Option<&std::path::Path>,
-) -> Result<()> {
-    let path = checkpoint::checkpoint_path(dir, trainer.step_index());
-    trainer.checkpoint()?.save(&path)?;
-    println!("saved {}", path.display());
-    let mut protect = vec![path.as_path()];
-    protect.extend(resumed_from);
-    checkpoint::prune(dir, keep, &protect)?;
-    Ok(())
+/// The metrics file: one JSON object per line, flushed as written.
+struct Metrics {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl Metrics {
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Whether the user gave `setting` on the command line (a resumed run refuses those that
+/// differ from its checkpoint's).
+fn given(m: &ArgMatches, setting: Setting) -> bool {
+    let ids: &[&str] = match setting {
+        Setting::Model => &[
+            "preset",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "vocab_size",
+            "padded_vocab_size",
+        ],
+        Setting::BatchSize => &["batch_size"],
+        Setting::SeqLen => &["seq_len"],
+        Setting::GradAccum => &["grad_accum"],
+        Setting::Steps => &["steps"],
+        Setting::MaxLr => &["max_lr"],
+        Setting::MinLrRatio => &["min_lr_ratio"],
+        Setting::WarmupSteps => &["warmup_steps"],
+        Setting::WeightDecay => &["weight_decay"],
+        Setting::GradClip => &["grad_clip"],
+        Setting::Seed => &["seed"],
+        Setting::Precision => &["precision"],
+        Setting::Attention => &["attention"],
+        Setting::Shuffle => &["shuffle"],
+        Setting::Fusion => &["no_fusion"],
+        Setting::FusedOptimizer => &["no_fused_optimizer"],
+        _ => &[],
+    };
+    ids.iter()
+        .any(|id| m.value_source(id) == Some(ValueSource::CommandLine))
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    match run(args, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -5,7 +5,7 @@
 //! and the classifier's chunk size; the tensors the trainer owns are named by [`StepInput`] and
 //! bound when the graph is compiled.
 
-use super::{Graph, Section, TensorId};
+use super::{Graph, Phase, Section, TensorId};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
 use crate::model::{Gpt, GptConfig, ParamId, StorageLayout};
@@ -49,6 +49,8 @@ pub enum StepInput {
     Dloss,
     /// [1] f32: the step's mean loss (accumulated over micro-steps).
     Loss,
+    /// [B*T] f32: each position's loss in the latest micro-step (read by evaluations).
+    Losses,
     /// [4] f32: gradient norm, clip coefficient, finite flag (written by the norm kernel).
     Status,
     /// Inputs of the gradient norm (inverse loss scale, max norm): the scale's by the state
@@ -516,11 +518,13 @@ pub fn build_train_graph(
     // its columns), the loss and dlogits in place, then dln_f = dlogits @ wte and
     // dwte += dlogits^T @ ln_f(x), piece by piece.
     let logits = g.input("logits", &[chunk_rows, vp], act, StepInput::Logits);
-    let losses = g.planned("losses", &[n], DType::F32);
+    let losses = g.input("losses", &[n], DType::F32, StepInput::Losses);
     let dlnf = g.planned("d ln_f out", &[n, c], act);
     let chunks = classifier_chunks(n, chunk_rows);
     let split = chunks.len() > 1 || wte.len() > 1;
     for chunk in chunks.iter().copied() {
+        // The chunk's logits and loss are forward, its products into d(ln_f) and wte backward.
+        g.phase(Phase::Forward);
         let at = |what: &str, k: usize| {
             if split {
                 format!(
@@ -580,6 +584,7 @@ pub fn build_train_graph(
                 )?])
             },
         );
+        g.phase(Phase::Backward);
         for (k, part) in wte.iter().copied().enumerate() {
             let mut reads = vec![logits, part.ids.w];
             if k > 0 {
@@ -634,6 +639,7 @@ pub fn build_train_graph(
             );
         }
     }
+    g.phase(Phase::Forward);
     let inv = 1.0 / (n * s.grad_accum) as f32;
     g.node(
         "loss.mean",
@@ -653,6 +659,7 @@ pub fn build_train_graph(
     );
 
     // ---------------------------------------------------------------- body: backward
+    g.phase(Phase::Backward);
     // The residual stream's gradient: every LayerNorm backward adds into it.
     let dres = g.planned("d residual", &[n, c], DType::F32);
     g.node(

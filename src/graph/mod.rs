@@ -28,6 +28,14 @@ pub enum Section {
     Tail,
 }
 
+/// Whether a body node belongs to the forward pass (up to the loss) or the backward pass. An
+/// evaluation records the forward nodes alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Forward,
+    Backward,
+}
+
 enum Storage<E> {
     /// An activation: memory assigned by the planner.
     Planned,
@@ -50,6 +58,7 @@ type BuildFn = Box<dyn Fn(&Gpu, &Resolved) -> Result<Vec<Dispatch>>>;
 struct Node {
     label: String,
     family: &'static str,
+    phase: Phase,
     reads: Vec<TensorId>,
     writes: Vec<TensorId>,
     flops: f64,
@@ -72,6 +81,7 @@ pub struct Graph<E> {
     decls: Vec<Decl<E>>,
     nodes: Vec<(Section, Node)>,
     section: Section,
+    phase: Phase,
     micro: usize,
 }
 
@@ -85,6 +95,7 @@ impl<E: Clone> Graph<E> {
             decls: Vec::new(),
             nodes: Vec::new(),
             section: Section::Body,
+            phase: Phase::Forward,
             micro: micro.max(1),
         }
     }
@@ -145,6 +156,11 @@ impl<E: Clone> Graph<E> {
         self.section = section;
     }
 
+    /// Marks the nodes appended from now on as forward or backward.
+    pub fn phase(&mut self, phase: Phase) {
+        self.phase = phase;
+    }
+
     /// Appends a node. `reads` and `writes` must list every tensor the dispatches touch (a
     /// tensor that is read and written, like an accumulator, goes in both).
     pub fn node(
@@ -161,6 +177,7 @@ impl<E: Clone> Graph<E> {
             Node {
                 label: label.into(),
                 family,
+                phase: self.phase,
                 reads: reads.to_vec(),
                 writes: writes.to_vec(),
                 flops,
@@ -346,6 +363,7 @@ impl<E: Clone> Graph<E> {
             let c = CompiledNode {
                 label: node.label,
                 family: node.family,
+                phase: node.phase,
                 flops: node.flops,
                 bytes,
                 copies: built,
@@ -433,6 +451,7 @@ fn tensor_bytes<E>(d: &Decl<E>) -> u64 {
 pub struct CompiledNode {
     pub label: String,
     pub family: &'static str,
+    pub phase: Phase,
     pub flops: f64,
     /// Bytes of the tensors its dispatches bind (each once per dispatch).
     pub bytes: f64,
@@ -506,6 +525,16 @@ impl CompiledGraph {
                 for d in n.dispatches(k) {
                     d.record(pass);
                 }
+            }
+        }
+    }
+
+    /// Records the forward pass of micro-step `k` alone: the body's forward nodes, which end
+    /// with the per-position losses (an evaluation: no gradients, no update).
+    pub fn record_forward(&self, pass: &mut wgpu::ComputePass<'_>, k: usize) {
+        for n in self.body.iter().filter(|n| n.phase == Phase::Forward) {
+            for d in n.dispatches(k) {
+                d.record(pass);
             }
         }
     }

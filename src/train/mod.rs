@@ -1,6 +1,7 @@
 //! Training: schedule, optimiser settings, the training loop.
 
 pub mod plan;
+pub mod run;
 pub mod schedule;
 pub mod settings;
 pub mod trainer;

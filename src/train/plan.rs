@@ -175,6 +175,7 @@ impl MemoryPlan {
         let inputs_bytes = micro
             * (2 * buffer_bytes(n, DType::U32)
                 + buffer_bytes(embedding::embedding_buckets_len(n), DType::U32))
+            + buffer_bytes(n, DType::F32)
             + 5 * 256;
         let plan = MemoryPlan {
             chunk_rows,
@@ -294,7 +295,7 @@ impl MemoryPlan {
             line(format!("activations {k} (largest: {name})"), *bytes);
         }
         line(
-            "step inputs (tokens, targets, buckets, scalars)".into(),
+            "step inputs (tokens, targets, buckets, losses, scalars)".into(),
             self.inputs_bytes,
         );
         line(

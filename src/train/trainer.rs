@@ -11,7 +11,7 @@
 use super::plan::MemoryPlan;
 use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
 use crate::checkpoint::{Checkpoint, TrainState};
-use crate::data::{Corpus, DataLoader, LoaderState};
+use crate::data::{Batch, Corpus, DataLoader, LoaderState};
 use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
@@ -129,6 +129,8 @@ struct StepTensors {
     logits: Tensor,
     dloss: Tensor,
     loss: Tensor,
+    /// Each position's loss (of the latest micro-step).
+    losses: Tensor,
     status: Tensor,
     norm_scalars: Tensor,
     hyper: Tensor,
@@ -161,6 +163,7 @@ impl StepTensors {
             StepInput::Logits => self.logits.clone(),
             StepInput::Dloss => self.dloss.clone(),
             StepInput::Loss => self.loss.clone(),
+            StepInput::Losses => self.losses.clone(),
             StepInput::Status => self.status.clone(),
             StepInput::NormScalars => self.norm_scalars.clone(),
             StepInput::Hyper => self.hyper.clone(),
@@ -291,6 +294,7 @@ impl Trainer {
             logits: gpu.zeros("logits", &[plan.chunk_rows, cfg.padded_vocab_size], act)?,
             dloss: gpu.zeros("dloss", &[1], DType::F32)?,
             loss: gpu.zeros("loss", &[1], DType::F32)?,
+            losses: gpu.zeros("losses", &[n], DType::F32)?,
             status: gpu.zeros("status", &[optimizer::STATUS_LEN], DType::F32)?,
             norm_scalars: gpu.zeros(
                 "norm scalars",
@@ -714,6 +718,58 @@ impl Trainer {
                 outcome = report(&stats, &nodes);
             }
         }
+    }
+
+    /// The forward pass alone on each batch (B*T inputs and targets): each position's loss,
+    /// B*T per batch. Nothing the next step reads is changed (the gradients are zeroed by
+    /// every step's head, the loss likewise), so evaluations may come between any two steps.
+    pub fn position_losses(&mut self, batches: &[Batch]) -> Result<Vec<Vec<f32>>> {
+        self.expect_idle("an evaluation")?;
+        let n = self.settings.batch_size * self.settings.seq_len;
+        let vocab = self.settings.config.vocab_size;
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            if b.x.len() != n || b.y.len() != n {
+                return Err(Error::Other(format!(
+                    "an evaluation batch holds {} inputs and {} targets; the run's B*T is {n}",
+                    b.x.len(),
+                    b.y.len()
+                )));
+            }
+            if let Some(&bad) = b.x.iter().chain(&b.y).find(|&&t| t as usize >= vocab) {
+                return Err(Error::Config(format!(
+                    "token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+            self.upload_batches(&[(b.x.clone(), b.y.clone())])?;
+            let gpu = self.gpu.clone();
+            gpu.scoped("evaluation", || -> Result<()> {
+                let mut enc = gpu
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("evaluation"),
+                    });
+                {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("forward"),
+                        timestamp_writes: None,
+                    });
+                    self.graph.record_forward(&mut pass, 0);
+                }
+                gpu.queue.submit([enc.finish()]);
+                Ok(())
+            })??;
+            out.push(self.gpu.read(&self.io.losses)?);
+        }
+        Ok(out)
+    }
+
+    /// The mean loss over `batches` (forward passes alone), summed in f64.
+    pub fn mean_loss(&mut self, batches: &[Batch]) -> Result<f64> {
+        let losses = self.position_losses(batches)?;
+        let count: usize = losses.iter().map(|l| l.len()).sum();
+        let sum: f64 = losses.iter().flatten().map(|&l| l as f64).sum();
+        Ok(sum / count.max(1) as f64)
     }
 
     /// Forward and backward on the given micro-batches without an optimiser step: returns the

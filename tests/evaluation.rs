@@ -1,0 +1,268 @@
+//! Evaluations during training against the float64 reference: validation loss on a shard
+//! folder's validation split, HellaSwag scoring on a small fixture in the standard format, and
+//! the run's schedule of them; bad evaluation inputs.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use wgpt::checkpoint::Checkpoint;
+use wgpt::data::prepare::{prepare, PrepareOptions};
+use wgpt::data::{Corpus, DataLoader};
+use wgpt::error::{Error, Setting};
+use wgpt::eval::hellaswag;
+use wgpt::model::init::init_params;
+use wgpt::model::{GptConfig, ParamLayout};
+use wgpt::reference::model::ReferenceModel;
+use wgpt::train::run::{Progress, Run, RunEvent, RunOptions};
+use wgpt::train::settings::{Precision, TrainSettings};
+use wgpt::train::trainer::Trainer;
+
+/// The smallest model that reads GPT-2 token ids.
+fn small(block: usize) -> GptConfig {
+    GptConfig {
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 32,
+        block_size: block,
+        vocab_size: 50257,
+        padded_vocab_size: 50304,
+    }
+}
+
+fn settings(cfg: GptConfig, b: usize, t: usize) -> TrainSettings {
+    let mut s = TrainSettings::new(cfg, b, t);
+    s.precision = Precision::F32;
+    s.steps = 2;
+    s.warmup_steps = 1;
+    s.max_lr = 1e-3;
+    s
+}
+
+fn weights(cfg: GptConfig, seed: u64) -> Checkpoint {
+    let layout = ParamLayout::new(&cfg);
+    Checkpoint {
+        config: cfg,
+        params: init_params(&cfg, &layout, seed),
+        moments: None,
+        state: None,
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgpt-eval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn shards(dir: &Path) -> Corpus {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare.txt");
+    let text = std::fs::read_to_string(corpus).unwrap();
+    std::fs::write(dir.join("text.txt"), &text[..20_000]).unwrap();
+    let mut o = PrepareOptions::new(dir.join("shards"));
+    o.shard_tokens = 1500;
+    prepare(&[dir.join("text.txt")], &o).unwrap();
+    Corpus::open(&dir.join("shards")).unwrap()
+}
+
+/// Each position's loss under the float64 reference: `logsumexp(logits) - logits[target]`.
+fn reference_losses(
+    cfg: GptConfig,
+    params: &[f32],
+    x: &[u32],
+    y: &[u32],
+    b: usize,
+    t: usize,
+) -> Vec<f64> {
+    let p: Vec<f64> = params.iter().map(|&v| v as f64).collect();
+    let logits = ReferenceModel::new(cfg).logits(&p, x, b, t);
+    let v = cfg.vocab_size;
+    logits
+        .chunks(v)
+        .zip(y)
+        .map(|(row, &target)| {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z));
+            max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln() - row[target as usize]
+        })
+        .collect()
+}
+
+#[test]
+fn validation_loss_equals_the_reference_before_and_after_training() {
+    let dir = temp_dir("val");
+    let corpus = shards(&dir);
+    let cfg = small(16);
+    let (b, t, val_steps) = (2, 16, 3);
+    let s = settings(cfg, b, t);
+    let init = weights(cfg, 3);
+    let trainer = Trainer::new(gpu_arc(), s, corpus.clone(), Some(&init)).unwrap();
+    let opts = RunOptions {
+        val_every: Some(2),
+        val_steps,
+        ..RunOptions::default()
+    };
+    let mut run = Run::new(trainer, &corpus, opts, None).unwrap();
+    let mut vals = Vec::new();
+    let mut steps = 0;
+    let mut on = |e: RunEvent| {
+        match e {
+            RunEvent::Validation { step, loss } => vals.push((step, loss)),
+            RunEvent::Step { .. } => steps += 1,
+            _ => {}
+        }
+        Ok(())
+    };
+    while run.advance(usize::MAX, &mut on).unwrap() == Progress::Running {}
+    assert_eq!(steps, 2);
+    assert_eq!(vals.iter().map(|v| v.0).collect::<Vec<_>>(), vec![0, 2]);
+    // The reference over the same batches: the validation shard from its start.
+    let mut val = DataLoader::validation(&corpus, b, t).unwrap();
+    let batches: Vec<_> = (0..val_steps).map(|_| val.next_batch().unwrap()).collect();
+    let trained = run.trainer().params().unwrap();
+    for (params, (step, got)) in [(&init.params, vals[0]), (&trained, vals[1])] {
+        let mut sum = 0.0;
+        for bt in &batches {
+            sum += reference_losses(cfg, params, &bt.x, &bt.y, b, t)
+                .iter()
+                .sum::<f64>();
+        }
+        let want = sum / (val_steps * b * t) as f64;
+        let rel = ((got - want) / want).abs();
+        assert!(
+            rel < 1e-6,
+            "step {step}: val loss {got} vs reference {want} (rel {rel:.2e})"
+        );
+        eprintln!("step {step}: val loss {got:.7} reference {want:.7} rel {rel:.2e}");
+    }
+    assert!(
+        vals[1].1 != vals[0].1,
+        "training did not change the validation loss"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn hellaswag_scores_equal_the_reference() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hellaswag-small.jsonl");
+    let examples = hellaswag::load(&path).unwrap();
+    assert_eq!(examples.len(), 6);
+    assert_eq!(examples[5].label, 3, "a label given as a string");
+    let cfg = small(32);
+    // B = 3: the 24 rows fill 8 batches, and rows of one example land in different batches.
+    let (b, t) = (3, 32);
+    let init = weights(cfg, 9);
+    let corpus = Corpus::from(vec![0u32; b * t + 1]);
+    let mut trainer = Trainer::new(gpu_arc(), settings(cfg, b, t), corpus, Some(&init)).unwrap();
+    let got =
+        hellaswag::evaluate(&examples, b, t, |batches| trainer.position_losses(batches)).unwrap();
+    // The reference scores each row alone, unpadded: context then ending, the ending's
+    // positions averaged.
+    let mut row_loss = Vec::new();
+    for e in &examples {
+        for end in &e.endings {
+            let mut tokens = e.context.clone();
+            if tokens.is_empty() {
+                tokens.push(wgpt::data::EOT);
+            }
+            let first = tokens.len() - 1;
+            tokens.extend_from_slice(end);
+            let n = tokens.len() - 1;
+            let l = reference_losses(cfg, &init.params, &tokens[..n], &tokens[1..], 1, n);
+            row_loss.push(l[first..].iter().sum::<f64>() / end.len() as f64);
+        }
+    }
+    let want = hellaswag::score(&examples, &row_loss);
+    let mut worst = 0.0f64;
+    for (g, w) in got.losses.iter().zip(&want.losses) {
+        for j in 0..4 {
+            worst = worst.max(((g[j] - w[j]) / w[j]).abs());
+        }
+    }
+    eprintln!(
+        "hellaswag: {}/{} (reference {}/{}), worst rel. error of an ending's mean loss {worst:.2e}",
+        got.correct, got.total, want.correct, want.total
+    );
+    assert!(worst < 1e-6, "ending losses off by {worst:.2e}");
+    // Choices agree wherever the reference's two best endings are apart by more than the
+    // arithmetic could move them.
+    for (i, w) in want.losses.iter().enumerate() {
+        let mut sorted = *w;
+        sorted.sort_by(f64::total_cmp);
+        if sorted[1] - sorted[0] > 1e-5 * sorted[0] {
+            assert_eq!(got.choices[i], want.choices[i], "example {i}: {w:?}");
+        }
+    }
+    assert_eq!(got.correct, want.correct);
+    assert!((got.acc_norm() - want.acc_norm()).abs() < 1e-12);
+}
+
+#[test]
+fn bad_evaluation_inputs_name_the_file_or_setting() {
+    let dir = temp_dir("bad");
+    let bad = dir.join("hs.jsonl");
+    let good = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hellaswag-small.jsonl"),
+    )
+    .unwrap();
+    let first = good.lines().next().unwrap();
+    for (line, want) in [
+        (
+            "{\"ctx\": \"a\", \"endings\": [\"b\"], \"label\": 0}",
+            "4 strings",
+        ),
+        (
+            "{\"ctx\": \"a\", \"endings\": [\"b\",\"c\",\"d\",\"e\"], \"label\": 7}",
+            "label",
+        ),
+        ("not json", "not JSON"),
+    ] {
+        std::fs::write(&bad, format!("{first}\n{line}\n")).unwrap();
+        let e = hellaswag::load(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("hs.jsonl") && e.contains("line 2") && e.contains(want),
+            "{e}"
+        );
+    }
+    std::fs::write(&bad, "\n").unwrap();
+    assert!(hellaswag::load(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("no examples"));
+
+    // The run refuses, before any step, what it cannot evaluate.
+    let cfg = small(16);
+    let text = Corpus::from(vec![1u32; 200]);
+    let new_run = |opts: RunOptions| {
+        let tr = Trainer::new(gpu_arc(), settings(cfg, 2, 16), text.clone(), None).unwrap();
+        Run::new(tr, &text, opts, None).err().expect("refused")
+    };
+    let setting = |e: &Error| match e {
+        Error::Setting { setting, .. } => Some(*setting),
+        _ => None,
+    };
+    let e = new_run(RunOptions {
+        val_every: Some(5),
+        ..RunOptions::default()
+    });
+    assert_eq!(setting(&e), Some(Setting::ValEvery), "{e}");
+    assert!(e.to_string().contains("shards"), "{e}");
+    let e = new_run(RunOptions {
+        eval_every: Some(5),
+        ..RunOptions::default()
+    });
+    assert_eq!(setting(&e), Some(Setting::EvalEvery), "{e}");
+    // 7 prompt tokens and 32 new ones do not fit a context of 16.
+    let e = new_run(RunOptions {
+        sample_every: Some(5),
+        ..RunOptions::default()
+    });
+    assert_eq!(setting(&e), Some(Setting::SampleEvery), "{e}");
+    let blocked = dir.join("file-not-folder");
+    std::fs::write(&blocked, "x").unwrap();
+    let e = new_run(RunOptions {
+        checkpoint_dir: Some(blocked),
+        ..RunOptions::default()
+    });
+    assert_eq!(setting(&e), Some(Setting::CheckpointDir), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
