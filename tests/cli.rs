@@ -126,6 +126,14 @@ fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_trainin
     let o = train(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(steps_kept(), [5, 4]);
+    // A setting given on resume that differs from the checkpoint's is refused, named.
+    let o = train(&["--resume", &ck_s, "-B", "3"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--batch-size: the checkpoint's run used 2, not 3"),
+        "{}",
+        stderr(&o)
+    );
     // Resumed from step 5 (the run's settings come from the checkpoint) and pruned to one:
     // the resumed-from checkpoint stays.
     let o = train(&[
@@ -177,6 +185,123 @@ fn export_with_zero_steps_converts_the_initial_weights() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(losses(&stdout(&o)).len(), 1);
+}
+
+/// prepare-data, then training on its shards with validation every 2 steps, in an environment
+/// without a desktop session (no start-up line from Mesa's device-selection layer).
+#[test]
+fn shards_from_prepare_data_train_with_validation() {
+    let dir = tmp("shards");
+    let shards = dir.join("shards");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare.txt");
+    let o = Command::new(env!("CARGO_BIN_EXE_prepare-data"))
+        .args([corpus.to_str().unwrap(), "--out", shards.to_str().unwrap()])
+        .args(["--shard-tokens", "100000"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("wrote 4 shards") && out.contains("354014 tokens"),
+        "{out}"
+    );
+    let mut args = common::SMALL_RUN.to_vec();
+    let shards_s = shards.to_str().unwrap().to_string();
+    args.extend(["--data", &shards_s, "--steps", "3", "--shuffle"]);
+    args.extend(["--val-every", "2", "--val-steps", "2"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_headless-train"))
+        .args(&args)
+        .env(
+            "WGPU_BACKEND",
+            std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "vulkan".into()),
+        )
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("loaded 254014 training tokens in 3 shards, 100000 validation tokens"),
+        "{out}"
+    );
+    let val: Vec<&str> = out.lines().filter(|l| l.contains("val loss")).collect();
+    assert_eq!(val.len(), 3, "{out}");
+    for (l, step) in val.iter().zip([0, 2, 3]) {
+        // step {step:4} | val loss: {loss:.6}
+        let (head, loss) = l.split_once(" | val loss: ").unwrap();
+        assert_eq!(head, format!("step {step:4}"));
+        assert!(loss.parse::<f64>().unwrap() > 0.0);
+        assert_eq!(loss.len() - loss.find('.').unwrap(), 7, "{l}");
+    }
+    let steps = out.lines().filter(|l| l.contains(" | loss: ")).count();
+    assert_eq!(steps, 3);
+    assert!(!stderr(&o).contains("XDG_RUNTIME_DIR"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The disk filling up during a checkpoint save (a file-size limit on the process, with the
+/// signal it raises ignored, so that writes fail as on a full disk): the run ends with a clear
+/// error and a non-zero exit, leaves no partial file, and the last complete checkpoint resumes.
+#[test]
+fn a_full_disk_during_a_save_ends_the_run_cleanly() {
+    let dir = tmp("full");
+    let ck = dir.join("ck");
+    let ck_s = ck.to_str().unwrap().to_string();
+    let mut args = common::SMALL_RUN.to_vec();
+    args.extend([
+        "--steps",
+        "4",
+        "--stop-after",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]);
+    args.extend(["--checkpoint-dir", &ck_s]);
+    let o = train(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Resume with writes limited to 4 MiB: the checkpoint of step 4 (some 20 MB) cannot be
+    // written.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 4096; exec '{}' --resume '{}'",
+        env!("CARGO_BIN_EXE_headless-train"),
+        ck_s
+    );
+    let o = Command::new("bash")
+        .args(["-c", &script])
+        .env(
+            "WGPU_BACKEND",
+            std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "vulkan".into()),
+        )
+        .env("WGPT_CACHE_DIR", "")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "the run should fail: {}", stdout(&o));
+    assert!(
+        err.contains("ckpt_step00000004") && err.contains("the checkpoint was not written"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let steps = stdout(&o)
+        .lines()
+        .filter(|l| l.contains(" | loss: "))
+        .count();
+    assert_eq!(steps, 2, "the steps ran before the save");
+    let files: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        ["ckpt_step00000002.safetensors"],
+        "partial files left: {files:?}"
+    );
+    // Without the limit the run resumes from step 2 and finishes.
+    let o = train(&["--resume", &ck_s]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ckpt_step00000004.safetensors"));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn expect_error(args: &[&str], needle: &str) -> String {
@@ -249,6 +374,20 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
             "device memory",
         ),
         (vec!["--grad-accum".into(), "0".into()], "grad-accum"),
+        (vec!["--data".into(), p(&dir)], "no token shards"),
+        (
+            vec!["--val-every".into(), "2".into()],
+            "--val-every: validation needs a folder of shards",
+        ),
+        (
+            vec!["--shuffle".into()],
+            "shuffling needs a folder of shards",
+        ),
+        (
+            vec!["--eval-every".into(), "2".into()],
+            "--eval-every: needs a HellaSwag file",
+        ),
+        (vec!["--hellaswag".into(), p(&short)], "short.txt: line 1"),
     ];
     for (extra, needle) in cases {
         let mut args: Vec<String> = common::SMALL_RUN.iter().map(|s| s.to_string()).collect();

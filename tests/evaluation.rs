@@ -266,3 +266,46 @@ fn bad_evaluation_inputs_name_the_file_or_setting() {
     assert_eq!(setting(&e), Some(Setting::CheckpointDir), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn samples_during_training_come_from_the_live_weights() {
+    // Samples after step 1 equal those of a generator built separately on the weights the
+    // trainer holds then (same prompt, seed and top-k): the run samples its live weights.
+    let cfg = small(48);
+    let (b, t) = (2, 16);
+    let tokens: Vec<u32> = (0..400).map(|i| (i * 37 % 5000) as u32).collect();
+    let corpus = Corpus::from(tokens);
+    let s = settings(cfg, b, t);
+    let trainer = Trainer::new(gpu_arc(), s, corpus.clone(), Some(&weights(cfg, 4))).unwrap();
+    let opts = RunOptions {
+        sample_every: Some(1),
+        stop_after: Some(1),
+        ..RunOptions::default()
+    };
+    let spec = opts.sample.clone();
+    let mut run = Run::new(trainer, &corpus, opts, None).unwrap();
+    let mut samples = Vec::new();
+    let mut on = |e: RunEvent| {
+        if let RunEvent::Samples { step, texts } = e {
+            samples.push((step, texts));
+        }
+        Ok(())
+    };
+    while run.advance(usize::MAX, &mut on).unwrap() == Progress::Running {}
+    assert_eq!(samples.len(), 1);
+    let (step, texts) = &samples[0];
+    assert_eq!(*step, 1);
+    assert_eq!(texts.len(), spec.samples);
+    let c = run.trainer().checkpoint().unwrap();
+    let mut g = wgpt::sample::Generator::from_checkpoint(gpu_arc(), &c, spec.samples).unwrap();
+    let bpe = wgpt::data::Tokenizer::gpt2();
+    let prompt = bpe.encode(&spec.prompt);
+    let want: Vec<String> = g
+        .generate(&prompt, &spec.options, |_, _| {})
+        .unwrap()
+        .iter()
+        .map(|s| bpe.decode(s))
+        .collect();
+    assert_eq!(texts, &want);
+    assert!(texts.iter().all(|t| t.starts_with(&spec.prompt)));
+}

@@ -7,7 +7,7 @@ use wgpt::gpu::Gpu;
 use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
 use wgpt::sample::SampleOptions;
-use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
+use wgpt::train::settings::{AdapterDefaults, AttentionKind, Precision, TrainSettings};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
@@ -112,33 +112,30 @@ impl TrainForm {
     /// The headless trainer's defaults for this adapter: GPT-2 with B=16, T=1024 on a GPU, the
     /// tiny model with B=4, T=64 on a CPU rasteriser; f16 where the adapter has SHADER_F16.
     pub fn for_gpu(gpu: &Gpu) -> TrainForm {
-        let small = gpu.is_cpu();
-        let preset = if small { Preset::Tiny } else { Preset::Gpt2 };
-        let config = if small {
-            GptConfig::tiny()
+        let defaults = AdapterDefaults::for_gpu(gpu);
+        let preset = if defaults.preset == "tiny" {
+            Preset::Tiny
         } else {
-            GptConfig::gpt2()
+            Preset::Gpt2
         };
-        let base = TrainSettings::new(config, 4, 64);
+        let config = preset.config().unwrap_or_else(GptConfig::gpt2);
+        let (batch_size, seq_len) = defaults.batch_shape(defaults.preset, config.block_size);
+        let base = TrainSettings::new(config, batch_size, seq_len);
         TrainForm {
             preset,
             n_layer: config.n_layer,
             n_head: config.n_head,
             n_embd: config.n_embd,
             block_size: config.block_size,
-            batch_size: if small { 4 } else { 16 },
-            seq_len: if small { 64 } else { 1024 },
+            batch_size,
+            seq_len,
             steps: base.steps,
             max_lr: base.max_lr,
             warmup_steps: base.warmup_steps,
             weight_decay: base.weight_decay,
             grad_clip: base.grad_clip,
             seed: base.seed,
-            precision: if gpu.has_f16() {
-                Precision::F16
-            } else {
-                Precision::F32
-            },
+            precision: defaults.precision,
             attention: AttentionKind::Flash,
             data_path: default_data_path(),
             init: InitChoice::Scratch,
@@ -213,7 +210,7 @@ impl TrainForm {
         }
         let settings = self.settings();
         if init == Init::Scratch {
-            settings.validate().map_err(|e| e.to_string())?;
+            settings.validate().map_err(crate::worker::in_app_words)?;
         }
         if settings.precision == Precision::F16 && !gpu.has_f16() {
             return Err(format!(

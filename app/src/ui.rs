@@ -209,14 +209,7 @@ fn train_settings(app: &mut WgptApp, ui: &mut Ui) {
         ui.separator();
         ui.heading("Data and weights");
         egui::Grid::new("files").num_columns(2).show(ui, |ui| {
-            path_row(
-                app,
-                ui,
-                "Data (text or shards)",
-                PathField::Data,
-                false,
-                true,
-            );
+            path_row(app, ui, "Data file or folder", PathField::Data, false, true);
             row(ui, "Shuffle", |ui| {
                 ui.checkbox(&mut app.train.shuffle, "shards and documents per epoch")
             });
@@ -422,13 +415,18 @@ fn loss_plot(app: &mut WgptApp, ui: &mut Ui, height: f32) {
         .iter()
         .map(|&(step, l)| [step as f64, axis(l)])
         .collect();
-    let last = |v: Option<f64>| v.map(format_metric).unwrap_or_else(|| "-".into());
+    let last = raw
+        .last()
+        .map(|&l| format!(", last {}", format_metric(l)))
+        .unwrap_or_default();
+    let last_val = app
+        .run
+        .val
+        .last()
+        .map(|&(_, l)| format!(", val {}", format_metric(l)))
+        .unwrap_or_default();
     ui.horizontal(|ui| {
-        ui.label(format!(
-            "Loss: train {} (last), val {}",
-            last(raw.last().copied()),
-            last(app.run.val.last().map(|v| v.1))
-        ));
+        ui.label(format!("Loss: {} points{last}{last_val}", raw.len()));
         ui.add(
             egui::Slider::new(&mut app.plot.smoothing, 0.0..=0.99)
                 .text("smoothing")

@@ -251,7 +251,7 @@ pub fn field_name(s: Setting) -> &'static str {
 }
 
 /// A library error in the panel's words: a setting's error names its field.
-fn in_app_words(e: wgpt::Error) -> String {
+pub(crate) fn in_app_words(e: wgpt::Error) -> String {
     match e {
         wgpt::Error::Setting { setting, message } => format!("{}: {message}", field_name(setting)),
         other => other.to_string(),

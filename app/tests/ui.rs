@@ -98,7 +98,7 @@ fn configure_tiny_run(h: &mut Harness<'_, WgptApp>, data: &str, ckpt: &str, step
     set_number(h, "Steps", steps as f64);
     set_number(h, "Warmup steps", 2.0);
     h.get_by_label("f32").click();
-    set_text(h, "Data file", data);
+    set_text(h, "Data file or folder", data);
     set_text(h, "Checkpoint folder", ckpt);
     h.run_steps(2);
     let t = &h.state().train;
@@ -286,6 +286,56 @@ fn unreadable_checkpoint_and_oversized_model_show_errors() {
     wait_for(&mut h, "the size error", 20, |h| {
         h.query_by_label_contains("needs").is_some()
             && h.query_by_label_contains("offers").is_some()
+    });
+    assert!(h.query_by_label("Run: could not start").is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A shard folder with validation every step: the validation curve is plotted; then resuming
+/// its checkpoint with another batch size is refused, naming the field.
+#[test]
+fn validation_curve_and_resume_settings_check() {
+    let dir = scratch_dir("val");
+    let text = write_corpus(&dir);
+    let shards = dir.join("shards");
+    let mut o = wgpt::data::prepare::PrepareOptions::new(&shards);
+    o.shard_tokens = 200;
+    wgpt::data::prepare::prepare(&[text], &o).expect("shards");
+    let ckpt = dir.join("ckpt");
+    let mut h = harness(WgptApp::new(gpu()));
+    configure_tiny_run(
+        &mut h,
+        &shards.display().to_string(),
+        &ckpt.display().to_string(),
+        3,
+    );
+    set_number(&h, "Validate every", 1.0);
+    h.run_steps(1);
+    h.get_by_label("Start").click();
+    wait_for(&mut h, "the run to finish", 300, |h| {
+        matches!(h.state().status, RunStatus::Ended(_))
+    });
+    let app = h.state();
+    assert!(app.errors.is_empty(), "{:?}", app.errors);
+    assert_eq!(
+        app.run.val.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert!(app.run.val.iter().all(|v| v.1.is_finite() && v.1 > 0.0));
+    h.run_steps(2);
+    let label = label_text(&h.get_by_label_contains("Loss: 3 points"));
+    assert!(label.contains(", val "), "{label}");
+
+    // Resume the run's checkpoint with B = 2 where it was trained with B = 1.
+    h.get_by_label("Checkpoint (resumes its run)").click();
+    h.run_steps(1);
+    set_text(&h, "Weights path", &ckpt.display().to_string());
+    set_number(&h, "Batch size (B)", 2.0);
+    h.run_steps(2);
+    h.get_by_label("Start").click();
+    wait_for(&mut h, "the resume error", 60, |h| {
+        h.query_by_label_contains("Batch size: the checkpoint's run used 1, not 2")
+            .is_some()
     });
     assert!(h.query_by_label("Run: could not start").is_some());
     let _ = std::fs::remove_dir_all(&dir);

@@ -17,7 +17,7 @@ use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
 use wgpt::train::plan::MemoryPlan;
 use wgpt::train::run::{self, Progress, Run, RunEvent, RunOptions};
-use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
+use wgpt::train::settings::{AdapterDefaults, AttentionKind, Precision, TrainSettings};
 use wgpt::train::trainer::{StepStats, Trainer};
 
 #[derive(Parser, Debug)]
@@ -453,16 +453,18 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         _ => None,
     };
     let requested = {
+        let defaults = AdapterDefaults::for_gpu(&gpu);
         let preset_name = match &args.preset {
             Some(p) => p.clone(),
-            None if gpu.is_cpu() => {
-                println!(
-                    "preset: tiny (the adapter '{}' is a CPU rasteriser; pass --preset gpt2 to override)",
-                    gpu.info.name
-                );
-                "tiny".into()
+            None => {
+                if defaults.cpu {
+                    println!(
+                        "preset: {} (the adapter '{}' is a CPU rasteriser; pass --preset gpt2 to override)",
+                        defaults.preset, gpu.info.name
+                    );
+                }
+                defaults.preset.into()
             }
-            None => "gpt2".into(),
         };
         let mut config = match &init {
             Some(c) => c.config,
@@ -498,11 +500,9 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
                 "--init-from fixes the model's shape; drop --n-layer/--n-head/--n-embd/--block-size/--vocab-size".into(),
             ));
         }
-        let small = preset_name == "tiny" || gpu.is_cpu();
-        let b = args.batch_size.unwrap_or(if small { 4 } else { 16 });
-        let t = args
-            .seq_len
-            .unwrap_or(if small { 64 } else { 1024 }.min(config.block_size));
+        let (b0, t0) = defaults.batch_shape(&preset_name, config.block_size);
+        let b = args.batch_size.unwrap_or(b0);
+        let t = args.seq_len.unwrap_or(t0);
         let mut s = TrainSettings::new(config, b, t);
         s.steps = args.steps;
         s.max_lr = args.max_lr;
@@ -516,11 +516,7 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         s.fused = !args.no_fusion;
         s.fused_optimizer = !args.no_fused_optimizer;
         s.shuffle = args.shuffle;
-        s.precision = match args.precision {
-            Some(p) => p,
-            None if gpu.has_f16() => Precision::F16,
-            None => Precision::F32,
-        };
+        s.precision = args.precision.unwrap_or(defaults.precision);
         s
     };
     let settings = match &stored {

@@ -108,7 +108,13 @@ pub fn write_safetensors_atomic(
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+        let hint = std::io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: the checkpoint was not written (its partial file is removed; earlier checkpoints are intact). Free space on that disk or choose another checkpoint folder"
+            ),
+        );
+        return Err(Error::io(path, hint));
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 //! recomputed from the seed and the epoch.
 
 use super::shard::{Shard, ShardSet};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Setting};
 use crate::rng::Rng;
 use std::path::Path;
 use std::sync::Arc;
@@ -161,8 +161,9 @@ impl DataLoader {
         match corpus {
             Corpus::Text(tokens) => {
                 if shuffle.is_some() {
-                    return Err(Error::Config(
-                        "shuffling needs a folder of shards (documents to shuffle); make one with prepare-data, or train on the text in order".into(),
+                    return Err(Error::setting(
+                        Setting::Shuffle,
+                        "shuffling needs a folder of shards (documents to shuffle); make one with prepare-data, or train on the text in order",
                     ));
                 }
                 Self::new(tokens.clone(), b, t)
@@ -182,8 +183,9 @@ impl DataLoader {
     pub fn validation(corpus: &Corpus, b: usize, t: usize) -> Result<DataLoader> {
         match corpus {
             Corpus::Shards(set) => Self::with_stream(Stream::Val(set.clone()), b, t),
-            Corpus::Text(_) => Err(Error::Config(
-                "validation needs a folder of shards (its first shard is the validation split); make one with prepare-data".into(),
+            Corpus::Text(_) => Err(Error::setting(
+                Setting::ValEvery,
+                "validation needs a folder of shards (its first shard is the validation split); make one with prepare-data",
             )),
         }
     }

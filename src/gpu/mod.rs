@@ -323,10 +323,32 @@ fn type_rank(t: wgpu::DeviceType) -> u32 {
     }
 }
 
+/// Mesa's device-selection layer (an implicit Vulkan layer on Linux) connects to Wayland when
+/// the adapters are listed, to rank the session's GPU first; without a desktop session
+/// (no `XDG_RUNTIME_DIR`, as on a server or in CI) libwayland then prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment`. There is no session to
+/// rank for and the engine picks its adapter itself, so the layer is switched off through its
+/// own switch (`NODEVICE_SELECT=1`), unless the user asks it for a device
+/// (`MESA_VK_DEVICE_SELECT`) or set the switch either way.
+fn quiet_device_select_without_a_session() {
+    let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_dir());
+    let absolute_display =
+        std::env::var_os("WAYLAND_DISPLAY").is_some_and(|d| std::path::Path::new(&d).is_absolute());
+    let user_choice = std::env::var_os("MESA_VK_DEVICE_SELECT").is_some()
+        || std::env::var_os("NODEVICE_SELECT").is_some();
+    if runtime_dir.is_none() && !absolute_display && !user_choice {
+        // Before the instance exists; the loader reads the variable when it loads layers.
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 impl Gpu {
     /// Opens the best adapter: the one named by `WGPU_ADAPTER_NAME` if set, else a discrete GPU
     /// before an integrated one before a software one, among the backends `WGPU_BACKEND` allows.
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        quiet_device_select_without_a_session();
         pollster::block_on(Self::new_async(options))
     }
 

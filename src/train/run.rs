@@ -166,10 +166,7 @@ impl Run {
                 if opts.val_steps == 0 {
                     return Err(Error::setting(Setting::ValSteps, "must be at least 1"));
                 }
-                let l = DataLoader::validation(corpus, b, t).map_err(|e| {
-                    Error::setting(Setting::ValEvery, strip_config_prefix(&e.to_string()))
-                })?;
-                Some(l)
+                Some(DataLoader::validation(corpus, b, t)?)
             }
             None => None,
         };
@@ -392,12 +389,6 @@ fn guard(s: &StepStats, precision: Precision, skipped_in_a_row: &mut usize) -> R
         ));
     }
     Ok(())
-}
-
-fn strip_config_prefix(m: &str) -> String {
-    m.strip_prefix("invalid configuration: ")
-        .unwrap_or(m)
-        .to_string()
 }
 
 /// The settings a resumed run continues with: the checkpoint's. A setting the user gave

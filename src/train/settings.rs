@@ -1,6 +1,6 @@
 //! A training run's settings: everything that decides what a step computes.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Setting};
 use crate::model::GptConfig;
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,43 @@ impl std::fmt::Display for AttentionKind {
     }
 }
 
+/// What a run defaults to on an adapter (both front ends start from these): GPT-2 124M at
+/// B=16, T=1024 on a GPU; the tiny model at B=4, T=64 on a CPU rasteriser, where GPT-2's
+/// steps would take minutes; f16 mixed precision where the adapter has SHADER_F16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdapterDefaults {
+    pub preset: &'static str,
+    pub precision: Precision,
+    /// The adapter is a CPU rasteriser.
+    pub cpu: bool,
+}
+
+impl AdapterDefaults {
+    pub fn for_gpu(gpu: &crate::gpu::Gpu) -> AdapterDefaults {
+        Self::new(gpu.is_cpu(), gpu.has_f16())
+    }
+
+    pub fn new(cpu: bool, has_f16: bool) -> AdapterDefaults {
+        AdapterDefaults {
+            preset: if cpu { "tiny" } else { "gpt2" },
+            precision: if has_f16 {
+                Precision::F16
+            } else {
+                Precision::F32
+            },
+            cpu,
+        }
+    }
+
+    /// B and T for a model of `block_size` from `preset`: small ones for the tiny model or on a
+    /// CPU adapter, the recipe's otherwise (T never beyond the block size).
+    pub fn batch_shape(&self, preset: &str, block_size: usize) -> (usize, usize) {
+        let small = preset == "tiny" || self.cpu;
+        let (b, t) = if small { (4, 64) } else { (16, 1024) };
+        (b, t.min(block_size))
+    }
+}
+
 /// What a training step computes and how.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -136,48 +173,52 @@ impl TrainSettings {
         }
     }
 
-    /// Range checks with messages that say what to change.
+    /// Range checks with messages that say what to change; each error names its setting,
+    /// which the front end words as its flag or field.
     pub fn validate(&self) -> Result<()> {
         self.config.validate()?;
-        let bad = |m: String| Err(Error::Config(m));
+        let bad = |s: Setting, m: String| Err(Error::setting(s, m));
         if self.batch_size == 0 {
-            return bad("--batch-size must be at least 1".into());
+            return bad(Setting::BatchSize, "must be at least 1".into());
         }
         if self.seq_len == 0 {
-            return bad("--seq-len must be at least 1".into());
+            return bad(Setting::SeqLen, "must be at least 1".into());
         }
         if self.seq_len > self.config.block_size {
-            return bad(format!(
-                "--seq-len {} is longer than the model's block size {}; lower -T or raise --block-size",
-                self.seq_len, self.config.block_size
-            ));
+            return bad(
+                Setting::SeqLen,
+                format!(
+                    "{} is longer than the model's block size {}; lower it or raise the block size",
+                    self.seq_len, self.config.block_size
+                ),
+            );
         }
         if self.grad_accum == 0 {
-            return bad("--grad-accum must be at least 1".into());
+            return bad(Setting::GradAccum, "must be at least 1".into());
         }
         if !(self.max_lr > 0.0 && self.max_lr.is_finite()) {
-            return bad(format!(
-                "--max-lr must be a positive number (got {})",
-                self.max_lr
-            ));
+            return bad(
+                Setting::MaxLr,
+                format!("must be a positive number (got {})", self.max_lr),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return bad(format!(
-                "--min-lr-ratio must be within [0, 1] (got {})",
-                self.min_lr_ratio
-            ));
+            return bad(
+                Setting::MinLrRatio,
+                format!("must be within [0, 1] (got {})", self.min_lr_ratio),
+            );
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return bad(format!(
-                "--weight-decay must be >= 0 (got {})",
-                self.weight_decay
-            ));
+            return bad(
+                Setting::WeightDecay,
+                format!("must be >= 0 (got {})", self.weight_decay),
+            );
         }
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
-            return bad(format!(
-                "--grad-clip must be >= 0 (0 disables clipping; got {})",
-                self.grad_clip
-            ));
+            return bad(
+                Setting::GradClip,
+                format!("must be >= 0 (0 disables clipping; got {})", self.grad_clip),
+            );
         }
         Ok(())
     }
