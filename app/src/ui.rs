@@ -425,8 +425,10 @@ fn loss_plot(app: &mut WgptApp, ui: &mut Ui, height: f32) {
         .last()
         .map(|&(_, l)| format!(", val {}", format_metric(l)))
         .unwrap_or_default();
+    ui.label(format!("Loss: {} points{last}{last_val}", raw.len()));
+    // Kept narrow: the plot below takes the width of its column.
     ui.horizontal(|ui| {
-        ui.label(format!("Loss: {} points{last}{last_val}", raw.len()));
+        ui.spacing_mut().slider_width = 90.0;
         ui.add(
             egui::Slider::new(&mut app.plot.smoothing, 0.0..=0.99)
                 .text("smoothing")
@@ -442,7 +444,7 @@ fn loss_plot(app: &mut WgptApp, ui: &mut Ui, height: f32) {
         .allow_drag(false)
         .x_axis_label("step")
         .y_axis_label(if o.log_scale { "log10 loss" } else { "loss" })
-        .legend(egui_plot::Legend::default())
+        .legend(egui_plot::Legend::default().position(egui_plot::Corner::RightTop))
         .show(ui, |p| {
             if o.smoothing > 0.0 {
                 p.line(Line::new("train (raw)", faint).color(color.gamma_multiply(0.3)));
