@@ -500,3 +500,23 @@ impl eframe::App for WgptApp {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::smooth;
+
+    #[test]
+    fn smoothing_is_tensorboards_debiased_ema() {
+        // A constant stays itself from the first point (the debiasing), NaN passes through
+        // without entering the average, and w = 0 is the raw series.
+        let s = smooth(&[2.0, 2.0, f64::NAN, 2.0], 0.9);
+        assert!((s[0] - 2.0).abs() < 1e-12 && (s[1] - 2.0).abs() < 1e-12);
+        assert!(s[2].is_nan() && (s[3] - 2.0).abs() < 1e-12);
+        assert_eq!(smooth(&[1.0, 5.0, 3.0], 0.0), vec![1.0, 5.0, 3.0]);
+        // By hand: last = 0.5 * 0 + 0.5 * 1 = 0.5, / (1 - 0.5) = 1; then 0.25 + 1.5 = 1.75,
+        // / 0.75 = 2.3333.
+        let s = smooth(&[1.0, 3.0], 0.5);
+        assert!((s[0] - 1.0).abs() < 1e-12);
+        assert!((s[1] - 1.75 / 0.75).abs() < 1e-12);
+    }
+}
