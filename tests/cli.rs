@@ -222,9 +222,10 @@ fn shards_from_prepare_data_train_with_validation() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(
-        out.starts_with("loaded 254014 training tokens in 3 shards, 100000 validation tokens"),
+        out.starts_with("loaded 254014 tokens\ndata: 3 training shards in "),
         "{out}"
     );
+    assert!(out.contains("validation shard of 100000 tokens"), "{out}");
     let val: Vec<&str> = out.lines().filter(|l| l.contains("val loss")).collect();
     assert_eq!(val.len(), 3, "{out}");
     for (l, step) in val.iter().zip([0, 2, 3]) {

@@ -422,9 +422,13 @@ impl Engine {
     fn build_run(&mut self, spec: RunSpec) -> wgpt::Result<Run> {
         let tokens = self.load_data(&spec.data)?;
         self.emit(Event::Log(format!(
-            "loaded {} from {}",
-            tokens.describe(),
-            spec.data.display()
+            "loaded {} tokens from {}{}",
+            tokens.train_tokens(),
+            spec.data.display(),
+            tokens
+                .describe_shards()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default()
         )));
         let mut resumed_from = None;
         let weights: Option<Checkpoint> = match &spec.init {

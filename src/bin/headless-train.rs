@@ -423,7 +423,10 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
 fn run(args: Args, matches: &ArgMatches) -> Result<()> {
     let data = args.data.clone().unwrap_or_else(default_data);
     let tokens = Corpus::open(&data)?;
-    println!("loaded {}", tokens.describe());
+    println!("loaded {} tokens", tokens.train_tokens());
+    if let Some(line) = tokens.describe_shards() {
+        println!("{line}");
+    }
 
     let gpu = Arc::new(Gpu::new(&GpuOptions::default())?);
     println!("{}", gpu.summary());

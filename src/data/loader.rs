@@ -45,17 +45,17 @@ impl Corpus {
         }
     }
 
-    /// One line for the log.
-    pub fn describe(&self) -> String {
+    /// Where the tokens come from, for the log line after `loaded N tokens`: the shard
+    /// folder's layout (None for a text).
+    pub fn describe_shards(&self) -> Option<String> {
         match self {
-            Corpus::Text(t) => format!("{} tokens", t.len()),
-            Corpus::Shards(s) => format!(
-                "{} training tokens in {} shards, {} validation tokens ({})",
-                s.train_tokens(),
+            Corpus::Text(_) => None,
+            Corpus::Shards(s) => Some(format!(
+                "data: {} training shards in {}, validation shard of {} tokens",
                 s.train.len(),
-                s.val.len(),
-                s.dir.display()
-            ),
+                s.dir.display(),
+                s.val.len()
+            )),
         }
     }
 
