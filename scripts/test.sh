@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 \
-   || ! ldconfig -p | grep -q libvulkan.so.1; then
+   || ! ldconfig -p | grep libvulkan.so.1 >/dev/null; then
   echo "no Vulkan driver found: installing Mesa's software Vulkan driver"
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
   $sudo apt-get update -qq

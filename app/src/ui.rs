@@ -15,6 +15,18 @@ fn row(ui: &mut Ui, label: &str, add: impl FnOnce(&mut Ui) -> egui::Response) {
     ui.end_row();
 }
 
+/// A grid row for "every N steps" (0: off).
+fn every_row(ui: &mut Ui, label: &str, steps: &mut usize, hint: &str) {
+    row(ui, label, |ui| {
+        ui.add(
+            egui::DragValue::new(steps)
+                .range(0..=1_000_000)
+                .suffix(" steps"),
+        )
+        .on_hover_text(hint)
+    });
+}
+
 fn path_row(
     app: &mut WgptApp,
     ui: &mut Ui,
@@ -239,26 +251,18 @@ fn train_settings(app: &mut WgptApp, ui: &mut Ui) {
         ui.heading("During training");
         egui::Grid::new("evaluation").num_columns(2).show(ui, |ui| {
             let t = &mut app.train;
-            row(ui, "Validate every", |ui| {
-                ui.add(
-                    egui::DragValue::new(&mut t.val_every)
-                        .range(0..=1_000_000)
-                        .suffix(" steps"),
-                )
-                .on_hover_text(
-                    "0: off. Needs a shard folder (its first shard is the validation split).",
-                )
-            });
-            row(ui, "Sample every", |ui| {
-                ui.add(
-                    egui::DragValue::new(&mut t.sample_every)
-                        .range(0..=1_000_000)
-                        .suffix(" steps"),
-                )
-                .on_hover_text(
-                    "0: off. 4 samples of 32 tokens after \"Hello, I'm a language model,\"",
-                )
-            });
+            every_row(
+                ui,
+                "Validate every",
+                &mut t.val_every,
+                "0: off. Needs a shard folder (its first shard is the validation split).",
+            );
+            every_row(
+                ui,
+                "Sample every",
+                &mut t.sample_every,
+                "0: off. 4 samples of 32 tokens after \"Hello, I'm a language model,\"",
+            );
         });
         if app.train.init != InitChoice::Scratch {
             ui.label(

@@ -448,15 +448,10 @@ impl Engine {
             Init::HuggingFace(p) => Some(hf::load_any(p)?),
         };
         let mut settings = spec.settings;
-        if let (Some(w), Some(p)) = (&weights, &resumed_from) {
-            // A run's checkpoint continues with its settings: the panel's must agree (the
-            // model's shape always comes from the weights).
-            if let Some(stored) = lib_run::stored_settings(p, w)? {
-                let mut asked = settings.clone();
-                asked.config = stored.config;
-                settings = lib_run::resume_settings(&stored, &asked, |_| true)?;
-            }
-        }
+        // A run's checkpoint continues with its settings: the panel's must agree (the model's
+        // shape always comes from the weights).
+        let resuming = resumed_from.as_deref().zip(weights.as_ref());
+        settings = lib_run::settings_for_resume(settings, resuming, |s| s != Setting::Model)?;
         if let Some(w) = &weights {
             if w.config != settings.config {
                 self.emit(Event::Log(format!(
@@ -488,7 +483,15 @@ impl Engine {
         })
     }
 
-    /// Forwards what the library's run reports.
+    /// What the library's run reports, forwarded to the window.
+    fn reporter(&self) -> impl FnMut(RunEvent) -> wgpt::Result<()> {
+        let (events, notify) = (self.events.clone(), self.notify.clone());
+        move |e| {
+            Self::forward(&events, &notify, e);
+            Ok(())
+        }
+    }
+
     fn forward(events: &Sender<Event>, notify: &Notify, e: RunEvent) {
         let ev = match e {
             RunEvent::Step { stats, .. } => Event::Step(*stats),
@@ -509,12 +512,8 @@ impl Engine {
     /// One step (with the evaluations and checkpoints due), as the library's run schedules
     /// them; its guards end the run with their reason.
     fn step(&mut self) {
-        let (events, notify) = (self.events.clone(), self.notify.clone());
+        let mut on = self.reporter();
         let Some(run) = self.run.as_mut() else { return };
-        let mut on = |e: RunEvent| -> wgpt::Result<()> {
-            Self::forward(&events, &notify, e);
-            Ok(())
-        };
         match run.run.advance(1, &mut on) {
             Ok(Progress::Running) => {}
             Ok(Progress::Finished) => {
@@ -559,12 +558,8 @@ impl Engine {
 
     /// Writes a checkpoint unless one exists for the current step.
     fn save_if_unsaved(&mut self) {
-        let (events, notify) = (self.events.clone(), self.notify.clone());
+        let mut on = self.reporter();
         let Some(run) = self.run.as_mut() else { return };
-        let mut on = |e: RunEvent| -> wgpt::Result<()> {
-            Self::forward(&events, &notify, e);
-            Ok(())
-        };
         if let Err(e) = run.run.save(&mut on) {
             self.error(format!(
                 "could not save the checkpoint: {}",

@@ -451,10 +451,6 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         _ => None,
     };
 
-    let stored = match (&resumed, &resumed_from) {
-        (Some(c), Some(p)) => run::stored_settings(p, c)?,
-        _ => None,
-    };
     let requested = {
         let defaults = AdapterDefaults::for_gpu(&gpu);
         let preset_name = match &args.preset {
@@ -522,11 +518,9 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         s.precision = args.precision.unwrap_or(defaults.precision);
         s
     };
-    let settings = match &stored {
-        // A resumed run keeps its settings; flags given that differ are refused.
-        Some(stored) => run::resume_settings(stored, &requested, |s| given(matches, s))?,
-        None => requested,
-    };
+    // A resumed run keeps its settings; flags given that differ are refused.
+    let resuming = resumed_from.as_deref().zip(resumed.as_ref());
+    let settings = run::settings_for_resume(requested, resuming, |s| given(matches, s))?;
     settings.validate()?;
     if settings.precision == Precision::F16 && !gpu.has_f16() {
         return Err(Error::Config(format!(
@@ -593,7 +587,7 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
     }
     let opts = RunOptions {
         checkpoint_dir,
-        checkpoint_every: args.checkpoint_every.filter(|&e| e > 0),
+        checkpoint_every: args.checkpoint_every,
         keep_last: args.keep_last,
         stop_after: args.stop_after,
         val_every: args.val_every,

@@ -66,10 +66,6 @@ impl Corpus {
             Corpus::Shards(s) => s.train_tokens(),
         }
     }
-
-    pub fn has_validation(&self) -> bool {
-        matches!(self, Corpus::Shards(_))
-    }
 }
 
 /// Where the loader stands: the epoch (how many times the stream has wrapped) and the position

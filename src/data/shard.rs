@@ -133,12 +133,6 @@ impl Shard {
         self.len == 0
     }
 
-    /// Token `i`.
-    pub fn token(&self, i: usize) -> u16 {
-        let at = HEADER_BYTES + 2 * i;
-        u16::from_le_bytes([self.map[at], self.map[at + 1]])
-    }
-
     /// Appends tokens `range` to `out` as u32, refusing ids outside the GPT-2 vocabulary.
     pub fn read_into(&self, range: std::ops::Range<usize>, out: &mut Vec<u32>) -> Result<()> {
         let bytes = &self.map[HEADER_BYTES + 2 * range.start..HEADER_BYTES + 2 * range.end];

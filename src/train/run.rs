@@ -231,10 +231,6 @@ impl Run {
         &self.trainer
     }
 
-    pub fn trainer_mut(&mut self) -> &mut Trainer {
-        &mut self.trainer
-    }
-
     /// Ends the run and returns its trainer (e.g. to export its weights).
     pub fn into_trainer(self) -> Trainer {
         self.trainer
@@ -271,7 +267,8 @@ impl Run {
             self.opts.sample_every,
             self.opts.eval_every.filter(|_| self.hellaswag.is_some()),
         ];
-        for e in every.into_iter().flatten().filter(|&e| e > 0) {
+        // All at least 1: checked or filtered in `Run::new`.
+        for e in every.into_iter().flatten() {
             until = until.min((step / e + 1) * e);
         }
         let precision = self.trainer.settings().precision;
@@ -454,16 +451,20 @@ fn pair<T: PartialEq + std::fmt::Display>(
     (s, a != b, a.to_string(), b.to_string())
 }
 
-/// The settings stored in a checkpoint written by a run.
-pub fn stored_settings(path: &Path, c: &checkpoint::Checkpoint) -> Result<Option<TrainSettings>> {
-    match &c.state {
-        Some(state) => serde_json::from_str(&state.settings)
-            .map(Some)
-            .map_err(|e| {
-                Error::format(path, format!("the checkpoint's settings do not parse: {e}"))
-            }),
-        None => Ok(None),
-    }
+/// The settings a run continues with when it starts from `checkpoint` (the file at `path`):
+/// a run's checkpoint keeps its own settings ([`resume_settings`]); weights without a run's
+/// state (or no checkpoint) take the requested ones.
+pub fn settings_for_resume(
+    requested: TrainSettings,
+    checkpoint: Option<(&Path, &checkpoint::Checkpoint)>,
+    given: impl Fn(Setting) -> bool,
+) -> Result<TrainSettings> {
+    let Some((path, state)) = checkpoint.and_then(|(p, c)| Some((p, c.state.as_ref()?))) else {
+        return Ok(requested);
+    };
+    let stored: TrainSettings = serde_json::from_str(&state.settings)
+        .map_err(|e| Error::format(path, format!("the checkpoint's settings do not parse: {e}")))?;
+    resume_settings(&stored, &requested, given)
 }
 
 #[cfg(test)]

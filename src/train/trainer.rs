@@ -538,12 +538,17 @@ impl Trainer {
     fn upload_batches(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<()> {
         let vp = self.settings.config.padded_vocab_size;
         for (k, (x, y)) in batches.iter().enumerate() {
-            self.gpu.write_u32(&self.io.tokens[k], x)?;
-            self.gpu.write_u32(&self.io.targets[k], y)?;
+            self.upload_inputs(k, x, y)?;
             self.gpu
                 .write_u32(&self.io.buckets[k], &embedding::bucket_tokens(x, vp))?;
         }
         Ok(())
+    }
+
+    /// Inputs and targets of micro-step `k` (all a forward pass reads).
+    fn upload_inputs(&mut self, k: usize, x: &[u32], y: &[u32]) -> Result<()> {
+        self.gpu.write_u32(&self.io.tokens[k], x)?;
+        self.gpu.write_u32(&self.io.targets[k], y)
     }
 
     /// Records `head + body * micro (+ tail)` into one command buffer: the step's statistics are
@@ -741,7 +746,8 @@ impl Trainer {
                     "token id {bad} is outside the model's vocabulary of {vocab}"
                 )));
             }
-            self.upload_batches(&[(b.x.clone(), b.y.clone())])?;
+            // The forward pass alone: no embedding-backward buckets.
+            self.upload_inputs(0, &b.x, &b.y)?;
             let gpu = self.gpu.clone();
             gpu.scoped("evaluation", || -> Result<()> {
                 let mut enc = gpu
