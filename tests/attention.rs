@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use wgpt::gpu::{DType, Dispatch, Tensor};
-use wgpt::ops::attention::{self as attn, FlashTiles};
+use wgpt::ops::attention::{self as attn, CoopAttention, FlashTiles};
 use wgpt::reference::attention as cpu;
 
 /// (B, T, C, NH): T = 1, T not a multiple of any tile, head sizes 8, 24, 16, 64 and an odd 7.
@@ -550,4 +550,116 @@ fn attention_shader_variants_validate() {
         failures.join("\n")
     );
     eprintln!("{} attention shader variants validate", variants.len());
+}
+
+// ---- flash attention on cooperative matrices -----------------------------------------------
+
+/// (B, T, C, NH) for the cooperative-matrix kernels: head sizes 64 and 32, T not a multiple of
+/// any block, several (b, h).
+const COOP_SHAPES: [(usize, usize, usize, usize); 2] = [(1, 37, 128, 2), (2, 45, 64, 2)];
+
+/// The cooperative-matrix attention configuration the launcher would take here at head size
+/// `hs` (emulated or not). One per head size: each specialisation of the emulated kernel takes
+/// Mesa's software rasteriser a minute or more to compile.
+fn coop_config(hs: usize, emulate: bool) -> CoopAttention {
+    CoopAttention::choose(gpu(), hs, emulate).expect("a configuration that fits")
+}
+
+/// Cooperative-matrix forward on `k` (f16 storage): (out, lse).
+fn coop_forward(k: &Case, cfg: CoopAttention) -> (Vec<f32>, Vec<f32>) {
+    let out = poisoned("out", &[k.b, k.t, k.c], DType::F16);
+    let lse = poisoned("lse", &[k.b, k.nh, k.t], DType::F32);
+    run(&attn::coop_attention_forward(gpu(), cfg, &out, &lse, &k.qkv, k.b, k.t, k.nh).unwrap());
+    (read(&out), read(&lse))
+}
+
+fn coop_forward_check(emulate: bool) {
+    for (s, &shape) in COOP_SHAPES.iter().enumerate() {
+        let k = case(90 + s as u64, shape, DType::F16);
+        let want = cpu::attention_forward(&k.qkv_v, k.b, k.t, k.c, k.nh);
+        {
+            let cfg = coop_config(k.c / k.nh, emulate);
+            let (out, lse) = coop_forward(&k, cfg);
+            let what = |w: &str| k.name(&format!("coop {w} {cfg:?}"), DType::F16);
+            eprintln!(
+                "{}: out {:.2e}, lse {:.2e}",
+                what("forward"),
+                rel_error(&out, &round_to(&want.out, DType::F16)),
+                rel_error(&lse, &want.lse)
+            );
+            assert_close(&what("out"), &out, &round_to(&want.out, DType::F16), 1e-2);
+            assert_close(&what("lse"), &lse, &want.lse, 1e-2);
+            let (out2, lse2) = coop_forward(&k, cfg);
+            assert_bitwise_eq(&what("out, two runs"), &out, &out2);
+            assert_bitwise_eq(&what("lse, two runs"), &lse, &lse2);
+        }
+    }
+}
+
+#[test]
+fn coop_emulated_forward_matches_reference() {
+    coop_forward_check(true);
+}
+
+#[test]
+#[ignore = "needs 16x16 f16 cooperative matrices"]
+fn coop_forward_matches_reference() {
+    coop_forward_check(false);
+}
+
+/// Cooperative-matrix forward and backward on `k` (f16 storage): dqkv.
+fn coop_backward(k: &Case, cfg: CoopAttention) -> Vec<f32> {
+    let g = gpu();
+    let out = poisoned("out", &[k.b, k.t, k.c], DType::F16);
+    let lse = poisoned("lse", &[k.b, k.nh, k.t], DType::F32);
+    let dqkv = poisoned("dqkv", &[k.b, k.t, 3 * k.c], DType::F16);
+    let dd = poisoned("d", &[k.b, k.nh, k.t], DType::F32);
+    let mut d = attn::coop_attention_forward(g, cfg, &out, &lse, &k.qkv, k.b, k.t, k.nh).unwrap();
+    d.extend(
+        attn::coop_attention_backward(
+            g, cfg, &dqkv, &k.dout, &k.qkv, &out, &lse, &dd, k.b, k.t, k.nh,
+        )
+        .unwrap(),
+    );
+    run(&d);
+    read(&dqkv)
+}
+
+/// dq, dk and dv of a (B, T, 3C) gradient, each (B, T, C).
+fn split_dqkv(x: &[f32], c: usize) -> [Vec<f32>; 3] {
+    let part = |w: usize| -> Vec<f32> {
+        x.chunks(3 * c)
+            .flat_map(|row| row[w * c..(w + 1) * c].to_vec())
+            .collect()
+    };
+    [part(0), part(1), part(2)]
+}
+
+fn coop_backward_check(emulate: bool) {
+    for (s, &shape) in COOP_SHAPES.iter().enumerate() {
+        let k = case(90 + s as u64, shape, DType::F16);
+        let want = cpu::attention_backward(&k.dout_v, &k.qkv_v, k.b, k.t, k.c, k.nh);
+        let cfg = coop_config(k.c / k.nh, emulate);
+        let got = coop_backward(&k, cfg);
+        let got3 = split_dqkv(&got, k.c);
+        let want3 = split_dqkv(&round_to(&want, DType::F16), k.c);
+        for (w, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let what = k.name(&format!("coop {name} {cfg:?}"), DType::F16);
+            eprintln!("{what}: {:.2e}", rel_error(&got3[w], &want3[w]));
+            assert_close(&what, &got3[w], &want3[w], 1e-2);
+        }
+        let again = coop_backward(&k, cfg);
+        assert_bitwise_eq(&k.name("coop dqkv, two runs", DType::F16), &got, &again);
+    }
+}
+
+#[test]
+fn coop_emulated_backward_matches_reference() {
+    coop_backward_check(true);
+}
+
+#[test]
+#[ignore = "needs 16x16 f16 cooperative matrices"]
+fn coop_backward_matches_reference() {
+    coop_backward_check(false);
 }

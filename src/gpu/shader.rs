@@ -35,6 +35,7 @@ shader_files!(
     "layernorm",
     "attention_naive",
     "attention_flash",
+    "attention_coop",
     "crossentropy",
     "embedding",
     "optimizer",

@@ -185,7 +185,7 @@ fn coop_kernel(gpu: &Gpu, rows: usize, cols: usize, slices: SliceRule<'_>) -> Re
 
 /// The subgroup size `matmul_coop` is sized for on this adapter, or why the adapter cannot run
 /// it at all (with its cooperative-matrix operations emulated when `emulated`).
-pub(super) fn coop_subgroup_size(gpu: &Gpu, emulated: bool) -> std::result::Result<u32, String> {
+pub(crate) fn coop_subgroup_size(gpu: &Gpu, emulated: bool) -> std::result::Result<u32, String> {
     let name = &gpu.info.name;
     if !emulated && !gpu.has_coop_mat16_f16_f32() {
         return Err(format!(

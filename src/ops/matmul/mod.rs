@@ -37,6 +37,7 @@ pub use check::{
     agreement_with_tiled, coop_disabled_by_env, coop_matmul_status, relative_difference,
     SELF_CHECK_TOLERANCE,
 };
+pub(crate) use choice::coop_subgroup_size;
 pub use choice::{auto_kernel, best_coop_kernel, best_tiled_kernel};
 pub use coop::{CoopTile, COOP_TILES};
 pub use rows::ROWS_MAX;
@@ -50,7 +51,7 @@ use super::{check_float, check_u32_range};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
-use choice::{check_kernel, choose_kernel, coop_subgroup_size, no_split};
+use choice::{check_kernel, choose_kernel, no_split};
 use coop::CoopVariant;
 use rows::{RowsVariant, ROWS_COLS};
 use tiled::{packets_fit, TiledVariant};

@@ -1,5 +1,6 @@
 //! Launchers for causal self-attention in the GPT-2 layout: flash attention
-//! (`shaders/attention_flash.wgsl`) and the naive path that materialises the score matrix
+//! (`shaders/attention_flash.wgsl`; on cooperative matrices `shaders/attention_coop.wgsl`, see
+//! [`coop_attention_forward`]) and the naive path that materialises the score matrix
 //! (`shaders/attention_naive.wgsl`).
 //!
 //! Layout (as in GPT-2 / llm.c): `qkv` (B, T, 3C) is the `c_attn` output, q = channels [0, C),
@@ -20,6 +21,12 @@
 //! - naive forward: `att` (B, NH, T, T) f32, 4*B*NH*T^2 bytes: the probabilities, kept for the
 //!   backward pass (4 MiB per (b, h) at T=1024: 768 MiB for GPT-2's B=16, NH=12).
 //! - naive backward: `datt_scratch` (B, NH, T, T) f32, the same size again.
+
+mod coop;
+
+pub use coop::{
+    coop_attention_backward, coop_attention_forward, CoopAttention, COOP_ATTENTION_TILES,
+};
 
 use super::check_u32_range;
 use crate::defines;
@@ -437,26 +444,7 @@ pub fn flash_attention_backward_tiled(
         ]
     };
 
-    let n_rows = check_u32_range(OP, "B*T*NH", d.bht())?;
-    let pre_params = gpu.uniform(OP, &flash_params(&d, 0, n_rows));
-    let preprocess = gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_backward_preprocess",
-        defines: defines![
-            ("BACKWARD_PREPROCESS", 1),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-        ],
-        bindings: &[
-            Bind::Uniform(&pre_params),
-            Bind::Read(dout),
-            Bind::Read(out),
-            Bind::Write(d_scratch),
-        ],
-        workgroups: gpu.grid(n_rows.div_ceil(256)),
-        label: format!("{OP}.preprocess"),
-        family: FAMILY,
-    })?;
+    let preprocess = flash_preprocess(gpu, OP, &d, dout, out, d_scratch)?;
 
     // Two passes over the same inputs: dK/dV per key block, then dQ per query block.
     let pass = |entry: &'static str, gate: &str, block: u32, what: &str| {
@@ -488,6 +476,37 @@ pub fn flash_attention_backward_tiled(
     )?;
     let dq = pass("flash_attention_backward_dq", "BACKWARD_DQ", tiles.bq, "dq")?;
     Ok(vec![preprocess, dkdv, dq])
+}
+
+/// The backward's first dispatch: D = rowsum(dout * out) into `d_scratch` (B, NH, T) f32.
+fn flash_preprocess(
+    gpu: &Gpu,
+    op: &'static str,
+    d: &Dims,
+    dout: &Tensor,
+    out: &Tensor,
+    d_scratch: &Tensor,
+) -> Result<Dispatch> {
+    let n_rows = check_u32_range(op, "B*T*NH", d.bht())?;
+    let pre_params = gpu.uniform(op, &flash_params(d, 0, n_rows));
+    gpu.dispatch(DispatchDesc {
+        shader: "attention_flash",
+        entry: "flash_attention_backward_preprocess",
+        defines: defines![
+            ("BACKWARD_PREPROCESS", 1),
+            ("DOUT_T", dout.dtype.wgsl()),
+            ("OUT_T", out.dtype.wgsl()),
+        ],
+        bindings: &[
+            Bind::Uniform(&pre_params),
+            Bind::Read(dout),
+            Bind::Read(out),
+            Bind::Write(d_scratch),
+        ],
+        workgroups: gpu.grid(n_rows.div_ceil(256)),
+        label: format!("{op}.preprocess"),
+        family: FAMILY,
+    })
 }
 
 // ---- naive attention ---------------------------------------------------------------------------
@@ -761,5 +780,6 @@ pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
             });
         }
     }
+    v.extend(coop::shader_variants());
     v
 }
