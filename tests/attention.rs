@@ -663,3 +663,33 @@ fn coop_emulated_backward_matches_reference() {
 fn coop_backward_matches_reference() {
     coop_backward_check(false);
 }
+
+#[test]
+fn coop_choice_follows_dtype_head_size_and_self_check() {
+    let g = gpu();
+    // f32 qkv and head sizes that are no multiple of 16 always take the flash kernels.
+    assert_eq!(attn::auto_coop_attention(g, 64, DType::F32), None);
+    assert_eq!(attn::auto_coop_attention(g, 24, DType::F16), None);
+    let status = attn::coop_attention_status(g);
+    assert_eq!(
+        attn::auto_coop_attention(g, 64, DType::F16).is_some(),
+        status.is_ok()
+    );
+    // Without cooperative matrices the self-check says why and f16 attention stays on flash.
+    assert!(g.has_coop_mat16_f16_f32() || status.is_err(), "{status:?}");
+    eprintln!(
+        "cooperative-matrix attention on '{}': {status:?}",
+        g.info.name
+    );
+}
+
+#[test]
+fn coop_emulated_passes_the_self_check() {
+    // The start-up self-check (forward and backward against the flash kernels) on the emulated
+    // kernels: the machinery that decides for real cooperative matrices, run here.
+    let g = gpu();
+    let cfg = CoopAttention::choose(g, 64, true).expect("an emulated configuration");
+    let worst = attn::agreement_with_flash(g, cfg).expect("self-check");
+    eprintln!("emulated {cfg:?}: largest relative difference from flash {worst:.2e}");
+    assert!(worst <= wgpt::ops::matmul::SELF_CHECK_TOLERANCE);
+}

@@ -203,6 +203,9 @@ pub struct Gpu {
     /// Whether f16 matmuls may use the cooperative-matrix kernel (`Err` says why not): decided
     /// once, by the start-up self-check in `ops::matmul`.
     pub(crate) coop_matmul: std::sync::OnceLock<std::result::Result<(), String>>,
+    /// Whether f16 attention may use the cooperative-matrix kernels (`Err` says why not):
+    /// decided once, by the start-up self-check in `ops::attention`.
+    pub(crate) coop_attention: std::sync::OnceLock<std::result::Result<(), String>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     layouts: Mutex<HashMap<Vec<BindKind>, wgpu::BindGroupLayout>>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
@@ -525,6 +528,7 @@ impl Gpu {
             subgroup_sizes: adapter_info_subgroups,
             cooperative_matrix,
             coop_matmul: std::sync::OnceLock::new(),
+            coop_attention: std::sync::OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),

@@ -14,7 +14,9 @@ use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
 use crate::ops::check_u32_range;
-use crate::ops::matmul::coop_subgroup_size;
+use crate::ops::matmul::{
+    coop_disabled_by_env, coop_subgroup_size, relative_difference, SELF_CHECK_TOLERANCE,
+};
 
 const SHADER: &str = "attention_coop";
 
@@ -297,6 +299,112 @@ pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
             defines,
         })
         .collect()
+}
+
+/// Whether f16 attention on `gpu` runs on cooperative matrices: `Ok`, or `Err` saying why not
+/// (`WGPT_NO_COOPMAT` set, no 16x16 f16 cooperative matrices, or a failed self-check). Decided
+/// once per [`Gpu`], the first time it is asked, by the rule of the matmul's
+/// `coop_matmul_status`: the self-check ([`agreement_with_flash`]) runs forward and backward at a
+/// ragged shape through the cooperative-matrix kernels and through the flash kernels; a relative
+/// difference above [`SELF_CHECK_TOLERANCE`], a NaN or an error turns them off for this device,
+/// with one line on stderr saying why.
+pub fn coop_attention_status(gpu: &Gpu) -> std::result::Result<(), String> {
+    gpu.coop_attention
+        .get_or_init(|| {
+            if coop_disabled_by_env(std::env::var_os("WGPT_NO_COOPMAT").as_deref()) {
+                return Err("WGPT_NO_COOPMAT is set".into());
+            }
+            let cfg = CoopAttention::choose(gpu, SELF_CHECK_SHAPE.2 / SELF_CHECK_SHAPE.3, false)?;
+            if let Err(why) = agreement_with_flash(gpu, cfg) {
+                eprintln!(
+                    "wgpt: cooperative-matrix attention disabled on '{}': {why}; f16 attention \
+                     uses the flash kernels",
+                    gpu.info.name
+                );
+                return Err(why);
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+/// The cooperative-matrix configuration for attention with `qkv` of `dtype` at head size `hs`,
+/// when the kernels may run it: f16 qkv, a head size they take, a passed self-check
+/// ([`coop_attention_status`]) and a tile that fits. `None` means the flash kernels.
+pub fn auto_coop_attention(gpu: &Gpu, hs: usize, dtype: DType) -> Option<CoopAttention> {
+    if dtype != DType::F16 || !CoopAttention::supports_head_size(hs) {
+        return None;
+    }
+    coop_attention_status(gpu).ok()?;
+    CoopAttention::choose(gpu, hs, false).ok()
+}
+
+/// (B, T, C, NH) of the self-check: head size 64, T above every outer and inner block and a
+/// multiple of none, two heads and two batch rows.
+const SELF_CHECK_SHAPE: (usize, usize, usize, usize) = (2, 77, 128, 2);
+
+/// Runs forward and backward on seeded f16 inputs at (B, T, C, NH) = (2, 77, 128, 2) through
+/// `cfg` and through the flash kernels, outputs poisoned with NaN first, and returns the largest
+/// relative difference (max-norm) of out, lse and dqkv; `Err` says which disagreed by more than
+/// [`SELF_CHECK_TOLERANCE`], left an element unwritten, or failed to run.
+pub fn agreement_with_flash(gpu: &Gpu, cfg: CoopAttention) -> std::result::Result<f32, String> {
+    let (b, t, c, nh) = SELF_CHECK_SHAPE;
+    let f16 = DType::F16;
+    let run = || -> Result<[(Vec<f32>, Vec<f32>); 3]> {
+        let mut rng = crate::rng::Rng::new(0xa77e_c4ec);
+        let qkv = gpu.upload(
+            "self-check qkv",
+            &rng.vec_uniform(b * t * 3 * c, -2.0, 2.0),
+            &[b, t, 3 * c],
+            f16,
+        )?;
+        let dout = gpu.upload(
+            "self-check dout",
+            &rng.vec_uniform(b * t * c, -1.0, 1.0),
+            &[b, t, c],
+            f16,
+        )?;
+        let mut outs = Vec::new();
+        for coop in [false, true] {
+            let out = gpu.zeros("self-check out", &[b, t, c], f16)?;
+            let lse = gpu.zeros("self-check lse", &[b, nh, t], DType::F32)?;
+            let dqkv = gpu.zeros("self-check dqkv", &[b, t, 3 * c], DType::F32)?;
+            let dd = gpu.zeros("self-check D", &[b, nh, t], DType::F32)?;
+            for x in [&out, &lse, &dqkv, &dd] {
+                gpu.poison(x)?;
+            }
+            let mut d = if coop {
+                coop_attention_forward(gpu, cfg, &out, &lse, &qkv, b, t, nh)?
+            } else {
+                super::flash_attention_forward(gpu, &out, &lse, &qkv, b, t, nh)?
+            };
+            d.extend(if coop {
+                coop_attention_backward(gpu, cfg, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)?
+            } else {
+                super::flash_attention_backward(gpu, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)?
+            });
+            let refs: Vec<&Dispatch> = d.iter().collect();
+            gpu.run(&refs)?;
+            outs.push([gpu.read(&out)?, gpu.read(&lse)?, gpu.read(&dqkv)?]);
+        }
+        let [o0, l0, g0] = outs.remove(0);
+        let [o1, l1, g1] = outs.remove(0);
+        Ok([(o1, o0), (l1, l0), (g1, g0)])
+    };
+    let what = format!("attention (B, T, C, NH) = {SELF_CHECK_SHAPE:?} on {cfg:?}");
+    let results = run().map_err(|e| format!("{what} failed: {e}"))?;
+    let mut worst = 0f32;
+    for ((got, want), name) in results.iter().zip(["out", "lse", "dqkv"]) {
+        let err = relative_difference(got, want).map_err(|e| format!("{what}, {name}: {e}"))?;
+        if err.is_nan() || err > SELF_CHECK_TOLERANCE {
+            return Err(format!(
+                "{what}: {name} differs from the flash kernels by {err:.3e} (relative, max-norm; \
+                 allowed {SELF_CHECK_TOLERANCE:.0e})"
+            ));
+        }
+        worst = worst.max(err);
+    }
+    Ok(worst)
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@
 mod coop;
 
 pub use coop::{
-    coop_attention_backward, coop_attention_forward, CoopAttention, COOP_ATTENTION_TILES,
+    agreement_with_flash, auto_coop_attention, coop_attention_backward, coop_attention_forward,
+    coop_attention_status, CoopAttention, COOP_ATTENTION_TILES,
 };
 
 use super::check_u32_range;
