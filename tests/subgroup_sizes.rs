@@ -10,9 +10,10 @@
 //!
 //! The checks: the adapter reports the size asked for and a shader sees it; then LayerNorm
 //! (forward, fused residual forward, backward), cross-entropy (forward with and without the
-//! backward, loss mean), the gradient norm and the emulated cooperative-matrix matmul (forward;
-//! see [`coop_emulated_matmul`]) against the CPU reference, on rows shorter and longer than
-//! the workgroup so that partly filled subgroups occur.
+//! backward, loss mean), the gradient norm, the emulated cooperative-matrix matmul (forward;
+//! see [`coop_emulated_matmul`]) and attention (forward and backward; see
+//! [`coop_emulated_attention`]) against the CPU reference, on rows shorter and longer than the
+//! workgroup so that partly filled subgroups occur.
 //!
 //! llvmpipe fills subgroups of 4, 8 and 16 lanes; from 32 up it reports the size but runs only
 //! 16 lanes of each subgroup (Mesa 22.3 and 25.0 alike), which the reductions must and do
@@ -25,6 +26,7 @@ use common::*;
 use std::process::Command;
 use std::time::Instant;
 use wgpt::gpu::{DType, Tensor};
+use wgpt::ops::attention as attn;
 use wgpt::ops::crossentropy as ce;
 use wgpt::ops::layernorm as ln;
 use wgpt::ops::matmul::{self as mm, MatmulForward, MatmulKernel, COOP_TILES};
@@ -146,17 +148,23 @@ fn check_every_subgroup_kernel() {
         // fragment over SG lanes, and lanes that do not run leave their share unsummed.
         eprintln!(
             "subgroups of {size}: the driver runs only {filled} lanes of each subgroup; \
-             matmul_coop needs full subgroups (as cooperative matrices do), so its emulated \
-             form is not checked at this size"
+             matmul_coop and attention_coop need full subgroups (as cooperative matrices do), \
+             so their emulated forms are not checked at this size"
         );
         return;
     }
-    let start = Instant::now();
-    coop_emulated_matmul(size);
-    eprintln!(
-        "subgroups of {size}: coop_emulated_matmul checked in {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
+    let coop: [Check; 2] = [
+        ("coop_emulated_matmul", coop_emulated_matmul),
+        ("coop_emulated_attention", coop_emulated_attention),
+    ];
+    for (name, check) in coop {
+        let start = Instant::now();
+        check(size);
+        eprintln!(
+            "subgroups of {size}: {name} checked in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// The adapter's subgroup size; with [`EXPECT_VAR`] set, checks that it is that size, as the
@@ -596,4 +604,50 @@ fn coop_emulated_matmul(size: u32) {
         cpu::matmul::matmul_forward(&mut want, &xv, &wv, Some(&biasv), m, k, n);
         assert_close(&what, &read(&out), &want, 1e-2);
     }
+}
+
+/// The emulated cooperative-matrix attention (forward and backward) on a tile of two warps, head
+/// size 16, T = 37 across several blocks, f16 qkv: out, lse and dqkv against the float64
+/// reference at the bounds of tests/attention.rs. Its subgroup-dependent parts (warps from
+/// subgroup ids, fragments spread over the lanes, one lane per row of the softmax) at this size.
+fn coop_emulated_attention(size: u32) {
+    let (b, t, c, nh) = (1, 37, 32, 2);
+    let cfg = attn::CoopAttention {
+        warps: 2,
+        bn: 16,
+        emulate: true,
+    };
+    let input = |label: &str, seed: u64, shape: &[usize]| {
+        let n = shape.iter().product();
+        upload(label, &rng(seed).vec_normal(n, 1.5), shape, DType::F16)
+    };
+    let (qkv, qkv_v) = input("qkv", 700, &[b, t, 3 * c]);
+    let (dout, dout_v) = input("dout", 701, &[b, t, c]);
+    let out = poisoned("out", &[b, t, c], DType::F16);
+    let lse = poisoned("lse", &[b, nh, t], DType::F32);
+    let dqkv = poisoned("dqkv", &[b, t, 3 * c], DType::F32);
+    let dd = poisoned("d", &[b, nh, t], DType::F32);
+    let what = format!("subgroups of {size}: {cfg:?}");
+    let forward = attn::coop_attention_forward(gpu(), cfg, &out, &lse, &qkv, b, t, nh);
+    if size < 8 {
+        let e = forward
+            .err()
+            .expect("subgroups below 8 refused")
+            .to_string();
+        assert!(e.contains("8 to 128"), "{e}");
+        eprintln!("{what}: refused, as it should be: {e}");
+        return;
+    }
+    let mut d = forward.unwrap();
+    d.extend(
+        attn::coop_attention_backward(gpu(), cfg, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)
+            .unwrap(),
+    );
+    gpu().run(&d.iter().collect::<Vec<_>>()).unwrap();
+    let want = cpu::attention::attention_forward(&qkv_v, b, t, c, nh);
+    let want_dqkv = cpu::attention::attention_backward(&dout_v, &qkv_v, b, t, c, nh);
+    let out_want = round_to(&want.out, DType::F16);
+    assert_close(&format!("{what} out"), &read(&out), &out_want, 2e-3);
+    assert_close(&format!("{what} lse"), &read(&lse), &want.lse, 1e-4);
+    assert_close(&format!("{what} dqkv"), &read(&dqkv), &want_dqkv, 3e-3);
 }

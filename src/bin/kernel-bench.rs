@@ -377,6 +377,28 @@ fn run(args: Args) -> Result<()> {
             bwd_flops,
         ),
     ];
+    // On cooperative matrices where the self-check passed (f16 only).
+    match attention::auto_coop_attention(&gpu, hs, dt) {
+        Some(cfg) => {
+            rows.push((
+                "coop forward",
+                attention::coop_attention_forward(&gpu, cfg, &out, &lse, &qkv, b, t, nh)?,
+                fwd_flops,
+            ));
+            rows.push((
+                "coop backward",
+                attention::coop_attention_backward(
+                    &gpu, cfg, &dqkv, &dout, &qkv, &out, &lse, &dscratch, b, t, nh,
+                )?,
+                bwd_flops,
+            ));
+            println!("cooperative-matrix attention: {cfg:?}");
+        }
+        None => match attention::coop_attention_status(&gpu) {
+            Err(why) if dt == DType::F16 => println!("no cooperative-matrix attention: {why}"),
+            _ => {}
+        },
+    }
     let att_bytes = (b * nh * t * t * 4) as u64;
     if att_bytes <= gpu.limits.max_storage_buffer_binding_size {
         let att = gpu.zeros("att", &[b, nh, t, t], DType::F32)?;

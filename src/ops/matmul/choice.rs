@@ -203,8 +203,8 @@ pub(crate) fn coop_subgroup_size(gpu: &Gpu, emulated: bool) -> std::result::Resu
     let size = gpu.subgroup_sizes.1;
     if !(size.is_power_of_two() && (8..=128).contains(&size)) {
         return Err(format!(
-            "adapter '{name}' reports subgroups of up to {size} invocations; matmul_coop is \
-             written for 8 to 128"
+            "adapter '{name}' reports subgroups of up to {size} invocations; the cooperative-matrix \
+             kernels are written for 8 to 128"
         ));
     }
     Ok(size)
