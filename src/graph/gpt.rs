@@ -347,29 +347,9 @@ pub fn build_train_graph(
                     &[qkv],
                     &[atty, lse],
                     att_flops,
+                    // f16 runs on cooperative matrices where the self-check passed.
                     move |gpu, r| {
-                        // f16 runs on cooperative matrices when the self-check passed.
-                        match attention::auto_coop_attention(gpu, hs, r.t(qkv).dtype) {
-                            Some(cfg) => attention::coop_attention_forward(
-                                gpu,
-                                cfg,
-                                r.t(atty),
-                                r.t(lse),
-                                r.t(qkv),
-                                b,
-                                t,
-                                nh,
-                            ),
-                            None => attention::flash_attention_forward(
-                                gpu,
-                                r.t(atty),
-                                r.t(lse),
-                                r.t(qkv),
-                                b,
-                                t,
-                                nh,
-                            ),
-                        }
+                        attention::attention_forward(gpu, r.t(atty), r.t(lse), r.t(qkv), b, t, nh)
                     },
                 );
                 lse
@@ -785,21 +765,8 @@ pub fn build_train_graph(
                     &[datty, qkv, atty, stats],
                     &[dqkv, dscratch],
                     att_flops,
-                    move |gpu, r| match attention::auto_coop_attention(gpu, hs, r.t(qkv).dtype) {
-                        Some(cfg) => attention::coop_attention_backward(
-                            gpu,
-                            cfg,
-                            r.t(dqkv),
-                            r.t(datty),
-                            r.t(qkv),
-                            r.t(atty),
-                            r.t(stats),
-                            r.t(dscratch),
-                            b,
-                            t,
-                            nh,
-                        ),
-                        None => attention::flash_attention_backward(
+                    move |gpu, r| {
+                        attention::attention_backward(
                             gpu,
                             r.t(dqkv),
                             r.t(datty),
@@ -810,7 +777,7 @@ pub fn build_train_graph(
                             b,
                             t,
                             nh,
-                        ),
+                        )
                     },
                 );
             }

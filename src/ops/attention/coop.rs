@@ -211,26 +211,7 @@ pub fn coop_attention_backward(
     const OP: &str = "coop_attention_backward";
     let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
     let subgroup = cfg.check(gpu, OP, &d, qkv)?;
-    check_tensor(gpu, OP, "dqkv", dqkv, d.bt() * 3 * d.c)?;
-    check_tensor(gpu, OP, "dout", dout, d.bt() * d.c)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "lse", lse, d.bht())?;
-    check_f32_tensor(OP, "d_scratch", d_scratch, d.bht())?;
-    check_distinct(
-        OP,
-        &[("d_scratch", d_scratch)],
-        &[("dout", dout), ("out", out)],
-    )?;
-    check_distinct(
-        OP,
-        &[("dqkv", dqkv)],
-        &[
-            ("qkv", qkv),
-            ("dout", dout),
-            ("lse", lse),
-            ("d_scratch", d_scratch),
-        ],
-    )?;
+    super::check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
     let preprocess = super::flash_preprocess(gpu, OP, &d, dout, out, d_scratch)?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
     let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;

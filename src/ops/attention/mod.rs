@@ -394,6 +394,86 @@ pub fn flash_attention_backward(
     flash_attention_backward_tiled(gpu, tiles, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
 }
 
+/// Causal attention forward on the fastest kernels `gpu` has for it: on cooperative matrices
+/// where [`auto_coop_attention`] allows (f16 qkv, a head size that is a multiple of 16, a
+/// passed self-check), else [`flash_attention_forward`]. Same tensors and results within the
+/// self-check's tolerance.
+pub fn attention_forward(
+    gpu: &Gpu,
+    out: &Tensor,
+    lse: &Tensor,
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    let hs = Dims::new(gpu, "attention_forward", qkv, b, t, nh)?.hs;
+    match auto_coop_attention(gpu, hs, qkv.dtype) {
+        Some(cfg) => coop_attention_forward(gpu, cfg, out, lse, qkv, b, t, nh),
+        None => flash_attention_forward(gpu, out, lse, qkv, b, t, nh),
+    }
+}
+
+/// The backward pass of [`attention_forward`], on the kernels it chose.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    gpu: &Gpu,
+    dqkv: &Tensor,
+    dout: &Tensor,
+    qkv: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_scratch: &Tensor,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<Vec<Dispatch>> {
+    let hs = Dims::new(gpu, "attention_backward", qkv, b, t, nh)?.hs;
+    match auto_coop_attention(gpu, hs, qkv.dtype) {
+        Some(cfg) => {
+            coop_attention_backward(gpu, cfg, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
+        }
+        None => flash_attention_backward(gpu, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh),
+    }
+}
+
+/// Checks the tensors of a flash backward pass (either kernel family): sizes, storage types
+/// and that no output aliases an input.
+#[allow(clippy::too_many_arguments)]
+fn check_flash_backward(
+    gpu: &Gpu,
+    op: &'static str,
+    d: &Dims,
+    dqkv: &Tensor,
+    dout: &Tensor,
+    qkv: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_scratch: &Tensor,
+) -> Result<()> {
+    check_tensor(gpu, op, "dqkv", dqkv, d.bt() * 3 * d.c)?;
+    check_tensor(gpu, op, "dout", dout, d.bt() * d.c)?;
+    check_tensor(gpu, op, "out", out, d.bt() * d.c)?;
+    check_f32_tensor(op, "lse", lse, d.bht())?;
+    check_f32_tensor(op, "d_scratch", d_scratch, d.bht())?;
+    check_distinct(
+        op,
+        &[("d_scratch", d_scratch)],
+        &[("dout", dout), ("out", out)],
+    )?;
+    check_distinct(
+        op,
+        &[("dqkv", dqkv)],
+        &[
+            ("qkv", qkv),
+            ("dout", dout),
+            ("lse", lse),
+            ("d_scratch", d_scratch),
+        ],
+    )?;
+    Ok(())
+}
+
 /// [`flash_attention_backward`] with explicit tiles (which must fit the adapter).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward_tiled(
@@ -412,26 +492,7 @@ pub fn flash_attention_backward_tiled(
     const OP: &str = "flash_attention_backward";
     let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
     tiles.check(gpu, OP, d.hs)?;
-    check_tensor(gpu, OP, "dqkv", dqkv, d.bt() * 3 * d.c)?;
-    check_tensor(gpu, OP, "dout", dout, d.bt() * d.c)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "lse", lse, d.bht())?;
-    check_f32_tensor(OP, "d_scratch", d_scratch, d.bht())?;
-    check_distinct(
-        OP,
-        &[("d_scratch", d_scratch)],
-        &[("dout", dout), ("out", out)],
-    )?;
-    check_distinct(
-        OP,
-        &[("dqkv", dqkv)],
-        &[
-            ("qkv", qkv),
-            ("dout", dout),
-            ("lse", lse),
-            ("d_scratch", d_scratch),
-        ],
-    )?;
+    check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
     let hs_defines = |gate: &str| {
         defines![
             (gate, 1),
