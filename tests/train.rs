@@ -538,6 +538,51 @@ fn queued_steps_train_exactly_as_steps_waited_for() {
 }
 
 #[test]
+fn steps_recorded_on_several_threads_train_exactly_as_on_one() {
+    // A 12-layer model (as many dispatches as GPT-2 124M: 378) recorded by one thread and split
+    // into three runs recorded at once, each a command buffer: losses, norms and every weight
+    // bit for bit after 3 queued steps, profiled (timestamps written across the runs).
+    let config = GptConfig {
+        n_layer: 12,
+        ..tiny()
+    };
+    let mut s = TrainSettings::new(config, 1, 16);
+    s.precision = Precision::F32;
+    s.steps = 3;
+    let tok = tokens(2000, 8);
+    let init = saved_weights_for(config, 21);
+    let mut runs = Vec::new();
+    for threads in [1, 3] {
+        let mut tr = Trainer::new(arc_gpu(), s.clone(), tok.clone(), Some(&init)).unwrap();
+        assert_eq!(tr.graph().dispatch_count(), 378);
+        tr.set_recording_threads(threads);
+        let profiling = tr.enable_profiling().is_ok();
+        let mut stats = Vec::new();
+        let mut nodes = Vec::new();
+        tr.run_steps(3, |st, times| {
+            stats.push((st.loss, st.norm));
+            nodes.push(times.len());
+            Ok(())
+        })
+        .unwrap();
+        eprintln!("{threads} recording threads: profiled {profiling}, node times {nodes:?}");
+        if profiling {
+            let all = tr.graph().schedule(true).len();
+            assert!(
+                nodes.iter().all(|&n| n == all),
+                "{threads} threads: {nodes:?} of {all}"
+            );
+        }
+        runs.push((stats, tr.params().unwrap()));
+    }
+    let (one, three) = (&runs[0], &runs[1]);
+    let pick = |v: &[(f32, f32)], f: fn(&(f32, f32)) -> f32| v.iter().map(f).collect::<Vec<_>>();
+    assert_bitwise_eq("losses", &pick(&three.0, |x| x.0), &pick(&one.0, |x| x.0));
+    assert_bitwise_eq("norms", &pick(&three.0, |x| x.1), &pick(&one.0, |x| x.1));
+    assert_bitwise_eq("weights after 3 steps", &three.1, &one.1);
+}
+
+#[test]
 fn f16_training_tracks_f32() {
     if !gpu().has_f16() {
         eprintln!("adapter has no SHADER_F16: skipped");

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{CompiledNode, NodeObserver};
+use crate::graph::{Marks, Scheduled};
 use std::collections::BTreeMap;
 
 /// Writes a timestamp before every node of a step and one at the end; after the step,
@@ -73,6 +73,31 @@ impl Profiler {
         })
     }
 
+    /// Readies the profiler for a step that records `nodes` (its schedule) and returns the
+    /// timestamps to write: one before each node and one at the end, as far as the query set
+    /// holds them (see [`Profiler::overflowed`]).
+    pub fn begin_step(&mut self, nodes: &[Scheduled<'_>]) -> Marks<'_> {
+        let wanted = nodes.len() + 1;
+        self.overflowed = wanted > self.capacity as usize;
+        self.written = wanted.min(self.capacity as usize) as u32;
+        self.labels = nodes
+            .iter()
+            .take(self.written as usize - 1)
+            .map(|s| {
+                (
+                    s.node.label.clone(),
+                    s.node.family,
+                    s.node.flops,
+                    s.node.bytes,
+                )
+            })
+            .collect();
+        Marks {
+            query_set: &self.query_set,
+            capacity: self.written,
+        }
+    }
+
     /// Copies the timestamps into the read-back buffer (after the pass, in the same encoder).
     pub fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
         if self.written == 0 {
@@ -133,26 +158,6 @@ impl Profiler {
     /// Whether the step had more nodes than the query set holds (later nodes went unmeasured).
     pub fn overflowed(&self) -> bool {
         self.overflowed
-    }
-}
-
-impl NodeObserver for Profiler {
-    fn before(&mut self, pass: &mut wgpu::ComputePass<'_>, node: &CompiledNode) {
-        if self.written + 1 >= self.capacity {
-            self.overflowed = true;
-            return;
-        }
-        pass.write_timestamp(&self.query_set, self.written);
-        self.labels
-            .push((node.label.clone(), node.family, node.flops, node.bytes));
-        self.written += 1;
-    }
-
-    fn after_all(&mut self, pass: &mut wgpu::ComputePass<'_>) {
-        if self.written < self.capacity {
-            pass.write_timestamp(&self.query_set, self.written);
-            self.written += 1;
-        }
     }
 }
 

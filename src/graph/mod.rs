@@ -464,10 +464,150 @@ impl CompiledNode {
     }
 }
 
-/// Something that wants to know where each node starts and ends (timestamp profiling).
-pub trait NodeObserver {
-    fn before(&mut self, pass: &mut wgpu::ComputePass<'_>, node: &CompiledNode);
-    fn after_all(&mut self, pass: &mut wgpu::ComputePass<'_>);
+/// A node in a step's recording order, with the micro-step whose copy runs.
+#[derive(Clone, Copy)]
+pub struct Scheduled<'a> {
+    pub node: &'a CompiledNode,
+    pub micro: usize,
+}
+
+impl Scheduled<'_> {
+    /// Its dispatches.
+    pub fn dispatches(&self) -> &[Dispatch] {
+        self.node.dispatches(self.micro)
+    }
+}
+
+/// Timestamps written between the nodes of a step (profiling): node `i` of the step's schedule
+/// starts at query `i` and the step ends at query `n`; queries from `capacity` on are not
+/// written.
+#[derive(Clone, Copy)]
+pub struct Marks<'a> {
+    pub query_set: &'a wgpu::QuerySet,
+    pub capacity: u32,
+}
+
+impl Marks<'_> {
+    fn write(&self, pass: &mut wgpu::ComputePass<'_>, index: usize) {
+        if let Ok(i) = u32::try_from(index) {
+            if i < self.capacity {
+                pass.write_timestamp(self.query_set, i);
+            }
+        }
+    }
+}
+
+/// Records `nodes`, the run of a step's schedule that starts at node `first`, into `pass`;
+/// with `marks`, a timestamp before each node and, when `end` says the run ends the step, one
+/// after it.
+pub fn record_run(
+    pass: &mut wgpu::ComputePass<'_>,
+    nodes: &[Scheduled<'_>],
+    first: usize,
+    marks: Option<Marks<'_>>,
+    end: bool,
+) {
+    for (i, s) in nodes.iter().enumerate() {
+        if let Some(m) = marks {
+            m.write(pass, first + i);
+        }
+        for d in s.dispatches() {
+            d.record(pass);
+        }
+    }
+    if let (Some(m), true) = (marks, end) {
+        m.write(pass, first + nodes.len());
+    }
+}
+
+/// Dispatches below which a run is not split off: each run costs a thread and a command buffer.
+const MIN_DISPATCHES_PER_RUN: usize = 96;
+
+/// The most threads that record one step.
+const MAX_RECORDING_THREADS: usize = 4;
+
+/// Threads that record a step: `WGPT_RECORDING_THREADS` when set; else one per core up to
+/// [`MAX_RECORDING_THREADS`] on a GPU, and one on a CPU adapter, where the cores that would
+/// record the next step are the ones running the present one.
+pub fn recording_threads(gpu: &Gpu) -> usize {
+    if let Some(n) = std::env::var("WGPT_RECORDING_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return n.max(1);
+    }
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_RECORDING_THREADS))
+}
+
+/// Splits `nodes` at node boundaries into at most `runs` runs of about equal dispatch counts;
+/// returns each run's first node index (the first is 0) in order.
+fn split_runs(nodes: &[Scheduled<'_>], runs: usize) -> Vec<usize> {
+    let total: usize = nodes.iter().map(|s| s.dispatches().len()).sum();
+    let mut starts = vec![0];
+    let mut seen = 0;
+    for (i, s) in nodes.iter().enumerate() {
+        let next = starts.len();
+        if next < runs && i > 0 && seen * runs >= next * total {
+            starts.push(i);
+        }
+        seen += s.dispatches().len();
+    }
+    starts
+}
+
+/// Records `nodes` (a step's schedule, see [`CompiledGraph::schedule`]) into command buffers to
+/// be submitted in order. wgpu's encoding of a compute pass (its resource tracking and barriers)
+/// costs the CPU a few microseconds per dispatch, most of a step's host time; so a step of many
+/// dispatches is split into runs recorded at once on up to `threads` threads. The same
+/// dispatches in the same order either way, so the results are the same; with `marks`,
+/// timestamps as [`record_run`] writes them.
+pub fn encode_schedule(
+    gpu: &Gpu,
+    label: &str,
+    nodes: &[Scheduled<'_>],
+    marks: Option<Marks<'_>>,
+    threads: usize,
+) -> Result<Vec<wgpu::CommandBuffer>> {
+    let dispatches: usize = nodes.iter().map(|s| s.dispatches().len()).sum();
+    let runs = (dispatches / MIN_DISPATCHES_PER_RUN).clamp(1, threads.max(1));
+    let mut starts = split_runs(nodes, runs);
+    starts.push(nodes.len());
+    let encode_run = |w: &[usize]| {
+        let (a, b) = (w[0], w[1]);
+        gpu.scoped(label, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                });
+                record_run(&mut pass, &nodes[a..b], a, marks, b == nodes.len());
+            }
+            enc.finish()
+        })
+    };
+    if starts.len() == 2 {
+        return Ok(vec![encode_run(&starts)?]);
+    }
+    std::thread::scope(|scope| {
+        let others: Vec<_> = starts[1..]
+            .windows(2)
+            .map(|w| scope.spawn(move || encode_run(w)))
+            .collect();
+        let mut buffers = vec![encode_run(&starts[..2])?];
+        for h in others {
+            buffers
+                .push(h.join().map_err(|_| {
+                    Error::Other(format!("{label}: a recording thread panicked"))
+                })??);
+        }
+        Ok(buffers)
+    })
 }
 
 /// A compiled step.
@@ -483,50 +623,23 @@ pub struct CompiledGraph {
 }
 
 impl CompiledGraph {
-    /// Records a whole step into `pass`.
-    pub fn record(
-        &self,
-        pass: &mut wgpu::ComputePass<'_>,
-        mut observer: Option<&mut dyn NodeObserver>,
-    ) {
-        let mut emit = |pass: &mut wgpu::ComputePass<'_>, node: &CompiledNode, k: usize| {
-            if let Some(o) = observer.as_deref_mut() {
-                o.before(pass, node);
-            }
-            for d in node.dispatches(k) {
-                d.record(pass);
-            }
-        };
-        for n in &self.head {
-            emit(pass, n, 0);
-        }
+    /// The nodes of a step in recording order: head, the body once per micro-step, and the
+    /// tail (the optimiser) when `include_tail`.
+    pub fn schedule(&self, include_tail: bool) -> Vec<Scheduled<'_>> {
+        let at = |micro: usize| move |node| Scheduled { node, micro };
+        let mut v: Vec<Scheduled<'_>> = self.head.iter().map(at(0)).collect();
         for k in 0..self.micro {
-            for n in &self.body {
-                emit(pass, n, k);
-            }
+            v.extend(self.body.iter().map(at(k)));
         }
-        for n in &self.tail {
-            emit(pass, n, 0);
+        if include_tail {
+            v.extend(self.tail.iter().map(at(0)));
         }
-        if let Some(o) = observer {
-            o.after_all(pass);
-        }
+        v
     }
 
-    /// Records head and body only (forward and backward, no optimiser step).
-    pub fn record_without_tail(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for n in &self.head {
-            for d in n.dispatches(0) {
-                d.record(pass);
-            }
-        }
-        for k in 0..self.micro {
-            for n in &self.body {
-                for d in n.dispatches(k) {
-                    d.record(pass);
-                }
-            }
-        }
+    /// Records a whole step into `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        record_run(pass, &self.schedule(true), 0, None, true);
     }
 
     /// Records the forward pass of micro-step `k` alone: the body's forward nodes, which end
@@ -541,27 +654,15 @@ impl CompiledGraph {
 
     /// Dispatches recorded per step.
     pub fn dispatch_count(&self) -> usize {
-        let count = |nodes: &[CompiledNode], k: usize| -> usize {
-            nodes.iter().map(|n| n.dispatches(k).len()).sum()
-        };
-        count(&self.head, 0)
-            + (0..self.micro).map(|k| count(&self.body, k)).sum::<usize>()
-            + count(&self.tail, 0)
-    }
-
-    /// Nodes recorded per step, in order.
-    pub fn node_sequence(&self) -> Vec<&CompiledNode> {
-        let mut v: Vec<&CompiledNode> = self.head.iter().collect();
-        for _ in 0..self.micro {
-            v.extend(self.body.iter());
-        }
-        v.extend(self.tail.iter());
-        v
+        self.schedule(true)
+            .iter()
+            .map(|s| s.dispatches().len())
+            .sum()
     }
 
     /// Model FLOPs of one step (sum of the nodes' estimates).
     pub fn flops(&self) -> f64 {
-        self.node_sequence().iter().map(|n| n.flops).sum()
+        self.schedule(true).iter().map(|s| s.node.flops).sum()
     }
 }
 

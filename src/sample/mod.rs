@@ -401,7 +401,7 @@ impl Generator {
                     label: Some("decode step"),
                     timestamp_writes: None,
                 });
-                self.graph.record(&mut pass, None);
+                self.graph.record(&mut pass);
             }
             enc.copy_buffer_to_buffer(
                 &self.tokens_out.buffer,

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
 use crate::graph::gpt::{build_train_graph, ParamCopy, StepInput};
-use crate::graph::{CompiledGraph, NodeObserver};
+use crate::graph::{self, CompiledGraph};
 use crate::model::init::init_params;
 use crate::model::{ParamLayout, StoredParams};
 use crate::ops::{elementwise as ew, embedding, optimizer};
@@ -193,6 +193,8 @@ pub struct Trainer {
     step: usize,
     adam_t: usize,
     scaler: LossScaler,
+    /// Threads that record a step ([`graph::recording_threads`]).
+    recording_threads: usize,
 }
 
 impl Trainer {
@@ -327,6 +329,7 @@ impl Trainer {
 
         let mut t = Trainer {
             scaler: LossScaler::new(settings.precision == Precision::F16),
+            recording_threads: graph::recording_threads(&gpu),
             gpu,
             layout,
             plan,
@@ -419,6 +422,12 @@ impl Trainer {
         self.write_state()
     }
 
+    /// Sets how many threads record each step (at least 1; the default is
+    /// [`graph::recording_threads`]). The steps' results do not depend on it.
+    pub fn set_recording_threads(&mut self, threads: usize) {
+        self.recording_threads = threads.max(1);
+    }
+
     /// Steps queued and not yet collected.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
@@ -444,7 +453,7 @@ impl Trainer {
     /// TIMESTAMP_QUERY_INSIDE_PASSES); [`Trainer::take_node_times`] returns them per step.
     pub fn enable_profiling(&mut self) -> Result<()> {
         self.expect_idle("turning profiling on")?;
-        let nodes = self.graph.node_sequence().len() + 2;
+        let nodes = self.graph.schedule(true).len() + 1;
         for slot in &mut self.slots {
             slot.profiler = Some(Profiler::new(&self.gpu, nodes)?);
         }
@@ -551,44 +560,48 @@ impl Trainer {
         self.gpu.write_u32(&self.io.targets[k], y)
     }
 
-    /// Records `head + body * micro (+ tail)` into one command buffer: the step's statistics are
-    /// copied into `staging` when given.
-    fn encode(&mut self, include_tail: bool, slot: Option<usize>) -> Result<wgpu::CommandBuffer> {
+    /// Records `head + body * micro (+ tail)` into command buffers to submit in order
+    /// ([`graph::encode_schedule`]); the step's statistics are copied into `staging` when given.
+    fn encode(
+        &mut self,
+        include_tail: bool,
+        slot: Option<usize>,
+    ) -> Result<Vec<wgpu::CommandBuffer>> {
+        let nodes = self.graph.schedule(include_tail);
+        let profiler = slot.and_then(|i| self.slots[i].profiler.as_mut());
+        let marks = profiler.map(|p| p.begin_step(&nodes));
+        let mut buffers = graph::encode_schedule(
+            &self.gpu,
+            "training step",
+            &nodes,
+            marks,
+            self.recording_threads,
+        )?;
+        let Some(i) = slot else {
+            return Ok(buffers);
+        };
         let mut enc = self
             .gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("training step"),
+                label: Some("training step statistics"),
             });
-        let mut profiler = slot.and_then(|i| self.slots[i].profiler.as_mut());
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("training step"),
-                timestamp_writes: None,
-            });
-            if include_tail {
-                let observer = profiler.as_deref_mut().map(|p| p as &mut dyn NodeObserver);
-                self.graph.record(&mut pass, observer);
-            } else {
-                self.graph.record_without_tail(&mut pass);
-            }
-        }
-        if let Some(p) = profiler.as_deref() {
+        let slot = &self.slots[i];
+        if let Some(p) = &slot.profiler {
             p.resolve(&mut enc);
         }
-        if let Some(i) = slot {
-            let staging = &self.slots[i].staging;
-            enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
-            enc.copy_buffer_to_buffer(
-                &self.io.status.buffer,
-                self.io.status.offset,
-                staging,
-                16,
-                16,
-            );
-            enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
-        }
-        Ok(enc.finish())
+        let staging = &slot.staging;
+        enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
+        enc.copy_buffer_to_buffer(
+            &self.io.status.buffer,
+            self.io.status.offset,
+            staging,
+            16,
+            16,
+        );
+        enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
+        buffers.push(enc.finish());
+        Ok(buffers)
     }
 
     /// Queues the next optimiser step (`grad_accum` micro-batches forward and backward, gradient
@@ -620,7 +633,7 @@ impl Trainer {
         let index = gpu.scoped("training step", || -> Result<wgpu::SubmissionIndex> {
             let commands = self.encode(true, Some(slot))?;
             encoded = Instant::now();
-            Ok(gpu.queue.submit([commands]))
+            Ok(gpu.queue.submit(commands))
         })??;
         self.pending.push_back(Pending {
             slot,
@@ -793,7 +806,7 @@ impl Trainer {
         let gpu = self.gpu.clone();
         gpu.scoped("forward and backward", || -> Result<()> {
             let commands = self.encode(false, None)?;
-            gpu.queue.submit([commands]);
+            gpu.queue.submit(commands);
             Ok(())
         })??;
         let loss = gpu.read(&self.io.loss)?[0];
