@@ -148,6 +148,16 @@ impl NodeObserver for Profiler {
         self.written += 1;
     }
 
+    fn mark(&mut self, pass: &mut wgpu::ComputePass<'_>, label: &str, family: &'static str) {
+        if self.written + 1 >= self.capacity {
+            self.overflowed = true;
+            return;
+        }
+        pass.write_timestamp(&self.query_set, self.written);
+        self.labels.push((label.to_string(), family, 0.0, 0.0));
+        self.written += 1;
+    }
+
     fn after_all(&mut self, pass: &mut wgpu::ComputePass<'_>) {
         if self.written < self.capacity {
             pass.write_timestamp(&self.query_set, self.written);

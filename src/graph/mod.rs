@@ -467,7 +467,20 @@ impl CompiledNode {
 /// Something that wants to know where each node starts and ends (timestamp profiling).
 pub trait NodeObserver {
     fn before(&mut self, pass: &mut wgpu::ComputePass<'_>, node: &CompiledNode);
+    /// The start of something between nodes that is not a node (the host's share of a
+    /// data-parallel step: the gradients' round trip through the all-reduce), which lasts
+    /// until the next node or the end.
+    fn mark(&mut self, pass: &mut wgpu::ComputePass<'_>, label: &str, family: &'static str);
     fn after_all(&mut self, pass: &mut wgpu::ComputePass<'_>);
+}
+
+/// The two parts of a step that [`CompiledGraph::record_part`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPart {
+    /// Forward and backward over every micro-batch: the gradients.
+    Gradients,
+    /// Gradient norm, clipping, AdamW and the step state.
+    Update,
 }
 
 /// A compiled step.
@@ -510,6 +523,49 @@ impl CompiledGraph {
         }
         if let Some(o) = observer {
             o.after_all(pass);
+        }
+    }
+
+    /// Records a step in two parts, for a data-parallel step whose gradients are summed
+    /// across ranks between them: [`StepPart::Gradients`] (head and body: forward and
+    /// backward), then [`StepPart::Update`] (the tail: norm, AdamW, the step state). The
+    /// observer sees both parts as one step.
+    pub fn record_part(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        part: StepPart,
+        mut observer: Option<&mut dyn NodeObserver>,
+    ) {
+        let mut emit = |pass: &mut wgpu::ComputePass<'_>, node: &CompiledNode, k: usize| {
+            if let Some(o) = observer.as_deref_mut() {
+                o.before(pass, node);
+            }
+            for d in node.dispatches(k) {
+                d.record(pass);
+            }
+        };
+        match part {
+            StepPart::Gradients => {
+                for n in &self.head {
+                    emit(pass, n, 0);
+                }
+                for k in 0..self.micro {
+                    for n in &self.body {
+                        emit(pass, n, k);
+                    }
+                }
+                if let Some(o) = observer {
+                    o.mark(pass, "gradient all-reduce (host)", "all-reduce");
+                }
+            }
+            StepPart::Update => {
+                for n in &self.tail {
+                    emit(pass, n, 0);
+                }
+                if let Some(o) = observer {
+                    o.after_all(pass);
+                }
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! the GPU runs step n the CPU encodes step n+1 ([`Trainer::submit`]) and reads step n's
 //! statistics one step late ([`Trainer::collect`]).
 
+use super::parallel::{all_reduce_buckets, Collective};
 use super::plan::MemoryPlan;
 use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
 use crate::checkpoint::{Checkpoint, TrainState};
@@ -16,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
 use crate::graph::gpt::{build_train_graph, ParamCopy, StepInput};
-use crate::graph::{CompiledGraph, NodeObserver};
+use crate::graph::{CompiledGraph, NodeObserver, StepPart};
 use crate::model::init::init_params;
 use crate::model::{ParamLayout, StoredParams};
 use crate::ops::{elementwise as ew, embedding, optimizer};
@@ -48,6 +49,22 @@ pub struct StepStats {
     /// time between the previous step's last timestamp and this step's first.
     pub gpu_ms: Option<f64>,
     pub gpu_idle_ms: Option<f64>,
+    /// Data parallel: the gradients' exchange between the ranks.
+    pub reduce: Option<ReduceStats>,
+}
+
+/// What the gradient exchange of one data-parallel step cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReduceStats {
+    /// Host time in the all-reduce (MPI), all buckets.
+    pub all_reduce_ms: f64,
+    /// Host time to copy the gradients out of the mapped read-back and to queue the sums'
+    /// writes to the GPU (the wait for the backward and the all-reduce excluded).
+    pub transfer_ms: f64,
+    /// Bytes each rank sends into the all-reduce (the gradients and the loss, f32).
+    pub bytes: u64,
+    /// All-reduce calls (buckets).
+    pub buckets: usize,
 }
 
 /// Steps that may be queued at once: the GPU runs one while the CPU encodes the next.
@@ -72,6 +89,17 @@ struct Pending {
     encode_ms: f64,
     submit_ms: f64,
     index: wgpu::SubmissionIndex,
+    reduce: Option<ReduceStats>,
+}
+
+/// A data-parallel trainer's share of the job: the collective, and where the gradients pass
+/// through host memory on their way to and from the all-reduce.
+struct Parallel {
+    collective: Arc<dyn Collective>,
+    /// MAP_READ copies of each gradient buffer, then one of the loss.
+    staging: Vec<wgpu::Buffer>,
+    /// The gradients (all buffers in order) and the loss, summed in place.
+    host: Vec<f32>,
 }
 
 /// Dynamic loss scaling as PyTorch's GradScaler: start at 2^16, halve and skip the step on any
@@ -193,6 +221,7 @@ pub struct Trainer {
     step: usize,
     adam_t: usize,
     scaler: LossScaler,
+    parallel: Option<Parallel>,
 }
 
 impl Trainer {
@@ -219,8 +248,48 @@ impl Trainer {
         weights: Option<&Checkpoint>,
         limits: &AdapterLimits,
     ) -> Result<Trainer> {
-        let corpus: Corpus = data.into();
+        Self::build(gpu, settings, data.into(), weights, limits, None)
+    }
+
+    /// One rank of a data-parallel job: `collective` joins the job's processes, each with its
+    /// own trainer on its own device. Every rank reads its own slice of every batch, and the
+    /// gradients are summed across the ranks before the optimiser step, which then runs
+    /// identically on every rank (see [`super::parallel`]). `settings.ranks` must be the job's
+    /// size; `weights` must be the same on every rank.
+    pub fn data_parallel(
+        gpu: Arc<Gpu>,
+        settings: TrainSettings,
+        data: impl Into<Corpus>,
+        weights: Option<&Checkpoint>,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Trainer> {
+        let limits = AdapterLimits::of(&gpu);
+        Self::build(
+            gpu,
+            settings,
+            data.into(),
+            weights,
+            &limits,
+            Some(collective),
+        )
+    }
+
+    fn build(
+        gpu: Arc<Gpu>,
+        settings: TrainSettings,
+        corpus: Corpus,
+        weights: Option<&Checkpoint>,
+        limits: &AdapterLimits,
+        collective: Option<Arc<dyn Collective>>,
+    ) -> Result<Trainer> {
         settings.validate()?;
+        let job = collective.as_ref().map_or(1, |c| c.size());
+        if settings.ranks != job {
+            return Err(Error::Config(format!(
+                "the settings are for {} ranks but the job has {job}; start it with mpirun -np {}",
+                settings.ranks, settings.ranks
+            )));
+        }
         let cfg = settings.config;
         if let Some(w) = weights {
             if w.config != cfg {
@@ -324,8 +393,39 @@ impl Trainer {
                 profiler: None,
             })
             .collect();
+        let parallel = match collective {
+            Some(c) if c.size() > 1 => {
+                let mut staging: Vec<wgpu::Buffer> = io
+                    .grads
+                    .buffers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some(&format!("gradient read-back {i}")),
+                            size: b.byte_size(),
+                            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                            mapped_at_creation: false,
+                        })
+                    })
+                    .collect();
+                staging.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("loss read-back"),
+                    size: 4,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }));
+                Some(Parallel {
+                    collective: c,
+                    staging,
+                    host: Vec::new(),
+                })
+            }
+            _ => None,
+        };
 
         let mut t = Trainer {
+            parallel,
             scaler: LossScaler::new(settings.precision == Precision::F16),
             gpu,
             layout,
@@ -402,6 +502,16 @@ impl Trainer {
         &self.gpu
     }
 
+    /// This process's rank in a data-parallel job (0 for a single process).
+    pub fn rank(&self) -> usize {
+        self.parallel.as_ref().map_or(0, |p| p.collective.rank())
+    }
+
+    /// The job's collective (None for a single process).
+    pub fn collective(&self) -> Option<&dyn Collective> {
+        self.parallel.as_ref().map(|p| p.collective.as_ref())
+    }
+
     /// Optimiser steps done so far.
     pub fn step_index(&self) -> usize {
         self.step
@@ -444,7 +554,8 @@ impl Trainer {
     /// TIMESTAMP_QUERY_INSIDE_PASSES); [`Trainer::take_node_times`] returns them per step.
     pub fn enable_profiling(&mut self) -> Result<()> {
         self.expect_idle("turning profiling on")?;
-        let nodes = self.graph.node_sequence().len() + 2;
+        // One more for the gradient all-reduce of a data-parallel step.
+        let nodes = self.graph.node_sequence().len() + 3;
         for slot in &mut self.slots {
             slot.profiler = Some(Profiler::new(&self.gpu, nodes)?);
         }
@@ -577,18 +688,143 @@ impl Trainer {
             p.resolve(&mut enc);
         }
         if let Some(i) = slot {
-            let staging = &self.slots[i].staging;
-            enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
-            enc.copy_buffer_to_buffer(
-                &self.io.status.buffer,
-                self.io.status.offset,
-                staging,
-                16,
-                16,
-            );
-            enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
+            self.copy_stats(&mut enc, i);
         }
         Ok(enc.finish())
+    }
+
+    /// Copies the step's statistics into read-back slot `i`.
+    fn copy_stats(&self, enc: &mut wgpu::CommandEncoder, i: usize) {
+        let staging = &self.slots[i].staging;
+        enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
+        enc.copy_buffer_to_buffer(
+            &self.io.status.buffer,
+            self.io.status.offset,
+            staging,
+            16,
+            16,
+        );
+        enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
+    }
+
+    /// A data-parallel step: forward and backward are submitted and waited for, the gradients
+    /// and the loss read back to the host, summed across the ranks by the all-reduce in
+    /// buckets, written back, and then the update (norm, clipping, AdamW, the step state) is
+    /// submitted. Every rank then updates from the same sums, so the weights stay identical,
+    /// and the non-finite check of f16 loss scaling sees the sums too, so every rank skips the
+    /// same steps. Returns the update's submission and what the exchange cost.
+    fn submit_data_parallel(
+        &mut self,
+        slot: usize,
+    ) -> Result<(wgpu::SubmissionIndex, ReduceStats)> {
+        let gpu = self.gpu.clone();
+        let par = self
+            .parallel
+            .as_mut()
+            .expect("called for data-parallel trainers");
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training step: gradients"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward and backward"),
+                timestamp_writes: None,
+            });
+            let observer = self.slots[slot]
+                .profiler
+                .as_mut()
+                .map(|p| p as &mut dyn NodeObserver);
+            self.graph
+                .record_part(&mut pass, StepPart::Gradients, observer);
+        }
+        let (grads, last) = par.staging.split_at(par.staging.len() - 1);
+        for (b, staging) in self.io.grads.buffers.iter().zip(grads) {
+            enc.copy_buffer_to_buffer(&b.buffer, b.offset, staging, 0, b.byte_size());
+        }
+        enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, &last[0], 0, 4);
+        let index = gpu.queue.submit([enc.finish()]);
+
+        // The gradients to the host.
+        let mut waits = Vec::with_capacity(par.staging.len());
+        for staging in &par.staging {
+            let (tx, rx) = std::sync::mpsc::channel();
+            staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            waits.push(rx);
+        }
+        gpu.wait_for(Some(index))?;
+        let start = Instant::now();
+        par.host.clear();
+        for (staging, rx) in par.staging.iter().zip(waits) {
+            rx.recv()
+                .map_err(|_| Error::Gpu("the gradients' read-back never completed".into()))?
+                .map_err(|e| Error::Gpu(format!("the gradients' read-back failed: {e}")))?;
+            {
+                let view = staging.slice(..).get_mapped_range().map_err(|e| {
+                    Error::Gpu(format!("the gradients' read-back mapping failed: {e}"))
+                })?;
+                par.host.extend(
+                    view.chunks_exact(4)
+                        .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+                );
+            }
+            staging.unmap();
+        }
+        let read = Instant::now();
+
+        // The sums over the ranks.
+        all_reduce_buckets(par.collective.as_ref(), &mut par.host)?;
+        let reduced = Instant::now();
+
+        // The sums back to the GPU, ahead of the update (the queue orders the writes first).
+        let mut at = 0;
+        for b in self.io.grads.buffers.iter().chain([&self.io.loss]) {
+            let len = (b.byte_size() / 4) as usize;
+            gpu.queue.write_buffer(
+                &b.buffer,
+                b.offset,
+                bytemuck::cast_slice(&par.host[at..at + len]),
+            );
+            at += len;
+        }
+        let bytes = (par.host.len() * 4) as u64;
+        let buckets = par.host.len().div_ceil(super::parallel::BUCKET_FLOATS);
+
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training step: update"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("update"),
+                timestamp_writes: None,
+            });
+            let observer = self.slots[slot]
+                .profiler
+                .as_mut()
+                .map(|p| p as &mut dyn NodeObserver);
+            self.graph
+                .record_part(&mut pass, StepPart::Update, observer);
+        }
+        if let Some(p) = self.slots[slot].profiler.as_ref() {
+            p.resolve(&mut enc);
+        }
+        self.copy_stats(&mut enc, slot);
+        let written = Instant::now();
+        let index = gpu.queue.submit([enc.finish()]);
+        Ok((
+            index,
+            ReduceStats {
+                all_reduce_ms: (reduced - read).as_secs_f64() * 1e3,
+                transfer_ms: ((read - start) + (written - reduced)).as_secs_f64() * 1e3,
+                bytes,
+                buckets,
+            },
+        ))
     }
 
     /// Queues the next optimiser step (`grad_accum` micro-batches forward and backward, gradient
@@ -606,8 +842,9 @@ impl Trainer {
         let slot = (0..PIPELINE_DEPTH)
             .find(|i| self.pending.iter().all(|p| p.slot != *i))
             .expect("a free slot when fewer steps than slots are in flight");
+        let (rank, ranks) = (self.rank(), self.settings.ranks);
         let batches: Vec<_> = (0..self.settings.grad_accum)
-            .map(|_| self.loader.next_batch().map(|b| (b.x, b.y)))
+            .map(|_| self.loader.next_batch_of(rank, ranks).map(|b| (b.x, b.y)))
             .collect::<Result<_>>()?;
         self.upload_batches(&batches)?;
         // The learning rate follows the step index alone (skipped steps count), so the CPU
@@ -617,7 +854,14 @@ impl Trainer {
             .write_bytes(&self.io.hyper, bytemuck::bytes_of(&(lr as f32)))?;
         let gpu = self.gpu.clone();
         let mut encoded = start;
+        let mut reduce = None;
         let index = gpu.scoped("training step", || -> Result<wgpu::SubmissionIndex> {
+            if self.parallel.is_some() {
+                let (index, r) = self.submit_data_parallel(slot)?;
+                reduce = Some(r);
+                encoded = Instant::now();
+                return Ok(index);
+            }
             let commands = self.encode(true, Some(slot))?;
             encoded = Instant::now();
             Ok(gpu.queue.submit([commands]))
@@ -630,6 +874,7 @@ impl Trainer {
             encode_ms: (encoded - start).as_secs_f64() * 1e3,
             submit_ms: encoded.elapsed().as_secs_f64() * 1e3,
             index,
+            reduce,
         });
         Ok(())
     }
@@ -685,6 +930,7 @@ impl Trainer {
             submit_ms: p.submit_ms,
             gpu_ms,
             gpu_idle_ms,
+            reduce: p.reduce,
         })
     }
 
