@@ -177,8 +177,13 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
     eprintln!("weights checksums on both ranks: {sums:?}");
 
     // Stopped after 2 steps (a checkpoint at step 2), then resumed by 2 ranks: the same losses
-    // and the same weights, bit for bit.
+    // and the same weights, bit for bit. These two runs reduce the gradients in buckets of
+    // 10 KiB (the uninterrupted one: all in one), each while the backward of earlier layers
+    // runs, which changes nothing but the time.
     let o = two_ranks(&[
+        "--bucket-mb",
+        "0.01",
+        "--profile",
         "--checkpoint-dir",
         &path("ck"),
         "--stop-after",
@@ -186,10 +191,23 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
         "--metrics",
         &path("first.jsonl"),
     ]);
-    ok(&o);
+    let out = ok(&o);
     assert_eq!(losses(&dir.join("first.jsonl")), two[..2]);
+    let profile = out
+        .lines()
+        .find(|l| l.starts_with("all-reduce per step: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    eprintln!("{profile}");
+    assert!(profile.contains(" MB of gradients in "), "{profile}");
     copy_dir(&dir.join("ck"), &dir.join("ck-one"));
-    let o = two_ranks(&["--resume", &path("ck"), "--metrics", &path("resumed.jsonl")]);
+    let o = two_ranks(&[
+        "--resume",
+        &path("ck"),
+        "--bucket-mb",
+        "0.01",
+        "--metrics",
+        &path("resumed.jsonl"),
+    ]);
     let out = ok(&o);
     assert_eq!(losses(&dir.join("resumed.jsonl")), two[2..]);
     assert_eq!(checksums(&out).last(), sums.last(), "{out}");

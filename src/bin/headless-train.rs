@@ -188,6 +188,10 @@ struct Args {
     /// modulo its GPUs.
     #[arg(long)]
     adapter: Option<usize>,
+    /// Data parallel: megabytes of gradients per all-reduce bucket; a bucket is reduced as soon
+    /// as the backward has finished it, while the backward of earlier layers runs.
+    #[arg(long = "bucket-mb", default_value_t = 25.0)]
+    bucket_mb: f64,
 }
 
 /// The job this process belongs to: with the `mpi` feature under `mpirun -np N` (N > 1), a
@@ -378,12 +382,20 @@ impl ProfileTotals {
         } else {
             "-".into()
         };
-        say!(
-            "host per step: {:.3} ms to write the batch and encode, {:.3} ms in queue.submit; GPU idle between steps {idle} (steps queued {} deep)",
-            self.encode_ms / n,
-            self.submit_ms / n,
-            wgpt::train::trainer::PIPELINE_DEPTH
-        );
+        if self.reduce_bytes > 0 {
+            say!(
+                "host per step: {:.3} ms to write the batch, encode, wait for the backward and exchange the gradients, {:.3} ms in queue.submit; GPU idle between steps {idle} (data parallel: one step at a time)",
+                self.encode_ms / n,
+                self.submit_ms / n,
+            );
+        } else {
+            say!(
+                "host per step: {:.3} ms to write the batch and encode, {:.3} ms in queue.submit; GPU idle between steps {idle} (steps queued {} deep)",
+                self.encode_ms / n,
+                self.submit_ms / n,
+                wgpt::train::trainer::PIPELINE_DEPTH
+            );
+        }
         say!("dispatches per step: {dispatches} ({fused} per micro-step fused, {unfused} unfused)");
         if self.reduce_bytes > 0 {
             let ms = self.all_reduce_ms / n;
@@ -686,6 +698,7 @@ fn run(args: Args, matches: &ArgMatches, job: &Job) -> Result<()> {
             tokens.clone(),
             weights,
             c.clone(),
+            bucket_bytes(args.bucket_mb)?,
         )?,
         None => Trainer::new(gpu.clone(), settings.clone(), tokens.clone(), weights)?,
     };
@@ -826,6 +839,16 @@ fn run(args: Args, matches: &ArgMatches, job: &Job) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--bucket-mb` in bytes (at least one float).
+fn bucket_bytes(mb: f64) -> Result<usize> {
+    if !(mb > 0.0 && mb.is_finite()) {
+        return Err(Error::Config(format!(
+            "--bucket-mb must be a positive number of megabytes (got {mb})"
+        )));
+    }
+    Ok(((mb * (1 << 20) as f64) as usize).max(4))
 }
 
 /// The metrics file: one JSON object per line, flushed as written.

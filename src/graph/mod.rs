@@ -186,6 +186,28 @@ impl<E: Clone> Graph<E> {
         ));
     }
 
+    /// For each body node in execution order, the caller's tensors it writes (the gradient
+    /// pieces a backward node accumulates into, ...): after the last micro-step's last writer of
+    /// a gradient, it is final, and a data-parallel step may reduce it while the rest of the
+    /// backward runs.
+    pub fn body_writes(&self) -> Vec<Vec<E>> {
+        self.execution_order()
+            .into_iter()
+            .filter(|&i| self.nodes[i].0 == Section::Body)
+            .map(|i| {
+                self.nodes[i]
+                    .1
+                    .writes
+                    .iter()
+                    .filter_map(|&t| match &self.decls[t].storage {
+                        Storage::Input(e) | Storage::PerMicro(e) => Some(e.clone()),
+                        Storage::Planned => None,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Nodes in execution order: head, body, tail.
     fn execution_order(&self) -> Vec<usize> {
         let mut order = Vec::with_capacity(self.nodes.len());
@@ -474,11 +496,13 @@ pub trait NodeObserver {
     fn after_all(&mut self, pass: &mut wgpu::ComputePass<'_>);
 }
 
-/// The two parts of a step that [`CompiledGraph::record_part`] records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The parts of a step that [`CompiledGraph::record_part`] records.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepPart {
-    /// Forward and backward over every micro-batch: the gradients.
-    Gradients,
+    /// Forward and backward over every micro-batch: the gradients. The range selects body
+    /// nodes of the last micro-step (all of them: `0..body.len()`); a range from 0 records the
+    /// head and the earlier micro-steps first.
+    Gradients(std::ops::Range<usize>),
     /// Gradient norm, clipping, AdamW and the step state.
     Update,
 }
@@ -526,10 +550,10 @@ impl CompiledGraph {
         }
     }
 
-    /// Records a step in two parts, for a data-parallel step whose gradients are summed
-    /// across ranks between them: [`StepPart::Gradients`] (head and body: forward and
-    /// backward), then [`StepPart::Update`] (the tail: norm, AdamW, the step state). The
-    /// observer sees both parts as one step.
+    /// Records part of a step, for a data-parallel step whose gradients are summed across
+    /// ranks between its parts: [`StepPart::Gradients`] (forward and backward, whole or in
+    /// segments), then [`StepPart::Update`] (the tail: norm, AdamW, the step state). The
+    /// observer sees the parts as one step.
     pub fn record_part(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -545,17 +569,30 @@ impl CompiledGraph {
             }
         };
         match part {
-            StepPart::Gradients => {
-                for n in &self.head {
-                    emit(pass, n, 0);
-                }
-                for k in 0..self.micro {
-                    for n in &self.body {
-                        emit(pass, n, k);
+            StepPart::Gradients(nodes) => {
+                let last = self.micro - 1;
+                if nodes.start == 0 {
+                    for n in &self.head {
+                        emit(pass, n, 0);
+                    }
+                    for k in 0..last {
+                        for n in &self.body {
+                            emit(pass, n, k);
+                        }
                     }
                 }
-                if let Some(o) = observer {
-                    o.mark(pass, "gradient all-reduce (host)", "all-reduce");
+                let end = nodes.end.min(self.body.len());
+                for n in &self.body[nodes.start.min(end)..end] {
+                    emit(pass, n, last);
+                }
+                if end == self.body.len() {
+                    if let Some(o) = observer {
+                        o.mark(
+                            pass,
+                            "gradient all-reduce (host, not overlapped)",
+                            "all-reduce",
+                        );
+                    }
                 }
             }
             StepPart::Update => {

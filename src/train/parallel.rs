@@ -6,6 +6,9 @@
 //! which with the `mpi` feature is MPI's all-reduce ([`Mpi`]); `mpirun -np N headless-train ...`
 //! starts the processes. Without the feature every run is a single process.
 //!
+//! The gradients are reduced in buckets, each as soon as the backward has finished it, while
+//! the backward of earlier layers runs ([`crate::train::trainer::Trainer::data_parallel`]).
+//!
 //! How a step is divided: each rank's loss gradient is seeded with `scale / (ranks * B * T *
 //! grad_accum)` and its loss with the same weight, so the sum over ranks of the gradients (and
 //! losses) equals what one process with `grad_accum * ranks` micro-batches computes over the same
@@ -15,10 +18,10 @@
 
 use crate::error::{Error, Result};
 
-/// Floats per all-reduce call: the gradients go in buckets of at most this many (25 MiB, the
-/// bucket size of PyTorch's DistributedDataParallel), so the host holds at most two of them
-/// beyond the mapped read-back and a large model's reduction starts before all of it is copied.
-pub const BUCKET_FLOATS: usize = 25 << 18;
+/// The default bucket of gradients reduced together (25 MiB, PyTorch's DistributedDataParallel's):
+/// a bucket is reduced as soon as the backward has finished all of it, while the backward of
+/// earlier layers runs, and no all-reduce call is larger.
+pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// The collective operations data-parallel training needs, across the processes of one job.
 /// Every rank must make the same calls in the same order.
@@ -49,9 +52,9 @@ pub fn checksum(values: &[f32]) -> u64 {
     h
 }
 
-/// Sums `data` across the ranks in buckets of at most [`BUCKET_FLOATS`].
-pub fn all_reduce_buckets(c: &dyn Collective, data: &mut [f32]) -> Result<()> {
-    for bucket in data.chunks_mut(BUCKET_FLOATS) {
+/// Sums `data` across the ranks, at most `floats` per call.
+pub fn all_reduce_buckets(c: &dyn Collective, data: &mut [f32], floats: usize) -> Result<()> {
+    for bucket in data.chunks_mut(floats.max(1)) {
         c.all_reduce_sum(bucket)?;
     }
     Ok(())

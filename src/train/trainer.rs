@@ -96,10 +96,95 @@ struct Pending {
 /// through host memory on their way to and from the all-reduce.
 struct Parallel {
     collective: Arc<dyn Collective>,
-    /// MAP_READ copies of each gradient buffer, then one of the loss.
-    staging: Vec<wgpu::Buffer>,
-    /// The gradients (all buffers in order) and the loss, summed in place.
+    /// In the order the backward finishes them; the last holds the loss too.
+    buckets: Vec<Bucket>,
+    /// Floats per all-reduce call.
+    bucket_floats: usize,
+    /// One bucket's values, summed in place.
     host: Vec<f32>,
+}
+
+/// Gradients that are final at the same point of the backward, reduced together.
+struct Bucket {
+    /// They are final once the last micro-step's body nodes before this one have run.
+    after_node: usize,
+    /// Views of the gradient buffers (and of the loss), in the staging buffer's order.
+    parts: Vec<Tensor>,
+    /// MAP_READ: the parts, back to back.
+    staging: wgpu::Buffer,
+    floats: usize,
+}
+
+impl Parallel {
+    /// Groups the gradients into buckets of about `bucket_floats` by the body node that
+    /// finishes them (`writes`: each body node's writes, [`crate::graph::Graph::body_writes`]),
+    /// so that the first buckets can be reduced while the backward of earlier layers runs.
+    fn new(
+        gpu: &Gpu,
+        io: &StepTensors,
+        writes: &[Vec<StepInput>],
+        collective: Arc<dyn Collective>,
+        bucket_floats: usize,
+    ) -> Result<Parallel> {
+        let align = gpu.alignment();
+        let body = writes.len();
+        // The last body node writing each gradient piece.
+        let mut last: Vec<(usize, StepInput)> = Vec::new();
+        let mut whole_buffers = false;
+        for (i, w) in writes.iter().enumerate() {
+            for input in w {
+                match input {
+                    StepInput::Param(_, _, ParamCopy::Grad) => {
+                        match last.iter_mut().find(|(_, p)| p == input) {
+                            Some(e) => e.0 = i,
+                            None => last.push((i, *input)),
+                        }
+                    }
+                    StepInput::Buffer(ParamCopy::Grad, _) => whole_buffers = true,
+                    _ => {}
+                }
+            }
+        }
+        let mut finals: Vec<(usize, Tensor)> = if whole_buffers {
+            // A node writes whole gradient buffers: they are final at the end.
+            io.grads.buffers.iter().map(|b| (body, b.clone())).collect()
+        } else {
+            last.sort_by_key(|(i, _)| *i);
+            last.iter()
+                .map(|(i, input)| Ok((*i + 1, io.bind(input, 0, align)?)))
+                .collect::<Result<_>>()?
+        };
+        finals.push((body, io.loss.clone()));
+        let mut buckets = Vec::new();
+        let mut parts = Vec::new();
+        let mut floats = 0;
+        let count = finals.len();
+        for (j, (after_node, t)) in finals.into_iter().enumerate() {
+            floats += t.len();
+            parts.push(t);
+            if floats >= bucket_floats.max(1) || j + 1 == count {
+                let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("gradient read-back {}", buckets.len())),
+                    size: (floats * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                buckets.push(Bucket {
+                    after_node,
+                    parts: std::mem::take(&mut parts),
+                    staging,
+                    floats,
+                });
+                floats = 0;
+            }
+        }
+        Ok(Parallel {
+            collective,
+            buckets,
+            bucket_floats: bucket_floats.max(1),
+            host: Vec::new(),
+        })
+    }
 }
 
 /// Dynamic loss scaling as PyTorch's GradScaler: start at 2^16, halve and skip the step on any
@@ -254,23 +339,27 @@ impl Trainer {
     /// One rank of a data-parallel job: `collective` joins the job's processes, each with its
     /// own trainer on its own device. Every rank reads its own slice of every batch, and the
     /// gradients are summed across the ranks before the optimiser step, which then runs
-    /// identically on every rank (see [`super::parallel`]). `settings.ranks` must be the job's
-    /// size; `weights` must be the same on every rank.
+    /// identically on every rank (see [`super::parallel`]). The gradients are reduced in
+    /// buckets of about `bucket_bytes` (e.g. [`super::parallel::BUCKET_BYTES`]), each as soon
+    /// as the backward has finished it. `settings.ranks` must be the job's size; `weights`
+    /// must be the same on every rank.
     pub fn data_parallel(
         gpu: Arc<Gpu>,
         settings: TrainSettings,
         data: impl Into<Corpus>,
         weights: Option<&Checkpoint>,
         collective: Arc<dyn Collective>,
+        bucket_bytes: usize,
     ) -> Result<Trainer> {
         let limits = AdapterLimits::of(&gpu);
+        let floats = (bucket_bytes / 4).max(1);
         Self::build(
             gpu,
             settings,
             data.into(),
             weights,
             &limits,
-            Some(collective),
+            Some((collective, floats)),
         )
     }
 
@@ -280,10 +369,10 @@ impl Trainer {
         corpus: Corpus,
         weights: Option<&Checkpoint>,
         limits: &AdapterLimits,
-        collective: Option<Arc<dyn Collective>>,
+        collective: Option<(Arc<dyn Collective>, usize)>,
     ) -> Result<Trainer> {
         settings.validate()?;
-        let job = collective.as_ref().map_or(1, |c| c.size());
+        let job = collective.as_ref().map_or(1, |c| c.0.size());
         if settings.ranks != job {
             return Err(Error::Config(format!(
                 "the settings are for {} ranks but the job has {job}; start it with mpirun -np {}",
@@ -380,8 +469,18 @@ impl Trainer {
             )?,
         };
         let align = gpu.alignment();
-        let graph = build_train_graph(&settings, storage, plan.chunk_rows)?
-            .compile(&gpu, &|input, k| io.bind(input, k, align))?;
+        let step_graph = build_train_graph(&settings, storage, plan.chunk_rows)?;
+        let parallel = match collective {
+            Some((c, bucket_floats)) if c.size() > 1 => Some(Parallel::new(
+                &gpu,
+                &io,
+                &step_graph.body_writes(),
+                c,
+                bucket_floats,
+            )?),
+            _ => None,
+        };
+        let graph = step_graph.compile(&gpu, &|input, k| io.bind(input, k, align))?;
         let slots = (0..PIPELINE_DEPTH)
             .map(|i| StatsSlot {
                 staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -393,37 +492,6 @@ impl Trainer {
                 profiler: None,
             })
             .collect();
-        let parallel = match collective {
-            Some(c) if c.size() > 1 => {
-                let mut staging: Vec<wgpu::Buffer> = io
-                    .grads
-                    .buffers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| {
-                        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                            label: Some(&format!("gradient read-back {i}")),
-                            size: b.byte_size(),
-                            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                            mapped_at_creation: false,
-                        })
-                    })
-                    .collect();
-                staging.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("loss read-back"),
-                    size: 4,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }));
-                Some(Parallel {
-                    collective: c,
-                    staging,
-                    host: Vec::new(),
-                })
-            }
-            _ => None,
-        };
-
         let mut t = Trainer {
             parallel,
             scaler: LossScaler::new(settings.precision == Precision::F16),
@@ -707,12 +775,15 @@ impl Trainer {
         enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
     }
 
-    /// A data-parallel step: forward and backward are submitted and waited for, the gradients
-    /// and the loss read back to the host, summed across the ranks by the all-reduce in
-    /// buckets, written back, and then the update (norm, clipping, AdamW, the step state) is
-    /// submitted. Every rank then updates from the same sums, so the weights stay identical,
-    /// and the non-finite check of f16 loss scaling sees the sums too, so every rank skips the
-    /// same steps. Returns the update's submission and what the exchange cost.
+    /// A data-parallel step: forward and backward are submitted in segments, each ending
+    /// where a bucket of gradients is final and copying it to its read-back buffer; bucket by
+    /// bucket, in the order the backward finishes them, the host waits for its segment, reads
+    /// it, sums it across the ranks (all-reduce) and queues the sums' upload, while the GPU
+    /// runs the backward of earlier layers. Then the update (norm, clipping, AdamW, the step
+    /// state) is submitted behind the uploads. Every rank updates from the same sums, so the
+    /// weights stay identical, and the non-finite check of f16 loss scaling sees the sums too,
+    /// so every rank skips the same steps. Returns the update's submission and what the
+    /// exchange cost.
     fn submit_data_parallel(
         &mut self,
         slot: usize,
@@ -722,48 +793,61 @@ impl Trainer {
             .parallel
             .as_mut()
             .expect("called for data-parallel trainers");
-        let mut enc = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("training step: gradients"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward and backward"),
-                timestamp_writes: None,
-            });
-            let observer = self.slots[slot]
-                .profiler
-                .as_mut()
-                .map(|p| p as &mut dyn NodeObserver);
-            self.graph
-                .record_part(&mut pass, StepPart::Gradients, observer);
+        let mut from = 0;
+        let mut segments = Vec::with_capacity(par.buckets.len());
+        for (j, bucket) in par.buckets.iter().enumerate() {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some(&format!("training step: gradients {j}")),
+                });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("forward and backward"),
+                    timestamp_writes: None,
+                });
+                let observer = self.slots[slot]
+                    .profiler
+                    .as_mut()
+                    .map(|p| p as &mut dyn NodeObserver);
+                let to = if j + 1 == par.buckets.len() {
+                    usize::MAX
+                } else {
+                    bucket.after_node
+                };
+                self.graph
+                    .record_part(&mut pass, StepPart::Gradients(from..to), observer);
+                from = to;
+            }
+            let mut at = 0;
+            for t in &bucket.parts {
+                enc.copy_buffer_to_buffer(&t.buffer, t.offset, &bucket.staging, at, t.byte_size());
+                at += t.byte_size();
+            }
+            segments.push(gpu.queue.submit([enc.finish()]));
         }
-        let (grads, last) = par.staging.split_at(par.staging.len() - 1);
-        for (b, staging) in self.io.grads.buffers.iter().zip(grads) {
-            enc.copy_buffer_to_buffer(&b.buffer, b.offset, staging, 0, b.byte_size());
-        }
-        enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, &last[0], 0, 4);
-        let index = gpu.queue.submit([enc.finish()]);
-
-        // The gradients to the host.
-        let mut waits = Vec::with_capacity(par.staging.len());
-        for staging in &par.staging {
+        let mut waits = Vec::with_capacity(par.buckets.len());
+        for bucket in &par.buckets {
             let (tx, rx) = std::sync::mpsc::channel();
-            staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
+            bucket
+                .staging
+                .slice(..)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
             waits.push(rx);
         }
-        gpu.wait_for(Some(index))?;
-        let start = Instant::now();
-        par.host.clear();
-        for (staging, rx) in par.staging.iter().zip(waits) {
+
+        let (mut reduce_s, mut transfer_s, mut calls) = (0.0, 0.0, 0);
+        for ((bucket, index), rx) in par.buckets.iter().zip(segments).zip(waits) {
+            gpu.wait_for(Some(index))?;
+            let start = Instant::now();
             rx.recv()
                 .map_err(|_| Error::Gpu("the gradients' read-back never completed".into()))?
                 .map_err(|e| Error::Gpu(format!("the gradients' read-back failed: {e}")))?;
+            par.host.clear();
             {
-                let view = staging.slice(..).get_mapped_range().map_err(|e| {
+                let view = bucket.staging.slice(..).get_mapped_range().map_err(|e| {
                     Error::Gpu(format!("the gradients' read-back mapping failed: {e}"))
                 })?;
                 par.host.extend(
@@ -771,27 +855,28 @@ impl Trainer {
                         .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
                 );
             }
-            staging.unmap();
+            bucket.staging.unmap();
+            let read = Instant::now();
+            // The sums over the ranks.
+            all_reduce_buckets(par.collective.as_ref(), &mut par.host, par.bucket_floats)?;
+            calls += bucket.floats.div_ceil(par.bucket_floats);
+            let reduced = Instant::now();
+            // Back to the GPU, ahead of the update (the queue orders the writes before the
+            // next submission; no later segment writes a final gradient).
+            let mut at = 0;
+            for t in &bucket.parts {
+                let len = t.len();
+                gpu.queue.write_buffer(
+                    &t.buffer,
+                    t.offset,
+                    bytemuck::cast_slice(&par.host[at..at + len]),
+                );
+                at += len;
+            }
+            reduce_s += (reduced - read).as_secs_f64();
+            transfer_s += ((read - start) + reduced.elapsed()).as_secs_f64();
         }
-        let read = Instant::now();
-
-        // The sums over the ranks.
-        all_reduce_buckets(par.collective.as_ref(), &mut par.host)?;
-        let reduced = Instant::now();
-
-        // The sums back to the GPU, ahead of the update (the queue orders the writes first).
-        let mut at = 0;
-        for b in self.io.grads.buffers.iter().chain([&self.io.loss]) {
-            let len = (b.byte_size() / 4) as usize;
-            gpu.queue.write_buffer(
-                &b.buffer,
-                b.offset,
-                bytemuck::cast_slice(&par.host[at..at + len]),
-            );
-            at += len;
-        }
-        let bytes = (par.host.len() * 4) as u64;
-        let buckets = par.host.len().div_ceil(super::parallel::BUCKET_FLOATS);
+        let floats: usize = par.buckets.iter().map(|b| b.floats).sum();
 
         let mut enc = gpu
             .device
@@ -814,15 +899,14 @@ impl Trainer {
             p.resolve(&mut enc);
         }
         self.copy_stats(&mut enc, slot);
-        let written = Instant::now();
         let index = gpu.queue.submit([enc.finish()]);
         Ok((
             index,
             ReduceStats {
-                all_reduce_ms: (reduced - read).as_secs_f64() * 1e3,
-                transfer_ms: ((read - start) + (written - reduced)).as_secs_f64() * 1e3,
-                bytes,
-                buckets,
+                all_reduce_ms: reduce_s * 1e3,
+                transfer_ms: transfer_s * 1e3,
+                bytes: (floats * 4) as u64,
+                buckets: calls,
             },
         ))
     }
@@ -951,11 +1035,15 @@ impl Trainer {
         mut report: impl FnMut(&StepStats, &[NodeTime]) -> Result<()>,
     ) -> Result<()> {
         let mut outcome = Ok(());
+        // A data-parallel step waits for its own backward inside `submit` (the exchange):
+        // queueing the next one early gains nothing and would blur each step's wall time.
+        let depth = if self.parallel.is_some() {
+            1
+        } else {
+            PIPELINE_DEPTH
+        };
         loop {
-            while outcome.is_ok()
-                && self.pending.len() < PIPELINE_DEPTH
-                && self.queued_index() < until
-            {
+            while outcome.is_ok() && self.pending.len() < depth && self.queued_index() < until {
                 if let Err(e) = self.submit() {
                     outcome = Err(e);
                 }
