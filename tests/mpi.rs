@@ -165,6 +165,11 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
     assert_eq!(out.matches("loaded ").count(), 1, "{out}");
     assert_eq!(out.matches("| loss: ").count(), 4, "{out}");
     let two = losses(&dir.join("two.jsonl"));
+    let rows = std::fs::read_to_string(dir.join("two.jsonl")).unwrap();
+    assert!(
+        rows.lines().all(|l| l.contains("\"all_reduce_ms\":")),
+        "{rows}"
+    );
     // The same tokens and the same arithmetic but for the order of one sum per gradient.
     assert_close("2 ranks vs 1 process with grad accum 2", &two, &one, 1e-6);
     // Every rank's weights are checked against the others' at each checkpoint and the end.

@@ -759,11 +759,15 @@ fn run(args: Args, matches: &ArgMatches, job: &Job) -> Result<()> {
                     say!("{}", step_line(s));
                 }
                 if let Some(m) = metrics.as_mut() {
-                    m.write(serde_json::json!({
+                    let mut row = serde_json::json!({
                         "step": s.step, "loss": s.loss, "lr": s.lr, "norm": s.norm, "dt_ms": s.dt_ms,
                         "tok_per_sec": s.tok_per_sec, "skipped": s.skipped, "loss_scale": s.loss_scale,
                         "encode_ms": s.encode_ms, "submit_ms": s.submit_ms,
-                    }))?;
+                    });
+                    if let Some(r) = s.reduce {
+                        row["all_reduce_ms"] = r.all_reduce_ms.into();
+                    }
+                    m.write(row)?;
                 }
             }
             RunEvent::Validation { step, loss } => {
