@@ -1,6 +1,7 @@
 //! Data-parallel training through MPI, end to end: `mpirun -np 2 headless-train` against one
 //! process with `--grad-accum 2` over the same tokens, the ranks' weights compared, a 2-rank
-//! checkpoint resumed by 2 ranks and by 1, and a failing rank ending the job.
+//! checkpoint resumed by 2 ranks and by 1, and a failing rank (or ranks started differently)
+//! ending the job.
 //!
 //! Needs the `mpi` feature and Open MPI's `mpirun` (`bash scripts/test.sh` installs it):
 //! `cargo test --features mpi --test mpi`.
@@ -254,6 +255,23 @@ fn a_failing_rank_ends_the_job_with_a_clear_message() {
         start.elapsed().as_secs() < 300,
         "the job took {:?} to end",
         start.elapsed()
+    );
+
+    // Ranks started with different settings are refused before the first step.
+    let exe = env!("CARGO_BIN_EXE_headless-train");
+    let o = command("mpirun")
+        .args(["--oversubscribe", "-np", "1", exe])
+        .args(RUN)
+        .args([":", "-np", "1", exe])
+        .args(RUN)
+        .args(["--seed", "7"])
+        .output()
+        .expect("run mpirun");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("rank 1 was started with other settings, data or checkpoint than rank 0"),
+        "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -42,14 +42,23 @@ pub trait Collective: Send + Sync {
 /// FNV-1a over the bits of `values`: a checksum of a rank's weights, which must be equal on
 /// every rank after every step.
 pub fn checksum(values: &[f32]) -> u64 {
+    fingerprint(values.iter().flat_map(|v| v.to_bits().to_le_bytes()))
+}
+
+/// FNV-1a over `bytes`.
+pub fn fingerprint(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in values {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// The first rank whose `value` differs from rank 0's, if any (on every rank).
+pub fn first_disagreeing(c: &dyn Collective, value: u64) -> Result<Option<usize>> {
+    let all = c.all_gather(value)?;
+    Ok(all.iter().position(|&v| v != all[0]))
 }
 
 /// Sums `data` across the ranks, at most `floats` per call.
@@ -64,7 +73,7 @@ pub fn all_reduce_buckets(c: &dyn Collective, data: &mut [f32], floats: usize) -
 pub fn check_replicas(c: &dyn Collective, params: &[f32]) -> Result<u64> {
     let mine = checksum(params);
     let all = c.all_gather(mine)?;
-    if all.iter().any(|&h| h != mine) {
+    if all.iter().any(|&h| h != all[0]) {
         let list: Vec<String> = all
             .iter()
             .enumerate()

@@ -520,7 +520,35 @@ impl Trainer {
             }
         }
         t.write_state()?;
+        if let Some(p) = &t.parallel {
+            t.check_job(p.collective.as_ref(), &corpus)?;
+        }
         Ok(t)
+    }
+
+    /// Data parallel: every rank must start the same run (settings, data, loader position)
+    /// from the same weights, or the ranks would train different models or wait for each other
+    /// forever. Checked on every rank at start-up.
+    fn check_job(&self, c: &dyn Collective, corpus: &Corpus) -> Result<()> {
+        use super::parallel::{checksum, fingerprint, first_disagreeing};
+        let run = format!(
+            "{}|{}|{:?}|{}",
+            serde_json::to_string(&self.settings).map_err(|e| Error::Other(e.to_string()))?,
+            corpus.train_tokens(),
+            self.loader.state(),
+            self.step
+        );
+        if let Some(r) = first_disagreeing(c, fingerprint(run.bytes()))? {
+            return Err(Error::Config(format!(
+                "rank {r} was started with other settings, data or checkpoint than rank 0; start every rank with the same command line, the same data and the same checkpoint"
+            )));
+        }
+        if let Some(r) = first_disagreeing(c, checksum(&self.params()?))? {
+            return Err(Error::Config(format!(
+                "rank {r} starts from other weights than rank 0; give every rank the same --init-from or --resume files"
+            )));
+        }
+        Ok(())
     }
 
     /// Writes the GPU's step state from the CPU's copy (scaler, Adam's count, steps), with the
@@ -1113,7 +1141,8 @@ impl Trainer {
     }
 
     /// Forward and backward on the given micro-batches without an optimiser step: returns the
-    /// mean loss and the unscaled gradients (for gradient checks).
+    /// mean loss and the unscaled gradients (for gradient checks; in a data-parallel job, this
+    /// rank's share, not reduced).
     pub fn loss_and_grads(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<(f32, Vec<f32>)> {
         if batches.len() != self.settings.grad_accum {
             return Err(Error::Other(format!(
