@@ -21,3 +21,18 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 
 cargo test --workspace --locked "$@"
+
+# With no arguments (the whole suite), the data-parallel test too.
+[ "$#" -eq 0 ] || exit 0
+
+# Data-parallel training (the `mpi` feature) goes through Open MPI: mpirun, its headers and
+# mpicc (libopenmpi-dev), and libclang, with which the mpi crate reads the headers.
+if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null \
+   || ! ldconfig -p | grep 'libclang[-.0-9]*\.so' >/dev/null; then
+  echo "no Open MPI found: installing Open MPI and libclang"
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev libclang-dev >/dev/null
+fi
+# Two ranks under mpirun against one process with --grad-accum 2, the ranks' weights, resumes.
+cargo test --locked --features mpi --test mpi

@@ -504,6 +504,14 @@ impl Engine {
                 score.acc_norm()
             )),
             RunEvent::Saved { path } => Event::Saved(path),
+            // Data-parallel runs only (headless-train under mpirun); the app trains alone.
+            RunEvent::Replicas {
+                step,
+                ranks,
+                checksum,
+            } => Event::Log(format!(
+                "step {step}: weights identical on {ranks} ranks (checksum {checksum:016x})"
+            )),
         };
         let _ = events.send(ev);
         notify();

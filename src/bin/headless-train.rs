@@ -7,18 +7,33 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use wgpt::checkpoint::{self, hf, Checkpoint};
 use wgpt::data::Corpus;
 use wgpt::error::{Error, Result, Setting};
 use wgpt::gpu::profile::{by_family, known_peaks, NodeTime};
-use wgpt::gpu::{AdapterLimits, Gpu, GpuOptions};
+use wgpt::gpu::{AdapterChoice, AdapterLimits, Gpu, GpuOptions};
 use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
+use wgpt::train::parallel::Collective;
 use wgpt::train::plan::MemoryPlan;
 use wgpt::train::run::{self, Progress, Run, RunEvent, RunOptions};
 use wgpt::train::settings::{AdapterDefaults, AttentionKind, Precision, TrainSettings};
 use wgpt::train::trainer::{StepStats, Trainer};
+
+/// Whether this process prints: a single process, or rank 0 of a data-parallel job.
+static PRINTS: AtomicBool = AtomicBool::new(true);
+
+/// `println!` for rank 0 alone (the other ranks of a data-parallel job print nothing but
+/// their errors).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if PRINTS.load(Ordering::Relaxed) {
+            println!($($arg)*);
+        }
+    };
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -168,6 +183,60 @@ struct Args {
     /// training.
     #[arg(long = "dry-run")]
     dry_run: bool,
+    /// Open the adapter at this index (best kind first: discrete GPUs, integrated, virtual,
+    /// software). Default: the best one; in a data-parallel job, the rank on this machine
+    /// modulo its GPUs.
+    #[arg(long)]
+    adapter: Option<usize>,
+    /// Data parallel: megabytes of gradients per all-reduce bucket; a bucket is reduced as soon
+    /// as the backward has finished it, while the backward of earlier layers runs.
+    #[arg(long = "bucket-mb", default_value_t = 25.0)]
+    bucket_mb: f64,
+}
+
+/// The job this process belongs to: with the `mpi` feature under `mpirun -np N` (N > 1), a
+/// data-parallel one; otherwise a single process.
+struct Job {
+    collective: Option<Arc<dyn Collective>>,
+    /// The rank among those on this machine (picks its GPU).
+    local_rank: usize,
+    /// This machine's name (for a failing rank's message).
+    host: String,
+}
+
+impl Job {
+    #[cfg(feature = "mpi")]
+    fn join() -> Result<Job> {
+        let mpi = wgpt::train::parallel::Mpi::init()?;
+        let (local_rank, host) = (mpi.local_rank(), mpi.host());
+        let collective: Option<Arc<dyn Collective>> = if mpi.size() > 1 {
+            Some(Arc::new(mpi))
+        } else {
+            None
+        };
+        Ok(Job {
+            collective,
+            local_rank,
+            host,
+        })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    fn join() -> Result<Job> {
+        Ok(Job {
+            collective: None,
+            local_rank: 0,
+            host: String::new(),
+        })
+    }
+
+    fn ranks(&self) -> usize {
+        self.collective.as_ref().map_or(1, |c| c.size())
+    }
+
+    fn rank(&self) -> usize {
+        self.collective.as_ref().map_or(0, |c| c.rank())
+    }
 }
 
 fn default_data() -> PathBuf {
@@ -196,6 +265,10 @@ struct ProfileTotals {
     idle_ms: f64,
     idle_steps: usize,
     nodes: Vec<NodeTime>,
+    all_reduce_ms: f64,
+    transfer_ms: f64,
+    reduce_bytes: u64,
+    buckets: usize,
 }
 
 impl ProfileTotals {
@@ -209,6 +282,12 @@ impl ProfileTotals {
             self.idle_steps += 1;
         }
         self.nodes.extend_from_slice(times);
+        if let Some(r) = s.reduce {
+            self.all_reduce_ms += r.all_reduce_ms;
+            self.transfer_ms += r.transfer_ms;
+            self.reduce_bytes = r.bytes;
+            self.buckets = r.buckets;
+        }
     }
 
     fn print(
@@ -220,7 +299,7 @@ impl ProfileTotals {
         peaks: (Option<f64>, Option<f64>),
     ) {
         if self.steps == 0 {
-            println!("profile: run at least 2 steps (the first is warm-up)");
+            say!("profile: run at least 2 steps (the first is warm-up)");
             return;
         }
         let n = self.steps as f64;
@@ -229,21 +308,29 @@ impl ProfileTotals {
         let known = known_peaks(&gpu.info.name);
         let peak_flops = peaks.0.map(|t| t * 1e12).or(known.map(|k| k.0));
         let peak_bytes = peaks.1.map(|g| g * 1e9).or(known.map(|k| k.1));
-        println!(
+        say!(
             "profile over {} steps on {} (GPU time from timestamps; step time is wall clock)",
-            self.steps, gpu.info.name
+            self.steps,
+            gpu.info.name
         );
         match (peak_flops, peak_bytes) {
-            (Some(f), Some(b)) => println!(
+            (Some(f), Some(b)) => say!(
                 "roofline: {:.0} TFLOP/s, {:.0} GB/s; bound = max(FLOPs / peak, bytes bound / bandwidth)",
                 f / 1e12,
                 b / 1e9
             ),
-            _ => println!("roofline: pass --peak-tflops and --peak-gbps for the bound per family"),
+            _ => say!("roofline: pass --peak-tflops and --peak-gbps for the bound per family"),
         }
-        println!(
+        say!(
             "{:<14} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8}",
-            "op family", "ms/step", "share", "GFLOP", "MB", "GFLOP/s", "bound ms", "x bound"
+            "op family",
+            "ms/step",
+            "share",
+            "GFLOP",
+            "MB",
+            "GFLOP/s",
+            "bound ms",
+            "x bound"
         );
         for f in by_family(&self.nodes) {
             let ms = f.ms / n;
@@ -265,7 +352,7 @@ impl ProfileTotals {
                 }
                 _ => ("-".into(), "-".into()),
             };
-            println!(
+            say!(
                 "{:<14} {:>10.3} {:>6.1}% {:>10.2} {:>10.1} {:>10} {:>10} {:>8}",
                 f.family,
                 ms,
@@ -285,35 +372,51 @@ impl ProfileTotals {
             }
         }
         per_node.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!("slowest nodes (ms per step):");
+        say!("slowest nodes (ms per step):");
         for (label, ms) in per_node.iter().take(8) {
-            println!("  {label:<40} {ms:>9.3}");
+            say!("  {label:<40} {ms:>9.3}");
         }
-        println!("GPU time per step {gpu_ms:.2} ms of {step_ms:.2} ms wall clock");
+        say!("GPU time per step {gpu_ms:.2} ms of {step_ms:.2} ms wall clock");
         let idle = if self.idle_steps > 0 {
             format!("{:.3} ms", self.idle_ms / self.idle_steps as f64)
         } else {
             "-".into()
         };
-        println!(
-            "host per step: {:.3} ms to write the batch and encode, {:.3} ms in queue.submit; GPU idle between steps {idle} (steps queued {} deep)",
-            self.encode_ms / n,
-            self.submit_ms / n,
-            wgpt::train::trainer::PIPELINE_DEPTH
-        );
-        println!(
-            "dispatches per step: {dispatches} ({fused} per micro-step fused, {unfused} unfused)"
-        );
+        if self.reduce_bytes > 0 {
+            say!(
+                "host per step: {:.3} ms to write the batch, encode, wait for the backward and exchange the gradients, {:.3} ms in queue.submit; GPU idle between steps {idle} (data parallel: one step at a time)",
+                self.encode_ms / n,
+                self.submit_ms / n,
+            );
+        } else {
+            say!(
+                "host per step: {:.3} ms to write the batch and encode, {:.3} ms in queue.submit; GPU idle between steps {idle} (steps queued {} deep)",
+                self.encode_ms / n,
+                self.submit_ms / n,
+                wgpt::train::trainer::PIPELINE_DEPTH
+            );
+        }
+        say!("dispatches per step: {dispatches} ({fused} per micro-step fused, {unfused} unfused)");
+        if self.reduce_bytes > 0 {
+            let ms = self.all_reduce_ms / n;
+            let mb = self.reduce_bytes as f64 / 1e6;
+            say!(
+                "all-reduce per step: {ms:.3} ms for {mb:.3} MB of gradients in {} bucket(s) ({:.1} MB/s); {:.3} ms more on the host to copy them out of the read-back and queue the sums' upload",
+                self.buckets,
+                mb / (ms * 1e-3).max(1e-12),
+                self.transfer_ms / n
+            );
+        }
         let achieved = flops / (step_ms * 1e-3);
         match peak_flops {
-            Some(p) => println!(
+            Some(p) => say!(
                 "model FLOPs per step {:.3e}: {:.2} TFLOP/s achieved, MFU {:.1}% of {:.0} TFLOP/s",
                 flops,
                 achieved / 1e12,
                 100.0 * achieved / p,
                 p / 1e12
             ),
-            None => println!(
+            None => say!(
                 "model FLOPs per step {:.3e}: {:.3} TFLOP/s achieved (pass --peak-tflops for MFU)",
                 flops,
                 achieved / 1e12
@@ -366,7 +469,7 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
         .unwrap_or(if gpu.is_cpu() { 5 } else { 12 })
         .max(3);
     let warmup = 2;
-    println!(
+    say!(
         "speed ladder on {} ({:?}): {} | B {} | T {} | {} steps per rung; median step time after {} warm-up steps",
         gpu.info.name,
         gpu.info.backend,
@@ -376,9 +479,13 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
         steps,
         warmup
     );
-    println!(
+    say!(
         "{:<36} {:>10} {:>12} {:>10} {:>8}",
-        "rung", "dispatches", "tok/sec", "step ms", "speedup"
+        "rung",
+        "dispatches",
+        "tok/sec",
+        "step ms",
+        "speedup"
     );
     let mut s = base;
     s.steps = steps;
@@ -386,14 +493,14 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
     for rung in rungs {
         (rung.apply)(&mut s);
         if s.precision == Precision::F16 && !gpu.has_f16() {
-            println!("{:<36} skipped: the adapter has no SHADER_F16", rung.name);
+            say!("{:<36} skipped: the adapter has no SHADER_F16", rung.name);
             s.precision = Precision::F32;
             continue;
         }
         let mut t = match Trainer::new(gpu.clone(), s.clone(), tokens.clone(), None) {
             Ok(t) => t,
             Err(e) => {
-                println!("{:<36} skipped: {e}", rung.name);
+                say!("{:<36} skipped: {e}", rung.name);
                 continue;
             }
         };
@@ -408,7 +515,7 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
         let sm = ms[ms.len() / 2];
         let tp = s.tokens_per_step() as f64 / (sm * 1e-3);
         let base_tps = *first.get_or_insert(tp);
-        println!(
+        say!(
             "{:<36} {:>10} {:>12.1} {:>10.2} {:>7.2}x",
             rung.name,
             t.graph().dispatch_count(),
@@ -420,23 +527,31 @@ fn bench_ladder(args: &Args, gpu: Arc<Gpu>, tokens: Corpus, base: TrainSettings)
     Ok(())
 }
 
-fn run(args: Args, matches: &ArgMatches) -> Result<()> {
+fn run(args: Args, matches: &ArgMatches, job: &Job) -> Result<()> {
     let data = args.data.clone().unwrap_or_else(default_data);
     let tokens = Corpus::open(&data)?;
-    println!("loaded {} tokens", tokens.train_tokens());
+    say!("loaded {} tokens", tokens.train_tokens());
     if let Some(line) = tokens.describe_shards() {
-        println!("{line}");
+        say!("{line}");
     }
 
-    let gpu = Arc::new(Gpu::new(&GpuOptions::default())?);
-    println!("{}", gpu.summary());
+    let adapter = match (args.adapter, job.ranks()) {
+        (Some(i), _) => AdapterChoice::Index(i),
+        (None, 1) => AdapterChoice::Best,
+        (None, _) => AdapterChoice::LocalRank(job.local_rank),
+    };
+    let gpu = Arc::new(Gpu::new(&GpuOptions {
+        adapter,
+        ..GpuOptions::default()
+    })?);
+    say!("{}", gpu.summary());
 
     // What to start from: a resumed run, imported weights, or a fresh init.
     let mut resumed_from = None;
     let resumed: Option<Checkpoint> = match &args.resume {
         Some(dir) => {
             let (path, c) = checkpoint::load_newest(dir)?;
-            println!("resuming from {}", path.display());
+            say!("resuming from {}", path.display());
             resumed_from = Some(path);
             Some(c)
         }
@@ -445,7 +560,7 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
     let init: Option<Checkpoint> = match (&resumed, &args.init_from) {
         (None, Some(p)) => {
             let c = hf::load_any(p)?;
-            println!("initialised from {}", p.display());
+            say!("initialised from {}", p.display());
             Some(c)
         }
         _ => None,
@@ -457,7 +572,7 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
             Some(p) => p.clone(),
             None => {
                 if defaults.cpu {
-                    println!(
+                    say!(
                         "preset: {} (the adapter '{}' is a CPU rasteriser; pass --preset gpt2 to override)",
                         defaults.preset, gpu.info.name
                     );
@@ -511,6 +626,7 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         s.grad_clip = args.grad_clip;
         s.seed = args.seed;
         s.grad_accum = args.grad_accum;
+        s.ranks = job.ranks();
         s.attention = args.attention;
         s.fused = !args.no_fusion;
         s.fused_optimizer = !args.no_fused_optimizer;
@@ -528,7 +644,7 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
             gpu.info.name
         )));
     }
-    println!(
+    say!(
         "config: {} | B {} | T {} | grad accum {} | {} tokens/step | precision {} | attention {} | steps {}",
         settings.config.describe(),
         settings.batch_size,
@@ -539,11 +655,21 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         settings.attention,
         settings.steps
     );
+    if settings.ranks > 1 {
+        say!(
+            "data parallel: {} ranks x B {} x T {} x grad accum {} = {} tokens per step",
+            settings.ranks,
+            settings.batch_size,
+            settings.seq_len,
+            settings.grad_accum,
+            settings.tokens_per_step()
+        );
+    }
 
     // The memory plan, before anything is allocated: refuses a run that cannot fit.
     let plan = MemoryPlan::layout(&settings, &AdapterLimits::of(&gpu))?;
-    println!("{}", plan.line());
-    println!(
+    say!("{}", plan.line());
+    say!(
         "{}",
         plan.classifier_line(settings.config.padded_vocab_size)
     );
@@ -552,23 +678,39 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
     }
     plan.check_memory(&settings)?;
     if args.dry_run {
-        println!("the run fits the adapter");
+        say!("the run fits the adapter");
         return Ok(());
     }
     if args.bench_ladder {
+        if settings.ranks > 1 {
+            return Err(Error::Config(
+                "--bench-ladder runs in one process; start it without mpirun".into(),
+            ));
+        }
         return bench_ladder(&args, gpu, tokens, settings);
     }
     let checkpoint_dir = args.checkpoint_dir.clone().or(args.resume.clone());
     let weights = resumed.as_ref().or(init.as_ref());
-    let mut trainer = Trainer::new(gpu.clone(), settings.clone(), tokens.clone(), weights)?;
+    let mut trainer = match &job.collective {
+        Some(c) => Trainer::data_parallel(
+            gpu.clone(),
+            settings.clone(),
+            tokens.clone(),
+            weights,
+            c.clone(),
+            bucket_bytes(args.bucket_mb)?,
+        )?,
+        None => Trainer::new(gpu.clone(), settings.clone(), tokens.clone(), weights)?,
+    };
     if let Err(e) = gpu.save_pipeline_cache() {
         eprintln!("warning: the pipeline cache was not saved ({e}); the next start compiles anew");
     }
     let ((dt, dp), (nt, np)) = trainer.layout().counts();
-    println!("num decayed parameter tensors: {dt}, with {dp} parameters");
-    println!("num non-decayed parameter tensors: {nt}, with {np} parameters");
+    say!("num decayed parameter tensors: {dt}, with {dp} parameters");
+    say!("num non-decayed parameter tensors: {nt}, with {np} parameters");
 
-    let mut metrics = match &args.metrics {
+    // Rank 0 alone writes the metrics.
+    let mut metrics = match args.metrics.as_ref().filter(|_| job.rank() == 0) {
         Some(p) => Some(Metrics {
             path: p.clone(),
             file: std::io::BufWriter::new(
@@ -608,30 +750,34 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
                     profile.add(s, nodes);
                 }
                 if s.skipped {
-                    println!(
+                    say!(
                         "{} | skipped: non-finite gradients, loss scale now {}",
                         step_line(s),
                         s.loss_scale
                     );
                 } else {
-                    println!("{}", step_line(s));
+                    say!("{}", step_line(s));
                 }
                 if let Some(m) = metrics.as_mut() {
-                    m.write(serde_json::json!({
+                    let mut row = serde_json::json!({
                         "step": s.step, "loss": s.loss, "lr": s.lr, "norm": s.norm, "dt_ms": s.dt_ms,
                         "tok_per_sec": s.tok_per_sec, "skipped": s.skipped, "loss_scale": s.loss_scale,
                         "encode_ms": s.encode_ms, "submit_ms": s.submit_ms,
-                    }))?;
+                    });
+                    if let Some(r) = s.reduce {
+                        row["all_reduce_ms"] = r.all_reduce_ms.into();
+                    }
+                    m.write(row)?;
                 }
             }
             RunEvent::Validation { step, loss } => {
-                println!("step {step:4} | val loss: {loss:.6}");
+                say!("step {step:4} | val loss: {loss:.6}");
                 if let Some(m) = metrics.as_mut() {
                     m.write(serde_json::json!({ "step": step, "val_loss": loss }))?;
                 }
             }
             RunEvent::HellaSwag { step, score } => {
-                println!(
+                say!(
                     "step {step:4} | hellaswag acc_norm: {}/{} = {:.4}",
                     score.correct,
                     score.total,
@@ -646,18 +792,28 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
             }
             RunEvent::Samples { step, texts } => {
                 for (i, t) in texts.iter().enumerate() {
-                    println!("step {step:4} | sample {i}: {t:?}");
+                    say!("step {step:4} | sample {i}: {t:?}");
                 }
             }
-            RunEvent::Saved { path } => println!("saved {}", path.display()),
+            RunEvent::Saved { path } => say!("saved {}", path.display()),
+            RunEvent::Replicas {
+                step,
+                ranks,
+                checksum,
+            } => {
+                say!("step {step:4} | weights identical on {ranks} ranks: checksum {checksum:016x}")
+            }
         }
         Ok(())
     };
     while run.advance(usize::MAX, &mut on)? == Progress::Running {}
     let trainer = run.into_trainer();
+    if job.rank() != 0 {
+        return Ok(());
+    }
     if let Some(dir) = &args.export_hf {
         hf::export(dir, &settings.config, &trainer.params()?)?;
-        println!("exported Hugging Face GPT-2 to {}", dir.display());
+        say!("exported Hugging Face GPT-2 to {}", dir.display());
     }
     if args.profile {
         let flops = trainer.graph().flops();
@@ -668,8 +824,10 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
             u.fused = false;
             u.fused_optimizer = false;
             u.grad_accum = 1;
+            u.ranks = 1;
             let mut one = settings.clone();
             one.grad_accum = 1;
+            one.ranks = 1;
             let per_micro = |s: &TrainSettings| -> Result<usize> {
                 let t = Trainer::new(gpu.clone(), s.clone(), tokens.clone(), None)?;
                 Ok(t.graph().dispatch_count())
@@ -685,6 +843,16 @@ fn run(args: Args, matches: &ArgMatches) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--bucket-mb` in bytes (at least one float).
+fn bucket_bytes(mb: f64) -> Result<usize> {
+    if !(mb > 0.0 && mb.is_finite()) {
+        return Err(Error::Config(format!(
+            "--bucket-mb must be a positive number of megabytes (got {mb})"
+        )));
+    }
+    Ok(((mb * (1 << 20) as f64) as usize).max(4))
 }
 
 /// The metrics file: one JSON object per line, flushed as written.
@@ -740,10 +908,36 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    match run(args, &matches) {
-        Ok(()) => ExitCode::SUCCESS,
+    let job = match Job::join() {
+        Ok(j) => j,
         Err(e) => {
             eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    PRINTS.store(job.rank() == 0, Ordering::Relaxed);
+    // A panic is caught here too, so that a failing rank ends the whole job.
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(args, &matches, &job)));
+    let message = match outcome {
+        Ok(Ok(())) => return ExitCode::SUCCESS,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the engine panicked (see above)".into(),
+    };
+    match &job.collective {
+        Some(c) => {
+            // The other ranks would wait for this one in the next all-reduce forever: end
+            // the job. The last checkpoint (written whole, then renamed) stays loadable.
+            eprintln!(
+                "error: rank {} of {} (on {}) failed: {message}; ending the job (the last checkpoint is kept; resume with --resume)",
+                c.rank(),
+                c.size(),
+                job.host
+            );
+            c.abort(1)
+        }
+        None => {
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }

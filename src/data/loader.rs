@@ -230,15 +230,41 @@ impl DataLoader {
         let n = self.b * self.t;
         let mut buf = Vec::with_capacity(n + 1);
         self.read(self.state.position, n + 1, &mut buf)?;
+        self.advance();
+        Ok(Batch {
+            x: buf[..n].to_vec(),
+            y: buf[1..].to_vec(),
+        })
+    }
+
+    /// Data parallel: the next `ranks` batches of the stream, of which `rank` reads its own,
+    /// the `rank`-th, and steps over the others (which the other ranks read). Every rank's
+    /// loader stays at the same position, which is that of one loader taking all `ranks`
+    /// batches; with one rank this is [`DataLoader::next_batch`].
+    pub fn next_batch_of(&mut self, rank: usize, ranks: usize) -> Result<Batch> {
+        if rank >= ranks {
+            return Err(Error::Other(format!(
+                "rank {rank} is outside a job of {ranks} ranks"
+            )));
+        }
+        for _ in 0..rank {
+            self.advance();
+        }
+        let batch = self.next_batch()?;
+        for _ in rank + 1..ranks {
+            self.advance();
+        }
+        Ok(batch)
+    }
+
+    /// Moves past one batch without reading it.
+    fn advance(&mut self) {
+        let n = self.b * self.t;
         self.state.position += n;
         if self.state.position + n + 1 > self.stream_len() {
             self.state.position = 0;
             self.state.epoch += 1;
         }
-        Ok(Batch {
-            x: buf[..n].to_vec(),
-            y: buf[1..].to_vec(),
-        })
     }
 
     /// Where the next batch starts (saved in checkpoints).
@@ -398,6 +424,26 @@ mod tests {
                 position: 0
             }
         );
+    }
+
+    #[test]
+    fn ranks_read_their_slices_of_one_loaders_walk() {
+        // Two ranks taking turns read what one loader reads, wraps included, and stay at its
+        // position.
+        let tokens: Arc<Vec<u32>> = Arc::new((0..53).collect());
+        let mut one = DataLoader::new(tokens.clone(), 2, 5).unwrap();
+        let mut ranks: Vec<_> = (0..2)
+            .map(|_| DataLoader::new(tokens.clone(), 2, 5).unwrap())
+            .collect();
+        for _ in 0..7 {
+            for (r, l) in ranks.iter_mut().enumerate() {
+                assert_eq!(l.next_batch_of(r, 2).unwrap(), one.next_batch().unwrap());
+            }
+            assert_eq!(ranks[0].state(), one.state());
+            assert_eq!(ranks[1].state(), one.state());
+        }
+        assert!(one.state().epoch > 0);
+        assert!(ranks[0].next_batch_of(2, 2).is_err());
     }
 
     #[test]

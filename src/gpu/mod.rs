@@ -23,6 +23,22 @@ pub struct GpuOptions {
     /// Where compiled pipelines are kept between runs, where the backend can (Vulkan's
     /// pipeline cache); `None`: compile every pipeline anew. Default: [`default_cache_dir`].
     pub pipeline_cache_dir: Option<PathBuf>,
+    /// Which adapter to open.
+    pub adapter: AdapterChoice,
+}
+
+/// Which adapter [`Gpu::new`] opens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdapterChoice {
+    /// `WGPU_ADAPTER_NAME` if set, else the best kind (a discrete GPU first).
+    #[default]
+    Best,
+    /// The adapter at this index among all, best kind first (discrete GPUs, integrated,
+    /// virtual, software), in the driver's order within a kind.
+    Index(usize),
+    /// Data parallel: the rank on this machine, modulo the adapters of the best kind, so that
+    /// the ranks on one machine spread over its GPUs.
+    LocalRank(usize),
 }
 
 impl Default for GpuOptions {
@@ -33,6 +49,7 @@ impl Default for GpuOptions {
             allow_timestamps: true,
             allow_cooperative_matrix: true,
             pipeline_cache_dir: default_cache_dir(),
+            adapter: AdapterChoice::Best,
         }
     }
 }
@@ -358,23 +375,58 @@ impl Gpu {
     async fn new_async(options: &GpuOptions) -> Result<Gpu> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = if std::env::var_os("WGPU_ADAPTER_NAME").is_some() {
+        let adapter = if options.adapter == AdapterChoice::Best
+            && std::env::var_os("WGPU_ADAPTER_NAME").is_some()
+        {
             wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
                 .await
                 .map_err(|e| Error::Gpu(format!("no adapter matches WGPU_ADAPTER_NAME: {e}")))?
         } else {
-            let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
-            let mut adapters = instance.enumerate_adapters(backends).await;
-            adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
-            adapters.into_iter().next().ok_or_else(|| {
-                Error::Gpu(
+            let mut adapters = Self::sorted_adapters(&instance).await;
+            if adapters.is_empty() {
+                return Err(Error::Gpu(
                     "no GPU adapter found. Install a Vulkan driver (on Debian/Ubuntu without a GPU: \
                      `apt-get install mesa-vulkan-drivers`) or check WGPU_BACKEND"
                         .into(),
-                )
-            })?
+                ));
+            }
+            let index = match options.adapter {
+                AdapterChoice::Best => 0,
+                AdapterChoice::Index(i) => {
+                    if i >= adapters.len() {
+                        let names: Vec<String> = adapters
+                            .iter()
+                            .enumerate()
+                            .map(|(i, a)| format!("{i}: {}", a.get_info().name))
+                            .collect();
+                        return Err(Error::Gpu(format!(
+                            "there is no adapter {i}; the adapters are {}",
+                            names.join(", ")
+                        )));
+                    }
+                    i
+                }
+                AdapterChoice::LocalRank(r) => {
+                    let best = type_rank(adapters[0].get_info().device_type);
+                    let count = adapters
+                        .iter()
+                        .filter(|a| type_rank(a.get_info().device_type) == best)
+                        .count();
+                    r % count
+                }
+            };
+            adapters.swap_remove(index)
         };
         Self::from_adapter(adapter, options).await
+    }
+
+    /// The adapters of the backends `WGPU_BACKEND` allows, best kind first (discrete GPUs,
+    /// integrated, virtual, software), in the driver's order within a kind.
+    async fn sorted_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let mut adapters = instance.enumerate_adapters(backends).await;
+        adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
+        adapters
     }
 
     /// The features the engine asks for on `adapter`, given `options`.

@@ -75,14 +75,17 @@ impl Profiler {
 
     /// Readies the profiler for a step that records `nodes` (its schedule) and returns the
     /// timestamps to write: one before each node and one at the end, as far as the query set
-    /// holds them (see [`Profiler::overflowed`]).
-    pub fn begin_step(&mut self, nodes: &[Scheduled<'_>]) -> Marks<'_> {
-        let wanted = nodes.len() + 1;
-        self.overflowed = wanted > self.capacity as usize;
-        self.written = wanted.min(self.capacity as usize) as u32;
-        self.labels = nodes
+    /// holds them (see [`Profiler::overflowed`]). With `pause` = (i, label, family), the step
+    /// pauses before node i (a data-parallel step's gradient exchange through the host): the
+    /// pause is timed as a node of its own, whose start the marks write as the end of node i-1;
+    /// nodes from i on then take the marks shifted by one ([`Marks::shifted`]).
+    pub fn begin_step(
+        &mut self,
+        nodes: &[Scheduled<'_>],
+        pause: Option<(usize, &str, &'static str)>,
+    ) -> Marks<'_> {
+        let mut labels: Vec<_> = nodes
             .iter()
-            .take(self.written as usize - 1)
             .map(|s| {
                 (
                     s.node.label.clone(),
@@ -92,9 +95,18 @@ impl Profiler {
                 )
             })
             .collect();
+        if let Some((at, label, family)) = pause {
+            labels.insert(at.min(labels.len()), (label.to_string(), family, 0.0, 0.0));
+        }
+        let wanted = labels.len() + 1;
+        self.overflowed = wanted > self.capacity as usize;
+        self.written = wanted.min(self.capacity as usize) as u32;
+        labels.truncate(self.written as usize - 1);
+        self.labels = labels;
         Marks {
             query_set: &self.query_set,
             capacity: self.written,
+            offset: 0,
         }
     }
 

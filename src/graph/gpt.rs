@@ -44,7 +44,7 @@ pub enum StepInput {
     Buckets,
     /// The classifier's logits for one chunk of rows: [chunk rows, padded vocab].
     Logits,
-    /// [1] f32: d(loss)/d(per-position loss) = loss_scale / (B*T*grad_accum), written by the
+    /// [1] f32: d(loss)/d(per-position loss) = loss_scale / (ranks*B*T*grad_accum), written by the
     /// previous step's state update.
     Dloss,
     /// [1] f32: the step's mean loss (accumulated over micro-steps).
@@ -633,7 +633,8 @@ pub fn build_train_graph(
         }
     }
     g.phase(Phase::Forward);
-    let inv = 1.0 / (n * s.grad_accum) as f32;
+    // Over all ranks: their sum is the mean over the step's tokens.
+    let inv = 1.0 / s.tokens_per_step() as f32;
     g.node(
         "loss.mean",
         "loss",

@@ -186,6 +186,28 @@ impl<E: Clone> Graph<E> {
         ));
     }
 
+    /// For each body node in execution order, the caller's tensors it writes (the gradient
+    /// pieces a backward node accumulates into, ...): after the last micro-step's last writer of
+    /// a gradient, it is final, and a data-parallel step may reduce it while the rest of the
+    /// backward runs.
+    pub fn body_writes(&self) -> Vec<Vec<E>> {
+        self.execution_order()
+            .into_iter()
+            .filter(|&i| self.nodes[i].0 == Section::Body)
+            .map(|i| {
+                self.nodes[i]
+                    .1
+                    .writes
+                    .iter()
+                    .filter_map(|&t| match &self.decls[t].storage {
+                        Storage::Input(e) | Storage::PerMicro(e) => Some(e.clone()),
+                        Storage::Planned => None,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Nodes in execution order: head, body, tail.
     fn execution_order(&self) -> Vec<usize> {
         let mut order = Vec::with_capacity(self.nodes.len());
@@ -479,17 +501,27 @@ impl Scheduled<'_> {
 }
 
 /// Timestamps written between the nodes of a step (profiling): node `i` of the step's schedule
-/// starts at query `i` and the step ends at query `n`; queries from `capacity` on are not
-/// written.
+/// starts at query `i + offset` and the step ends at query `n + offset`; queries from
+/// `capacity` on are not written. (`offset` 1 leaves a query for a pause inside the step: see
+/// [`crate::gpu::profile::Profiler::begin_step`].)
 #[derive(Clone, Copy)]
 pub struct Marks<'a> {
     pub query_set: &'a wgpu::QuerySet,
     pub capacity: u32,
+    pub offset: usize,
 }
 
 impl Marks<'_> {
+    /// The same marks with queries shifted by `by` more.
+    pub fn shifted(self, by: usize) -> Self {
+        Marks {
+            offset: self.offset + by,
+            ..self
+        }
+    }
+
     fn write(&self, pass: &mut wgpu::ComputePass<'_>, index: usize) {
-        if let Ok(i) = u32::try_from(index) {
+        if let Ok(i) = u32::try_from(index + self.offset) {
             if i < self.capacity {
                 pass.write_timestamp(self.query_set, i);
             }
@@ -558,23 +590,26 @@ fn split_runs(nodes: &[Scheduled<'_>], runs: usize) -> Vec<usize> {
     starts
 }
 
-/// Records `nodes` (a step's schedule, see [`CompiledGraph::schedule`]) into command buffers to
-/// be submitted in order. wgpu's encoding of a compute pass (its resource tracking and barriers)
-/// costs the CPU a few microseconds per dispatch, most of a step's host time; so a step of many
-/// dispatches is split into runs recorded at once on up to `threads` threads. The same
-/// dispatches in the same order either way, so the results are the same; with `marks`,
-/// timestamps as [`record_run`] writes them.
+/// Records `nodes[range]` (of a step's schedule, see [`CompiledGraph::schedule`]) into command
+/// buffers to be submitted in order. wgpu's encoding of a compute pass (its resource tracking
+/// and barriers) costs the CPU a few microseconds per dispatch, most of a step's host time; so a
+/// range of many dispatches is split into runs recorded at once on up to `threads` threads. The
+/// same dispatches in the same order either way, so the results are the same. With `marks`,
+/// timestamps as [`record_run`] writes them, and one after the range when `end_mark`.
 pub fn encode_schedule(
     gpu: &Gpu,
     label: &str,
     nodes: &[Scheduled<'_>],
+    range: std::ops::Range<usize>,
     marks: Option<Marks<'_>>,
+    end_mark: bool,
     threads: usize,
 ) -> Result<Vec<wgpu::CommandBuffer>> {
-    let dispatches: usize = nodes.iter().map(|s| s.dispatches().len()).sum();
+    let part = &nodes[range.clone()];
+    let dispatches: usize = part.iter().map(|s| s.dispatches().len()).sum();
     let runs = (dispatches / MIN_DISPATCHES_PER_RUN).clamp(1, threads.max(1));
-    let mut starts = split_runs(nodes, runs);
-    starts.push(nodes.len());
+    let mut starts = split_runs(part, runs);
+    starts.push(part.len());
     let encode_run = |w: &[usize]| {
         let (a, b) = (w[0], w[1]);
         gpu.scoped(label, || {
@@ -586,7 +621,8 @@ pub fn encode_schedule(
                     label: Some(label),
                     timestamp_writes: None,
                 });
-                record_run(&mut pass, &nodes[a..b], a, marks, b == nodes.len());
+                let end = end_mark && b == part.len();
+                record_run(&mut pass, &part[a..b], range.start + a, marks, end);
             }
             enc.finish()
         })

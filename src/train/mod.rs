@@ -1,5 +1,6 @@
 //! Training: schedule, optimiser settings, the training loop.
 
+pub mod parallel;
 pub mod plan;
 pub mod run;
 pub mod schedule;

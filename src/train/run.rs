@@ -111,6 +111,13 @@ pub enum RunEvent<'a> {
     Saved {
         path: PathBuf,
     },
+    /// Data parallel: every rank holds the same weights after `step` steps (checked before
+    /// each checkpoint and at the end); `checksum` is theirs ([`super::parallel::checksum`]).
+    Replicas {
+        step: usize,
+        ranks: usize,
+        checksum: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +140,7 @@ pub struct Run {
     generator: Option<Generator>,
     resumed_from: Option<PathBuf>,
     saved_at: Option<usize>,
+    checked_at: Option<usize>,
     evaluated_at: Option<usize>,
     skipped_in_a_row: usize,
 }
@@ -201,8 +209,9 @@ impl Run {
                 ));
             }
         }
-        if let Some(dir) = &opts.checkpoint_dir {
-            // Found now, not at the first save after hours of training.
+        if let (Some(dir), 0) = (&opts.checkpoint_dir, trainer.rank()) {
+            // Found now, not at the first save after hours of training (by rank 0, which
+            // alone writes them).
             checkpoint::check_writable(dir)
                 .map_err(|e| Error::setting(Setting::CheckpointDir, e.to_string()))?;
         }
@@ -213,6 +222,7 @@ impl Run {
         };
         Ok(Run {
             saved_at: resumed_from.as_ref().map(|_| first_step),
+            checked_at: None,
             evaluated_at: (first_step > 0).then_some(first_step),
             trainer,
             opts,
@@ -251,10 +261,14 @@ impl Run {
     ) -> Result<Progress> {
         let step = self.trainer.step_index();
         if self.evaluated_at != Some(step) {
-            self.evaluate(step, on)?;
+            // Rank 0 alone evaluates (the others wait for it in the next step's all-reduce).
+            if self.trainer.rank() == 0 {
+                self.evaluate(step, on)?;
+            }
             self.evaluated_at = Some(step);
         }
         if step >= self.last_step {
+            self.check_replicas(on)?;
             self.save(on)?;
             return Ok(Progress::Finished);
         }
@@ -297,14 +311,42 @@ impl Run {
         if self.saved_at == Some(step) {
             return Ok(None);
         }
+        // Every rank checks that the weights agree; rank 0 alone writes them.
+        self.check_replicas(on)?;
+        self.saved_at = Some(step);
+        if self.trainer.rank() != 0 {
+            return Ok(None);
+        }
         let path = checkpoint::checkpoint_path(&dir, step);
         self.trainer.checkpoint()?.save(&path)?;
-        self.saved_at = Some(step);
         let mut protect = vec![path.as_path()];
         protect.extend(self.resumed_from.as_deref());
         checkpoint::prune(&dir, self.opts.keep_last, &protect)?;
         on(RunEvent::Saved { path: path.clone() })?;
         Ok(Some(path))
+    }
+
+    /// Data parallel: checks that every rank holds the same weights (once per step; every rank
+    /// must call it at the same steps, as [`Run::advance`] and [`Run::save`] do).
+    fn check_replicas(&mut self, on: &mut dyn FnMut(RunEvent) -> Result<()>) -> Result<()> {
+        let step = self.trainer.step_index();
+        let Some(c) = self.trainer.collective() else {
+            return Ok(());
+        };
+        if self.checked_at == Some(step) {
+            return Ok(());
+        }
+        let checksum = super::parallel::check_replicas(c, &self.trainer.params()?)?;
+        let (ranks, rank) = (c.size(), c.rank());
+        self.checked_at = Some(step);
+        if rank == 0 {
+            on(RunEvent::Replicas {
+                step,
+                ranks,
+                checksum,
+            })?;
+        }
+        Ok(())
     }
 
     /// Whether an evaluation every `every` steps falls at `step`.
@@ -391,6 +433,11 @@ fn guard(s: &StepStats, precision: Precision, skipped_in_a_row: &mut usize) -> R
 /// The settings a resumed run continues with: the checkpoint's. A setting the user gave
 /// (`given`) that differs from the checkpoint's is refused, naming it, rather than silently
 /// replaced: the run would not be the one that was saved.
+///
+/// The number of ranks is the job's (`requested.ranks`), not a setting: a run may resume with
+/// another number of ranks where it divides the checkpoint's micro-batches per step (ranks x
+/// grad accum), which are kept, so each step still reads the same tokens; grad accum becomes
+/// that quotient (a `--grad-accum` given must equal it).
 pub fn resume_settings(
     stored: &TrainSettings,
     requested: &TrainSettings,
@@ -405,7 +452,12 @@ pub fn resume_settings(
         ),
         pair(Setting::BatchSize, stored.batch_size, requested.batch_size),
         pair(Setting::SeqLen, stored.seq_len, requested.seq_len),
-        pair(Setting::GradAccum, stored.grad_accum, requested.grad_accum),
+        (
+            Setting::GradAccum,
+            stored.micro_batches_per_step() != requested.micro_batches_per_step(),
+            micro_batches(stored),
+            micro_batches(requested),
+        ),
         pair(Setting::Steps, stored.steps, requested.steps),
         pair(Setting::MaxLr, stored.max_lr, requested.max_lr),
         pair(
@@ -440,7 +492,37 @@ pub fn resume_settings(
             ));
         }
     }
-    Ok(stored.clone())
+    let mut s = stored.clone();
+    let micro = stored.micro_batches_per_step();
+    if requested.ranks != stored.ranks {
+        if requested.ranks == 0 || !micro.is_multiple_of(requested.ranks) {
+            return Err(Error::setting(
+                Setting::GradAccum,
+                format!(
+                    "the checkpoint's run used {}, which {} ranks cannot share evenly; resume with a number of ranks that divides {micro}",
+                    micro_batches(stored),
+                    requested.ranks
+                ),
+            ));
+        }
+        s.ranks = requested.ranks;
+        s.grad_accum = micro / requested.ranks;
+    }
+    Ok(s)
+}
+
+/// How a step's micro-batches are divided, for messages.
+fn micro_batches(s: &TrainSettings) -> String {
+    if s.ranks == 1 {
+        format!("grad accum {}", s.grad_accum)
+    } else {
+        format!(
+            "{} micro-batches per step ({} ranks x grad accum {})",
+            s.micro_batches_per_step(),
+            s.ranks,
+            s.grad_accum
+        )
+    }
 }
 
 fn pair<T: PartialEq + std::fmt::Display>(
@@ -505,6 +587,34 @@ mod tests {
     }
 
     #[test]
+    fn resume_with_other_ranks_keeps_the_micro_batches_per_step() {
+        let mut stored = TrainSettings::new(GptConfig::tiny(), 4, 64);
+        stored.ranks = 2;
+        stored.grad_accum = 2;
+        // One rank takes all four micro-batches; four ranks one each.
+        let mut asked = stored.clone();
+        asked.ranks = 1;
+        asked.grad_accum = 1;
+        let one = resume_settings(&stored, &asked, |_| false).unwrap();
+        assert_eq!((one.ranks, one.grad_accum), (1, 4));
+        assert_eq!(one.tokens_per_step(), stored.tokens_per_step());
+        asked.ranks = 4;
+        let four = resume_settings(&stored, &asked, |_| false).unwrap();
+        assert_eq!((four.ranks, four.grad_accum), (4, 1));
+        // --grad-accum given must agree; three ranks cannot share four micro-batches.
+        asked.ranks = 1;
+        asked.grad_accum = 2;
+        let e = resume_settings(&stored, &asked, |s| s == Setting::GradAccum).unwrap_err();
+        assert!(e.to_string().starts_with("--grad-accum: the checkpoint's run used 4 micro-batches per step (2 ranks x grad accum 2)"), "{e}");
+        asked.grad_accum = 4;
+        assert!(resume_settings(&stored, &asked, |s| s == Setting::GradAccum).is_ok());
+        asked.ranks = 3;
+        asked.grad_accum = 1;
+        let e = resume_settings(&stored, &asked, |_| false).unwrap_err();
+        assert!(e.to_string().contains("3 ranks cannot share"), "{e}");
+    }
+
+    #[test]
     fn guards_stop_on_a_non_finite_f32_loss_and_on_25_skipped_steps() {
         let mut s = StepStats {
             step: 3,
@@ -519,6 +629,7 @@ mod tests {
             submit_ms: 0.0,
             gpu_ms: None,
             gpu_idle_ms: None,
+            reduce: None,
         };
         let mut n = 0;
         assert!(guard(&s, Precision::F32, &mut n).is_ok());

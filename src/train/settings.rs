@@ -109,6 +109,10 @@ impl AdapterDefaults {
     }
 }
 
+fn one() -> usize {
+    1
+}
+
 /// What a training step computes and how.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -116,6 +120,10 @@ pub struct TrainSettings {
     pub batch_size: usize,
     pub seq_len: usize,
     pub grad_accum: usize,
+    /// Processes training data-parallel (`mpirun -np N`), each with its own B x T x
+    /// grad_accum tokens per step; 1 for a single process.
+    #[serde(default = "one")]
+    pub ranks: usize,
     pub steps: usize,
     pub max_lr: f64,
     pub min_lr_ratio: f64,
@@ -144,6 +152,7 @@ impl TrainSettings {
             batch_size,
             seq_len,
             grad_accum: 1,
+            ranks: 1,
             steps: 50,
             max_lr: 6e-4,
             min_lr_ratio: 0.1,
@@ -159,9 +168,14 @@ impl TrainSettings {
         }
     }
 
-    /// Tokens per optimiser step.
+    /// Tokens per optimiser step, over all ranks: ranks x B x T x grad_accum.
     pub fn tokens_per_step(&self) -> usize {
-        self.batch_size * self.seq_len * self.grad_accum
+        self.ranks * self.batch_size * self.seq_len * self.grad_accum
+    }
+
+    /// Micro-batches of B x T per optimiser step, over all ranks.
+    pub fn micro_batches_per_step(&self) -> usize {
+        self.ranks * self.grad_accum
     }
 
     pub fn schedule(&self) -> super::schedule::LrSchedule {
@@ -195,6 +209,9 @@ impl TrainSettings {
         }
         if self.grad_accum == 0 {
             return bad(Setting::GradAccum, "must be at least 1".into());
+        }
+        if self.ranks == 0 {
+            return Err(Error::Config("a run needs at least 1 rank".into()));
         }
         if !(self.max_lr > 0.0 && self.max_lr.is_finite()) {
             return bad(

@@ -8,6 +8,7 @@
 //! the GPU runs step n the CPU encodes step n+1 ([`Trainer::submit`]) and reads step n's
 //! statistics one step late ([`Trainer::collect`]).
 
+use super::parallel::{all_reduce_buckets, Collective};
 use super::plan::MemoryPlan;
 use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
 use crate::checkpoint::{Checkpoint, TrainState};
@@ -48,6 +49,22 @@ pub struct StepStats {
     /// time between the previous step's last timestamp and this step's first.
     pub gpu_ms: Option<f64>,
     pub gpu_idle_ms: Option<f64>,
+    /// Data parallel: the gradients' exchange between the ranks.
+    pub reduce: Option<ReduceStats>,
+}
+
+/// What the gradient exchange of one data-parallel step cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReduceStats {
+    /// Host time in the all-reduce (MPI), all buckets.
+    pub all_reduce_ms: f64,
+    /// Host time to copy the gradients out of the mapped read-back and to queue the sums'
+    /// writes to the GPU (the wait for the backward and the all-reduce excluded).
+    pub transfer_ms: f64,
+    /// Bytes each rank sends into the all-reduce (the gradients and the loss, f32).
+    pub bytes: u64,
+    /// All-reduce calls (buckets).
+    pub buckets: usize,
 }
 
 /// Steps that may be queued at once: the GPU runs one while the CPU encodes the next.
@@ -72,6 +89,102 @@ struct Pending {
     encode_ms: f64,
     submit_ms: f64,
     index: wgpu::SubmissionIndex,
+    reduce: Option<ReduceStats>,
+}
+
+/// A data-parallel trainer's share of the job: the collective, and where the gradients pass
+/// through host memory on their way to and from the all-reduce.
+struct Parallel {
+    collective: Arc<dyn Collective>,
+    /// In the order the backward finishes them; the last holds the loss too.
+    buckets: Vec<Bucket>,
+    /// Floats per all-reduce call.
+    bucket_floats: usize,
+    /// One bucket's values, summed in place.
+    host: Vec<f32>,
+}
+
+/// Gradients that are final at the same point of the backward, reduced together.
+struct Bucket {
+    /// They are final once the last micro-step's body nodes before this one have run.
+    after_node: usize,
+    /// Views of the gradient buffers (and of the loss), in the staging buffer's order.
+    parts: Vec<Tensor>,
+    /// MAP_READ: the parts, back to back.
+    staging: wgpu::Buffer,
+    floats: usize,
+}
+
+impl Parallel {
+    /// Groups the gradients into buckets of about `bucket_floats` by the body node that
+    /// finishes them (`writes`: each body node's writes, [`crate::graph::Graph::body_writes`]),
+    /// so that the first buckets can be reduced while the backward of earlier layers runs.
+    fn new(
+        gpu: &Gpu,
+        io: &StepTensors,
+        writes: &[Vec<StepInput>],
+        collective: Arc<dyn Collective>,
+        bucket_floats: usize,
+    ) -> Result<Parallel> {
+        let align = gpu.alignment();
+        let body = writes.len();
+        // The last body node writing each gradient piece.
+        let mut last: Vec<(usize, StepInput)> = Vec::new();
+        let mut whole_buffers = false;
+        for (i, w) in writes.iter().enumerate() {
+            for input in w {
+                match input {
+                    StepInput::Param(_, _, ParamCopy::Grad) => {
+                        match last.iter_mut().find(|(_, p)| p == input) {
+                            Some(e) => e.0 = i,
+                            None => last.push((i, *input)),
+                        }
+                    }
+                    StepInput::Buffer(ParamCopy::Grad, _) => whole_buffers = true,
+                    _ => {}
+                }
+            }
+        }
+        let mut finals: Vec<(usize, Tensor)> = if whole_buffers {
+            // A node writes whole gradient buffers: they are final at the end.
+            io.grads.buffers.iter().map(|b| (body, b.clone())).collect()
+        } else {
+            last.sort_by_key(|(i, _)| *i);
+            last.iter()
+                .map(|(i, input)| Ok((*i + 1, io.bind(input, 0, align)?)))
+                .collect::<Result<_>>()?
+        };
+        finals.push((body, io.loss.clone()));
+        let mut buckets = Vec::new();
+        let mut parts = Vec::new();
+        let mut floats = 0;
+        let count = finals.len();
+        for (j, (after_node, t)) in finals.into_iter().enumerate() {
+            floats += t.len();
+            parts.push(t);
+            if floats >= bucket_floats.max(1) || j + 1 == count {
+                let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("gradient read-back {}", buckets.len())),
+                    size: (floats * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                buckets.push(Bucket {
+                    after_node,
+                    parts: std::mem::take(&mut parts),
+                    staging,
+                    floats,
+                });
+                floats = 0;
+            }
+        }
+        Ok(Parallel {
+            collective,
+            buckets,
+            bucket_floats: bucket_floats.max(1),
+            host: Vec::new(),
+        })
+    }
 }
 
 /// Dynamic loss scaling as PyTorch's GradScaler: start at 2^16, halve and skip the step on any
@@ -195,6 +308,7 @@ pub struct Trainer {
     scaler: LossScaler,
     /// Threads that record a step ([`graph::recording_threads`]).
     recording_threads: usize,
+    parallel: Option<Parallel>,
 }
 
 impl Trainer {
@@ -221,8 +335,52 @@ impl Trainer {
         weights: Option<&Checkpoint>,
         limits: &AdapterLimits,
     ) -> Result<Trainer> {
-        let corpus: Corpus = data.into();
+        Self::build(gpu, settings, data.into(), weights, limits, None)
+    }
+
+    /// One rank of a data-parallel job: `collective` joins the job's processes, each with its
+    /// own trainer on its own device. Every rank reads its own slice of every batch, and the
+    /// gradients are summed across the ranks before the optimiser step, which then runs
+    /// identically on every rank (see [`super::parallel`]). The gradients are reduced in
+    /// buckets of about `bucket_bytes` (e.g. [`super::parallel::BUCKET_BYTES`]), each as soon
+    /// as the backward has finished it. `settings.ranks` must be the job's size; `weights`
+    /// must be the same on every rank.
+    pub fn data_parallel(
+        gpu: Arc<Gpu>,
+        settings: TrainSettings,
+        data: impl Into<Corpus>,
+        weights: Option<&Checkpoint>,
+        collective: Arc<dyn Collective>,
+        bucket_bytes: usize,
+    ) -> Result<Trainer> {
+        let limits = AdapterLimits::of(&gpu);
+        let floats = (bucket_bytes / 4).max(1);
+        Self::build(
+            gpu,
+            settings,
+            data.into(),
+            weights,
+            &limits,
+            Some((collective, floats)),
+        )
+    }
+
+    fn build(
+        gpu: Arc<Gpu>,
+        settings: TrainSettings,
+        corpus: Corpus,
+        weights: Option<&Checkpoint>,
+        limits: &AdapterLimits,
+        collective: Option<(Arc<dyn Collective>, usize)>,
+    ) -> Result<Trainer> {
         settings.validate()?;
+        let job = collective.as_ref().map_or(1, |c| c.0.size());
+        if settings.ranks != job {
+            return Err(Error::Config(format!(
+                "the settings are for {} ranks but the job has {job}; start it with mpirun -np {}",
+                settings.ranks, settings.ranks
+            )));
+        }
         let cfg = settings.config;
         if let Some(w) = weights {
             if w.config != cfg {
@@ -313,8 +471,19 @@ impl Trainer {
             )?,
         };
         let align = gpu.alignment();
-        let graph = build_train_graph(&settings, storage, plan.chunk_rows)?
-            .compile(&gpu, &|input, k| io.bind(input, k, align))?;
+        let step_graph = build_train_graph(&settings, storage, plan.chunk_rows)?;
+        let parallel = match collective {
+            Some((c, bucket_floats)) if c.size() > 1 => Some(Parallel::new(
+                &gpu,
+                &io,
+                &step_graph.body_writes(),
+                c,
+                bucket_floats,
+            )?),
+            _ => None,
+        };
+        let graph = step_graph.compile(&gpu, &|input, k| io.bind(input, k, align))?;
+
         let slots = (0..PIPELINE_DEPTH)
             .map(|i| StatsSlot {
                 staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -328,6 +497,7 @@ impl Trainer {
             .collect();
 
         let mut t = Trainer {
+            parallel,
             scaler: LossScaler::new(settings.precision == Precision::F16),
             recording_threads: graph::recording_threads(&gpu),
             gpu,
@@ -355,7 +525,35 @@ impl Trainer {
             }
         }
         t.write_state()?;
+        if let Some(p) = &t.parallel {
+            t.check_job(p.collective.as_ref(), &corpus)?;
+        }
         Ok(t)
+    }
+
+    /// Data parallel: every rank must start the same run (settings, data, loader position)
+    /// from the same weights, or the ranks would train different models or wait for each other
+    /// forever. Checked on every rank at start-up.
+    fn check_job(&self, c: &dyn Collective, corpus: &Corpus) -> Result<()> {
+        use super::parallel::{checksum, fingerprint, first_disagreeing};
+        let run = format!(
+            "{}|{}|{:?}|{}",
+            serde_json::to_string(&self.settings).map_err(|e| Error::Other(e.to_string()))?,
+            corpus.train_tokens(),
+            self.loader.state(),
+            self.step
+        );
+        if let Some(r) = first_disagreeing(c, fingerprint(run.bytes()))? {
+            return Err(Error::Config(format!(
+                "rank {r} was started with other settings, data or checkpoint than rank 0; start every rank with the same command line, the same data and the same checkpoint"
+            )));
+        }
+        if let Some(r) = first_disagreeing(c, checksum(&self.params()?))? {
+            return Err(Error::Config(format!(
+                "rank {r} starts from other weights than rank 0; give every rank the same --init-from or --resume files"
+            )));
+        }
+        Ok(())
     }
 
     /// Writes the GPU's step state from the CPU's copy (scaler, Adam's count, steps), with the
@@ -403,6 +601,16 @@ impl Trainer {
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// This process's rank in a data-parallel job (0 for a single process).
+    pub fn rank(&self) -> usize {
+        self.parallel.as_ref().map_or(0, |p| p.collective.rank())
+    }
+
+    /// The job's collective (None for a single process).
+    pub fn collective(&self) -> Option<&dyn Collective> {
+        self.parallel.as_ref().map(|p| p.collective.as_ref())
     }
 
     /// Optimiser steps done so far.
@@ -453,7 +661,9 @@ impl Trainer {
     /// TIMESTAMP_QUERY_INSIDE_PASSES); [`Trainer::take_node_times`] returns them per step.
     pub fn enable_profiling(&mut self) -> Result<()> {
         self.expect_idle("turning profiling on")?;
-        let nodes = self.graph.schedule(true).len() + 1;
+        // A timestamp per node, one at the end, and one for the gradient exchange of a
+        // data-parallel step.
+        let nodes = self.graph.schedule(true).len() + 2;
         for slot in &mut self.slots {
             slot.profiler = Some(Profiler::new(&self.gpu, nodes)?);
         }
@@ -569,12 +779,14 @@ impl Trainer {
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let nodes = self.graph.schedule(include_tail);
         let profiler = slot.and_then(|i| self.slots[i].profiler.as_mut());
-        let marks = profiler.map(|p| p.begin_step(&nodes));
+        let marks = profiler.map(|p| p.begin_step(&nodes, None));
         let mut buffers = graph::encode_schedule(
             &self.gpu,
             "training step",
             &nodes,
+            0..nodes.len(),
             marks,
+            true,
             self.recording_threads,
         )?;
         let Some(i) = slot else {
@@ -586,11 +798,17 @@ impl Trainer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("training step statistics"),
             });
-        let slot = &self.slots[i];
-        if let Some(p) = &slot.profiler {
+        if let Some(p) = &self.slots[i].profiler {
             p.resolve(&mut enc);
         }
-        let staging = &slot.staging;
+        self.copy_stats(&mut enc, i);
+        buffers.push(enc.finish());
+        Ok(buffers)
+    }
+
+    /// Copies the step's statistics into read-back slot `i`.
+    fn copy_stats(&self, enc: &mut wgpu::CommandEncoder, i: usize) {
+        let staging = &self.slots[i].staging;
         enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
         enc.copy_buffer_to_buffer(
             &self.io.status.buffer,
@@ -600,8 +818,151 @@ impl Trainer {
             16,
         );
         enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
-        buffers.push(enc.finish());
-        Ok(buffers)
+    }
+
+    /// A data-parallel step: forward and backward are submitted in segments, each ending
+    /// where a bucket of gradients is final and copying it to its read-back buffer; bucket by
+    /// bucket, in the order the backward finishes them, the host waits for its segment, reads
+    /// it, sums it across the ranks (all-reduce) and queues the sums' upload, while the GPU
+    /// runs the backward of earlier layers. Then the update (norm, clipping, AdamW, the step
+    /// state) is submitted behind the uploads. Every rank updates from the same sums, so the
+    /// weights stay identical, and the non-finite check of f16 loss scaling sees the sums too,
+    /// so every rank skips the same steps. Returns the update's submission and what the
+    /// exchange cost.
+    fn submit_data_parallel(
+        &mut self,
+        slot: usize,
+    ) -> Result<(wgpu::SubmissionIndex, ReduceStats)> {
+        let gpu = self.gpu.clone();
+        let par = self
+            .parallel
+            .as_mut()
+            .expect("called for data-parallel trainers");
+        let nodes = self.graph.schedule(true);
+        // The last micro-step's body starts at `last`; the update (the tail) at `update`.
+        let update = nodes.len() - self.graph.tail.len();
+        let last = update - self.graph.body.len();
+        let mut marks = self.slots[slot].profiler.as_mut().map(|p| {
+            p.begin_step(
+                &nodes,
+                Some((update, "gradient all-reduce (host)", "all-reduce")),
+            )
+        });
+        let mut from = 0;
+        let mut segments = Vec::with_capacity(par.buckets.len());
+        for (j, bucket) in par.buckets.iter().enumerate() {
+            let to = if j + 1 == par.buckets.len() {
+                update
+            } else {
+                (last + bucket.after_node).clamp(from, update)
+            };
+            let label = format!("training step: gradients {j}");
+            // The last segment's end mark starts the exchange's pause.
+            let mut commands = graph::encode_schedule(
+                &gpu,
+                &label,
+                &nodes,
+                from..to,
+                marks,
+                to == update,
+                self.recording_threads,
+            )?;
+            from = to;
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some(&label),
+                });
+            let mut at = 0;
+            for t in &bucket.parts {
+                enc.copy_buffer_to_buffer(&t.buffer, t.offset, &bucket.staging, at, t.byte_size());
+                at += t.byte_size();
+            }
+            commands.push(enc.finish());
+            segments.push(gpu.queue.submit(commands));
+        }
+        marks = marks.map(|m| m.shifted(1));
+        let mut waits = Vec::with_capacity(par.buckets.len());
+        for bucket in &par.buckets {
+            let (tx, rx) = std::sync::mpsc::channel();
+            bucket
+                .staging
+                .slice(..)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+            waits.push(rx);
+        }
+
+        let (mut reduce_s, mut transfer_s, mut calls) = (0.0, 0.0, 0);
+        for ((bucket, index), rx) in par.buckets.iter().zip(segments).zip(waits) {
+            gpu.wait_for(Some(index))?;
+            let start = Instant::now();
+            rx.recv()
+                .map_err(|_| Error::Gpu("the gradients' read-back never completed".into()))?
+                .map_err(|e| Error::Gpu(format!("the gradients' read-back failed: {e}")))?;
+            par.host.clear();
+            {
+                let view = bucket.staging.slice(..).get_mapped_range().map_err(|e| {
+                    Error::Gpu(format!("the gradients' read-back mapping failed: {e}"))
+                })?;
+                par.host.extend(
+                    view.chunks_exact(4)
+                        .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+                );
+            }
+            bucket.staging.unmap();
+            let read = Instant::now();
+            // The sums over the ranks.
+            all_reduce_buckets(par.collective.as_ref(), &mut par.host, par.bucket_floats)?;
+            calls += bucket.floats.div_ceil(par.bucket_floats);
+            let reduced = Instant::now();
+            // Back to the GPU, ahead of the update (the queue orders the writes before the
+            // next submission; no later segment writes a final gradient).
+            let mut at = 0;
+            for t in &bucket.parts {
+                let len = t.len();
+                gpu.queue.write_buffer(
+                    &t.buffer,
+                    t.offset,
+                    bytemuck::cast_slice(&par.host[at..at + len]),
+                );
+                at += len;
+            }
+            reduce_s += (reduced - read).as_secs_f64();
+            transfer_s += ((read - start) + reduced.elapsed()).as_secs_f64();
+        }
+        let floats: usize = par.buckets.iter().map(|b| b.floats).sum();
+
+        let mut commands = graph::encode_schedule(
+            &gpu,
+            "training step: update",
+            &nodes,
+            update..nodes.len(),
+            marks,
+            true,
+            self.recording_threads,
+        )?;
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training step: statistics"),
+            });
+        if let Some(p) = self.slots[slot].profiler.as_ref() {
+            p.resolve(&mut enc);
+        }
+        self.copy_stats(&mut enc, slot);
+        commands.push(enc.finish());
+        let index = gpu.queue.submit(commands);
+        Ok((
+            index,
+            ReduceStats {
+                all_reduce_ms: reduce_s * 1e3,
+                transfer_ms: transfer_s * 1e3,
+                bytes: (floats * 4) as u64,
+                buckets: calls,
+            },
+        ))
     }
 
     /// Queues the next optimiser step (`grad_accum` micro-batches forward and backward, gradient
@@ -619,8 +980,9 @@ impl Trainer {
         let slot = (0..PIPELINE_DEPTH)
             .find(|i| self.pending.iter().all(|p| p.slot != *i))
             .expect("a free slot when fewer steps than slots are in flight");
+        let (rank, ranks) = (self.rank(), self.settings.ranks);
         let batches: Vec<_> = (0..self.settings.grad_accum)
-            .map(|_| self.loader.next_batch().map(|b| (b.x, b.y)))
+            .map(|_| self.loader.next_batch_of(rank, ranks).map(|b| (b.x, b.y)))
             .collect::<Result<_>>()?;
         self.upload_batches(&batches)?;
         // The learning rate follows the step index alone (skipped steps count), so the CPU
@@ -630,7 +992,14 @@ impl Trainer {
             .write_bytes(&self.io.hyper, bytemuck::bytes_of(&(lr as f32)))?;
         let gpu = self.gpu.clone();
         let mut encoded = start;
+        let mut reduce = None;
         let index = gpu.scoped("training step", || -> Result<wgpu::SubmissionIndex> {
+            if self.parallel.is_some() {
+                let (index, r) = self.submit_data_parallel(slot)?;
+                reduce = Some(r);
+                encoded = Instant::now();
+                return Ok(index);
+            }
             let commands = self.encode(true, Some(slot))?;
             encoded = Instant::now();
             Ok(gpu.queue.submit(commands))
@@ -643,6 +1012,7 @@ impl Trainer {
             encode_ms: (encoded - start).as_secs_f64() * 1e3,
             submit_ms: encoded.elapsed().as_secs_f64() * 1e3,
             index,
+            reduce,
         });
         Ok(())
     }
@@ -698,6 +1068,7 @@ impl Trainer {
             submit_ms: p.submit_ms,
             gpu_ms,
             gpu_idle_ms,
+            reduce: p.reduce,
         })
     }
 
@@ -718,11 +1089,15 @@ impl Trainer {
         mut report: impl FnMut(&StepStats, &[NodeTime]) -> Result<()>,
     ) -> Result<()> {
         let mut outcome = Ok(());
+        // A data-parallel step waits for its own backward inside `submit` (the exchange):
+        // queueing the next one early gains nothing and would blur each step's wall time.
+        let depth = if self.parallel.is_some() {
+            1
+        } else {
+            PIPELINE_DEPTH
+        };
         loop {
-            while outcome.is_ok()
-                && self.pending.len() < PIPELINE_DEPTH
-                && self.queued_index() < until
-            {
+            while outcome.is_ok() && self.pending.len() < depth && self.queued_index() < until {
                 if let Err(e) = self.submit() {
                     outcome = Err(e);
                 }
@@ -792,7 +1167,8 @@ impl Trainer {
     }
 
     /// Forward and backward on the given micro-batches without an optimiser step: returns the
-    /// mean loss and the unscaled gradients (for gradient checks).
+    /// mean loss and the unscaled gradients (for gradient checks; in a data-parallel job, this
+    /// rank's share, not reduced).
     pub fn loss_and_grads(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<(f32, Vec<f32>)> {
         if batches.len() != self.settings.grad_accum {
             return Err(Error::Other(format!(

@@ -1,0 +1,285 @@
+//! Data-parallel training through MPI, end to end: `mpirun -np 2 headless-train` against one
+//! process with `--grad-accum 2` over the same tokens, the ranks' weights compared, a 2-rank
+//! checkpoint resumed by 2 ranks and by 1, and a failing rank (or ranks started differently)
+//! ending the job.
+//!
+//! Needs the `mpi` feature and Open MPI's `mpirun` (`bash scripts/test.sh` installs it):
+//! `cargo test --features mpi --test mpi`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// The model and batch of every run here: tiny, f32, 2 x 16 tokens per rank and micro-batch.
+const RUN: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "16",
+    "-B",
+    "2",
+    "-T",
+    "16",
+    "--precision",
+    "f32",
+    "--steps",
+    "4",
+    "--warmup-steps",
+    "2",
+];
+
+/// One job at a time: the jobs share the machine's cores.
+static JOBS: Mutex<()> = Mutex::new(());
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgpt-mpi-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env(
+        "WGPU_BACKEND",
+        std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "vulkan".into()),
+    )
+    // CI containers run as root, which mpirun refuses unless told.
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+/// headless-train in one process.
+fn single(args: &[&str]) -> Output {
+    command(env!("CARGO_BIN_EXE_headless-train"))
+        .args(RUN)
+        .args(args)
+        .output()
+        .expect("run headless-train")
+}
+
+/// `mpirun -np 2 headless-train ...` (oversubscribed: CI has 2 cores and a software GPU).
+fn two_ranks(args: &[&str]) -> Output {
+    command("mpirun")
+        .args(["-np", "2", "--oversubscribe"])
+        .arg(env!("CARGO_BIN_EXE_headless-train"))
+        .args(RUN)
+        .args(args)
+        .output()
+        .expect("run mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// (step, loss) of every step line of a metrics file.
+fn losses(metrics: &Path) -> Vec<(u64, f32)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect()
+}
+
+/// The checksums of the "weights identical on N ranks" lines, by step.
+fn checksums(out: &str) -> Vec<(usize, String)> {
+    out.lines()
+        .filter(|l| l.contains("| weights identical on 2 ranks: checksum "))
+        .map(|l| {
+            let step = l["step".len()..].split('|').next().unwrap().trim();
+            (
+                step.parse().unwrap(),
+                l.rsplit(' ').next().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn assert_close(what: &str, got: &[(u64, f32)], want: &[(u64, f32)], rel: f32) {
+    assert_eq!(
+        got.iter().map(|g| g.0).collect::<Vec<_>>(),
+        want.iter().map(|w| w.0).collect::<Vec<_>>(),
+        "{what}: steps"
+    );
+    for (g, w) in got.iter().zip(want) {
+        let d = (g.1 - w.1).abs() / w.1.abs();
+        eprintln!(
+            "{what}: step {} loss {} vs {} (relative difference {d:.2e})",
+            g.0, g.1, w.1
+        );
+        assert!(d <= rel, "{what}: step {}: {} vs {}", g.0, g.1, w.1);
+    }
+}
+
+#[test]
+fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
+    let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmp("train");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+
+    // One process, two micro-batches per step: the tokens the two ranks share.
+    let o = single(&["--grad-accum", "2", "--metrics", &path("one.jsonl")]);
+    let out = ok(&o);
+    assert!(out.contains("grad accum 2 | 64 tokens/step"), "{out}");
+    let one = losses(&dir.join("one.jsonl"));
+    assert_eq!(one.len(), 4);
+
+    // Two ranks, one micro-batch each, uninterrupted.
+    let o = two_ranks(&[
+        "--metrics",
+        &path("two.jsonl"),
+        "--checkpoint-dir",
+        &path("ck-full"),
+        "--checkpoint-every",
+        "2",
+    ]);
+    let out = ok(&o);
+    assert!(
+        out.contains("data parallel: 2 ranks x B 2 x T 16 x grad accum 1 = 64 tokens per step"),
+        "{out}"
+    );
+    // Rank 0 alone prints and writes the metrics.
+    assert_eq!(out.matches("loaded ").count(), 1, "{out}");
+    assert_eq!(out.matches("| loss: ").count(), 4, "{out}");
+    let two = losses(&dir.join("two.jsonl"));
+    let rows = std::fs::read_to_string(dir.join("two.jsonl")).unwrap();
+    assert!(
+        rows.lines().all(|l| l.contains("\"all_reduce_ms\":")),
+        "{rows}"
+    );
+    // The same tokens and the same arithmetic but for the order of one sum per gradient.
+    assert_close("2 ranks vs 1 process with grad accum 2", &two, &one, 1e-6);
+    // Every rank's weights are checked against the others' at each checkpoint and the end.
+    let sums = checksums(&out);
+    assert_eq!(
+        sums.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [2, 4],
+        "{out}"
+    );
+    eprintln!("weights checksums on both ranks: {sums:?}");
+
+    // Stopped after 2 steps (a checkpoint at step 2), then resumed by 2 ranks: the same losses
+    // and the same weights, bit for bit. These two runs reduce the gradients in buckets of
+    // 10 KiB (the uninterrupted one: all in one), each while the backward of earlier layers
+    // runs, which changes nothing but the time.
+    let o = two_ranks(&[
+        "--bucket-mb",
+        "0.01",
+        "--profile",
+        "--checkpoint-dir",
+        &path("ck"),
+        "--stop-after",
+        "2",
+        "--metrics",
+        &path("first.jsonl"),
+    ]);
+    let out = ok(&o);
+    assert_eq!(losses(&dir.join("first.jsonl")), two[..2]);
+    let profile = out
+        .lines()
+        .find(|l| l.starts_with("all-reduce per step: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    eprintln!("{profile}");
+    assert!(profile.contains(" MB of gradients in "), "{profile}");
+    copy_dir(&dir.join("ck"), &dir.join("ck-one"));
+    let o = two_ranks(&[
+        "--resume",
+        &path("ck"),
+        "--bucket-mb",
+        "0.01",
+        "--metrics",
+        &path("resumed.jsonl"),
+    ]);
+    let out = ok(&o);
+    assert_eq!(losses(&dir.join("resumed.jsonl")), two[2..]);
+    assert_eq!(checksums(&out).last(), sums.last(), "{out}");
+
+    // One process resumes the 2-rank checkpoint with two micro-batches per step.
+    let o = single(&[
+        "--resume",
+        &path("ck-one"),
+        "--metrics",
+        &path("one-resumed.jsonl"),
+    ]);
+    let out = ok(&o);
+    assert!(out.contains("grad accum 2 | 64 tokens/step"), "{out}");
+    assert_close(
+        "1 process resuming a 2-rank checkpoint",
+        &losses(&dir.join("one-resumed.jsonl")),
+        &two[2..],
+        1e-6,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failing_rank_ends_the_job_with_a_clear_message() {
+    let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmp("fail");
+    // A checkpoint folder that cannot be made: rank 0, which alone writes checkpoints, fails
+    // at start-up while rank 1 goes on to its first all-reduce; the job must end, not hang.
+    let blocker = dir.join("file");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let ck = blocker.join("ck");
+    let start = std::time::Instant::now();
+    let o = two_ranks(&["--checkpoint-dir", ck.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("error: rank 0 of 2"), "{err}");
+    assert!(err.contains("--checkpoint-dir"), "{err}");
+    assert!(
+        start.elapsed().as_secs() < 300,
+        "the job took {:?} to end",
+        start.elapsed()
+    );
+
+    // Ranks started with different settings are refused before the first step.
+    let exe = env!("CARGO_BIN_EXE_headless-train");
+    let o = command("mpirun")
+        .args(["--oversubscribe", "-np", "1", exe])
+        .args(RUN)
+        .args([":", "-np", "1", exe])
+        .args(RUN)
+        .args(["--seed", "7"])
+        .output()
+        .expect("run mpirun");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("rank 1 was started with other settings, data or checkpoint than rank 0"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
