@@ -142,7 +142,14 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
     let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
 
     // One process, two micro-batches per step: the tokens the two ranks share.
-    let o = single(&["--grad-accum", "2", "--metrics", &path("one.jsonl")]);
+    let o = single(&[
+        "--grad-accum",
+        "2",
+        "--metrics",
+        &path("one.jsonl"),
+        "--checkpoint-dir",
+        &path("ck-single"),
+    ]);
     let out = ok(&o);
     assert!(out.contains("grad accum 2 | 64 tokens/step"), "{out}");
     let one = losses(&dir.join("one.jsonl"));
@@ -181,6 +188,49 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
         "{out}"
     );
     eprintln!("weights checksums on both ranks: {sums:?}");
+    // And they are the single process's weights and Adam moments after the 4 steps, within
+    // 1e-6 (max-norm relative): the same gradients summed in another order (the single
+    // process accumulates the second micro-batch into the first inside the kernels, the ranks
+    // add two finished gradients), which moves the weights by rounding only. A gradient
+    // reduced wrongly (not averaged, a rank's share missing) moves the moments by their size.
+    let (_, single_ck) = wgpt::checkpoint::load_newest(&dir.join("ck-single")).unwrap();
+    let (_, ranks_ck) = wgpt::checkpoint::load_newest(&dir.join("ck-full")).unwrap();
+    assert_eq!(single_ck.state.as_ref().map(|s| s.step), Some(4));
+    assert_eq!(ranks_ck.state.as_ref().map(|s| s.step), Some(4));
+    // Max-norm relative difference; NaN (and so a failed check) where either side is not
+    // finite.
+    let rel = |a: &[f32], b: &[f32]| -> f64 {
+        let (mut d, mut m) = (0f64, 0f64);
+        for (x, y) in a.iter().zip(b) {
+            if !x.is_finite() || !y.is_finite() {
+                return f64::NAN;
+            }
+            d = d.max((*x as f64 - *y as f64).abs());
+            m = m.max((*y as f64).abs());
+        }
+        d / m
+    };
+    let (m1, v1) = single_ck.moments.as_ref().unwrap();
+    let (m2, v2) = ranks_ck.moments.as_ref().unwrap();
+    let errs = [
+        rel(&ranks_ck.params, &single_ck.params),
+        rel(m2, m1),
+        rel(v2, v1),
+    ];
+    eprintln!(
+        "2 ranks vs 1 process with grad accum 2 after 4 steps: weights {:.1e}, first moments \
+         {:.1e}, second moments {:.1e}",
+        errs[0], errs[1], errs[2]
+    );
+    for (e, what) in errs
+        .iter()
+        .zip(["weights", "first moments", "second moments"])
+    {
+        assert!(
+            *e <= 1e-6,
+            "{what}: 2 ranks differ from 1 process by {e:.3e}"
+        );
+    }
 
     // Stopped after 2 steps (a checkpoint at step 2), then resumed by 2 ranks: the same losses
     // and the same weights, bit for bit. These two runs reduce the gradients in buckets of
