@@ -6,31 +6,15 @@
 //! Needs the `mpi` feature and Open MPI's `mpirun` (`bash scripts/test.sh` installs it):
 //! `cargo test --features mpi --test mpi`.
 
+mod common;
+use common::SMALL_RUN;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-/// The model and batch of every run here: tiny, f32, 2 x 16 tokens per rank and micro-batch.
-const RUN: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "16",
-    "-B",
-    "2",
-    "-T",
-    "16",
-    "--precision",
-    "f32",
-    "--steps",
-    "4",
-    "--warmup-steps",
-    "2",
-];
+/// The model and batch of every run here (with [`SMALL_RUN`]): tiny, f32, 2 x 16 tokens per
+/// rank and micro-batch.
+const RUN: &[&str] = &["--precision", "f32", "--steps", "4", "--warmup-steps", "2"];
 
 /// One job at a time: the jobs share the machine's cores.
 static JOBS: Mutex<()> = Mutex::new(());
@@ -57,6 +41,7 @@ fn command(program: &str) -> Command {
 /// headless-train in one process.
 fn single(args: &[&str]) -> Output {
     command(env!("CARGO_BIN_EXE_headless-train"))
+        .args(SMALL_RUN)
         .args(RUN)
         .args(args)
         .output()
@@ -68,6 +53,7 @@ fn two_ranks(args: &[&str]) -> Output {
     command("mpirun")
         .args(["-np", "2", "--oversubscribe"])
         .arg(env!("CARGO_BIN_EXE_headless-train"))
+        .args(SMALL_RUN)
         .args(RUN)
         .args(args)
         .output()
@@ -311,8 +297,10 @@ fn a_failing_rank_ends_the_job_with_a_clear_message() {
     let exe = env!("CARGO_BIN_EXE_headless-train");
     let o = command("mpirun")
         .args(["--oversubscribe", "-np", "1", exe])
+        .args(SMALL_RUN)
         .args(RUN)
         .args([":", "-np", "1", exe])
+        .args(SMALL_RUN)
         .args(RUN)
         .args(["--seed", "7"])
         .output()
