@@ -362,6 +362,22 @@ fn stage_rows(bh: u32, t0: u32, n: u32, lid: u32) {
     }
 }
 
+// A warp's two score products over the head dimension into its f32 slot at `fs`: S = A B^T at
+// column 0 and dP = C D^T at column DPO, A and C its 16 staged rows (at `a`, `c`), B and D the
+// BN staged rows of the inner block (at `b`, `d`; B(d, row) = B[row][d], column-major).
+fn scores_and_dp(a: u32, b: u32, c: u32, d: u32, fs: u32) {
+    for (var j = 0u; j < NF; j++) {
+        var s: FragC;
+        var dp: FragC;
+        for (var dd = 0u; dd < OF; dd++) {
+            s = mma(load_a(a + dd * 16u, SH), load_b_col(b + j * 16u * SH + dd * 16u, SH), s);
+            dp = mma(load_a(c + dd * 16u, SH), load_b_col(d + j * 16u * SH + dd * 16u, SH), dp);
+        }
+        store_f(s, fs + j * 16u, SF);
+        store_f(dp, fs + DPO + j * 16u, SF);
+    }
+}
+
 // Fragments `acc` (16 x HS) of this warp: factor * acc into channels `ch` of dqkv rows
 // t0 .. t0 + 15, through the warp's slot. Every subgroup calls it (uniform control flow);
 // surplus ones (`write` false) write nothing.
@@ -429,20 +445,7 @@ fn attention_coop_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
 
         // S = Q K^T and dP = dO V^T.
-        for (var j = 0u; j < NF; j++) {
-            var s: FragC;
-            var dp: FragC;
-            for (var dd = 0u; dd < OF; dd++) {
-                let aq = load_a(QO + m0 * SH + dd * 16u, SH);
-                let bk = load_b_col(KO + j * 16u * SH + dd * 16u, SH);
-                s = mma(aq, bk, s);
-                let ao = load_a(DOO + m0 * SH + dd * 16u, SH);
-                let bv = load_b_col(VO + j * 16u * SH + dd * 16u, SH);
-                dp = mma(ao, bv, dp);
-            }
-            store_f(s, fs + j * 16u, SF);
-            store_f(dp, fs + DPO + j * 16u, SF);
-        }
+        scores_and_dp(QO + m0 * SH, KO, DOO + m0 * SH, VO, fs);
         workgroupBarrier();
 
         // dS = P * (dP - D), P = exp(scale * S - lse), in f16.
@@ -513,21 +516,8 @@ fn attention_coop_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
         stage_rows(bh, q0, BN, lid);
         workgroupBarrier();
 
-        // S^T = K Q^T and dP^T = V dO^T: B(d, query) = Q[query][d], column-major.
-        for (var j = 0u; j < NF; j++) {
-            var s: FragC;
-            var dp: FragC;
-            for (var dd = 0u; dd < OF; dd++) {
-                let ak = load_a(KO + m0 * SH + dd * 16u, SH);
-                let bq = load_b_col(QO + j * 16u * SH + dd * 16u, SH);
-                s = mma(ak, bq, s);
-                let av = load_a(VO + m0 * SH + dd * 16u, SH);
-                let bo = load_b_col(DOO + j * 16u * SH + dd * 16u, SH);
-                dp = mma(av, bo, dp);
-            }
-            store_f(s, fs + j * 16u, SF);
-            store_f(dp, fs + DPO + j * 16u, SF);
-        }
+        // S^T = K Q^T and dP^T = V dO^T.
+        scores_and_dp(KO + m0 * SH, QO, VO + m0 * SH, DOO, fs);
         workgroupBarrier();
 
         // P^T and dS^T in f16 (rows keys, columns queries).

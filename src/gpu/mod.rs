@@ -856,6 +856,18 @@ impl Gpu {
         len: u64,
         index: Option<wgpu::SubmissionIndex>,
     ) -> Result<Vec<u8>> {
+        self.map_read_with(staging, len, index, |bytes| bytes.to_vec())
+    }
+
+    /// Maps the first `len` bytes of `staging` once submission `index` has finished and hands
+    /// them to `read` (without a copy), then unmaps.
+    pub fn map_read_with<T>(
+        &self,
+        staging: &wgpu::Buffer,
+        len: u64,
+        index: Option<wgpu::SubmissionIndex>,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         let slice = staging.slice(..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -865,14 +877,14 @@ impl Gpu {
         rx.recv()
             .map_err(|_| Error::Gpu("read-back never completed".into()))?
             .map_err(|e| Error::Gpu(format!("read-back failed: {e}")))?;
-        let bytes = {
+        let value = {
             let view = slice
                 .get_mapped_range()
                 .map_err(|e| Error::Gpu(format!("read-back mapping failed: {e}")))?;
-            view.to_vec()
+            read(&view)
         };
         staging.unmap();
-        Ok(bytes)
+        Ok(value)
     }
 
     /// Copies `t` back to the CPU as f32 values.

@@ -2,7 +2,7 @@
 //! update, in buckets reduced as the backward finishes them (see [`crate::train::parallel`]).
 
 use super::{StepTensors, Trainer};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::graph;
 use crate::graph::gpt::{ParamCopy, StepInput};
@@ -182,36 +182,18 @@ impl Trainer {
             segments.push(gpu.queue.submit(commands));
         }
         marks = marks.map(|m| m.shifted(1));
-        let mut waits = Vec::with_capacity(par.buckets.len());
-        for bucket in &par.buckets {
-            let (tx, rx) = std::sync::mpsc::channel();
-            bucket
-                .staging
-                .slice(..)
-                .map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = tx.send(r);
-                });
-            waits.push(rx);
-        }
-
         let (mut reduce_s, mut transfer_s, mut calls) = (0.0, 0.0, 0);
-        for ((bucket, index), rx) in par.buckets.iter().zip(segments).zip(waits) {
-            gpu.wait_for(Some(index))?;
+        for (bucket, index) in par.buckets.iter().zip(segments) {
+            // The wait for the backward is not the exchange's cost.
+            gpu.wait_for(Some(index.clone()))?;
             let start = Instant::now();
-            rx.recv()
-                .map_err(|_| Error::Gpu("the gradients' read-back never completed".into()))?
-                .map_err(|e| Error::Gpu(format!("the gradients' read-back failed: {e}")))?;
             par.host.clear();
-            {
-                let view = bucket.staging.slice(..).get_mapped_range().map_err(|e| {
-                    Error::Gpu(format!("the gradients' read-back mapping failed: {e}"))
-                })?;
-                par.host.extend(
-                    view.chunks_exact(4)
-                        .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])),
-                );
-            }
-            bucket.staging.unmap();
+            gpu.map_read_with(
+                &bucket.staging,
+                (bucket.floats * 4) as u64,
+                Some(index),
+                |b| par.host.extend_from_slice(bytemuck::cast_slice(b)),
+            )?;
             let read = Instant::now();
             // The sums over the ranks.
             all_reduce_buckets(par.collective.as_ref(), &mut par.host, par.bucket_floats)?;
