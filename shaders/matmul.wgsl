@@ -1,4 +1,4 @@
-// Matrix products, the split-K reduction and the bias-gradient column sum.
+// Matrix products and the split-K reduction.
 //
 // matmul_tiled: C[rows, cols] (=|+=) epilogue(A x B), one kernel for every product of a Linear layer:
 //   forward          out[M,N]  = inp[M,K] @ weight[N,K]^T   A = inp  [rows, inner], B = weight [cols, inner] (B_TRANS)
@@ -24,17 +24,16 @@
 // Parameters, bindings (A and C may be windows of wider matrices) and the epilogue are those of
 // every product kernel, in matmul_io.wgsl.
 //
+// With ROW_SUMS (weight gradients) the first column tile's workgroups also sum A's rows from the
+// staged tiles, one thread a row (see matmul_io.wgsl).
 // Defines: A_T, B_T, C_T (storage types, f32|f16), STAGE_T, A_TRANS, B_TRANS, A_VEC, B_VEC, TM, TN
-// (4|8), BK (8|16|32), ACCUMULATE, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD
-// (+ PRE_T, PRE_BINDING).
+// (4|8), BK (8|16|32), ACCUMULATE, ROW_SUMS, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or
+// GELU_BWD (+ PRE_T, PRE_BINDING).
 // Grid: one workgroup per output tile and K slice, linear id wid.x + wid.y * nwg.x (see Gpu::grid).
 //
 // split_k_reduce (SPLIT_REDUCE): C (=|+=) the sum of a split product's partials, in slice order.
-//
-// column_sum_partial / column_sum_finish (COLUMN_SUM): dbias[cols] (=|+=) sum over rows of
-// dout[rows, cols], in two deterministic stages through a scratch of (chunks, cols) partial sums.
 
-#if !COLUMN_SUM
+
 #if !SPLIT_REDUCE
 #include matmul_io
 
@@ -291,6 +290,11 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let ty = lid / 16u;
 
     var acc: array<vec4<f32>, TM * TN4>; // [i*4 + r][j] holds cols q = 0..3
+#if ROW_SUMS
+    // Workgroups of the first column tile: thread lid < BM also sums row row0 + lid of A.
+    let sums_row = col0 == 0u && lid < BM;
+    var row_sum = 0.0;
+#endif
 
     let steps = (min(p.k_slice, p.inner - k_begin) + BK - 1u) / BK;
     load_a_step(row0, k_begin, lid);
@@ -310,6 +314,13 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
         let a_base = buf * A_TILE;
         let b_base = buf * B_TILE;
+#if ROW_SUMS
+        if (sums_row) {
+            for (var k = 0u; k < BK; k++) {
+                row_sum = row_sum + f32(a_tile[a_base + k * SA + lid / 4u][lid % 4u]);
+            }
+        }
+#endif
         for (var k = 0u; k < BK; k++) {
             var av: array<vec4<f32>, TM4>;
             var bv: array<vec4<f32>, TN4>;
@@ -338,6 +349,11 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         workgroupBarrier();
     }
 
+#if ROW_SUMS
+    if (sums_row && row0 + lid < p.rows) {
+        store_row_sum(split, row0 + lid, row_sum);
+    }
+#endif
     for (var i = 0u; i < TM4; i++) {
         for (var r = 0u; r < 4u; r++) {
             let row = row0 + 4u * ty + 64u * i + r;
@@ -356,37 +372,59 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 #endif
-#endif
 
 #if SPLIT_REDUCE
 // split_k_reduce: C (=|+=) the sum of the K slices' partial products, added in slice order so
 // that the result does not depend on anything but the slicing. One thread per VEC elements of
-// C (whole, contiguous): 16-byte loads of the partials when VEC = 4.
-// Defines: C_T (f32|f16), VEC4, ACCUMULATE. Grid: linear id wid.x + wid.y * nwg.x, 256 threads.
+// C (whole, contiguous): 16-byte loads of the partials when VEC = 4. With ROW_SUMS the threads
+// past C's also add up the row sums' partials that follow C's in the scratch, one row each.
+// Defines: C_T (f32|f16), VEC4, ACCUMULATE, ROW_SUMS. Grid: linear id wid.x + wid.y * nwg.x,
+// 256 threads, covering len (+ rows) threads.
 #if VEC4
 alias Part = vec4<f32>;
 alias Out = vec4<{{C_T}}>;
+const VEC: u32 = 4u;
 #else
 alias Part = f32;
 alias Out = {{C_T}};
+const VEC: u32 = 1u;
 #endif
 
 struct ReduceParams {
     len: u32,    // elements of C / VEC
     splits: u32, // K slices
-    _pad0: u32,
-    _pad1: u32,
+    rows: u32,   // rows of C (with ROW_SUMS)
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> rp: ReduceParams;
 @group(0) @binding(1) var<storage, read> partials: array<Part>; // (splits, len)
 @group(0) @binding(2) var<storage, read_write> out: array<Out>;      // (len)
+#if ROW_SUMS
+// The same scratch as `partials`, per element: (splits, rows) row sums from splits * len * VEC.
+@group(0) @binding(3) var<storage, read> row_partials: array<f32>;
+@group(0) @binding(4) var<storage, read_write> row_sums: array<f32>; // (rows)
+#endif
 
 @compute @workgroup_size(256)
 fn split_k_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * nwg.x) * 256u + lid;
     if (i >= rp.len) {
+#if ROW_SUMS
+        let row = i - rp.len;
+        if (row < rp.rows) {
+            let base = rp.splits * rp.len * VEC + row;
+            var r = row_partials[base];
+            for (var k = 1u; k < rp.splits; k++) {
+                r = r + row_partials[base + k * rp.rows];
+            }
+#if ACCUMULATE
+            r = row_sums[row] + r;
+#endif
+            row_sums[row] = r;
+        }
+#endif
         return;
     }
     var s = partials[i];
@@ -397,73 +435,5 @@ fn split_k_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     s = Part(out[i]) + s;
 #endif
     out[i] = Out(s);
-}
-#endif
-
-#if COLUMN_SUM
-struct SumParams {
-    rows: u32,
-    cols: u32,
-    col_blocks: u32, // ceil(cols / SUM_COLS)
-    chunks: u32,     // ceil(rows / CHUNK_ROWS)
-}
-
-@group(0) @binding(0) var<uniform> sp: SumParams;
-
-// Stage 1: workgroup (chunk, block) sums rows [chunk*CHUNK_ROWS, +CHUNK_ROWS) of SUM_COLS columns;
-// 4 lanes of 64 threads read 64 consecutive columns of 4 rows at a time.
-const SUM_COLS: u32 = 64u;
-const CHUNK_ROWS: u32 = 128u;
-
-@group(0) @binding(1) var<storage, read> cs_dout: array<{{DOUT_T}}>;    // (rows, cols)
-@group(0) @binding(2) var<storage, read_write> cs_partial: array<f32>; // (chunks, cols)
-
-var<workgroup> lane_sums: array<f32, 256>;
-
-@compute @workgroup_size(256)
-fn column_sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) lid: u32) {
-    let id = wid.x + wid.y * nwg.x;
-    if (id >= sp.col_blocks * sp.chunks) {
-        return;
-    }
-    let chunk = id / sp.col_blocks;
-    let col = (id % sp.col_blocks) * SUM_COLS + lid % SUM_COLS;
-    let lane = lid / SUM_COLS;
-    var s = 0.0;
-    if (col < sp.cols) {
-        let end = min(sp.rows, (chunk + 1u) * CHUNK_ROWS);
-        for (var r = chunk * CHUNK_ROWS + lane; r < end; r += 4u) {
-            s = s + f32(cs_dout[r * sp.cols + col]);
-        }
-    }
-    lane_sums[lid] = s;
-    workgroupBarrier();
-    if (lane == 0u && col < sp.cols) {
-        let c = lid;
-        cs_partial[chunk * sp.cols + col] =
-            ((lane_sums[c] + lane_sums[c + 64u]) + lane_sums[c + 128u]) + lane_sums[c + 192u];
-    }
-}
-
-// Stage 2: one thread per column adds the chunks' partial sums in chunk order.
-@group(0) @binding(1) var<storage, read> cf_partial: array<f32>;       // (chunks, cols)
-@group(0) @binding(2) var<storage, read_write> cf_dbias: array<f32>;   // (cols)
-
-@compute @workgroup_size(64)
-fn column_sum_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32) {
-    let col = (wid.x + wid.y * nwg.x) * 64u + lid;
-    if (col >= sp.cols) {
-        return;
-    }
-    var s = 0.0;
-    for (var chunk = 0u; chunk < sp.chunks; chunk++) {
-        s = s + cf_partial[chunk * sp.cols + col];
-    }
-#if ACCUMULATE
-    s = cf_dbias[col] + s;
-#endif
-    cf_dbias[col] = s;
 }
 #endif

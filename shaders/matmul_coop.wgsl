@@ -42,8 +42,11 @@ enable wgpu_cooperative_matrix;
 // mapping, epilogue) then runs, slowly, on adapters without cooperative matrices, so that tests
 // can check it there.
 //
+// With ROW_SUMS (weight gradients) the first column tile's workgroups also sum A's rows from the
+// staged f16 tiles (exact copies of A) in f32, in k order (see matmul_io.wgsl).
+//
 // Defines: C_T (f32|f16), A_TRANS, B_TRANS, A_VEC, B_VEC, WM, WN, FM, FN, SG, ACCUMULATE,
-// DIRECT_STORE, EMULATE_COOP, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T,
+// DIRECT_STORE, EMULATE_COOP, ROW_SUMS, and the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T,
 // PRE_BINDING). AB_T is always f16.
 // Grid: one workgroup per output tile and K slice (split-K: see matmul_io.wgsl), linear id
 // wid.x + wid.y * nwg.x (see Gpu::grid).
@@ -92,6 +95,8 @@ const C_TILE_LEN: u32 = (WARPS + 1u) * SLOT_LEN;
 const EPILOGUE_LOADS: u32 = 256u / SG;
 // Consecutive row tiles of one group run next to each other so that they share B in cache.
 const GROUP_M: u32 = 8u;
+// Rows of A each thread sums with ROW_SUMS.
+const ROW_SUM_ROWS: u32 = (BM + THREADS - 1u) / THREADS;
 
 var<workgroup> a_tile: array<{{AB_T}}, A_TILE_LEN>;
 var<workgroup> b_tile: array<{{AB_T}}, B_TILE_LEN>;
@@ -363,6 +368,11 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 
     var acc: array<FragC, FM * FN>; // [i * FN + j], zero to start
     var b_frag: array<FragB, FN>;
+#if ROW_SUMS
+    // Workgroups of the first column tile also sum A's rows: rows i * THREADS + lid of the tile.
+    let sums_rows = col0 == 0u;
+    var row_sum: array<f32, ROW_SUM_ROWS>;
+#endif
 
     load_a_step(row0, k_begin, lid);
     load_b_step(col0, k_begin, lid);
@@ -372,6 +382,18 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         store_a_step(lid);
         store_b_step(lid);
         workgroupBarrier();
+#if ROW_SUMS
+        if (sums_rows) {
+            for (var i = 0u; i < ROW_SUM_ROWS; i++) {
+                let m = i * THREADS + lid;
+                if (m < BM) {
+                    for (var k = 0u; k < BK; k++) {
+                        row_sum[i] = row_sum[i] + f32(a_tile[a_tile_index(vec2<u32>(m, k))]);
+                    }
+                }
+            }
+        }
+#endif
 
         // Issue the next step's global loads now; they complete during the products below.
         if (s + 1u < steps) {
@@ -427,6 +449,16 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         workgroupBarrier();
     }
 
+#if ROW_SUMS
+    if (sums_rows) {
+        for (var i = 0u; i < ROW_SUM_ROWS; i++) {
+            let m = i * THREADS + lid;
+            if (m < BM && row0 + m < p.rows) {
+                store_row_sum(split, row0 + m, row_sum[i]);
+            }
+        }
+    }
+#endif
 #if DIRECT_STORE
     // Nothing fused, f32 C with 16-byte aligned rows: when the whole tile lies inside C (the
     // same for the whole workgroup), each warp stores its fragments straight from registers.

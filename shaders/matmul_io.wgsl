@@ -9,8 +9,11 @@
 // cut into slices of k_slice elements and slice s's partial product A[:, slice] x B[slice, :] is
 // stored, plain, as rows s*rows .. (s+1)*rows of C, an f32 scratch of (splits, rows, cols) that
 // split_k_reduce (matmul.wgsl) then adds up in slice order.
-// Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, ACCUMULATE, and the
-// epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
+// Row sums (ROW_SUMS, weight gradients: the bias gradient with the weight's): the workgroups of
+// the first column tile also sum each row of A over their K slice, in k order, from the staged
+// A tiles (exact copies of A), and store the sum with store_row_sum. Not with BIAS or a GELU.
+// Defines: A_T, B_T, C_T (storage types, f32|f16), A_TRANS, B_TRANS, ACCUMULATE, ROW_SUMS, and
+// the epilogue: BIAS (+ BIAS_T), GELU_FWD or GELU_BWD (+ PRE_T, PRE_BINDING).
 
 struct Params {
     rows: u32,
@@ -50,6 +53,25 @@ struct Params {
 #if GELU_BWD
 // C receives (A x B) * gelu'(pre).
 @group(0) @binding({{PRE_BINDING}}) var<storage, read> pre: array<{{PRE_T}}>;       // (rows, cols)
+#endif
+
+#if ROW_SUMS
+@group(0) @binding(4) var<storage, read_write> row_sums: array<f32>; // (rows)
+
+// Stores the sum of A's row `row` over K slice `split`: row_sums[row] (=|+=) it in a whole
+// product; in a split one, plain, as slice `split`'s partial after C's (splits, rows, cols)
+// partials, at splits*rows*cols + split*rows + row, for split_k_reduce to add up.
+fn store_row_sum(split: u32, row: u32, sum: f32) {
+    if (p.splits > 1u) {
+        c[p.splits * p.rows * p.cols + split * p.rows + row] = {{C_T}}(sum);
+        return;
+    }
+#if ACCUMULATE
+    row_sums[row] = row_sums[row] + sum;
+#else
+    row_sums[row] = sum;
+#endif
+}
 #endif
 
 // Index of A[row, k] in `a`.

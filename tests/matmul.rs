@@ -1,4 +1,5 @@
-//! The Linear-layer products and the bias gradient against the CPU reference.
+//! The Linear-layer products and the bias gradient (summed with the weight gradient) against
+//! the CPU reference.
 
 mod common;
 use common::*;
@@ -41,15 +42,24 @@ fn backward_weight_want(dout: &[f32], x: &[f32], (m, k, n): (usize, usize, usize
     want
 }
 
-/// `matmul_backward_weight` with `accumulate` and a forced `kernel` (None: the launcher's).
+fn bias_want(dout: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut want = vec![0.0; n];
+    cpu::matmul_backward_bias(&mut want, dout, m, n);
+    want
+}
+
+/// `matmul_backward_weight` (with the bias gradient `db` when given) with `accumulate` and a
+/// forced `kernel` (None: the launcher's).
 fn backward_weight(
     dw: &Tensor,
+    db: Option<&Tensor>,
     dout: &Tensor,
     x: &Tensor,
     accumulate: bool,
     kernel: Option<MatmulKernel>,
 ) -> wgpt::Result<wgpt::Dispatch> {
     let opts = MatmulBackwardWeight {
+        dbias: db,
         accumulate,
         kernel,
         ..Default::default()
@@ -269,8 +279,9 @@ fn backward_weight_matches_reference() {
             let (dout, doutv) = upload("dout", &uniform(110 + i as u64, m * n), &[m, n], dtype);
             let (x, xv) = upload("inp", &uniform(120 + i as u64, m * k), &[m, k], dtype);
             let want = backward_weight_want(&doutv, &xv, shape);
+            let want_b = bias_want(&doutv, m, n);
             for accumulate in [false, true] {
-                // Weight gradients are f32 whatever the activations are.
+                // Weight and bias gradients are f32 whatever the activations are.
                 let (dw, start) = if accumulate {
                     upload(
                         "dweight",
@@ -281,50 +292,57 @@ fn backward_weight_matches_reference() {
                 } else {
                     (poisoned("dweight", &[n, k], DType::F32), vec![0.0; n * k])
                 };
+                let (db, start_b) = if accumulate {
+                    upload("dbias", &uniform(150 + i as u64, n), &[n], DType::F32)
+                } else {
+                    (poisoned("dbias", &[n], DType::F32), vec![0.0; n])
+                };
+                let tag = format!("{dtype:?} {shape:?} accumulate={accumulate}");
                 gpu()
-                    .run(&[&backward_weight(&dw, &dout, &x, accumulate, None).unwrap()])
+                    .run(&[&backward_weight(&dw, Some(&db), &dout, &x, accumulate, None).unwrap()])
                     .unwrap();
                 assert_close(
-                    &format!("matmul_backward_weight {dtype:?} {shape:?} accumulate={accumulate}"),
+                    &format!("matmul_backward_weight {tag}"),
                     &read(&dw),
                     &add(&start, &want),
                     tol_for(dtype),
+                );
+                assert_close(
+                    &format!("matmul_backward_weight's dbias {tag}"),
+                    &read(&db),
+                    &add(&start_b, &want_b),
+                    1e-5,
                 );
             }
         }
     }
 }
 
+/// The bias gradient over many rows and row tiles (M = 1000 sums over many k steps, N = 300
+/// spans several row tiles of any kernel, the last one ragged), against the reference, and the
+/// weight gradient unchanged by it: bitwise equal to the same product without dbias.
 #[test]
-fn backward_bias_matches_reference() {
-    // M = 300 spans three 128-row chunks; N = 200 four 64-column blocks, the last one partial.
-    let shapes = [(1, 1), (37, 53), (300, 200), (64, 64)];
+fn bias_gradient_with_the_weight_gradient() {
+    let (m, k, n) = (1000, 24, 300);
     for dtype in float_dtypes() {
-        for (i, &(m, n)) in shapes.iter().enumerate() {
-            let (dout, doutv) = upload("dout", &uniform(140 + i as u64, m * n), &[m, n], dtype);
-            let scratch = poisoned(
-                "scratch",
-                &[mm::matmul_backward_bias_scratch_len(m, n)],
-                DType::F32,
-            );
-            let mut want = vec![0.0; n];
-            cpu::matmul_backward_bias(&mut want, &doutv, m, n);
-            for accumulate in [false, true] {
-                let (db, start) = if accumulate {
-                    upload("dbias", &uniform(150 + i as u64, n), &[n], DType::F32)
-                } else {
-                    (poisoned("dbias", &[n], DType::F32), vec![0.0; n])
-                };
-                let ds = mm::matmul_backward_bias(gpu(), &db, &dout, &scratch, accumulate).unwrap();
-                gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
-                assert_close(
-                    &format!("matmul_backward_bias {dtype:?} ({m}, {n}) accumulate={accumulate}"),
-                    &read(&db),
-                    &add(&start, &want),
-                    tol_for(dtype),
-                );
-            }
-        }
+        let (dout, doutv) = upload("dout", &uniform(140, m * n), &[m, n], dtype);
+        let (x, _) = upload("inp", &uniform(141, m * k), &[m, k], dtype);
+        let db = poisoned("dbias", &[n], DType::F32);
+        let dw = poisoned("dweight", &[n, k], DType::F32);
+        let alone = poisoned("dweight", &[n, k], DType::F32);
+        gpu()
+            .run(&[
+                &backward_weight(&dw, Some(&db), &dout, &x, false, None).unwrap(),
+                &backward_weight(&alone, None, &dout, &x, false, None).unwrap(),
+            ])
+            .unwrap();
+        assert_close(
+            &format!("dbias {dtype:?} (M {m}, N {n})"),
+            &read(&db),
+            &bias_want(&doutv, m, n),
+            1e-5,
+        );
+        assert_bitwise_eq("dweight with and without dbias", &read(&dw), &read(&alone));
     }
 }
 
@@ -402,7 +420,8 @@ fn every_tile_config_matches_reference() {
                 );
 
                 let dw = poisoned("dweight", &[n, k], DType::F32);
-                let d = backward_weight(&dw, &dout, &f.x, false, kernel).unwrap();
+                let db = poisoned("dbias", &[n], DType::F32);
+                let d = backward_weight(&dw, Some(&db), &dout, &f.x, false, kernel).unwrap();
                 gpu().run(&[&d]).unwrap();
                 let want = backward_weight_want(&doutv, &f.xv, shape);
                 assert_close(
@@ -410,6 +429,12 @@ fn every_tile_config_matches_reference() {
                     &read(&dw),
                     &want,
                     tol_for(dtype),
+                );
+                assert_close(
+                    &format!("matmul_backward_weight's dbias {tag}"),
+                    &read(&db),
+                    &bias_want(&doutv, m, n),
+                    1e-5,
                 );
             }
         }
@@ -445,13 +470,6 @@ fn runs_are_bitwise_deterministic() {
     let dinp = poisoned("dinp", &[m, k], DType::F32);
     let dw = poisoned("dweight", &[n, k], DType::F32);
     let db = poisoned("dbias", &[n], DType::F32);
-    let scratch = gpu()
-        .zeros(
-            "scratch",
-            &[mm::matmul_backward_bias_scratch_len(m, n)],
-            DType::F32,
-        )
-        .unwrap();
     let fwd = mm::matmul_forward(
         gpu(),
         &out,
@@ -467,10 +485,8 @@ fn runs_are_bitwise_deterministic() {
     let bwd_in =
         mm::matmul_backward_input(gpu(), &dinp, &dout, &f.w, &MatmulBackwardInput::default())
             .unwrap();
-    let bwd_w = backward_weight(&dw, &dout, &f.x, false, None).unwrap();
-    let bwd_b = mm::matmul_backward_bias(gpu(), &db, &dout, &scratch, false).unwrap();
-    let mut all = vec![&fwd, &bwd_in, &bwd_w];
-    all.extend(bwd_b.iter());
+    let bwd_w = backward_weight(&dw, Some(&db), &dout, &f.x, false, None).unwrap();
+    let all = [&fwd, &bwd_in, &bwd_w];
     let outputs = [&out, &pre, &dinp, &dw, &db];
     gpu().run(&all).unwrap();
     let first: Vec<Vec<f32>> = outputs.iter().map(|t| read(t)).collect();
@@ -579,7 +595,7 @@ fn bad_shapes_and_aliases_are_errors() {
 
     let dw = gpu().zeros("dweight", &[53, 29], f32_).unwrap();
     let x_short = gpu().zeros("inp", &[36, 29], f32_).unwrap();
-    let e = backward_weight(&dw, &out, &x_short, true, None)
+    let e = backward_weight(&dw, None, &out, &x_short, true, None)
         .err()
         .expect("must be refused")
         .to_string();
@@ -587,7 +603,7 @@ fn bad_shapes_and_aliases_are_errors() {
         e.contains("matmul_backward_weight") && e.contains("inp"),
         "{e}"
     );
-    assert!(backward_weight(&x, &out, &x, true, None).is_err());
+    assert!(backward_weight(&x, None, &out, &x, true, None).is_err());
     // Column windows must lie inside the rows they are taken from.
     let wide = gpu().zeros("wide", &[37, 100], f32_).unwrap();
     let window = |start| MatmulForward {
@@ -616,19 +632,25 @@ fn bad_shapes_and_aliases_are_errors() {
     .to_string();
     assert!(e.contains("dout") && e.contains("outside"), "{e}");
 
+    // dbias: (N) f32, apart from the inputs and from dweight.
+    let dw = gpu().zeros("dweight", &[53, 29], f32_).unwrap();
     let db = gpu().zeros("dbias", &[53], f32_).unwrap();
-    let scratch_small = gpu().zeros("scratch", &[52], f32_).unwrap();
-    let e = mm::matmul_backward_bias(gpu(), &db, &out, &scratch_small, true)
-        .err()
-        .expect("must be refused")
-        .to_string();
-    assert!(e.contains("scratch"), "{e}");
-    let scratch = gpu().zeros("scratch", &[53], f32_).unwrap();
-    assert!(mm::matmul_backward_bias(gpu(), &db, &out_bad, &scratch, true).is_err());
-    let db16 = gpu().zeros("dbias", &[53], DType::F16);
-    if let Ok(db16) = db16 {
-        assert!(mm::matmul_backward_bias(gpu(), &db16, &out, &scratch, true).is_err());
+    let bwd = |db: &Tensor| {
+        backward_weight(&dw, Some(db), &out, &x, true, None)
+            .err()
+            .expect("must be refused")
+            .to_string()
+    };
+    assert!(backward_weight(&dw, Some(&db), &out, &x, true, None).is_ok());
+    let db_short = gpu().zeros("dbias", &[52], f32_).unwrap();
+    assert!(bwd(&db_short).contains("dbias"));
+    if let Ok(db16) = gpu().zeros("dbias", &[53], DType::F16) {
+        assert!(bwd(&db16).contains("dbias"));
     }
+    let in_dout = out.slice(0, &[53], gpu().alignment()).unwrap();
+    assert!(bwd(&in_dout).contains("alias"));
+    let in_dw = dw.slice(0, &[53], gpu().alignment()).unwrap();
+    assert!(bwd(&in_dw).contains("overlap"));
 }
 
 /// The three products on column windows of a wider matrix, as the classifier runs them on one
@@ -702,7 +724,9 @@ fn products_on_column_windows_of_wider_rows() {
                     1e-5,
                 );
                 let dw = poisoned("dweight", &[n, k], DType::F32);
+                let db = poisoned("dbias", &[n], DType::F32);
                 let opts = MatmulBackwardWeight {
+                    dbias: Some(&db),
                     dout_columns: Some(start),
                     kernel,
                     ..Default::default()
@@ -714,6 +738,12 @@ fn products_on_column_windows_of_wider_rows() {
                     &format!("matmul_backward_weight from {tag}"),
                     &read(&dw),
                     &backward_weight_want(&window, &xv, (m, k, n)),
+                    1e-5,
+                );
+                assert_close(
+                    &format!("matmul_backward_weight's dbias from {tag}"),
+                    &read(&db),
+                    &bias_want(&window, m, n),
                     1e-5,
                 );
             }
@@ -793,7 +823,7 @@ fn f16_products_accumulate_in_f32() {
         // dweight (33, 47) = dout (1000, 33)^T @ inp (1000, 47).
         let dw = poisoned("dweight", &[m, n], out_dtype);
         gpu()
-            .run(&[&backward_weight(&dw, &dt, &xt, false, None).unwrap()])
+            .run(&[&backward_weight(&dw, None, &dt, &xt, false, None).unwrap()])
             .unwrap();
         assert_close(
             &format!("f16 matmul_backward_weight M={k} -> {out_dtype:?}"),
@@ -887,10 +917,10 @@ fn few_rows_take_the_rows_kernel_and_match_reference() {
     assert!(e.contains("at most 8 rows"), "{e}");
 }
 
-/// `matmul_backward_weight_split` with `scratch`, `accumulate` and forced `splits` (None: the
-/// launcher's choice).
+/// `matmul_backward_weight_split` (with the bias gradient `db` when given) with `scratch`,
+/// `accumulate` and forced `splits` (None: the launcher's choice).
 fn backward_weight_split(
-    dw: &Tensor,
+    (dw, db): (&Tensor, Option<&Tensor>),
     dout: &Tensor,
     x: &Tensor,
     scratch: Option<&Tensor>,
@@ -898,6 +928,7 @@ fn backward_weight_split(
     splits: Option<usize>,
 ) -> wgpt::Result<Vec<wgpt::Dispatch>> {
     let opts = MatmulBackwardWeight {
+        dbias: db,
         accumulate,
         splits,
         ..Default::default()
@@ -912,7 +943,7 @@ fn run_all(ds: &[wgpt::Dispatch]) {
 /// Split-K weight gradients forced to split, against the CPU reference: M (the rows summed) not
 /// a multiple of the 64-row slice step, so the last slice is ragged; outputs of whole vec4s and
 /// not; f32 and f16 inputs (sums in f32: within f32 rounding of the reference on the values as
-/// stored); f32 and f16 gradients; accumulate on and off.
+/// stored); f32 and f16 gradients; accumulate on and off; the bias gradient with them (f32).
 #[test]
 fn backward_weight_split_matches_reference() {
     // (M, K, N, slices): 1000 rows in 3 slices of 384 (the last 232), N*K = 1073 (no vec4);
@@ -925,7 +956,8 @@ fn backward_weight_split_matches_reference() {
             let (dout, doutv) = upload("dout", &uniform(seed, m * n), &[m, n], dtype);
             let (x, xv) = upload("inp", &uniform(seed + 1, m * k), &[m, k], dtype);
             let want = backward_weight_want(&doutv, &xv, (m, k, n));
-            let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+            let want_b = bias_want(&doutv, m, n);
+            let scratch = poisoned("scratch", &[splits * (n * k + n)], DType::F32);
             // (gradient dtype, accumulate, tolerance: f32 rounding, or one f16 rounding)
             let mut outputs = vec![(DType::F32, false, 1e-5), (DType::F32, true, 1e-5)];
             if dtypes.contains(&DType::F16) {
@@ -937,9 +969,20 @@ fn backward_weight_split_matches_reference() {
                 } else {
                     (poisoned("dweight", &[n, k], out_dt), vec![0.0; n * k])
                 };
-                let ds =
-                    backward_weight_split(&dw, &dout, &x, Some(&scratch), accumulate, Some(splits))
-                        .unwrap();
+                let (db, start_b) = if accumulate {
+                    upload("dbias", &uniform(seed + 3, n), &[n], DType::F32)
+                } else {
+                    (poisoned("dbias", &[n], DType::F32), vec![0.0; n])
+                };
+                let ds = backward_weight_split(
+                    (&dw, Some(&db)),
+                    &dout,
+                    &x,
+                    Some(&scratch),
+                    accumulate,
+                    Some(splits),
+                )
+                .unwrap();
                 assert_eq!(ds.len(), 2, "a forced split runs partials, then their sum");
                 run_all(&ds);
                 let what = format!(
@@ -949,6 +992,12 @@ fn backward_weight_split_matches_reference() {
                 let got = read(&dw);
                 let want = round_to(&add(&start, &want), out_dt);
                 assert_close(&what, &got, &want, tol);
+                assert_close(
+                    &format!("{what}: dbias"),
+                    &read(&db),
+                    &add(&start_b, &want_b),
+                    1e-5,
+                );
             }
         }
     }
@@ -965,27 +1014,43 @@ fn small_output_with_many_rows_splits_by_itself() {
         let (x, xv) = upload("inp", &uniform(1201, m * k), &[m, k], dtype);
         let want = backward_weight_want(&doutv, &xv, (m, k, n));
         let len = mm::matmul_backward_weight_scratch_len(n, k, m);
-        assert!(len >= 4 * n * k, "scratch of {len} elements");
+        let per_slice = n * k + n;
+        assert!(len >= 4 * per_slice, "scratch of {len} elements");
         let choice = |len| mm::backward_weight_choice(gpu(), (n, k), m, (dtype, dtype), len);
         assert_eq!(choice(len).unwrap().1, 4);
         assert_eq!(choice(0).unwrap().1, 1);
-        assert_eq!(choice(2 * n * k).unwrap().1, 2);
+        assert_eq!(choice(2 * per_slice).unwrap().1, 2);
 
         let scratch = poisoned("scratch", &[len], DType::F32);
         let split = poisoned("dweight", &[n, k], DType::F32);
-        let ds = backward_weight_split(&split, &dout, &x, Some(&scratch), false, None).unwrap();
+        let split_b = poisoned("dbias", &[n], DType::F32);
+        let ds = backward_weight_split(
+            (&split, Some(&split_b)),
+            &dout,
+            &x,
+            Some(&scratch),
+            false,
+            None,
+        )
+        .unwrap();
         assert_eq!(ds.len(), 2);
         run_all(&ds);
         let whole = poisoned("dweight", &[n, k], DType::F32);
-        let ds = backward_weight_split(&whole, &dout, &x, None, false, None).unwrap();
+        let whole_b = poisoned("dbias", &[n], DType::F32);
+        let ds =
+            backward_weight_split((&whole, Some(&whole_b)), &dout, &x, None, false, None).unwrap();
         assert_eq!(ds.len(), 1, "no scratch, no split");
         run_all(&ds);
+        let want_b = bias_want(&doutv, m, n);
         let (split, whole) = (read(&split), read(&whole));
-        for (what, got) in [("split", &split), ("unsplit", &whole)] {
+        let (split_b, whole_b) = (read(&split_b), read(&whole_b));
+        for (what, got, got_b) in [("split", &split, &split_b), ("unsplit", &whole, &whole_b)] {
             let what = format!("{dtype:?} (M {m}, K {k}, N {n}) {what}");
             assert_close(&what, got, &want, 1e-5);
+            assert_close(&format!("{what}: dbias"), got_b, &want_b, 1e-5);
         }
         assert_close("split against unsplit", &split, &whole, 1e-5);
+        assert_close("split against unsplit: dbias", &split_b, &whole_b, 1e-5);
     }
 }
 
@@ -996,17 +1061,25 @@ fn split_runs_are_bitwise_deterministic() {
     let (dout, _) = upload("dout", &uniform(1300, m * n), &[m, n], DType::F32);
     let (x, _) = upload("inp", &uniform(1301, m * k), &[m, k], DType::F32);
     let start = uniform(1302, n * k);
-    let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+    let start_b = uniform(1303, n);
+    let scratch = poisoned("scratch", &[splits * (n * k + n)], DType::F32);
     for accumulate in [false, true] {
         let mut runs = Vec::new();
         for _ in 0..2 {
             let (dw, _) = upload("dweight", &start, &[n, k], DType::F32);
+            let (db, _) = upload("dbias", &start_b, &[n], DType::F32);
             gpu().poison(&scratch).unwrap();
-            let ds =
-                backward_weight_split(&dw, &dout, &x, Some(&scratch), accumulate, Some(splits))
-                    .unwrap();
+            let ds = backward_weight_split(
+                (&dw, Some(&db)),
+                &dout,
+                &x,
+                Some(&scratch),
+                accumulate,
+                Some(splits),
+            )
+            .unwrap();
             run_all(&ds);
-            runs.push(read(&dw));
+            runs.push([read(&dw), read(&db)].concat());
         }
         assert_bitwise_eq(
             &format!("split-K accumulate={accumulate} run twice"),
@@ -1034,10 +1107,18 @@ fn split_k_refuses_what_it_cannot_do() {
         .expect("must be refused")
         .to_string();
     assert!(e.contains("scratch"), "{e}");
-    assert!(err(backward_weight_split(&dw, &dout, &x, None, false, Some(2))).contains("scratch"));
+    assert!(err(backward_weight_split(
+        (&dw, None),
+        &dout,
+        &x,
+        None,
+        false,
+        Some(2)
+    ))
+    .contains("scratch"));
     let small = gpu().zeros("scratch", &[2 * n * k - 1], f32_).unwrap();
     let e = err(backward_weight_split(
-        &dw,
+        (&dw, None),
         &dout,
         &x,
         Some(&small),
@@ -1049,9 +1130,16 @@ fn split_k_refuses_what_it_cannot_do() {
         "{e}"
     );
     let scratch = gpu().zeros("scratch", &[2 * n * k], f32_).unwrap();
-    assert!(backward_weight_split(&dw, &dout, &x, Some(&scratch), false, Some(2)).is_ok());
+    assert!(backward_weight_split((&dw, None), &dout, &x, Some(&scratch), false, Some(2)).is_ok());
+    // With the bias gradient a slice holds N row sums more.
+    let db = gpu().zeros("dbias", &[n], f32_).unwrap();
+    let with_bias =
+        |scratch| backward_weight_split((&dw, Some(&db)), &dout, &x, Some(scratch), false, Some(2));
+    assert!(err(with_bias(&scratch)).contains("scratch"));
+    let scratch_b = gpu().zeros("scratch", &[2 * (n * k + n)], f32_).unwrap();
+    assert!(with_bias(&scratch_b).is_ok());
     assert!(err(backward_weight_split(
-        &dw,
+        (&dw, None),
         &dout,
         &x,
         Some(&scratch),
@@ -1061,10 +1149,12 @@ fn split_k_refuses_what_it_cannot_do() {
     .contains("0"));
     // The scratch is f32 and shares no buffer with the operands.
     if let Ok(half) = gpu().zeros("scratch", &[2 * n * k], DType::F16) {
-        assert!(backward_weight_split(&dw, &dout, &x, Some(&half), false, Some(2)).is_err());
+        assert!(
+            backward_weight_split((&dw, None), &dout, &x, Some(&half), false, Some(2)).is_err()
+        );
     }
     let e = err(backward_weight_split(
-        &dw,
+        (&dw, None),
         &dout,
         &x,
         Some(&dout),
@@ -1073,7 +1163,7 @@ fn split_k_refuses_what_it_cannot_do() {
     ));
     assert!(e.contains("alias"), "{e}");
     let e = err(backward_weight_split(
-        &dw,
+        (&dw, None),
         &dout,
         &x,
         Some(&dw),

@@ -241,7 +241,8 @@ fn backward_input_matches_reference_on_every_tile() {
     }
 }
 
-/// matmul_backward_weight on every tile, overwrite and accumulate, f32 and f16 outputs.
+/// matmul_backward_weight on every tile, overwrite and accumulate, f32 and f16 outputs, and the
+/// bias gradient with it (f32: the f16 values of dout summed in f32, within f32 rounding).
 #[test]
 fn backward_weight_matches_reference_on_every_tile() {
     for tested in kernels_under_test("backward_weight_matches_reference_on_every_tile") {
@@ -253,11 +254,15 @@ fn backward_weight_matches_reference_on_every_tile() {
             let (x, xv) = f16_input("inp", seed + 1, &[m, k]);
             let mut want = vec![0.0; n * k];
             cpu::matmul_backward_weight(&mut want, &doutv, &xv, m, k, n);
+            let mut want_b = vec![0.0; n];
+            cpu::matmul_backward_bias(&mut want_b, &doutv, m, n);
             for (out_dt, accumulate) in
                 [(DType::F32, false), (DType::F32, true), (DType::F16, false)]
             {
                 let (dw, start) = output("dweight", &[n, k], out_dt, accumulate, seed + 2);
+                let (db, start_b) = output("dbias", &[n], DType::F32, accumulate, seed + 3);
                 let opts = MatmulBackwardWeight {
+                    dbias: Some(&db),
                     accumulate,
                     kernel,
                     ..Default::default()
@@ -274,6 +279,12 @@ fn backward_weight_matches_reference_on_every_tile() {
                     &round_to(&add(&start, &want), out_dt),
                     1e-2,
                 );
+                assert_close(
+                    &format!("{what}: dbias"),
+                    &read(&db),
+                    &add(&start_b, &want_b),
+                    1e-5,
+                );
             }
         }
     }
@@ -283,7 +294,8 @@ fn backward_weight_matches_reference_on_every_tile() {
 /// overwrite and accumulate, f32 and f16 gradients, against the reference on the values as
 /// stored (f16 products are exact in f32: within f32 rounding), and bitwise equal when rerun.
 /// The operands load in 16-byte packets and the partials (f32, nothing fused) are stored
-/// straight from the fragments where a whole tile lies inside the (136, 72) gradient.
+/// straight from the fragments where a whole tile lies inside the (136, 72) gradient. The bias
+/// gradient goes along (its partials after the product's in the scratch).
 #[test]
 fn split_backward_weight_matches_reference_on_every_tile() {
     let (m, k, n, splits) = (300, 72, 136, 3);
@@ -292,22 +304,26 @@ fn split_backward_weight_matches_reference_on_every_tile() {
     let (x, xv) = f16_input("inp", 3501, &[m, k]);
     let mut want = vec![0.0; n * k];
     cpu::matmul_backward_weight(&mut want, &doutv, &xv, m, k, n);
-    let scratch = poisoned("scratch", &[splits * n * k], DType::F32);
+    let mut want_b = vec![0.0; n];
+    cpu::matmul_backward_bias(&mut want_b, &doutv, m, n);
+    let scratch = poisoned("scratch", &[splits * (n * k + n)], DType::F32);
     for tested in kernels_under_test("split_backward_weight_matches_reference_on_every_tile") {
         for (out_dt, accumulate, tol) in [
             (DType::F32, false, 1e-5),
             (DType::F32, true, 1e-5),
             (DType::F16, true, 1e-3),
         ] {
-            let opts = MatmulBackwardWeight {
-                accumulate,
-                kernel: Some(tested),
-                splits: Some(splits),
-                ..Default::default()
-            };
             let mut runs = Vec::new();
             for _ in 0..2 {
                 let (dw, start) = output("dweight", &[n, k], out_dt, accumulate, 3502);
+                let (db, start_b) = output("dbias", &[n], DType::F32, accumulate, 3503);
+                let opts = MatmulBackwardWeight {
+                    dbias: Some(&db),
+                    accumulate,
+                    kernel: Some(tested),
+                    splits: Some(splits),
+                    ..Default::default()
+                };
                 gpu().poison(&scratch).unwrap();
                 let ds =
                     mm::matmul_backward_weight_split(gpu(), &dw, &dout, &x, Some(&scratch), &opts)
@@ -329,7 +345,14 @@ fn split_backward_weight_matches_reference_on_every_tile() {
                 );
                 let got = read(&dw);
                 assert_close(&what, &got, &round_to(&add(&start, &want), out_dt), tol);
-                runs.push(got);
+                let got_b = read(&db);
+                assert_close(
+                    &format!("{what}: dbias"),
+                    &got_b,
+                    &add(&start_b, &want_b),
+                    1e-5,
+                );
+                runs.push([got, got_b].concat());
             }
             assert_bitwise_eq(&format!("{tested} split-K run twice"), &runs[0], &runs[1]);
         }
@@ -350,6 +373,7 @@ fn coop_runs_are_bitwise_deterministic() {
         let pre = poisoned("pre", &[m, n], DType::F32);
         let dinp = poisoned("dinp", &[m, k], DType::F32);
         let dw = poisoned("dweight", &[n, k], DType::F32);
+        let db = poisoned("dbias", &[n], DType::F32);
         let fwd = mm::matmul_forward(
             gpu(),
             &out,
@@ -369,12 +393,13 @@ fn coop_runs_are_bitwise_deterministic() {
         };
         let bwd_in = mm::matmul_backward_input(gpu(), &dinp, &dout, &w, &opts).unwrap();
         let opts = MatmulBackwardWeight {
+            dbias: Some(&db),
             kernel,
             ..Default::default()
         };
         let bwd_w = mm::matmul_backward_weight(gpu(), &dw, &dout, &x, &opts).unwrap();
         let all = [&fwd, &bwd_in, &bwd_w];
-        let outputs = [&out, &pre, &dinp, &dw];
+        let outputs = [&out, &pre, &dinp, &dw, &db];
         gpu().run(&all).unwrap();
         let first: Vec<Vec<f32>> = outputs.iter().map(|t| read(t)).collect();
         for t in outputs {

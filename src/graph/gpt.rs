@@ -1201,7 +1201,8 @@ fn linear_backward_input(
     });
 }
 
-/// Weight and bias gradients of a Linear layer `out = inp @ W^T + b` given `dout`.
+/// Weight and bias gradients of a Linear layer `out = inp @ W^T + b` given `dout`, in one
+/// node: the bias gradient is summed from the dout tiles the weight gradient stages.
 #[allow(clippy::too_many_arguments)]
 fn linear_param_grads(
     g: &mut Graph<StepInput>,
@@ -1214,21 +1215,22 @@ fn linear_param_grads(
     k: usize,
     nout: usize,
 ) {
-    let gw = w.g;
+    let (gw, gb) = (w.g, bias.g);
     // Split-K partials when the (nout, k) gradient is too small to fill a large GPU alone.
     let split_len = matmul::matmul_backward_weight_scratch_len(nout, k, n);
     let split = (split_len > 0)
         .then(|| g.planned(format!("{what} weight partials"), &[split_len], DType::F32));
-    let mut writes = vec![gw];
+    let mut writes = vec![gw, gb];
     writes.extend(split);
     g.node(
         format!("{what}.backward_weight"),
         "matmul",
-        &[dout, inp, gw],
+        &[dout, inp, gw, gb],
         &writes,
         matmul::matmul_flops(n, k, nout),
         move |gpu, r| {
             let o = MatmulBackwardWeight {
+                dbias: Some(r.t(gb)),
                 accumulate: true,
                 ..Default::default()
             };
@@ -1241,19 +1243,5 @@ fn linear_param_grads(
                 &o,
             )
         },
-    );
-    let gb = bias.g;
-    let scratch = g.planned(
-        format!("{what} bias partials"),
-        &[matmul::matmul_backward_bias_scratch_len(n, nout)],
-        DType::F32,
-    );
-    g.node(
-        format!("{what}.backward_bias"),
-        "matmul",
-        &[dout, gb],
-        &[gb, scratch],
-        0.0,
-        move |gpu, r| matmul::matmul_backward_bias(gpu, r.t(gb), r.t(dout), r.t(scratch), true),
     );
 }

@@ -100,7 +100,7 @@ pub fn agreement_with_tiled(
     let [inp, weight, dout, bias] = setup().map_err(|e| e.to_string())?;
     let reference = MatmulKernel::Tiled(TILE_CONFIGS[TILE_CONFIGS.len() - 1]);
     type Build<'a> = Box<dyn Fn(&Tensor, MatmulKernel) -> Result<Dispatch> + 'a>;
-    let cases: [(&str, [usize; 3], DType, Build); 3] = [
+    let cases: [(&str, [usize; 3], DType, Build); 4] = [
         (
             "matmul_forward",
             [m, k, n],
@@ -136,6 +136,21 @@ pub fn agreement_with_tiled(
                     ..Default::default()
                 };
                 matmul_backward_weight(gpu, out, &dout, &inp, &opts)
+            }),
+        ),
+        (
+            // The bias gradient summed with it: dout^T (n x m) times a column of ones.
+            "matmul_backward_weight's dbias",
+            [n, m, 1],
+            DType::F32,
+            Box::new(|out, kernel| {
+                let dweight = gpu.zeros("self-check dweight", &[n, k], DType::F32)?;
+                let opts = MatmulBackwardWeight {
+                    dbias: Some(out),
+                    kernel: Some(kernel),
+                    ..Default::default()
+                };
+                matmul_backward_weight(gpu, &dweight, &dout, &inp, &opts)
             }),
         ),
     ];

@@ -108,6 +108,8 @@ pub(super) struct CoopVariant {
     pub(super) bias_dtype: Option<DType>,
     pub(super) gelu: Option<(DType, bool)>,
     pub(super) accumulate: bool,
+    /// Also the sums of A's rows (`ROW_SUMS`: the bias gradient of a weight gradient).
+    pub(super) row_sums: bool,
     /// Plain-WGSL stand-ins for the cooperative-matrix operations (`EMULATE_COOP`).
     pub(super) emulate: bool,
     /// A (B) loaded in 16-byte packets (see `tiled::packets_fit`).
@@ -134,6 +136,7 @@ impl CoopVariant {
             ("FN", t.frags_n),
             ("SG", self.subgroup),
             ("ACCUMULATE", flag(self.accumulate)),
+            ("ROW_SUMS", flag(self.row_sums)),
             ("A_VEC", flag(self.a_vec)),
             ("B_VEC", flag(self.b_vec)),
             ("DIRECT_STORE", flag(self.direct_store)),
@@ -164,6 +167,7 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                     bias_dtype: None,
                     gelu: None,
                     accumulate,
+                    row_sums: false,
                     emulate: false,
                     a_vec: false,
                     b_vec: false,
@@ -184,11 +188,14 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                 for gelu in [None, Some((DType::F32, false)), Some((DType::F16, false))] {
                     variants.push(CoopVariant { gelu, ..base });
                 }
-                // matmul_backward_weight.
-                variants.push(CoopVariant {
-                    a_trans: true,
-                    ..base
-                });
+                // matmul_backward_weight, with and without the bias gradient.
+                for row_sums in [false, true] {
+                    variants.push(CoopVariant {
+                        a_trans: true,
+                        row_sums,
+                        ..base
+                    });
+                }
             }
         }
         for subgroup in [8, 16, 64, 128] {
@@ -202,6 +209,7 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                     bias_dtype: None,
                     gelu: None,
                     accumulate: false,
+                    row_sums: false,
                     emulate: false,
                     a_vec: false,
                     b_vec: false,

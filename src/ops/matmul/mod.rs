@@ -1,5 +1,5 @@
-//! Launchers for `shaders/matmul.wgsl`: the three products of a Linear layer and its bias
-//! gradient, in PyTorch layout (weight (N, K) = (out, in)).
+//! Launchers for `shaders/matmul.wgsl`: the three products of a Linear layer, the bias gradient
+//! summed with the weight gradient, in PyTorch layout (weight (N, K) = (out, in)).
 //!
 //! Every product is one kernel with its operands read in place (transposed or not), so no
 //! launcher copies or transposes anything: the tiled kernel `matmul_tiled` (shaders/matmul.wgsl),
@@ -21,10 +21,8 @@
 //! The folder, by concern: this file has the public launchers, their shape and alias checks and
 //! the one `launch` every product goes through; `choice` decides the kernel and tile, `check` is
 //! the start-up self-check of the cooperative-matrix kernel, `tiled`, `coop` and `rows` hold
-//! each kernel's tiles and specialisations, `split` the split-K weight gradient, `bias` the bias
-//! gradient's column sums.
+//! each kernel's tiles and specialisations, `split` the split-K weight gradient.
 
-mod bias;
 mod check;
 mod choice;
 mod coop;
@@ -32,7 +30,6 @@ mod rows;
 mod split;
 mod tiled;
 
-pub use bias::{matmul_backward_bias, matmul_backward_bias_scratch_len};
 pub use check::{
     agreement_with_tiled, coop_disabled_by_env, coop_matmul_status, relative_difference,
     SELF_CHECK_TOLERANCE,
@@ -47,7 +44,7 @@ pub use split::{
 };
 pub use tiled::{TileConfig, TILE_CONFIGS};
 
-use super::{check_float, check_u32_range};
+use super::{check_f32, check_float, check_u32_range};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
@@ -130,7 +127,10 @@ pub struct MatmulBackwardInput<'a> {
 
 /// Options of [`matmul_backward_weight`] and [`matmul_backward_weight_split`].
 #[derive(Clone, Copy, Default)]
-pub struct MatmulBackwardWeight {
+pub struct MatmulBackwardWeight<'a> {
+    /// (N) f32: the bias gradient `dbias (=|+=) sum over the M rows of dout` (as `accumulate`
+    /// says), summed in the same dispatch from the dout tiles the product stages anyway.
+    pub dbias: Option<&'a Tensor>,
     /// `dweight += ...` instead of `dweight = ...`.
     pub accumulate: bool,
     /// Forces a kernel instead of `choose_kernel`'s choice.
@@ -172,6 +172,9 @@ struct Product<'a> {
     c_window: Window,
     bias: Option<&'a Tensor>,
     epilogue: Epilogue<'a>,
+    /// (rows) f32: also `row_sums (=|+=)` the sums of A's rows over the inner dimension (the
+    /// bias gradient of a weight-gradient product). Plain epilogue, no bias.
+    row_sums: Option<&'a Tensor>,
     accumulate: bool,
     /// How the inner dimension is cut (split-K); C holds one (rows, cols) block per slice.
     slices: Slices,
@@ -274,6 +277,20 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         "C's last element",
         prod.c_window.start + prod.slices.count * prod.rows * prod.c_window.stride,
     )?;
+    if prod.row_sums.is_some() {
+        if prod.bias.is_some() || !matches!(prod.epilogue, Epilogue::Plain) {
+            return Err(Error::shape(
+                op,
+                "row sums go with a plain product only (no bias, no GELU)",
+            ));
+        }
+        // A split product stores them after C's partials.
+        check_u32_range(
+            op,
+            "the row sums' partials",
+            prod.slices.count * (prod.rows * prod.cols + prod.rows),
+        )?;
+    }
     let kernel = match forced {
         Some(k) => {
             check_kernel(gpu, prod, k)?;
@@ -281,6 +298,10 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         }
         None => choose_kernel(gpu, prod, &no_split)?,
     };
+    if prod.row_sums.is_some() && kernel == MatmulKernel::Rows {
+        return Err(Error::shape(op, "the rows kernel does not sum rows"));
+    }
+    let row_sums = prod.row_sums.is_some();
     let gelu = match prod.epilogue {
         Epilogue::Plain => None,
         Epilogue::GeluForward(t) => Some((t.dtype, true)),
@@ -308,6 +329,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 bias_dtype: prod.bias.map(|b| b.dtype),
                 gelu,
                 accumulate: prod.accumulate,
+                row_sums,
                 a_vec,
                 b_vec,
             };
@@ -347,6 +369,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 bias_dtype: prod.bias.map(|b| b.dtype),
                 gelu,
                 accumulate: prod.accumulate,
+                row_sums,
                 emulate,
                 a_vec,
                 b_vec,
@@ -405,6 +428,9 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         Epilogue::Plain => {}
         Epilogue::GeluForward(pre) => bindings.push(Bind::Write(pre)),
         Epilogue::GeluBackward(pre) => bindings.push(Bind::Read(pre)),
+    }
+    if let Some(sums) = prod.row_sums {
+        bindings.push(Bind::Write(sums));
     }
     gpu.dispatch(DispatchDesc {
         shader,
@@ -599,6 +625,7 @@ pub fn matmul_forward(
         c_window,
         bias: opts.bias,
         epilogue: opts.gelu_pre.map_or(Epilogue::Plain, Epilogue::GeluForward),
+        row_sums: None,
         accumulate: opts.accumulate,
         slices: Slices::whole(k),
     };
@@ -647,24 +674,25 @@ pub fn matmul_backward_input(
         epilogue: opts
             .gelu_pre
             .map_or(Epilogue::Plain, Epilogue::GeluBackward),
+        row_sums: None,
         accumulate: opts.accumulate,
         slices: Slices::whole(n),
     };
     launch(gpu, &prod, opts.kernel)
 }
 
-/// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows (see
-/// [`MatmulBackwardWeight`]), in one dispatch; [`matmul_backward_weight_split`] may split the
-/// sum over M to fill a large GPU.
+/// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows, and with
+/// `opts.dbias` the bias gradient (see [`MatmulBackwardWeight`]), in one dispatch;
+/// [`matmul_backward_weight_split`] may split the sum over M to fill a large GPU.
 ///
 /// dweight: (N, K) (f32, or f16), dout: (M, N), inp: (M, K), leading dimensions flattened;
-/// inputs f32 or f16.
+/// inputs f32 or f16; dbias: (N) f32.
 pub fn matmul_backward_weight(
     gpu: &Gpu,
     dweight: &Tensor,
     dout: &Tensor,
     inp: &Tensor,
-    opts: &MatmulBackwardWeight,
+    opts: &MatmulBackwardWeight<'_>,
 ) -> Result<Dispatch> {
     let prod = backward_weight_product(gpu, dweight, dout, inp, opts)?;
     if opts.splits.is_some_and(|s| s != 1) {
@@ -677,13 +705,14 @@ pub fn matmul_backward_weight(
 }
 
 /// The checked, unsplit product of [`matmul_backward_weight`]: C = dweight (N, K), A = dout
-/// read transposed (N rows of the product along its M rows), B = inp (M, K), inner = M.
+/// read transposed (N rows of the product along its M rows), B = inp (M, K), inner = M; the
+/// bias gradient is the sums of A's rows.
 fn backward_weight_product<'a>(
     gpu: &Gpu,
     dweight: &'a Tensor,
     dout: &'a Tensor,
     inp: &'a Tensor,
-    opts: &MatmulBackwardWeight,
+    opts: &MatmulBackwardWeight<'a>,
 ) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_weight";
     check_float(gpu, OP, "dweight", dweight)?;
@@ -693,7 +722,13 @@ fn backward_weight_product<'a>(
     let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
     let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
     expect_rows(OP, "inp", inp, m, k)?;
-    check_no_alias(OP, &[("dweight", dweight)], &[("dout", dout), ("inp", inp)])?;
+    let mut outputs = vec![("dweight", dweight)];
+    if let Some(dbias) = opts.dbias {
+        check_f32(OP, "dbias", dbias)?;
+        dbias.expect_len(OP, "dbias", n)?;
+        outputs.push(("dbias", dbias));
+    }
+    check_no_alias(OP, &outputs, &[("dout", dout), ("inp", inp)])?;
     Ok(Product {
         op: OP,
         c: dweight,
@@ -708,16 +743,16 @@ fn backward_weight_product<'a>(
         c_window: Window::whole(k),
         bias: None,
         epilogue: Epilogue::Plain,
+        row_sums: opts.dbias,
         accumulate: opts.accumulate,
         slices: Slices::whole(m),
     })
 }
 
-/// Every specialisation of the three product kernels and the column sums.
+/// Every specialisation of the three product kernels and the split-K reduction.
 pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
     let mut out = tiled::shader_variants();
     out.extend(split::shader_variants());
-    out.extend(bias::shader_variants());
     out.extend(coop::shader_variants());
     out.extend(rows::shader_variants());
     out

@@ -66,9 +66,10 @@ impl Slices {
     }
 }
 
-/// Elements of the f32 scratch [`matmul_backward_weight_split`] needs for dweight (N, K) summed
-/// over M rows, on any adapter: the most K slices any kernel's tile would take, times N * K;
-/// 0 when no tile would split (few rows, or an output that fills a large GPU by itself).
+/// Elements of the f32 scratch [`matmul_backward_weight_split`] needs for dweight (N, K) (and
+/// dbias (N)) summed over M rows, on any adapter: the most K slices any kernel's tile would
+/// take, times N * K + N; 0 when no tile would split (few rows, or an output that fills a
+/// large GPU by itself).
 pub fn matmul_backward_weight_scratch_len(n: usize, k: usize, m: usize) -> usize {
     let tiled = TILE_CONFIGS.iter().map(|t| (t.bm(), t.bn()));
     let coop = COOP_TILES.iter().map(|t| (t.bm(), t.bn()));
@@ -78,22 +79,24 @@ pub fn matmul_backward_weight_scratch_len(n: usize, k: usize, m: usize) -> usize
         .max()
         .unwrap_or(1);
     if most > 1 {
-        most * n * k
+        most * (n * k + n)
     } else {
         0
     }
 }
 
-/// The K slices a scratch of `scratch_len` f32 elements holds for an output of `outputs`
-/// elements, within the adapter's largest storage binding (at least 1: no split).
-fn scratch_slices(gpu: &Gpu, scratch_len: usize, outputs: usize) -> usize {
-    let binding = gpu.limits.max_storage_buffer_binding_size / (4 * outputs.max(1) as u64);
-    (scratch_len / outputs.max(1)).min(binding as usize).max(1)
+/// The K slices a scratch of `scratch_len` f32 elements holds for `per_slice` partials a
+/// slice, within the adapter's largest storage binding (at least 1: no split).
+fn scratch_slices(gpu: &Gpu, scratch_len: usize, per_slice: usize) -> usize {
+    let binding = gpu.limits.max_storage_buffer_binding_size / (4 * per_slice.max(1) as u64);
+    (scratch_len / per_slice.max(1))
+        .min(binding as usize)
+        .max(1)
 }
 
 /// The kernel and the number of K slices [`matmul_backward_weight_split`] takes for dweight
-/// (N, K) summed over M rows with operands of these dtypes and a scratch of `scratch_len` f32
-/// elements (0: none), on `gpu`. The tile is [`auto_kernel`](super::auto_kernel)'s rule with
+/// (N, K) and dbias summed over M rows with operands of these dtypes and a scratch of
+/// `scratch_len` f32 elements (0: none), on `gpu`. The tile is [`auto_kernel`](super::auto_kernel)'s rule with
 /// each tile counted once per slice, so a small output keeps big tiles and is split instead.
 pub fn backward_weight_choice(
     gpu: &Gpu,
@@ -102,7 +105,7 @@ pub fn backward_weight_choice(
     dtypes: (DType, DType),
     scratch_len: usize,
 ) -> Result<(MatmulKernel, usize)> {
-    let cap = scratch_slices(gpu, scratch_len, n * k);
+    let cap = scratch_slices(gpu, scratch_len, n * k + n);
     let slices = |tiles: u64| split_count(tiles, m).min(cap);
     let kernel = auto_kernel_sliced(gpu, n, k, dtypes.0, dtypes.1, &slices)?;
     let (bm, bn) = kernel.output_tile();
@@ -110,14 +113,16 @@ pub fn backward_weight_choice(
     Ok((kernel, Slices::new(m, count).count))
 }
 
-/// `dweight (=|+=) dout^T @ inp` as [`matmul_backward_weight`](super::matmul_backward_weight),
-/// split over the M rows when the output alone makes too few workgroups and M is long (see the
-/// module's text): one dispatch, or two (partial products into `scratch`, then their sum into
-/// dweight), to be run in order. Without a scratch it never splits.
+/// `dweight (=|+=) dout^T @ inp` (and with `opts.dbias` the bias gradient) as
+/// [`matmul_backward_weight`](super::matmul_backward_weight), split over the M rows when the
+/// output alone makes too few workgroups and M is long (see the module's text): one dispatch,
+/// or two (partial products, and partial row sums after them, into `scratch`, then their sums
+/// into dweight and dbias), to be run in order. Without a scratch it never splits.
 ///
 /// dweight: (N, K) (f32, or f16), dout: (M, N), inp: (M, K), leading dimensions flattened;
-/// inputs f32 or f16; scratch: f32, [`matmul_backward_weight_scratch_len`]`(N, K, M)` elements
-/// for any split the launcher may choose (fewer allow fewer slices), its contents overwritten.
+/// inputs f32 or f16; dbias: (N) f32; scratch: f32,
+/// [`matmul_backward_weight_scratch_len`]`(N, K, M)` elements for any split the launcher may
+/// choose (fewer allow fewer slices), its contents overwritten.
 /// `opts.splits` forces the number of slices (the scratch must hold them).
 pub fn matmul_backward_weight_split(
     gpu: &Gpu,
@@ -125,24 +130,24 @@ pub fn matmul_backward_weight_split(
     dout: &Tensor,
     inp: &Tensor,
     scratch: Option<&Tensor>,
-    opts: &MatmulBackwardWeight,
+    opts: &MatmulBackwardWeight<'_>,
 ) -> Result<Vec<Dispatch>> {
     let prod = backward_weight_product(gpu, dweight, dout, inp, opts)?;
     let op = prod.op;
     let outputs = prod.rows * prod.cols;
+    // A slice's partials: C's, then the row sums'.
+    let per_slice = outputs + opts.dbias.map_or(0, |_| prod.rows);
     let scratch_len = match scratch {
         Some(s) => {
             check_f32(op, "scratch", s)?;
-            check_no_alias(
-                op,
-                &[("scratch", s)],
-                &[("dout", dout), ("inp", inp), ("dweight", dweight)],
-            )?;
+            let mut others = vec![("dout", dout), ("inp", inp), ("dweight", dweight)];
+            others.extend(opts.dbias.map(|d| ("dbias", d)));
+            check_no_alias(op, &[("scratch", s)], &others)?;
             s.len()
         }
         None => 0,
     };
-    let cap = scratch_slices(gpu, scratch_len, outputs);
+    let cap = scratch_slices(gpu, scratch_len, per_slice);
     let kernel = match opts.kernel {
         Some(k) => {
             check_kernel(gpu, &prod, k)?;
@@ -160,7 +165,7 @@ pub fn matmul_backward_weight_split(
                      {scratch_len} (and the adapter binds at most {} bytes)",
                     prod.rows,
                     prod.cols,
-                    s * outputs,
+                    s * per_slice,
                     gpu.limits.max_storage_buffer_binding_size
                 ),
             ))
@@ -186,9 +191,9 @@ pub fn matmul_backward_weight_split(
     let reduce = split_k_reduce(
         gpu,
         op,
-        dweight,
+        (dweight, opts.dbias),
         scratch,
-        outputs,
+        (prod.rows, prod.cols),
         slices.count,
         opts.accumulate,
     )?;
@@ -200,21 +205,24 @@ pub fn matmul_backward_weight_split(
 struct ReduceParams {
     len: u32,
     splits: u32,
-    _pad: [u32; 2],
+    rows: u32,
+    _pad: u32,
 }
 
-/// `out (=|+=)` the sum, in slice order, of the `splits` blocks of `outputs` partials that lead
-/// `scratch`; four elements a thread (16-byte loads) when the sizes and offsets allow.
+/// `out (=|+=)` the sum, in slice order, of the `splits` blocks of (rows, cols) partials that
+/// lead `scratch`, and `row_sums (=|+=)` that of the `splits` blocks of `rows` partials after
+/// them; four elements of `out` a thread (16-byte loads) when the sizes and offsets allow.
 fn split_k_reduce(
     gpu: &Gpu,
     op: &'static str,
-    out: &Tensor,
+    (out, row_sums): (&Tensor, Option<&Tensor>),
     scratch: &Tensor,
-    outputs: usize,
+    (rows, cols): (usize, usize),
     splits: usize,
     accumulate: bool,
 ) -> Result<Dispatch> {
-    check_u32_range(op, "scratch elements", splits * outputs)?;
+    let outputs = rows * cols;
+    check_u32_range(op, "scratch elements", splits * (outputs + rows))?;
     let vec4 = outputs.is_multiple_of(4)
         && out.offset.is_multiple_of(16)
         && scratch.offset.is_multiple_of(16);
@@ -224,46 +232,60 @@ fn split_k_reduce(
         &ReduceParams {
             len: len as u32,
             splits: splits as u32,
-            _pad: [0; 2],
+            rows: rows as u32,
+            _pad: 0,
         },
     );
-    let groups = check_u32_range(op, "workgroups", len.div_ceil(REDUCE_THREADS))?;
+    let threads = len + row_sums.map_or(0, |_| rows);
+    let groups = check_u32_range(op, "workgroups", threads.div_ceil(REDUCE_THREADS))?;
+    let mut bindings = vec![
+        Bind::Uniform(&params),
+        Bind::Read(scratch),
+        Bind::Write(out),
+    ];
+    if let Some(sums) = row_sums {
+        bindings.extend([Bind::Read(scratch), Bind::Write(sums)]);
+    }
     gpu.dispatch(DispatchDesc {
         shader: SHADER,
         entry: "split_k_reduce",
-        defines: reduce_defines(out.dtype, vec4, accumulate),
-        bindings: &[
-            Bind::Uniform(&params),
-            Bind::Read(scratch),
-            Bind::Write(out),
-        ],
+        defines: reduce_defines(out.dtype, vec4, accumulate, row_sums.is_some()),
+        bindings: &bindings,
         workgroups: gpu.grid(groups),
         label: format!("{op}.reduce[{splits} K slices]"),
         family: FAMILY,
     })
 }
 
-fn reduce_defines(out: DType, vec4: bool, accumulate: bool) -> Vec<(String, String)> {
+fn reduce_defines(
+    out: DType,
+    vec4: bool,
+    accumulate: bool,
+    row_sums: bool,
+) -> Vec<(String, String)> {
     defines![
         ("SPLIT_REDUCE", "1"),
         ("C_T", out.wgsl()),
         ("VEC4", flag(vec4)),
         ("ACCUMULATE", flag(accumulate)),
+        ("ROW_SUMS", flag(row_sums)),
     ]
 }
 
 /// The `split_k_reduce` specialisations: each output dtype, vectorised or not, with and without
-/// accumulation. (The partial products are the plain f32-output specialisations of the product
-/// kernels, which their own variants include.)
+/// accumulation and row sums. (The partial products are the plain f32-output specialisations
+/// of the product kernels, which their own variants include.)
 pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::F16] {
         for vec4 in [false, true] {
             for accumulate in [false, true] {
-                out.push(crate::ops::ShaderVariant {
-                    shader: SHADER,
-                    defines: reduce_defines(dtype, vec4, accumulate),
-                });
+                for row_sums in [false, true] {
+                    out.push(crate::ops::ShaderVariant {
+                        shader: SHADER,
+                        defines: reduce_defines(dtype, vec4, accumulate, row_sums),
+                    });
+                }
             }
         }
     }
@@ -319,7 +341,7 @@ mod tests {
         // 768 x 768 is 18 cooperative-matrix tiles of 128 x 256: 15 slices.
         assert_eq!(
             matmul_backward_weight_scratch_len(768, 768, 16384),
-            15 * 768 * 768
+            15 * (768 * 768 + 768)
         );
         assert_eq!(matmul_backward_weight_scratch_len(768, 768, 1024), 0);
         assert_eq!(matmul_backward_weight_scratch_len(50304, 768, 16384), 0);
@@ -329,7 +351,7 @@ mod tests {
         for (n, k) in [(768, 768), (2304, 768), (3072, 768), (1600, 1600), (64, 64)] {
             let bytes = 4 * matmul_backward_weight_scratch_len(n, k, 1 << 20);
             assert!(
-                bytes <= 2 * 264 * 128 * 256 * 4 + 4 * n * k,
+                bytes <= 2 * 264 * (128 * 256 + 128) * 4 + 4 * (n * k + n),
                 "{n}x{k}: {bytes}"
             );
         }

@@ -113,6 +113,8 @@ pub(super) struct TiledVariant {
     /// (dtype of the pre-activation, whether it is written (forward) or read (backward)).
     pub(super) gelu: Option<(DType, bool)>,
     pub(super) accumulate: bool,
+    /// Also the sums of A's rows (`ROW_SUMS`: the bias gradient of a weight gradient).
+    pub(super) row_sums: bool,
     /// A (B) loaded in 16-byte packets (see [`packets_fit`]).
     pub(super) a_vec: bool,
     pub(super) b_vec: bool,
@@ -140,6 +142,7 @@ impl TiledVariant {
             ("TN", t.tn),
             ("BK", t.bk),
             ("ACCUMULATE", flag(self.accumulate)),
+            ("ROW_SUMS", flag(self.row_sums)),
             ("STAGE_T", self.stage().wgsl()),
             ("A_VEC", flag(self.a_vec)),
             ("B_VEC", flag(self.b_vec)),
@@ -185,6 +188,7 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                             bias_dtype: None,
                             gelu: None,
                             accumulate,
+                            row_sums: false,
                             a_vec: false,
                             b_vec: false,
                         };
@@ -203,11 +207,14 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                         for gelu in [None, Some((DType::F32, false)), Some((DType::F16, false))] {
                             push(TiledVariant { gelu, ..base });
                         }
-                        // matmul_backward_weight.
-                        push(TiledVariant {
-                            a_trans: true,
-                            ..base
-                        });
+                        // matmul_backward_weight, with and without the bias gradient.
+                        for row_sums in [false, true] {
+                            push(TiledVariant {
+                                a_trans: true,
+                                row_sums,
+                                ..base
+                            });
+                        }
                     }
                 }
             }
