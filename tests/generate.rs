@@ -236,15 +236,14 @@ fn gpu_top_k_sampling_matches_a_cpu_draw() {
         for _ in 0..4 {
             let u: Vec<f32> = (0..s).map(|_| r.uniform() as f32).collect();
             g.write(&uniforms, &u).unwrap();
-            g.queue.write_buffer(
-                &step,
-                0,
-                bytemuck::bytes_of(&DecodeStep {
+            step.write(
+                g,
+                &DecodeStep {
                     pos: 0,
                     top_k: k as u32,
                     temperature: temp,
                     _pad: 0,
-                }),
+                },
             );
             g.run(&[&dispatch]).unwrap();
             let got = g.read_u32(&tokens).unwrap();

@@ -37,6 +37,29 @@ fn errors_outside_a_scope_are_reported_not_fatal() {
     assert_eq!(g.read(&t).unwrap(), vec![1.0, 2.0]);
 }
 
+/// Dispatches' uniform blocks share buffers, packed at the adapter's offset alignment: 600
+/// fills recorded before any submission (600 blocks: several 64 KiB buffers at a 256-byte
+/// alignment) each write their own value into their own slice, all run in one submission.
+#[test]
+fn uniform_blocks_share_buffers_and_keep_their_values() {
+    let g = gpu();
+    let (count, width) = (600, g.alignment() as usize / 4);
+    let out = g.zeros("out", &[count * width], DType::F32).unwrap();
+    let fills: Vec<_> = (0..count)
+        .map(|i| {
+            let slice = out.slice(i * width, &[width], g.alignment()).unwrap();
+            wgpt::ops::elementwise::fill(g, &slice, i as f32 + 0.5).unwrap()
+        })
+        .collect();
+    g.run(&fills.iter().collect::<Vec<_>>()).unwrap();
+    let got = read(&out);
+    for i in 0..count {
+        let want = i as f32 + 0.5;
+        let bad = got[i * width..(i + 1) * width].iter().find(|&&x| x != want);
+        assert!(bad.is_none(), "fill {i}: {bad:?} instead of {want}");
+    }
+}
+
 #[test]
 fn pipelines_are_cached_by_key() {
     let g = gpu();

@@ -103,10 +103,54 @@ pub enum BindKind {
     ReadWrite,
 }
 
+/// A dispatch's block of uniform parameters (shapes, offsets), in a uniform buffer it shares
+/// with many other dispatches' blocks (see [`Gpu::uniform`]).
+#[derive(Clone, Debug)]
+pub struct Uniform {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: u64,
+}
+
+impl Uniform {
+    fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: std::num::NonZeroU64::new(self.size),
+        })
+    }
+
+    /// Replaces the block's contents (as `queue.write_buffer`: before the next submission's
+    /// commands run). `value` must have the size the block was made with.
+    pub fn write<T: bytemuck::Pod>(&self, gpu: &Gpu, value: &T) {
+        let bytes = padded_uniform(value);
+        debug_assert_eq!(bytes.len() as u64, self.size);
+        gpu.queue.write_buffer(&self.buffer, self.offset, &bytes);
+    }
+}
+
+/// A uniform value's bytes, padded to a multiple of 16 (at least 16).
+fn padded_uniform<T: bytemuck::Pod>(value: &T) -> Vec<u8> {
+    let mut bytes = bytemuck::bytes_of(value).to_vec();
+    bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
+    bytes
+}
+
+/// Bytes of each buffer that [`Gpu::uniform`] fills with blocks one after the other.
+const UNIFORM_CHUNK: u64 = 64 << 10;
+
+/// The uniform buffer [`Gpu::uniform`] is filling and the bytes of it already given out.
+#[derive(Default)]
+struct UniformArena {
+    buffer: Option<wgpu::Buffer>,
+    used: u64,
+}
+
 /// One resource bound to a dispatch.
 pub enum Bind<'a> {
-    /// A uniform buffer (shape parameters).
-    Uniform(&'a wgpu::Buffer),
+    /// A block of uniform parameters (shapes).
+    Uniform(&'a Uniform),
     /// A tensor the shader only reads.
     Read(&'a Tensor),
     /// A tensor the shader writes (and may read).
@@ -225,6 +269,7 @@ pub struct Gpu {
     pub(crate) coop_attention: std::sync::OnceLock<std::result::Result<(), String>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     layouts: Mutex<HashMap<Vec<BindKind>, wgpu::BindGroupLayout>>,
+    uniforms: Mutex<UniformArena>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -583,6 +628,7 @@ impl Gpu {
             coop_attention: std::sync::OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
+            uniforms: Mutex::new(UniformArena::default()),
             modules: Mutex::new(HashMap::new()),
             lost,
             uncaptured,
@@ -923,17 +969,38 @@ impl Gpu {
         self.check_lost()
     }
 
-    /// A uniform buffer holding `value`.
-    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
-        use wgpu::util::DeviceExt;
-        let mut bytes = bytemuck::bytes_of(value).to_vec();
-        bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &bytes,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            })
+    /// A block of uniform parameters holding `value`: a slice of a 64 KiB uniform buffer that
+    /// the next blocks share, so that a step's few hundred dispatches bind a handful of
+    /// buffers, not one each (wgpu tracks the state of every buffer a command buffer uses).
+    /// The value is written as `queue.write_buffer` does: before the next submission runs.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> Uniform {
+        let bytes = padded_uniform(value);
+        let size = bytes.len() as u64;
+        let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(16);
+        let mut arena = self.uniforms.lock().unwrap_or_else(|p| p.into_inner());
+        let buffer = match &arena.buffer {
+            Some(b) if arena.used + size <= UNIFORM_CHUNK => b.clone(),
+            _ => {
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: UNIFORM_CHUNK.max(size),
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                arena.buffer = Some(b.clone());
+                arena.used = 0;
+                b
+            }
+        };
+        let offset = arena.used;
+        arena.used = (offset + size).next_multiple_of(align);
+        drop(arena);
+        self.queue.write_buffer(&buffer, offset, &bytes);
+        Uniform {
+            buffer,
+            offset,
+            size,
+        }
     }
 
     fn bind_group_layout(&self, kinds: &[BindKind]) -> wgpu::BindGroupLayout {
@@ -1111,7 +1178,7 @@ impl Gpu {
             .map(|(i, b)| wgpu::BindGroupEntry {
                 binding: i as u32,
                 resource: match b {
-                    Bind::Uniform(u) => u.as_entire_binding(),
+                    Bind::Uniform(u) => u.binding(),
                     Bind::Read(t) | Bind::Write(t) => t.binding(),
                 },
             })

@@ -8,7 +8,7 @@ use super::embedding::TablePiece;
 use super::{check_float, check_u32, check_u32_range};
 use crate::defines;
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor, Uniform};
 
 /// The decode problem's fixed sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct DecodeStep {
 }
 
 /// A uniform buffer for [`DecodeStep`], rewritten with `queue.write_buffer` before each token.
-pub fn step_buffer(gpu: &Gpu) -> wgpu::Buffer {
+pub fn step_buffer(gpu: &Gpu) -> Uniform {
     gpu.uniform(
         "decode step",
         &DecodeStep {
@@ -68,7 +68,7 @@ pub fn max_positions(gpu: &Gpu) -> usize {
     (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(1024) / 4
 }
 
-fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<wgpu::Buffer> {
+fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<Uniform> {
     shape_uniform_for_piece(gpu, op, d, TablePiece::whole(d.vp), d.vp)
 }
 
@@ -79,7 +79,7 @@ fn shape_uniform_for_piece(
     d: &DecodeDims,
     piece: TablePiece,
     piece_rows: usize,
-) -> Result<wgpu::Buffer> {
+) -> Result<Uniform> {
     if d.s == 0
         || d.c == 0
         || d.nh == 0
@@ -113,7 +113,7 @@ fn shape_uniform_for_piece(
 pub fn embedding_at(
     gpu: &Gpu,
     d: &DecodeDims,
-    step: &wgpu::Buffer,
+    step: &Uniform,
     out: &Tensor,
     tokens: &Tensor,
     wte: &Tensor,
@@ -177,7 +177,7 @@ pub fn embedding_at(
 pub fn attention_decode(
     gpu: &Gpu,
     d: &DecodeDims,
-    step: &wgpu::Buffer,
+    step: &Uniform,
     out: &Tensor,
     cache: &Tensor,
     qkv: &Tensor,
@@ -229,7 +229,7 @@ pub fn attention_decode(
 pub fn topk_sample(
     gpu: &Gpu,
     d: &DecodeDims,
-    step: &wgpu::Buffer,
+    step: &Uniform,
     tokens: &Tensor,
     logits: &Tensor,
     uniforms: &Tensor,

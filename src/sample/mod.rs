@@ -4,7 +4,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
+use crate::gpu::{AdapterLimits, DType, Gpu, Tensor, Uniform};
 use crate::graph::gpt::{layernorm_node, linear_forward, ln_tensors, residual_layernorm};
 use crate::graph::{CompiledGraph, Graph, TensorId};
 use crate::model::{Gpt, GptConfig, ParamId, ParamLayout, StorageLayout, StoredParams};
@@ -54,7 +54,7 @@ pub struct Generator {
     config: GptConfig,
     dims: DecodeDims,
     graph: CompiledGraph,
-    step: wgpu::Buffer,
+    step: Uniform,
     tokens_in: Tensor,
     tokens_out: Tensor,
     uniforms: Tensor,
@@ -388,8 +388,7 @@ impl Generator {
             temperature: opts.temperature,
             _pad: 0,
         };
-        gpu.queue
-            .write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
+        self.step.write(gpu, &step);
         gpu.scoped("decode step", || {
             let mut enc = gpu
                 .device
