@@ -19,8 +19,8 @@ pub fn coop_disabled_by_env(value: Option<&std::ffi::OsStr>) -> bool {
 /// Whether f16 products on `gpu` run on cooperative matrices: `Ok`, or `Err` saying why not
 /// (`WGPT_NO_COOPMAT` set, an adapter without 16x16 f16 cooperative matrices, or a failed
 /// self-check). Decided once per [`Gpu`], the first time it is asked (the launchers ask at
-/// their first f16 product): the self-check runs the three products of a Linear layer at
-/// awkward shapes through every usable cooperative-matrix tile and through the tiled kernel
+/// their first f16 product): the self-check runs the three products of a Linear layer (and the
+/// bias gradient summed with the weight gradient) at awkward shapes through every usable cooperative-matrix tile and through the tiled kernel
 /// (see [`agreement_with_tiled`]); any relative difference above 1e-2, any NaN or any error
 /// turns cooperative matrices off for this device, with one line on stderr saying why.
 pub fn coop_matmul_status(gpu: &Gpu) -> std::result::Result<(), String> {
@@ -54,7 +54,7 @@ pub const SELF_CHECK_TOLERANCE: f32 = 1e-2;
 const SELF_CHECK_SHAPE: (usize, usize, usize) = (277, 296, 269);
 
 /// Runs matmul_forward (with an f32 bias, f16 output), matmul_backward_input and
-/// matmul_backward_weight (f32 outputs) on seeded f16 inputs at (M, K, N) = (277, 296, 269)
+/// matmul_backward_weight with and without its bias gradient (f32 outputs) on seeded f16 inputs at (M, K, N) = (277, 296, 269)
 /// through `candidate` and through the tiled kernel, outputs poisoned with NaN first, and
 /// returns the largest relative difference (max-norm) of the candidate from the tiled kernel.
 /// `Err` says which product disagreed by more than [`SELF_CHECK_TOLERANCE`], left an output
