@@ -282,21 +282,9 @@ fn backward_weight_matches_reference() {
             let want_b = bias_want(&doutv, m, n);
             for accumulate in [false, true] {
                 // Weight and bias gradients are f32 whatever the activations are.
-                let (dw, start) = if accumulate {
-                    upload(
-                        "dweight",
-                        &uniform(130 + i as u64, n * k),
-                        &[n, k],
-                        DType::F32,
-                    )
-                } else {
-                    (poisoned("dweight", &[n, k], DType::F32), vec![0.0; n * k])
-                };
-                let (db, start_b) = if accumulate {
-                    upload("dbias", &uniform(150 + i as u64, n), &[n], DType::F32)
-                } else {
-                    (poisoned("dbias", &[n], DType::F32), vec![0.0; n])
-                };
+                let seed = 130 + i as u64;
+                let (dw, start) = output("dweight", &[n, k], DType::F32, accumulate, seed);
+                let (db, start_b) = output("dbias", &[n], DType::F32, accumulate, seed + 20);
                 let tag = format!("{dtype:?} {shape:?} accumulate={accumulate}");
                 gpu()
                     .run(&[&backward_weight(&dw, Some(&db), &dout, &x, accumulate, None).unwrap()])
@@ -936,6 +924,18 @@ fn backward_weight_split(
     mm::matmul_backward_weight_split(gpu(), dw, dout, x, scratch, &opts)
 }
 
+/// [`backward_weight_split`] with a scratch and `splits` forced: the dispatches.
+fn forced_split(
+    outs: (&Tensor, Option<&Tensor>),
+    dout: &Tensor,
+    x: &Tensor,
+    scratch: &Tensor,
+    accumulate: bool,
+    splits: usize,
+) -> Vec<wgpt::Dispatch> {
+    backward_weight_split(outs, dout, x, Some(scratch), accumulate, Some(splits)).unwrap()
+}
+
 fn run_all(ds: &[wgpt::Dispatch]) {
     gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
 }
@@ -964,25 +964,10 @@ fn backward_weight_split_matches_reference() {
                 outputs.push((DType::F16, true, 1e-3));
             }
             for (out_dt, accumulate, tol) in outputs {
-                let (dw, start) = if accumulate {
-                    upload("dweight", &uniform(seed + 2, n * k), &[n, k], out_dt)
-                } else {
-                    (poisoned("dweight", &[n, k], out_dt), vec![0.0; n * k])
-                };
-                let (db, start_b) = if accumulate {
-                    upload("dbias", &uniform(seed + 3, n), &[n], DType::F32)
-                } else {
-                    (poisoned("dbias", &[n], DType::F32), vec![0.0; n])
-                };
-                let ds = backward_weight_split(
-                    (&dw, Some(&db)),
-                    &dout,
-                    &x,
-                    Some(&scratch),
-                    accumulate,
-                    Some(splits),
-                )
-                .unwrap();
+                let (dw, start) = output("dweight", &[n, k], out_dt, accumulate, seed + 2);
+                let (db, start_b) = output("dbias", &[n], DType::F32, accumulate, seed + 3);
+                let sums = (&dw, Some(&db));
+                let ds = forced_split(sums, &dout, &x, &scratch, accumulate, splits);
                 assert_eq!(ds.len(), 2, "a forced split runs partials, then their sum");
                 run_all(&ds);
                 let what = format!(
@@ -1069,15 +1054,7 @@ fn split_runs_are_bitwise_deterministic() {
             let (dw, _) = upload("dweight", &start, &[n, k], DType::F32);
             let (db, _) = upload("dbias", &start_b, &[n], DType::F32);
             gpu().poison(&scratch).unwrap();
-            let ds = backward_weight_split(
-                (&dw, Some(&db)),
-                &dout,
-                &x,
-                Some(&scratch),
-                accumulate,
-                Some(splits),
-            )
-            .unwrap();
+            let ds = forced_split((&dw, Some(&db)), &dout, &x, &scratch, accumulate, splits);
             run_all(&ds);
             runs.push([read(&dw), read(&db)].concat());
         }

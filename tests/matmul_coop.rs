@@ -108,22 +108,6 @@ fn run(d: Dispatch) {
     gpu().run(&[&d]).unwrap();
 }
 
-/// The output before a product: poisoned, or (when accumulating) random values as stored.
-fn output(
-    label: &str,
-    shape: &[usize],
-    dtype: DType,
-    accumulate: bool,
-    seed: u64,
-) -> (Tensor, Vec<f32>) {
-    let n = shape.iter().product();
-    if accumulate {
-        upload(label, &uniform(seed, n), shape, dtype)
-    } else {
-        (poisoned(label, shape, dtype), vec![0.0; n])
-    }
-}
-
 fn tag(kernel: MatmulKernel, shape: (usize, usize, usize), extra: &str) -> String {
     format!("{kernel} {shape:?} {extra}")
 }

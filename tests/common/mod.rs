@@ -152,6 +152,23 @@ pub fn poisoned(label: &str, shape: &[usize], dtype: DType) -> Tensor {
     t
 }
 
+/// An output before a kernel runs: poisoned, or (when the kernel accumulates into it) values
+/// in [-1, 1) drawn from `seed`, as stored; returns the tensor and its starting values.
+pub fn output(
+    label: &str,
+    shape: &[usize],
+    dtype: DType,
+    accumulate: bool,
+    seed: u64,
+) -> (Tensor, Vec<f32>) {
+    let n = shape.iter().product();
+    if accumulate {
+        upload(label, &rng(seed).vec_uniform(n, -1.0, 1.0), shape, dtype)
+    } else {
+        (poisoned(label, shape, dtype), vec![0.0; n])
+    }
+}
+
 pub fn read(t: &Tensor) -> Vec<f32> {
     gpu().read(t).expect("read-back")
 }
