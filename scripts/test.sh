@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 \
+# A Vulkan driver is installed when an ICD manifest exists in either folder and the loader is.
+if ! { compgen -G '/usr/share/vulkan/icd.d/*.json' || compgen -G '/etc/vulkan/icd.d/*.json'; } >/dev/null \
    || ! ldconfig -p | grep libvulkan.so.1 >/dev/null; then
   echo "no Vulkan driver found: installing Mesa's software Vulkan driver"
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
