@@ -973,7 +973,7 @@ impl Gpu {
     /// the next blocks share, so that a step's few hundred dispatches bind a handful of
     /// buffers, not one each (wgpu tracks the state of every buffer a command buffer uses).
     /// The value is written as `queue.write_buffer` does: before the next submission runs.
-    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> Uniform {
+    pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> Uniform {
         let bytes = padded_uniform(value);
         let size = bytes.len() as u64;
         let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(16);
@@ -982,7 +982,7 @@ impl Gpu {
             Some(b) if arena.used + size <= UNIFORM_CHUNK => b.clone(),
             _ => {
                 let b = self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
+                    label: Some("uniform blocks"),
                     size: UNIFORM_CHUNK.max(size),
                     usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,

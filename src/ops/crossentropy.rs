@@ -53,15 +53,12 @@ pub fn crossentropy_forward_backward(
     check_f32(OP, "dloss", dloss)?;
     dloss.expect_len(OP, "dloss", 1)?;
     check_u32_range(OP, "N * Vp", logits.len())?;
-    let params = gpu.uniform(
-        OP,
-        &Params4 {
-            a: n as u32,
-            b: vp as u32,
-            c: v as u32,
-            d: 0,
-        },
-    );
+    let params = gpu.uniform(&Params4 {
+        a: n as u32,
+        b: vp as u32,
+        c: v as u32,
+        d: 0,
+    });
     gpu.dispatch(DispatchDesc {
         shader: "crossentropy",
         entry: "crossentropy_forward_backward",
@@ -124,15 +121,12 @@ pub fn loss_mean(
     out.expect_len(OP, "out", 1)?;
     check_f32(OP, "losses", losses)?;
     let n = check_u32_range(OP, "N", losses.len())?;
-    let params = gpu.uniform(
-        OP,
-        &MeanParams {
-            n,
-            accumulate: accumulate as u32,
-            scale,
-            _pad: 0,
-        },
-    );
+    let params = gpu.uniform(&MeanParams {
+        n,
+        accumulate: accumulate as u32,
+        scale,
+        _pad: 0,
+    });
     gpu.dispatch(DispatchDesc {
         shader: "crossentropy",
         entry: "loss_mean",

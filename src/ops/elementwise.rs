@@ -23,15 +23,12 @@ fn flat(
     let n32 = check_u32_range(op, "element count", n)?;
     let in_t = inputs[0].1.dtype.wgsl();
     let grad_t = inputs.get(1).map(|(_, t)| t.dtype.wgsl()).unwrap_or("f32");
-    let params = gpu.uniform(
-        op,
-        &Params4 {
-            a: n32,
-            b: 0,
-            c: 0,
-            d: 0,
-        },
-    );
+    let params = gpu.uniform(&Params4 {
+        a: n32,
+        b: 0,
+        c: 0,
+        d: 0,
+    });
     let mut bindings = vec![Bind::Uniform(&params)];
     bindings.extend(inputs.iter().map(|(_, t)| Bind::Read(t)));
     bindings.push(Bind::Write(out));
@@ -87,15 +84,12 @@ pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<Dispatch> {
     check_float(gpu, "fill", "output", out)?;
     let n32 = check_u32_range("fill", "element count", out.len())?;
-    let params = gpu.uniform(
-        "fill",
-        &Params4 {
-            a: n32,
-            b: value.to_bits(),
-            c: 0,
-            d: 0,
-        },
-    );
+    let params = gpu.uniform(&Params4 {
+        a: n32,
+        b: value.to_bits(),
+        c: 0,
+        d: 0,
+    });
     gpu.dispatch(DispatchDesc {
         shader: "elementwise",
         entry: "fill",

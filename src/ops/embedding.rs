@@ -154,7 +154,7 @@ pub fn embedding_forward(
     check_u32_range(OP, "B * T * C", b * t * c)?;
     check_u32_range(OP, "Vp * C", wte.len())?;
     let n = (b * t * c) as u32;
-    let params = gpu.uniform(OP, &piece.params(b * t, t, c, piece_rows));
+    let params = gpu.uniform(&piece.params(b * t, t, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_forward",
@@ -284,7 +284,7 @@ pub fn embedding_backward_wte(
     buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
     check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
     check_u32_range(OP, "piece elements", dwte.len())?;
-    let params = gpu.uniform(OP, &piece.params(positions, 0, c, piece_rows));
+    let params = gpu.uniform(&piece.params(positions, 0, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_backward_wte",
@@ -316,15 +316,12 @@ pub fn embedding_backward_wpe(
     check_f32(OP, "dwpe", dwpe)?;
     let (_, c) = table(OP, "dwpe", dwpe, t)?;
     check_dout(gpu, OP, dout, b, t, c)?;
-    let wpe_params = gpu.uniform(
-        OP,
-        &Params4 {
-            a: b as u32,
-            b: t as u32,
-            c: c as u32,
-            d: 0,
-        },
-    );
+    let wpe_params = gpu.uniform(&Params4 {
+        a: b as u32,
+        b: t as u32,
+        c: c as u32,
+        d: 0,
+    });
     gpu.dispatch(DispatchDesc {
         shader: "embedding",
         entry: "embedding_backward_wpe",

@@ -115,15 +115,12 @@ pub fn layernorm_forward(
     f32_len(OP, "mean", mean, n)?;
     f32_len(OP, "rstd", rstd, n)?;
     check_u32_range(OP, "N * C", n * c)?;
-    let params = gpu.uniform(
-        OP,
-        &Params4 {
-            a: n as u32,
-            b: c as u32,
-            c: 0,
-            d: 0,
-        },
-    );
+    let params = gpu.uniform(&Params4 {
+        a: n as u32,
+        b: c as u32,
+        c: 0,
+        d: 0,
+    });
     gpu.dispatch(DispatchDesc {
         shader: "layernorm",
         entry: "layernorm_forward",
@@ -175,15 +172,12 @@ pub fn fused_residual_layernorm_forward(
     f32_len(OP, "mean", mean, n)?;
     f32_len(OP, "rstd", rstd, n)?;
     check_u32_range(OP, "N * C", n * c)?;
-    let params = gpu.uniform(
-        OP,
-        &Params4 {
-            a: n as u32,
-            b: c as u32,
-            c: 0,
-            d: 0,
-        },
-    );
+    let params = gpu.uniform(&Params4 {
+        a: n as u32,
+        b: c as u32,
+        c: 0,
+        d: 0,
+    });
     gpu.dispatch(DispatchDesc {
         shader: "layernorm",
         entry: "fused_residual_layernorm_forward",
@@ -259,15 +253,12 @@ pub fn layernorm_backward(
     check_u32_range(OP, "scratch length", need)?;
     check_u32_range(OP, "N * C", n * c)?;
     let groups = backward_groups(n) as u32;
-    let params = gpu.uniform(
-        OP,
-        &Params4 {
-            a: n as u32,
-            b: c as u32,
-            c: groups,
-            d: 0,
-        },
-    );
+    let params = gpu.uniform(&Params4 {
+        a: n as u32,
+        b: c as u32,
+        c: groups,
+        d: 0,
+    });
     let rows = BACKWARD_ROWS_PER_GROUP.to_string();
     let rows_stage = gpu.dispatch(DispatchDesc {
         shader: "layernorm",

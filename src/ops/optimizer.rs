@@ -196,15 +196,12 @@ pub fn grad_norm_with_groups(
             "gradient elements plus the grid stride",
             n + groups * WG as usize,
         )?;
-        let params = gpu.uniform(
-            OP,
-            &Params {
-                n: n as u32,
-                other: groups as u32,
-                base: base as u32,
-                total: total as u32,
-            },
-        );
+        let params = gpu.uniform(&Params {
+            n: n as u32,
+            other: groups as u32,
+            base: base as u32,
+            total: total as u32,
+        });
         dispatches.push(gpu.dispatch(DispatchDesc {
             shader: "optimizer",
             entry: "grad_norm_partials",
@@ -224,15 +221,12 @@ pub fn grad_norm_with_groups(
         })?);
         base += groups;
     }
-    let params = gpu.uniform(
-        OP,
-        &Params {
-            n: 0,
-            other: total as u32,
-            base: 0,
-            total: total as u32,
-        },
-    );
+    let params = gpu.uniform(&Params {
+        n: 0,
+        other: total as u32,
+        base: 0,
+        total: total as u32,
+    });
     let finish = gpu.dispatch(DispatchDesc {
         shader: "optimizer",
         entry: "grad_norm_finish",
@@ -322,15 +316,12 @@ pub fn adamw_with_grid_limit(
         super::check_float(gpu, OP, "params_f16", copy)?;
     }
     let n32 = check_u32_range(OP, "parameter count", n)?;
-    let uniform = gpu.uniform(
-        OP,
-        &Params {
-            n: n32,
-            other: n_decay as u32,
-            base: 0,
-            total: 0,
-        },
-    );
+    let uniform = gpu.uniform(&Params {
+        n: n32,
+        other: n_decay as u32,
+        base: 0,
+        total: 0,
+    });
     let mut bindings = vec![
         Bind::Uniform(&uniform),
         Bind::Write(params),
@@ -478,15 +469,12 @@ pub fn advance_step_state(
     norm_scalars.expect_len(OP, "norm_scalars", GradNormScalars::LEN)?;
     check_f32(OP, "hyper", hyper)?;
     hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
-    let uniform = gpu.uniform(
-        OP,
-        &[
-            check_u32_range(OP, "growth interval", growth_interval.max(1))?,
-            scaling as u32,
-            (table.len() / 2) as u32,
-            0u32,
-        ],
-    );
+    let uniform = gpu.uniform(&[
+        check_u32_range(OP, "growth interval", growth_interval.max(1))?,
+        scaling as u32,
+        (table.len() / 2) as u32,
+        0u32,
+    ]);
     gpu.dispatch(DispatchDesc {
         shader: "optimizer",
         entry: "advance_step_state",

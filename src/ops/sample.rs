@@ -52,15 +52,12 @@ pub struct DecodeStep {
 
 /// A uniform buffer for [`DecodeStep`], rewritten with `queue.write_buffer` before each token.
 pub fn step_buffer(gpu: &Gpu) -> Uniform {
-    gpu.uniform(
-        "decode step",
-        &DecodeStep {
-            pos: 0,
-            top_k: 1,
-            temperature: 1.0,
-            _pad: 0,
-        },
-    )
+    gpu.uniform(&DecodeStep {
+        pos: 0,
+        top_k: 1,
+        temperature: 1.0,
+        _pad: 0,
+    })
 }
 
 /// Workgroup memory holds one score per cached position.
@@ -91,19 +88,16 @@ fn shape_uniform_for_piece(
         return Err(Error::shape(op, format!("invalid decode sizes {d:?}")));
     }
     let u = |what: &str, x: usize| check_u32_range(op, what, x);
-    Ok(gpu.uniform(
-        op,
-        &ShapeUniform {
-            s: u("samples", d.s)?,
-            c: u("channels", d.c)?,
-            nh: u("heads", d.nh)?,
-            t_max: u("positions", d.t_max)?,
-            v: u("vocabulary", d.v)?,
-            vp: u("padded vocabulary", d.vp)?,
-            first: u("piece's first row", piece.first)?,
-            piece_rows: u("piece rows", piece_rows)?,
-        },
-    ))
+    Ok(gpu.uniform(&ShapeUniform {
+        s: u("samples", d.s)?,
+        c: u("channels", d.c)?,
+        nh: u("heads", d.nh)?,
+        t_max: u("positions", d.t_max)?,
+        v: u("vocabulary", d.v)?,
+        vp: u("padded vocabulary", d.vp)?,
+        first: u("piece's first row", piece.first)?,
+        piece_rows: u("piece rows", piece_rows)?,
+    }))
 }
 
 /// `out[s] = wte[tokens[s]] + wpe[step.pos]` for every sample whose token lies in `piece`.

@@ -171,7 +171,7 @@ pub fn coop_attention_forward(
     check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
     let n_work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
-    let params = gpu.uniform(OP, &flash_params(&d, n_blocks, n_work));
+    let params = gpu.uniform(&flash_params(&d, n_blocks, n_work));
     let mut defs = cfg.defines("FORWARD", d.hs, subgroup);
     defs.extend(defines![("OUT_T", out.dtype.wgsl())]);
     let dispatch = gpu.dispatch(DispatchDesc {
@@ -216,7 +216,7 @@ pub fn coop_attention_backward(
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
     let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
     let pass = |entry: &'static str, gate: &str, what: &str| {
-        let params = gpu.uniform(OP, &flash_params(&d, n_blocks, work));
+        let params = gpu.uniform(&flash_params(&d, n_blocks, work));
         let mut defs = cfg.defines(gate, d.hs, subgroup);
         defs.extend(defines![
             ("DOUT_T", dout.dtype.wgsl()),

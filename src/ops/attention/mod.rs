@@ -346,7 +346,7 @@ pub fn flash_attention_forward_tiled(
     check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
     let n_qb = d.t.div_ceil(tiles.br as usize);
     let n_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
-    let params = gpu.uniform(OP, &flash_params(&d, n_qb, n_work));
+    let params = gpu.uniform(&flash_params(&d, n_qb, n_work));
     let dispatch = gpu.dispatch(DispatchDesc {
         shader: "attention_flash",
         entry: "flash_attention_forward",
@@ -512,7 +512,7 @@ pub fn flash_attention_backward_tiled(
     let pass = |entry: &'static str, gate: &str, block: u32, what: &str| {
         let n_blocks = d.t.div_ceil(block as usize);
         let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
-        let params = gpu.uniform(OP, &flash_params(&d, n_blocks, work));
+        let params = gpu.uniform(&flash_params(&d, n_blocks, work));
         gpu.dispatch(DispatchDesc {
             shader: "attention_flash",
             entry,
@@ -550,7 +550,7 @@ fn flash_preprocess(
     d_scratch: &Tensor,
 ) -> Result<Dispatch> {
     let n_rows = check_u32_range(op, "B*T*NH", d.bht())?;
-    let pre_params = gpu.uniform(op, &flash_params(d, 0, n_rows));
+    let pre_params = gpu.uniform(&flash_params(d, 0, n_rows));
     gpu.dispatch(DispatchDesc {
         shader: "attention_flash",
         entry: "flash_attention_backward_preprocess",
@@ -615,7 +615,7 @@ fn naive_dispatch(
             .iter()
             .map(|(k, t)| (k.to_string(), t.wgsl().to_string())),
     );
-    let params = gpu.uniform(entry, &naive_params(d, n_work));
+    let params = gpu.uniform(&naive_params(d, n_work));
     let mut all = vec![Bind::Uniform(&params)];
     all.extend(bindings.iter().map(|b| match b {
         Bind::Uniform(u) => Bind::Uniform(u),

@@ -398,23 +398,20 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         "workgroups (tiles x K slices)",
         tiles as usize * prod.slices.count,
     )?;
-    let params = gpu.uniform(
-        op,
-        &TiledParams {
-            rows: prod.rows as u32,
-            cols: prod.cols as u32,
-            inner: prod.inner as u32,
-            tiles_m,
-            tiles_n,
-            tiles,
-            a_start: prod.a_window.start as u32,
-            a_stride: prod.a_window.stride as u32,
-            c_start: prod.c_window.start as u32,
-            c_stride: prod.c_window.stride as u32,
-            k_slice: prod.slices.len as u32,
-            splits: prod.slices.count as u32,
-        },
-    );
+    let params = gpu.uniform(&TiledParams {
+        rows: prod.rows as u32,
+        cols: prod.cols as u32,
+        inner: prod.inner as u32,
+        tiles_m,
+        tiles_n,
+        tiles,
+        a_start: prod.a_window.start as u32,
+        a_stride: prod.a_window.stride as u32,
+        c_start: prod.c_window.start as u32,
+        c_stride: prod.c_window.stride as u32,
+        k_slice: prod.slices.len as u32,
+        splits: prod.slices.count as u32,
+    });
     let mut bindings = vec![
         Bind::Uniform(&params),
         Bind::Read(prod.a),

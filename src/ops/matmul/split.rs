@@ -227,15 +227,12 @@ fn split_k_reduce(
         && out.offset.is_multiple_of(16)
         && scratch.offset.is_multiple_of(16);
     let len = if vec4 { outputs / 4 } else { outputs };
-    let params = gpu.uniform(
-        op,
-        &ReduceParams {
-            len: len as u32,
-            splits: splits as u32,
-            rows: rows as u32,
-            _pad: 0,
-        },
-    );
+    let params = gpu.uniform(&ReduceParams {
+        len: len as u32,
+        splits: splits as u32,
+        rows: rows as u32,
+        _pad: 0,
+    });
     let threads = len + row_sums.map_or(0, |_| rows);
     let groups = check_u32_range(op, "workgroups", threads.div_ceil(REDUCE_THREADS))?;
     let mut bindings = vec![
