@@ -8,13 +8,12 @@
 # paths). Up to 16 lanes the subgroups are full; from 32 up (1024-bit vectors and more) llvmpipe
 # reports the size but runs only 16 lanes per subgroup (Mesa 22.3 and 25.0 alike), which checks the
 # kernels' handling of partly filled subgroups. Mesa's shader cache does not key on that variable
-# (a shader compiled at one width would be reused at another) and the engine's pipeline cache file
-# is named after the adapter alone, so both are disabled.
+# (a shader compiled at one width would be reused at another), so each width has a cache folder of
+# its own; the engine's pipeline cache file is named after the adapter alone, so it is disabled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export WGPU_BACKEND=vulkan
-export MESA_SHADER_CACHE_DISABLE=true
 export WGPT_CACHE_DIR=
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
@@ -26,5 +25,6 @@ fi
 cargo test --no-run "${args[@]}"
 for size in 4 8 16 32 64 128; do
   echo "== subgroup size $size"
-  LP_NATIVE_VECTOR_WIDTH=$((size * 32)) cargo test -q "${args[@]}"
+  LP_NATIVE_VECTOR_WIDTH=$((size * 32)) MESA_SHADER_CACHE_DIR=$PWD/target/mesa-shader-cache/lanes-$size \
+    cargo test -q "${args[@]}"
 done

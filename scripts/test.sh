@@ -20,8 +20,43 @@ export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 export WGPT_SHADER_CHECKS=${WGPT_SHADER_CHECKS:-1}
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+# Features the tests must find rather than leave out (tests/common: `needs`): the software driver
+# has both, so there a test cannot pass by skipping its f16 or subgroup cases. Set it empty on an
+# adapter that lacks one.
+export WGPT_TEST_REQUIRE=${WGPT_TEST_REQUIRE-f16,subgroups}
+# Mesa's shader cache in the build folder: llvmpipe compiles each shader variant once for all the
+# test binaries (and keeps it for the next run) instead of once per process. It is keyed by the
+# shader and the driver's build, not by llvmpipe's vector width, so tests/subgroup_sizes.rs gives
+# each width a cache folder of its own.
+export MESA_SHADER_CACHE_DIR=${MESA_SHADER_CACHE_DIR:-$PWD/target/mesa-shader-cache}
+mkdir -p "$MESA_SHADER_CACHE_DIR"
 
-cargo test --workspace --locked "$@"
+# Runs cargo test with "$@", then prints how long each test binary took, slowest first.
+timed_cargo_test() {
+  local status
+  set +e
+  cargo test "$@" 2>&1 | perl -MTime::HiRes=time -ne '
+    BEGIN { $| = 1; $start = time; }
+    print;
+    if (/^\s+(Running|Doc-tests) (\S+)/) {
+      my $now = time;
+      $t{$cur} += $now - $since if defined $cur;
+      ($cur, $since) = ($2, $now);
+      $build = $now - $start unless defined $build;
+    }
+    END {
+      $t{$cur} += time - $since if defined $cur;
+      printf "\ntime: %.0f s building, %.0f s in %d test binaries; slowest:\n", $build // (time - $start),
+        eval { my $s = 0; $s += $_ for values %t; $s }, scalar keys %t;
+      my @k = sort { $t{$b} <=> $t{$a} } keys %t;
+      printf "  %7.1f s  %s\n", $t{$_}, $_ for @k[0 .. ($#k < 9 ? $#k : 9)];
+    }'
+  status=${PIPESTATUS[0]}
+  set -e
+  return "$status"
+}
+
+timed_cargo_test --workspace --locked "$@"
 
 # With no arguments (the whole suite), the data-parallel test too.
 [ "$#" -eq 0 ] || exit 0
@@ -36,4 +71,4 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null \
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev libclang-dev >/dev/null
 fi
 # Two ranks under mpirun against one process with --grad-accum 2, the ranks' weights, resumes.
-cargo test --locked --features mpi --test mpi
+timed_cargo_test --locked --features mpi --test mpi

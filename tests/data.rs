@@ -1,6 +1,6 @@
 //! Tokenisation and loading of the corpora against their known token counts.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use wgpt::data::load_tokens;
 
 #[test]
@@ -10,16 +10,13 @@ fn bundled_corpus_has_its_known_token_count() {
 }
 
 #[test]
-fn tiny_shakespeare_has_338025_tokens() {
-    // Not shipped with the project; found beside it (../shared/data) or through an env var.
-    let candidates = [
-        std::env::var_os("WGPT_TINYSHAKESPEARE").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")),
-    ];
-    match candidates.into_iter().flatten().find(|p| p.exists()) {
-        Some(p) => assert_eq!(load_tokens(&p).unwrap().len(), 338_025),
-        None => eprintln!("tinyshakespeare.txt not found (set WGPT_TINYSHAKESPEARE): skipped"),
-    }
+fn gpt2_encoding_gives_the_published_token_ids() {
+    // GPT-2's own encoder's ids (the `gpt2` encoding's examples): "Hello" 15496, "hello" 31373,
+    // " world" 995, "The" 464, " the" 262.
+    let tk = wgpt::data::Tokenizer::gpt2();
+    assert_eq!(tk.encode("Hello world"), vec![15496, 995]);
+    assert_eq!(tk.encode("hello world"), vec![31373, 995]);
+    assert_eq!(tk.encode("The end of the"), vec![464, 886, 286, 262]);
 }
 
 #[test]

@@ -4,9 +4,9 @@
 //! A GPU has one subgroup size; Mesa's software driver (llvmpipe) takes it from
 //! `LP_NATIVE_VECTOR_WIDTH` (bits / 32), read once per process before the Vulkan instance exists.
 //! So [`every_subgroup_size_on_the_software_driver`] runs [`subgroup_kernels_match_reference`]
-//! in a child process of this test binary per size, with that variable and with Mesa's shader
-//! cache off (it does not key on the width: a shader compiled at one width would be reused at
-//! another). On any other adapter it runs the checks once, at the adapter's own size.
+//! in a child process of this test binary per size, with that variable and a Mesa shader cache
+//! folder of its own (the cache does not key on the width: a shader compiled at one width would
+//! be reused at another). On any other adapter it runs the checks once, at the adapter's own size.
 //!
 //! The checks: the adapter reports the size asked for and a shader sees it; then LayerNorm
 //! (forward, fused residual forward, backward), cross-entropy (forward with and without the
@@ -60,6 +60,14 @@ fn every_subgroup_size_on_the_software_driver() {
         return;
     }
     let exe = std::env::current_exe().expect("path of this test binary");
+    // Beside the cache of the rest of the suite (scripts/test.sh), else in cargo's scratch folder.
+    let mesa_cache_for = |size: u32| {
+        let base = std::env::var_os("MESA_SHADER_CACHE_DIR")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mesa"));
+        base.join(format!("lanes-{size}"))
+    };
     for size in SIZES {
         let start = Instant::now();
         let out = Command::new(&exe)
@@ -71,7 +79,8 @@ fn every_subgroup_size_on_the_software_driver() {
                 "--test-threads=1",
             ])
             .env("LP_NATIVE_VECTOR_WIDTH", (size * 32).to_string())
-            .env("MESA_SHADER_CACHE_DISABLE", "true")
+            // Mesa's shader cache does not key on the width: a folder of its own per width.
+            .env("MESA_SHADER_CACHE_DIR", mesa_cache_for(size))
             // No pipeline cache either: its key names the adapter, not the width.
             .env("WGPT_CACHE_DIR", "")
             .env(EXPECT_VAR, size.to_string())

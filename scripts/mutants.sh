@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Mutation check of the test suite (not part of CI: each mutation rebuilds the library and runs a
+# test binary, several minutes apiece on the software driver). Each mutation below is a bug the
+# suite must catch; the script applies it to a scratch copy of the committed tree (the working
+# tree is never touched), runs the tests that guard that code, and prints a table:
+#   caught   the tests failed, as they must
+#   MISSED   the tests passed with the bug in place
+#   stale    the mutation no longer applies (the code moved: update its pattern here)
+#   no build the mutated code did not compile (not a test of anything: fix the mutation)
+#
+#   scripts/mutants.sh                 all mutations
+#   scripts/mutants.sh NAME...         only these (names as in the table)
+#   scripts/mutants.sh --list          the names
+# Exit status: 0 when every mutation run was caught.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+# name | file | perl substitution applied with `perl -0pi -e` | cargo test arguments
+mutations=(
+  "f16-accumulator|shaders/matmul_tiled.wgsl|s/var acc: array<f32/var acc: array<f16/|--test matmul"
+  "attention-p-f16|shaders/flash_attention.wgsl|s/let p = exp\(/let p = PROB_ROUND(exp(/|--test attention"
+  "wte-piece-1-not-updated|src/graph/gpt.rs|s/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/|--test train -- split_storage"
+  "hellaswag-highest-loss|src/eval/hellaswag.rs|s/PLACEHOLDER/PLACEHOLDER/|--test evaluation"
+  "data-parallel-sum-not-mean|src/train/trainer/data_parallel.rs|s/PLACEHOLDER/PLACEHOLDER/|--features mpi --test mpi"
+  "queued-overflow-scale-kept|shaders/optimizer.wgsl|s/PLACEHOLDER/PLACEHOLDER/|--test train -- queued"
+)
+
+if [ "${1:-}" = "--list" ]; then
+  for m in "${mutations[@]}"; do echo "${m%%|*}"; done
+  exit 0
+fi
+
+# The environment of scripts/test.sh.
+export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+export WGPT_SHADER_CHECKS=${WGPT_SHADER_CHECKS:-1}
+export WGPT_TEST_REQUIRE=${WGPT_TEST_REQUIRE-f16,subgroups}
+export MESA_SHADER_CACHE_DIR=${MESA_SHADER_CACHE_DIR:-$root/target/mesa-shader-cache}
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
+mkdir -p "$XDG_RUNTIME_DIR" "$MESA_SHADER_CACHE_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+# One build folder for every scratch copy: the dependencies are built once.
+export CARGO_TARGET_DIR=$root/target/mutants
+
+scratch=$(mktemp -d /tmp/wgpt-mutants.XXXXXX)
+trap 'rm -rf "$scratch"' EXIT
+results=()
+status=0
+for m in "${mutations[@]}"; do
+  IFS='|' read -r name file subst args <<<"$m"
+  if [ "$#" -gt 0 ] && [[ " $* " != *" $name "* ]]; then
+    continue
+  fi
+  copy=$scratch/$name
+  mkdir -p "$copy"
+  git archive HEAD | tar -x -C "$copy"
+  log=$scratch/$name.log
+  before=$(sha256sum "$copy/$file" 2>/dev/null || true)
+  perl -0pi -e "$subst" "$copy/$file" 2>/dev/null || true
+  if [ -z "$before" ] || [ "$before" = "$(sha256sum "$copy/$file")" ]; then
+    verdict=stale
+  else
+    echo "== $name: $file mutated; cargo test --locked $args"
+    read -r -a argv <<<"$args"
+    read -r -a build <<<"${args%% -- *}"
+    if ! (cd "$copy" && cargo test --locked --no-run "${build[@]}" >"$log" 2>&1); then
+      verdict="no build"
+    elif (cd "$copy" && cargo test --locked "${argv[@]}" >>"$log" 2>&1); then
+      verdict=MISSED
+    else
+      verdict=caught
+      failed=$(grep -m1 -oE '^test [^ ]+ \.\.\. FAILED' "$log" | sed 's/^test //; s/ \.\.\. FAILED//' || true)
+      [ -n "$failed" ] && verdict="caught ($failed)"
+    fi
+  fi
+  [[ $verdict == caught* ]] || status=1
+  results+=("$(printf '%-28s %s' "$name" "$verdict")")
+  rm -rf "$copy"
+done
+
+printf '\n%-28s %s\n' mutation verdict
+printf '%s\n' "${results[@]}"
+exit "$status"
