@@ -60,7 +60,9 @@ fn killed_during_save_keeps_the_previous_checkpoint_and_resumes() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the trainer ended before it could be killed: {status}");
         }
-        std::thread::sleep(Duration::from_micros(200));
+        // A save of this model takes a few milliseconds and one comes every step: polling
+        // each millisecond meets one soon, without taking a core from the trainer.
+        std::thread::sleep(Duration::from_millis(1));
     }
     child.wait().unwrap();
     assert!(killed_mid_save, "never saw a save in progress");
