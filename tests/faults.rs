@@ -3,6 +3,7 @@
 //! This binary opens its own device: destroying the one the other tests share would fail them.
 
 use std::sync::Arc;
+use wgpt::checkpoint::Checkpoint;
 use wgpt::gpu::{Gpu, GpuOptions};
 use wgpt::model::GptConfig;
 use wgpt::train::run::{Progress, Run, RunEvent, RunOptions};
@@ -44,6 +45,7 @@ fn a_lost_device_ends_the_run_with_an_error_and_the_checkpoint_resumes() {
     // Steps 0 and 1, then the checkpoint of step 2.
     assert_eq!(run.advance(usize::MAX, &mut on).unwrap(), Progress::Running);
     assert_eq!(run.trainer().step_index(), 2);
+    let saved = run.trainer().checkpoint().unwrap();
     gpu.device.destroy();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut last = Ok(Progress::Running);
@@ -70,11 +72,63 @@ fn a_lost_device_ends_the_run_with_an_error_and_the_checkpoint_resumes() {
         "{}",
         path.display()
     );
+    // The file holds the trainer's whole state at step 2, and a trainer on a new device
+    // resumes exactly that state: weights, both moments, counts, loss scale, loader position
+    // and epoch, and the random generator, bit for bit.
+    assert_same_state("the file vs the trainer at step 2", &ck, &saved);
     let gpu2 = Arc::new(Gpu::new(&GpuOptions::default()).unwrap());
-    let mut t = Trainer::new(gpu2, s, corpus, Some(&ck)).unwrap();
+    let mut t = Trainer::new(gpu2.clone(), s.clone(), corpus.clone(), Some(&ck)).unwrap();
     assert_eq!(t.step_index(), 2);
+    assert_same_state(
+        "the resumed trainer vs the file",
+        &t.checkpoint().unwrap(),
+        &ck,
+    );
     let st = t.step().unwrap();
     assert!(st.loss.is_finite());
     assert_eq!(t.step_index(), 3);
+    // Step 2 from the checkpoint is step 2 of a run never interrupted.
+    let mut whole = Trainer::new(gpu2, s, corpus, None).unwrap();
+    let losses: Vec<f32> = (0..3).map(|_| whole.step().unwrap().loss).collect();
+    assert_eq!(
+        st.loss.to_bits(),
+        losses[2].to_bits(),
+        "{} vs {}",
+        st.loss,
+        losses[2]
+    );
+    assert_same_state(
+        "3 steps resumed after 2 vs 3 in one go",
+        &t.checkpoint().unwrap(),
+        &whole.checkpoint().unwrap(),
+    );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Fails unless `got` and `want` hold the same training state bit for bit.
+fn assert_same_state(what: &str, got: &Checkpoint, want: &Checkpoint) {
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(got.config, want.config, "{what}: config");
+    assert!(
+        bits(&got.params) == bits(&want.params),
+        "{what}: weights differ"
+    );
+    let (Some((gm, gv)), Some((wm, wv))) = (&got.moments, &want.moments) else {
+        panic!("{what}: moments missing");
+    };
+    assert!(bits(gm) == bits(wm), "{what}: first moments differ");
+    assert!(bits(gv) == bits(wv), "{what}: second moments differ");
+    let (Some(g), Some(w)) = (&got.state, &want.state) else {
+        panic!("{what}: training state missing");
+    };
+    assert_eq!(
+        g.loss_scale.to_bits(),
+        w.loss_scale.to_bits(),
+        "{what}: loss scale"
+    );
+    assert_eq!(g, w, "{what}: training state");
+    eprintln!(
+        "{what}: same state (step {}, adam_t {}, loader epoch {} position {}, rng {:x?})",
+        g.step, g.adam_t, g.loader_epoch, g.loader_position, g.rng_state
+    );
 }

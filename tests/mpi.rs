@@ -75,20 +75,25 @@ fn ok(o: &Output) -> String {
     text(&o.stdout)
 }
 
-/// (step, loss) of every step line of a metrics file.
-fn losses(metrics: &Path) -> Vec<(u64, f32)> {
+/// (step, `key`) of every step line of a metrics file.
+fn column(metrics: &Path, key: &str) -> Vec<(u64, f32)> {
     std::fs::read_to_string(metrics)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("loss").is_some())
-        .map(|v| {
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap() as f32,
-            )
-        })
+        .map(|v| (v["step"].as_u64().unwrap(), v[key].as_f64().unwrap() as f32))
         .collect()
+}
+
+/// (step, loss) of every step line of a metrics file.
+fn losses(metrics: &Path) -> Vec<(u64, f32)> {
+    column(metrics, "loss")
+}
+
+/// (step, gradient norm before clipping) of every step line of a metrics file.
+fn norms(metrics: &Path) -> Vec<(u64, f32)> {
+    column(metrics, "norm")
 }
 
 /// The checksums of the "weights identical on N ranks" lines, by step.
@@ -114,11 +119,25 @@ fn assert_close(what: &str, got: &[(u64, f32)], want: &[(u64, f32)], rel: f32) {
     for (g, w) in got.iter().zip(want) {
         let d = (g.1 - w.1).abs() / w.1.abs();
         eprintln!(
-            "{what}: step {} loss {} vs {} (relative difference {d:.2e})",
+            "{what}: step {} {} vs {} (relative difference {d:.2e})",
             g.0, g.1, w.1
         );
+        // A NaN fails too.
         assert!(d <= rel, "{what}: step {}: {} vs {}", g.0, g.1, w.1);
     }
+}
+
+/// The weights and both Adam moments of two final checkpoints within `rel` (max-norm relative).
+fn assert_same_training(what: &str, got: &Path, want: &Path, steps: usize, rel: f32) {
+    let (_, want) = wgpt::checkpoint::load_newest(want).unwrap();
+    let (_, got) = wgpt::checkpoint::load_newest(got).unwrap();
+    assert_eq!(want.state.as_ref().map(|s| s.step), Some(steps));
+    assert_eq!(got.state.as_ref().map(|s| s.step), Some(steps));
+    let (m1, v1) = want.moments.as_ref().unwrap();
+    let (m2, v2) = got.moments.as_ref().unwrap();
+    common::assert_close(&format!("{what}: weights"), &got.params, &want.params, rel);
+    common::assert_close(&format!("{what}: first moments"), m2, m1, rel);
+    common::assert_close(&format!("{what}: second moments"), v2, v1, rel);
 }
 
 #[test]
@@ -164,8 +183,17 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
         rows.lines().all(|l| l.contains("\"all_reduce_ms\":")),
         "{rows}"
     );
-    // The same tokens and the same arithmetic but for the order of one sum per gradient.
+    // The same tokens and the same arithmetic but for the order of one sum per gradient: the
+    // same losses and gradient norms. The norm is taken before clipping, so a gradient reduced
+    // wrongly (summed where it should be averaged) shows in it even where clipping (on here,
+    // at 1) scales it back to the same update.
     assert_close("2 ranks vs 1 process with grad accum 2", &two, &one, 1e-6);
+    assert_close(
+        "2 ranks vs 1 process with grad accum 2: gradient norm",
+        &norms(&dir.join("two.jsonl")),
+        &norms(&dir.join("one.jsonl")),
+        1e-6,
+    );
     // Every rank's weights are checked against the others' at each checkpoint and the end.
     let sums = checksums(&out);
     assert_eq!(
@@ -179,21 +207,66 @@ fn two_ranks_train_as_one_process_with_grad_accum_2_and_resume_exactly() {
     // process accumulates the second micro-batch into the first inside the kernels, the ranks
     // add two finished gradients), which moves the weights by rounding only. A gradient
     // reduced wrongly (not averaged, a rank's share missing) moves the moments by their size.
-    let (_, single_ck) = wgpt::checkpoint::load_newest(&dir.join("ck-single")).unwrap();
-    let (_, ranks_ck) = wgpt::checkpoint::load_newest(&dir.join("ck-full")).unwrap();
-    assert_eq!(single_ck.state.as_ref().map(|s| s.step), Some(4));
-    assert_eq!(ranks_ck.state.as_ref().map(|s| s.step), Some(4));
-    let (m1, v1) = single_ck.moments.as_ref().unwrap();
-    let (m2, v2) = ranks_ck.moments.as_ref().unwrap();
-    let what = "2 ranks vs 1 process with grad accum 2 after 4 steps";
-    common::assert_close(
-        &format!("{what}: weights"),
-        &ranks_ck.params,
-        &single_ck.params,
+    assert_same_training(
+        "2 ranks vs 1 process with grad accum 2 after 4 steps",
+        &dir.join("ck-full"),
+        &dir.join("ck-single"),
+        4,
         1e-6,
     );
-    common::assert_close(&format!("{what}: first moments"), m2, m1, 1e-6);
-    common::assert_close(&format!("{what}: second moments"), v2, v1, 1e-6);
+
+    // The same pair of runs without clipping, for 2 steps: the gradient reaches AdamW as
+    // reduced, so a sum where a mean belongs doubles the first moment (and quadruples the
+    // second) whatever the norm.
+    let no_clip = ["--grad-clip", "0", "--steps", "2"];
+    let o = single(
+        &[
+            &no_clip[..],
+            &[
+                "--grad-accum",
+                "2",
+                "--metrics",
+                &path("one-unclipped.jsonl"),
+                "--checkpoint-dir",
+                &path("ck-single-unclipped"),
+            ],
+        ]
+        .concat(),
+    );
+    ok(&o);
+    let o = two_ranks(
+        &[
+            &no_clip[..],
+            &[
+                "--metrics",
+                &path("two-unclipped.jsonl"),
+                "--checkpoint-dir",
+                &path("ck-unclipped"),
+            ],
+        ]
+        .concat(),
+    );
+    ok(&o);
+    let what = "2 ranks vs 1 process with grad accum 2, unclipped";
+    let (one_u, two_u) = (
+        dir.join("one-unclipped.jsonl"),
+        dir.join("two-unclipped.jsonl"),
+    );
+    assert_eq!(losses(&two_u).len(), 2);
+    assert_close(what, &losses(&two_u), &losses(&one_u), 1e-6);
+    assert_close(
+        &format!("{what}: gradient norm"),
+        &norms(&two_u),
+        &norms(&one_u),
+        1e-6,
+    );
+    assert_same_training(
+        what,
+        &dir.join("ck-unclipped"),
+        &dir.join("ck-single-unclipped"),
+        2,
+        1e-6,
+    );
 
     // Stopped after 2 steps (a checkpoint at step 2), then resumed by 2 ranks: the same losses
     // and the same weights, bit for bit. These two runs reduce the gradients in buckets of

@@ -502,16 +502,24 @@ fn step_state_advances_on_the_gpu_as_the_cpu_rules_say() {
         table.len() / 2
     );
     let table_t = f32_tensor("table", &table);
-    let tokens = 3 * 7 * 5; // not a power of two: dloss and 1/tokens are rounded
-                            // Starting scales: the default, one that is not a power of two, and ones next to both
-                            // clamps; with and without scaling; a growth interval of 3 so that doubling happens.
+    // Not a power of two: dloss and 1/tokens are rounded.
+    let tokens = 3 * 7 * 5;
+    // Starting scales: the default, one that is not a power of two, and ones next to both
+    // clamps; with and without scaling; a growth interval of 3 so that doubling happens. The
+    // pattern below takes 3 * 2^22 past the upper clamp (doubled after the first three steps:
+    // 3 * 2^23 > 2^24) and 3 * 2^-17 past the lower one (halved at steps 3 and 5: 3 * 2^-18 <
+    // 2^-16, then 2^-17); 2^23 reaches 2^24 by a plain doubling and 2^-15 reaches 2^-16 by a
+    // halving, then stays at the lower clamp.
     let cases = [
         (65536.0f32, true),
         (3.0, true),
         (8_388_608.0, true),
+        (12_582_912.0, true),
         (1.0 / 32768.0, true),
+        (3.0 / 131_072.0, true),
         (1.0, false),
     ];
+    let (mut upper, mut lower) = (0, 0);
     let pattern = [
         true, true, true, false, true, false, false, true, true, true, true, true, true, true,
     ];
@@ -538,7 +546,11 @@ fn step_state_advances_on_the_gpu_as_the_cpu_rules_say() {
             g.write(&status, &[1.5, 0.5, if finite { 1.0 } else { 0.0 }, 0.0])
                 .unwrap();
             g.run(&[&d]).unwrap();
+            let before = want.0;
             want = scaler_rule(want, finite, scaling, 3);
+            // Steps where a clamp, not a plain doubling or halving, sets the scale.
+            upper += usize::from(finite && want.0 == 16_777_216.0 && before * 2.0 > want.0);
+            lower += usize::from(!finite && scaling && before * 0.5 < want.0);
             let got = opt::StepState::from_bytes(&g.read_bytes(&state).unwrap()).unwrap();
             let what = format!("start {start}, scaling {scaling}, step {i}");
             let n = tokens as f32;
@@ -549,6 +561,11 @@ fn step_state_advances_on_the_gpu_as_the_cpu_rules_say() {
                 "{what}: 1/scale"
             );
             assert_eq!(got.dloss.to_bits(), (want.0 / n).to_bits(), "{what}: dloss");
+            assert_eq!(
+                got.inv_tokens.to_bits(),
+                (1.0 / n).to_bits(),
+                "{what}: 1/tokens"
+            );
             assert_eq!(
                 (got.clean_steps, got.adam_t),
                 (want.1, want.2),
@@ -582,4 +599,7 @@ fn step_state_advances_on_the_gpu_as_the_cpu_rules_say() {
             );
         }
     }
+    // Both clamps were taken: once above (3 * 2^22), three times below (3 * 2^-17 twice,
+    // 2^-15 once: its second halving starts from 2^-16 itself).
+    assert_eq!((upper, lower), (1, 3), "clamped steps (upper, lower)");
 }
