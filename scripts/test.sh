@@ -71,4 +71,5 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null \
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev libclang-dev >/dev/null
 fi
 # Two ranks under mpirun against one process with --grad-accum 2, the ranks' weights, resumes.
-timed_cargo_test --locked --features mpi --test mpi
+# With the workspace's features (as the build above), so that only wgpt itself is built again.
+timed_cargo_test --workspace --locked --features wgpt/mpi --test mpi

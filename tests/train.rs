@@ -82,11 +82,21 @@ fn saved_weights_for(cfg: GptConfig, seed: u64) -> Checkpoint {
     back
 }
 
+/// How closely a run must follow the float64 reference (see [`check_against_reference_with`]).
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    /// Each gradient tensor (each piece of wte) within this relative error in the max norm.
+    grad_tol: f32,
+    /// At most this many weights a step whose gradient is at the noise of its f32 computation
+    /// (see [`check_adamw_step`]).
+    max_loose: usize,
+}
+
 /// Trains `steps` steps on the GPU (planned for `limits`, or the device's own) and in float64
 /// on the same data, each step taken by both from the GPU's state (weights and AdamW moments),
-/// and compares every step's gradients tensor by tensor (max-norm relative error within
-/// `grad_tol`), loss and norm (within 1e-5) and every weight after the step (see
-/// [`check_adamw_step`]).
+/// and compares every step's gradients tensor by tensor, wte piece by piece (max-norm relative
+/// error within `bounds.grad_tol`), loss and norm (within 1e-5) and every weight after the step,
+/// each by its own gradient (see [`check_adamw_step`]).
 fn check_against_reference_with(
     s: TrainSettings,
     limits: Option<&AdapterLimits>,
@@ -94,7 +104,7 @@ fn check_against_reference_with(
     init: &Checkpoint,
     tok: Arc<Vec<u32>>,
     steps: usize,
-    grad_tol: f32,
+    bounds: Bounds,
 ) -> Trainer {
     let optim = ReferenceOptim {
         schedule: s.schedule(),
@@ -103,6 +113,13 @@ fn check_against_reference_with(
         eps: 1e-8,
         weight_decay: s.weight_decay,
         grad_clip: s.grad_clip,
+    };
+    let clip_of = |norm: f64| {
+        if s.grad_clip > 0.0 {
+            (s.grad_clip as f64 / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        }
     };
     let mut r = ReferenceTrainer::new(ReferenceModel::new(s.config), &init.params, optim);
     let mut loader = DataLoader::new(tok.clone(), s.batch_size, s.seq_len).unwrap();
@@ -117,6 +134,32 @@ fn check_against_reference_with(
         tr.plan().classifier_line(s.config.padded_vocab_size)
     );
     let layout = ParamLayout::new(&s.config);
+    let c = s.config.n_embd;
+    let wte_pieces: Vec<std::ops::Range<usize>> = tr
+        .plan()
+        .storage
+        .pieces
+        .wte
+        .iter()
+        .map(|p| p.rows.clone())
+        .collect();
+    // Each tensor on its own; wte piece by piece (rows of the real vocabulary), so that an error
+    // confined to one piece is not hidden by the other's larger gradients.
+    let mut compared: Vec<(String, std::ops::Range<usize>)> = Vec::new();
+    for (id, e) in layout.entries.iter() {
+        if id == ParamId::Wte {
+            for (k, rows) in wte_pieces.iter().enumerate() {
+                let rows = rows.start..rows.end.min(s.config.vocab_size);
+                compared.push((
+                    format!("wte piece {k} (rows {rows:?})"),
+                    e.offset + rows.start * c..e.offset + rows.end * c,
+                ));
+            }
+        } else {
+            compared.push((id.name(), e.range()));
+        }
+    }
+    let (mut m, mut v) = (Vec::new(), Vec::new());
     for i in 0..steps {
         let micro: Vec<_> = (0..s.grad_accum)
             .map(|_| {
@@ -124,26 +167,35 @@ fn check_against_reference_with(
                 (b.x, b.y)
             })
             .collect();
+        if wte_pieces.len() > 1 {
+            // The batch's tokens reach every piece: the embedding's gradient lands in each.
+            for rows in &wte_pieces {
+                assert!(
+                    micro.iter().any(|(x, _)| x.iter().any(|&t| rows.contains(&(t as usize)))),
+                    "{what} step {i}: no token of the batch in wte rows {rows:?}"
+                );
+            }
+        }
         if i > 0 {
             let state = tr.checkpoint().unwrap();
-            let (m, v) = state.moments.as_ref().unwrap();
-            r.set_state(&state.params, m, v);
+            let (sm, sv) = state.moments.unwrap();
+            r.set_state(&state.params, &sm, &sv);
+            (m, v) = (sm, sv);
         }
         let want = r.step(&micro, s.batch_size, s.seq_len);
         let st = tr.step().unwrap();
         // The step's gradients (f32 runs: a loss scale of 1), before clipping.
         let grads = tr.grads().unwrap();
         let mut worst = (0f32, String::new());
-        for (id, e) in layout.entries.iter() {
-            let want32: Vec<f32> = r.grads[e.range()].iter().map(|&g| g as f32).collect();
-            let err = rel_error(&grads[e.range()], &want32);
+        for (name, range) in &compared {
+            let want32: Vec<f32> = r.grads[range.clone()].iter().map(|&g| g as f32).collect();
+            let err = rel_error(&grads[range.clone()], &want32);
             if err.is_nan() || err > worst.0 {
-                worst = (err, id.name());
+                worst = (err, name.clone());
             }
             assert!(
-                err <= grad_tol,
-                "{what} step {i}: gradient of {} off by {err:e} (relative, max-norm)",
-                id.name()
+                err <= bounds.grad_tol,
+                "{what} step {i}: gradient of {name} off by {err:e} (relative, max-norm)"
             );
         }
         let el = (st.loss as f64 - want.loss).abs() / want.loss.abs();
@@ -173,20 +225,39 @@ fn check_against_reference_with(
             wte[real..].iter().all(|&x| x == 0.0),
             "{what} step {i}: a padded vocabulary row of wte moved"
         );
+        let step = AdamwStep {
+            lr: want.lr,
+            beta1: optim.beta1,
+            beta2: optim.beta2,
+            eps: optim.eps,
+            t: r.steps() as u32,
+            m: &m,
+            v: &v,
+            grads: &r.grads,
+            clip: clip_of(want.norm),
+            gpu_grads: &grads,
+            gpu_clip: clip_of(st.norm as f64),
+        };
         check_adamw_step(
             &format!("{what} step {i}"),
             &layout,
             &weights,
             &r.params,
-            &r.grads,
-            want.lr,
+            &step,
+            bounds.max_loose,
         );
     }
     tr
 }
 
 fn check_against_reference(s: TrainSettings, what: &str) {
-    check_against_reference_with(s, None, what, &saved_weights(7), tokens(2000, 1), 10, 1e-5);
+    // Measured: at most 6 of the 39,680 weights a step have a gradient at the noise (key biases,
+    // whose true gradient is zero).
+    let bounds = Bounds {
+        grad_tol: 1e-5,
+        max_loose: 16,
+    };
+    check_against_reference_with(s, None, what, &saved_weights(7), tokens(2000, 1), 10, bounds);
 }
 
 #[test]
@@ -239,7 +310,13 @@ fn split_storage_and_chunked_classifier_match_the_reference() {
                 .collect::<Vec<u32>>(),
         );
         let init = saved_weights_for(cfg, 21);
-        let tr = check_against_reference_with(s, Some(&limits), &what, &init, tok, 6, 1e-5);
+        // Measured: at most 118 of the 290,560 weights a step (the first) have a gradient at
+        // the noise.
+        let bounds = Bounds {
+            grad_tol: 1e-5,
+            max_loose: 240,
+        };
+        let tr = check_against_reference_with(s, Some(&limits), &what, &init, tok, 6, bounds);
         let plan = tr.plan();
         assert_eq!(
             plan.storage.pieces.wte.len(),
@@ -276,7 +353,15 @@ fn gpt2_124m_at_its_real_shape_matches_the_reference() {
         "/assets/shakespeare.txt"
     ))
     .unwrap();
-    let tok = Arc::new(wgpt::data::Tokenizer::gpt2().encode(&corpus[..4000]));
+    // Every fourth token moved into wte's second piece (rows past 43,690), so that the
+    // embedding's gradient lands in both pieces.
+    let tok = wgpt::data::Tokenizer::gpt2().encode(&corpus[..4000]);
+    let tok: Vec<u32> = tok
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i % 4 == 3 { 43_691 + t % 6_566 } else { t })
+        .collect();
+    let tok = Arc::new(tok);
     // Two steps: AdamW's first (moments empty) and one with moments; on the software driver a
     // GPT-2 124M step takes about a minute.
     let mut s = TrainSettings::new(cfg, 2, 8);
@@ -286,7 +371,13 @@ fn gpt2_124m_at_its_real_shape_matches_the_reference() {
     let limits = AdapterLimits::webgpu_default(gpu().memory);
     // Twelve layers of 768-wide sums and a 50257-wide softmax: the gradients carry a little more
     // f32 rounding than the small models' (8.4e-6 measured on the software driver).
-    let tr = check_against_reference_with(s, Some(&limits), "gpt2 124M", &init, tok, 2, 3e-5);
+    // Measured: 68,685 of the 124,475,904 weights have a gradient at the noise in the first step
+    // (moments empty: AdamW's step is about lr times the gradient's sign), 885 in the second.
+    let bounds = Bounds {
+        grad_tol: 3e-5,
+        max_loose: 100_000,
+    };
+    let tr = check_against_reference_with(s, Some(&limits), "gpt2 124M", &init, tok, 2, bounds);
     let plan = tr.plan();
     eprintln!("gpt2 124M: {}", plan.line());
     assert_eq!(
