@@ -16,18 +16,41 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-# name | file | perl substitution applied with `perl -0pi -e` | cargo test arguments
-mutations=(
-  "f16-accumulator|shaders/matmul_tiled.wgsl|s/var acc: array<f32/var acc: array<f16/|--test matmul"
-  "attention-p-f16|shaders/flash_attention.wgsl|s/let p = exp\(/let p = PROB_ROUND(exp(/|--test attention"
-  "wte-piece-1-not-updated|src/graph/gpt.rs|s/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/|--test train -- split_storage"
-  "hellaswag-highest-loss|src/eval/hellaswag.rs|s/PLACEHOLDER/PLACEHOLDER/|--test evaluation"
-  "data-parallel-sum-not-mean|src/train/trainer/data_parallel.rs|s/PLACEHOLDER/PLACEHOLDER/|--features mpi --test mpi"
-  "queued-overflow-scale-kept|shaders/optimizer.wgsl|s/PLACEHOLDER/PLACEHOLDER/|--test train -- queued"
-)
+# Each mutation: its name, the file it changes, a perl substitution applied with `perl -0pi -e`,
+# and the arguments of the `cargo test` that must then fail.
+mutations() {
+  mutation f16-accumulator shaders/matmul_tiled.wgsl \
+    's/var acc: array<f32/var acc: array<f16/' \
+    '--test matmul'
+  mutation attention-p-f16 shaders/flash_attention.wgsl \
+    's/let p = exp\(/let p = PROB_ROUND(exp(/' \
+    '--test attention'
+  mutation wte-piece-1-not-updated src/graph/gpt.rs \
+    's/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/' \
+    '--test train -- split_storage'
+  mutation hellaswag-highest-loss src/eval/hellaswag.rs \
+    's/\.min_by\(\|&a, &b\| l\[a\]\.total_cmp/.max_by(|&a, &b| l[a].total_cmp/' \
+    '--test evaluation -- hellaswag'
+  mutation data-parallel-sum-not-mean src/train/trainer/mod.rs \
+    's/            s\.tokens_per_step\(\),\n        \);/            s.tokens_per_step() \/ s.ranks,\n        );/' \
+    '--workspace --features wgpt/mpi --test mpi -- two_ranks'
+  mutation queued-overflow-scale-kept shaders/optimizer.wgsl \
+    's/rescale\(&s, false\);/\/\/ the scale kept after an overflow/' \
+    '--test train -- queued_steps'
+  mutation step-state-upper-clamp-off shaders/optimizer.wgsl \
+    's/if \(\(\*s\)\.scale \* 2\.0 > MAX_SCALE\)/if ((*s).scale * 2.0 > MAX_SCALE * 2.0)/' \
+    '--test optimizer -- step_state'
+  mutation resume-without-first-moments src/train/trainer/mod.rs \
+    's/\n\s*self\.io\.m\.upload\(&self\.gpu, &self\.layout, m\)\?;//' \
+    '--test faults'
+  mutation resume-without-rng-state src/train/trainer/mod.rs \
+    's/\n\s*self\.rng = Rng::from_state\(s\.rng_state\);//' \
+    '--test faults'
+}
 
 if [ "${1:-}" = "--list" ]; then
-  for m in "${mutations[@]}"; do echo "${m%%|*}"; done
+  mutation() { echo "$1"; }
+  mutations
   exit 0
 fi
 
@@ -45,21 +68,22 @@ scratch=$(mktemp -d /tmp/wgpt-mutants.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 results=()
 status=0
-for m in "${mutations[@]}"; do
-  IFS='|' read -r name file subst args <<<"$m"
-  if [ "$#" -gt 0 ] && [[ " $* " != *" $name "* ]]; then
-    continue
+wanted=("$@")
+mutation() {
+  local name=$1 file=$2 subst=$3 args=$4 verdict before failed
+  if [ "${#wanted[@]}" -gt 0 ] && [[ " ${wanted[*]} " != *" $name "* ]]; then
+    return 0
   fi
-  copy=$scratch/$name
+  local copy=$scratch/$name log=$scratch/$name.log
   mkdir -p "$copy"
   git archive HEAD | tar -x -C "$copy"
-  log=$scratch/$name.log
   before=$(sha256sum "$copy/$file" 2>/dev/null || true)
   perl -0pi -e "$subst" "$copy/$file" 2>/dev/null || true
   if [ -z "$before" ] || [ "$before" = "$(sha256sum "$copy/$file")" ]; then
     verdict=stale
   else
     echo "== $name: $file mutated; cargo test --locked $args"
+    local argv build
     read -r -a argv <<<"$args"
     read -r -a build <<<"${args%% -- *}"
     if ! (cd "$copy" && cargo test --locked --no-run "${build[@]}" >"$log" 2>&1); then
@@ -73,10 +97,11 @@ for m in "${mutations[@]}"; do
     fi
   fi
   [[ $verdict == caught* ]] || status=1
-  results+=("$(printf '%-28s %s' "$name" "$verdict")")
+  results+=("$(printf '%-30s %s' "$name" "$verdict")")
   rm -rf "$copy"
-done
+}
+mutations
 
-printf '\n%-28s %s\n' mutation verdict
+printf '\n%-30s %s\n' mutation verdict
 printf '%s\n' "${results[@]}"
 exit "$status"

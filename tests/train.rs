@@ -465,7 +465,7 @@ fn memorises_one_repeated_batch() {
 fn resumed_run_prints_identical_losses() {
     let mut s = settings(2, 16);
     s.steps = 8;
-    if gpu().has_f16() {
+    if needs(Feature::F16, "an f16 run resumed") {
         s.precision = Precision::F16;
     }
     let tok = tokens(3000, 4);
