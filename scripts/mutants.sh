@@ -21,31 +21,31 @@ root=$PWD
 mutations() {
   mutation f16-accumulator shaders/matmul_tiled.wgsl \
     's/var acc: array<f32/var acc: array<f16/' \
-    '--test matmul'
+    '--test it -- matmul::'
   mutation attention-p-f16 shaders/flash_attention.wgsl \
     's/let p = exp\(/let p = PROB_ROUND(exp(/' \
-    '--test attention'
+    '--test it -- attention::'
   mutation wte-piece-1-not-updated src/graph/gpt.rs \
     's/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/' \
-    '--test train -- split_storage'
+    '--test it -- train::split_storage'
   mutation hellaswag-highest-loss src/eval/hellaswag.rs \
     's/\.min_by\(\|&a, &b\| l\[a\]\.total_cmp/.max_by(|&a, &b| l[a].total_cmp/' \
-    '--test evaluation -- hellaswag'
+    '--test it -- evaluation::hellaswag'
   mutation data-parallel-sum-not-mean src/train/trainer/mod.rs \
     's/            s\.tokens_per_step\(\),\n        \);/            s.tokens_per_step() \/ s.ranks,\n        );/' \
     '--workspace --features wgpt/mpi --test mpi -- two_ranks'
   mutation queued-overflow-scale-kept shaders/optimizer.wgsl \
     's/rescale\(&s, false\);/\/\/ the scale kept after an overflow/' \
-    '--test train -- queued_steps'
+    '--test it -- train::queued_steps'
   mutation step-state-upper-clamp-off shaders/optimizer.wgsl \
     's/if \(\(\*s\)\.scale \* 2\.0 > MAX_SCALE\)/if ((*s).scale * 2.0 > MAX_SCALE * 2.0)/' \
-    '--test optimizer -- step_state'
+    '--test it -- optimizer::step_state'
   mutation resume-without-first-moments src/train/trainer/mod.rs \
     's/\n\s*self\.io\.m\.upload\(&self\.gpu, &self\.layout, m\)\?;//' \
-    '--test faults'
+    '--test it -- faults::'
   mutation resume-without-rng-state src/train/trainer/mod.rs \
     's/\n\s*self\.rng = Rng::from_state\(s\.rng_state\);//' \
-    '--test faults'
+    '--test it -- faults::'
 }
 
 if [ "${1:-}" = "--list" ]; then

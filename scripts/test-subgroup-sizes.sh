@@ -3,7 +3,7 @@
 # made to report, 4 to 128 lanes: LP_NATIVE_VECTOR_WIDTH / 32. CI does not need it:
 # tests/subgroup_sizes.rs checks every kernel with a subgroup path at each of these sizes (one
 # child process per size) as part of `cargo test`. This script is for the rest of a test binary at
-# each size, e.g. `scripts/test-subgroup-sizes.sh --test train` (a whole training run); without
+# each size, e.g. `scripts/test-subgroup-sizes.sh --test it -- train::` (the training tests); without
 # arguments it runs the LayerNorm, cross-entropy and optimiser tests (every dtype, both reduction
 # paths). Up to 16 lanes the subgroups are full; from 32 up (1024-bit vectors and more) llvmpipe
 # reports the size but runs only 16 lanes per subgroup (Mesa 22.3 and 25.0 alike), which checks the
@@ -20,7 +20,7 @@ mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
-  args=(--test layernorm --test crossentropy --test optimizer)
+  args=(--test it -- layernorm:: crossentropy:: optimizer::)
 fi
 cargo test --no-run "${args[@]}"
 for size in 4 8 16 32 64 128; do

@@ -21,8 +21,7 @@
 //! matrices are, cannot: there it is not checked (the output says so). Full subgroups of 32 and
 //! more are checked on GPUs only.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::process::Command;
 use std::time::Instant;
 use wgpt::gpu::{DType, Tensor};
@@ -41,6 +40,14 @@ const EXPECT_VAR: &str = "WGPT_EXPECT_SUBGROUP_SIZE";
 
 /// The test each child runs.
 const INNER: &str = "subgroup_kernels_match_reference";
+
+/// [`INNER`]'s name as the test harness knows it: its path inside the test binary.
+fn inner_path() -> String {
+    match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::{INNER}"),
+        None => INNER.to_string(),
+    }
+}
 
 /// Whether the adapter is llvmpipe, whose subgroup size `LP_NATIVE_VECTOR_WIDTH` sets.
 fn is_llvmpipe() -> bool {
@@ -73,7 +80,7 @@ fn every_subgroup_size_on_the_software_driver() {
         let out = Command::new(&exe)
             .args([
                 "--exact",
-                INNER,
+                &inner_path(),
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",

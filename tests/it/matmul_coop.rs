@@ -7,8 +7,7 @@
 //! operations written out in plain WGSL), which checks everything but the operations
 //! themselves; and the fallback to the tiled kernel is tested.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::{DType, Dispatch, Tensor};
 use wgpt::ops::matmul::{
     self as mm, MatmulBackwardInput, MatmulBackwardWeight, MatmulForward, MatmulKernel, COOP_TILES,

@@ -1,7 +1,6 @@
 //! Causal self-attention, flash and naive, forward and backward, against the CPU reference.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::{DType, Dispatch, Tensor};
 use wgpt::ops::attention::{self as attn, CoopAttention, FlashTiles};
 use wgpt::reference::attention as cpu;

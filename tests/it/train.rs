@@ -1,8 +1,7 @@
 //! The whole training step on the GPU against the independent float64 reference, gradient
 //! checks, memorisation, mixed precision, and exact resume from a checkpoint.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::sync::Arc;
 use wgpt::checkpoint::Checkpoint;
 use wgpt::data::DataLoader;

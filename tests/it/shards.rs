@@ -1,7 +1,6 @@
 //! Token shards: preparation from text and JSON lines, the memory-mapped loader against the
 //! text path, shuffling, exact resume across shard boundaries, and bad inputs.
 
-mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use wgpt::data::prepare::{prepare, PrepareOptions};

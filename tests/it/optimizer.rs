@@ -2,8 +2,7 @@
 //! over several steps), including the grid-stride and 2-D grid paths GPT-2 sized buffers take,
 //! clipping, the f16 parameter copy and the skip of non-finite steps.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::{DType, Tensor};
 use wgpt::ops::optimizer as opt;
 use wgpt::ops::optimizer::{AdamWHyper, GradNormScalars};

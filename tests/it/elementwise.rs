@@ -1,7 +1,6 @@
 //! GELU, residual add and casts against the CPU reference.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::DType;
 use wgpt::ops::elementwise as ew;
 use wgpt::reference::elementwise as cpu;

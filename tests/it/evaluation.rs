@@ -2,8 +2,7 @@
 //! folder's validation split, HellaSwag scoring on a small fixture in the standard format, and
 //! the run's schedule of them; bad evaluation inputs.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use wgpt::checkpoint::Checkpoint;
 use wgpt::data::prepare::{prepare, PrepareOptions};

@@ -1,7 +1,6 @@
 //! The GPU context: wgpu errors become `Err` values (never aborts), the pipeline cache, limits.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::DType;
 
 fn bad_buffer(g: &wgpt::Gpu) -> wgpu::Buffer {

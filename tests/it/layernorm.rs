@@ -1,8 +1,7 @@
 //! LayerNorm forward, fused residual + LayerNorm forward and LayerNorm backward against the CPU
 //! reference; the backward also against central differences of the GPU forward.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::DType;
 use wgpt::ops::layernorm as ln;
 use wgpt::reference::layernorm as cpu;

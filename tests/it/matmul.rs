@@ -1,8 +1,7 @@
 //! The Linear-layer products and the bias gradient (summed with the weight gradient) against
 //! the CPU reference.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::{DType, Tensor};
 use wgpt::ops::matmul::{
     self as mm, MatmulBackwardInput, MatmulBackwardWeight, MatmulForward, MatmulKernel, TileConfig,

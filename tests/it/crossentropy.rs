@@ -1,8 +1,7 @@
 //! Fused softmax + cross-entropy and the loss mean against the CPU reference, and the gradient
 //! against central differences of the GPU forward.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::DType;
 use wgpt::ops::crossentropy as ce;
 use wgpt::reference::crossentropy as cpu;

@@ -1,8 +1,7 @@
 //! Generation with the key/value cache against the float64 reference model, the GPU sampler
 //! against a CPU draw, and the `generate` binary end to end.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::sync::Arc;
 use wgpt::checkpoint::{hf, Checkpoint};
 use wgpt::gpu::DType;

@@ -1,8 +1,7 @@
 //! Token + position embedding forward and backward against the CPU reference; the backward's
 //! bucketing, determinism and re-use of one recorded dispatch with new buckets.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wgpt::gpu::DType;
 use wgpt::ops::embedding as emb;
 use wgpt::reference::embedding as cpu;
