@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs whole test binaries at every subgroup size llvmpipe (Mesa's software Vulkan driver) can be
 # made to report, 4 to 128 lanes: LP_NATIVE_VECTOR_WIDTH / 32. CI does not need it:
-# tests/subgroup_sizes.rs checks every kernel with a subgroup path at each of these sizes (one
+# tests/it/subgroup_sizes.rs checks every kernel with a subgroup path at each of these sizes (one
 # child process per size) as part of `cargo test`. This script is for the rest of a test binary at
 # each size, e.g. `scripts/test-subgroup-sizes.sh --test it -- train::` (the training tests); without
 # arguments it runs the LayerNorm, cross-entropy and optimiser tests (every dtype, both reduction
