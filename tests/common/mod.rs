@@ -233,12 +233,124 @@ pub fn read(t: &Tensor) -> Vec<f32> {
     gpu().read(t).expect("read-back")
 }
 
-/// The tolerance DESIGN.md sets for kernels whose inputs are stored in `dtype`.
-pub fn tol_for(dtype: DType) -> f32 {
+/// The bound (relative, max-norm: see [`rel_error`]) on an f32 output against the float64
+/// reference computed from the inputs as stored ([`upload`], [`round_to`]): what f32 sums and
+/// products leave, whatever the inputs' storage type. f16 inputs are exact in f32 and a product
+/// of two of them is too, so they add nothing to it.
+pub const F32_TOL: f32 = 1e-5;
+
+/// One f16 rounding: the bound on an f16 output against the reference rounded to f16. A kernel
+/// that computes in f32 and rounds once, to nearest, lands within half an f16 ulp (2^-11
+/// relative) of the exact value, on the reference's own rounding of it unless the exact value
+/// lies so close to a rounding boundary that the f32 noise tips it to the other side: then one
+/// whole ulp off, at most 2^-10 = 9.8e-4 of the value. An f16 intermediate (an accumulator, a
+/// probability rounded before its product) adds errors of that size at every step and exceeds it.
+pub const F16_ROUNDING: f32 = 1e-3;
+
+/// The smallest positive normal f16, 2^-14: the absolute floor of [`assert_f16_each`], since
+/// WGSL lets an implementation flush subnormal results (below it) to zero.
+pub const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+
+/// The bound on an output stored in `dtype`, whatever the inputs' types: [`F16_ROUNDING`] for
+/// f16, [`F32_TOL`] otherwise.
+pub fn tol_for_output(dtype: DType) -> f32 {
     match dtype {
-        DType::F16 => 1e-2,
-        _ => 1e-5,
+        DType::F16 => F16_ROUNDING,
+        _ => F32_TOL,
     }
+}
+
+/// Fails unless every element of an f16 output lies within one f16 rounding of its own expected
+/// value: `|got - want| <= F16_ROUNDING |want| + F16_MIN_NORMAL`. For element-wise kernels, where
+/// the max-norm check of [`assert_close`] lets small outputs be off by a fraction of the largest
+/// (a GELU output near zero could be 0.06 off next to outputs of 6). A NaN on either side fails.
+pub fn assert_f16_each(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length mismatch");
+    let allowed = |w: f32| F16_ROUNDING as f64 * (w as f64).abs() + F16_MIN_NORMAL as f64;
+    let mut worst = (0f64, 0usize);
+    let mut failures = Vec::new();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ratio = (g as f64 - w as f64).abs() / allowed(w);
+        // Written so that a NaN (from a non-finite value on either side) fails.
+        if !(ratio <= 1.0) {
+            failures.push(i);
+        } else if ratio > worst.0 {
+            worst = (ratio, i);
+        }
+    }
+    if !failures.is_empty() {
+        let mut msg = String::new();
+        for &i in failures.iter().take(8) {
+            msg.push_str(&format!(
+                "\n  index {i}: computed {} vs expected {} (allowed {:.3e})",
+                got[i],
+                want[i],
+                allowed(want[i])
+            ));
+        }
+        panic!(
+            "{what}: {} of {} elements beyond one f16 rounding of their own value{msg}",
+            failures.len(),
+            got.len()
+        );
+    }
+    eprintln!(
+        "{what}: every element within one f16 rounding (worst {:.2} of its bound, at index {})",
+        worst.0, worst.1
+    );
+}
+
+/// Fails unless every element of an f16 output is its exact value (`exact`: the float64
+/// reference, not rounded to f16) rounded once: `|got - exact|` at most half an f16 ulp of
+/// `exact` plus [`F32_TOL`] of the largest `|exact|` (the f32 arithmetic before the rounding);
+/// below the smallest normal f16, at most [`F16_MIN_NORMAL`] (flushed to zero). Stronger than the
+/// max-norm [`F16_ROUNDING`]: an f16 intermediate (a probability rounded to f16 before its
+/// product) moves most elements by a fraction of an ulp, which carries many past half of one.
+/// A NaN on either side fails.
+pub fn assert_f16_rounded(what: &str, got: &[f32], exact: &[f32]) {
+    assert_eq!(got.len(), exact.len(), "{what}: length mismatch");
+    let noise = F32_TOL as f64 * exact.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let allowed = |x: f32| {
+        let x = x.abs();
+        if x < F16_MIN_NORMAL {
+            return F16_MIN_NORMAL as f64 + noise;
+        }
+        // Half an f16 ulp in x's binade: 2^(exponent - 11).
+        let exponent = ((x.to_bits() >> 23) & 0xff) as i32 - 127;
+        2f64.powi(exponent - 11) + noise
+    };
+    let mut worst = (0f64, 0usize);
+    let mut failures = Vec::new();
+    for (i, (&g, &x)) in got.iter().zip(exact).enumerate() {
+        let ratio = (g as f64 - x as f64).abs() / allowed(x);
+        // Written so that a NaN (from a non-finite value on either side) fails.
+        if !(ratio <= 1.0) {
+            failures.push(i);
+        } else if ratio > worst.0 {
+            worst = (ratio, i);
+        }
+    }
+    if !failures.is_empty() {
+        let mut msg = String::new();
+        for &i in failures.iter().take(8) {
+            msg.push_str(&format!(
+                "\n  index {i}: computed {} vs exact {} (allowed {:.3e})",
+                got[i],
+                exact[i],
+                allowed(exact[i])
+            ));
+        }
+        panic!(
+            "{what}: {} of {} elements are not the exact value rounded to f16{msg}",
+            failures.len(),
+            got.len()
+        );
+    }
+    eprintln!(
+        "{what}: every element the exact value rounded to f16 (worst {:.2} of the bound, at \
+         index {})",
+        worst.0, worst.1
+    );
 }
 
 /// Relative error in the max norm: max |got - want| / max |want|. NaN if anything on either

@@ -114,7 +114,7 @@ fn forward_matches_reference() {
                     &format!("matmul_forward {dtype:?} {shape:?} bias={with_bias}"),
                     &read(&out),
                     &round_to(&want, dtype),
-                    tol_for(dtype),
+                    tol_for_output(dtype),
                 );
             }
         }
@@ -140,11 +140,12 @@ fn forward_f16_inputs_f32_output() {
             .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
             .unwrap();
         let want = forward_want(&f.xv, &f.wv, Some(&bv), shape);
+        // An f32 output: within f32 rounding of the reference on the f16 values as stored.
         assert_close(
             &format!("matmul_forward f16->f32 {shape:?}"),
             &read(&out),
             &want,
-            tol_for(DType::F16),
+            F32_TOL,
         );
     }
 }
@@ -170,20 +171,26 @@ fn forward_gelu_epilogue_matches_reference() {
                 &forward_want(&f.xv, &f.wv, with_bias.then_some(&f.bv[..]), shape),
                 dtype,
             );
-            let out_want: Vec<f32> = pre_want.iter().map(|&x| gelu(x)).collect();
             let what = format!("matmul_forward+gelu {dtype:?} {shape:?} bias={with_bias}");
+            let got_pre = read(&pre);
             assert_close(
                 &format!("{what} pre"),
-                &read(&pre),
+                &got_pre,
                 &pre_want,
-                tol_for(dtype),
+                tol_for_output(dtype),
             );
+            // GELU of the pre-activation as stored (just checked), as the kernel takes it.
+            let out_want = round_to(&got_pre.iter().map(|&x| gelu(x)).collect::<Vec<_>>(), dtype);
+            let got = read(&out);
             assert_close(
                 &format!("{what} out"),
-                &read(&out),
-                &round_to(&out_want, dtype),
-                tol_for(dtype),
+                &got,
+                &out_want,
+                tol_for_output(dtype),
             );
+            if dtype == DType::F16 {
+                assert_f16_each(&format!("{what} out"), &got, &out_want);
+            }
         }
     }
 }
@@ -206,15 +213,23 @@ fn forward_accumulate_adds_to_output() {
                 gpu()
                     .run(&[&mm::matmul_forward(gpu(), &out, &f.x, &f.w, &opts).unwrap()])
                     .unwrap();
-                let mut y = round_to(&forward_want(&f.xv, &f.wv, Some(&f.bv), shape), dtype);
+                let what =
+                    format!("matmul_forward accumulate {dtype:?} {shape:?} gelu={with_gelu}");
+                // The sum is added to the output in f32 and rounded once; with GELU, the GELU
+                // of the pre-activation as stored.
+                let mut y = forward_want(&f.xv, &f.wv, Some(&f.bv), shape);
                 if with_gelu {
-                    y = y.iter().map(|&x| gelu(x)).collect();
+                    let pre_want = round_to(&y, dtype);
+                    let got_pre = read(&pre);
+                    let tol = tol_for_output(dtype);
+                    assert_close(&format!("{what} pre"), &got_pre, &pre_want, tol);
+                    y = got_pre.iter().map(|&x| gelu(x)).collect();
                 }
                 assert_close(
-                    &format!("matmul_forward accumulate {dtype:?} {shape:?} gelu={with_gelu}"),
+                    &what,
                     &read(&out),
                     &round_to(&add(&start, &y), dtype),
-                    tol_for(dtype),
+                    tol_for_output(dtype),
                 );
             }
         }
@@ -262,7 +277,7 @@ fn backward_input_matches_reference() {
                         &format!("matmul_backward_input {dtype:?} {shape:?} gelu={with_gelu} accumulate={accumulate}"),
                         &read(&dinp),
                         &round_to(&add(&start, &want), dtype),
-                        tol_for(dtype),
+                        tol_for_output(dtype),
                     );
                 }
             }
@@ -292,7 +307,7 @@ fn backward_weight_matches_reference() {
                     &format!("matmul_backward_weight {tag}"),
                     &read(&dw),
                     &add(&start, &want),
-                    tol_for(dtype),
+                    F32_TOL,
                 );
                 assert_close(
                     &format!("matmul_backward_weight's dbias {tag}"),
@@ -386,7 +401,7 @@ fn every_tile_config_matches_reference() {
                     &format!("matmul_forward {tag}"),
                     &read(&out),
                     &round_to(&want, dtype),
-                    tol_for(dtype),
+                    tol_for_output(dtype),
                 );
 
                 let (dout, doutv) = upload("dout", &uniform(seed + 5, m * n), &[m, n], dtype);
@@ -403,7 +418,7 @@ fn every_tile_config_matches_reference() {
                     &format!("matmul_backward_input {tag}"),
                     &read(&dinp),
                     &round_to(&want, dtype),
-                    tol_for(dtype),
+                    tol_for_output(dtype),
                 );
 
                 let dw = poisoned("dweight", &[n, k], DType::F32);
@@ -415,7 +430,7 @@ fn every_tile_config_matches_reference() {
                     &format!("matmul_backward_weight {tag}"),
                     &read(&dw),
                     &want,
-                    tol_for(dtype),
+                    F32_TOL,
                 );
                 assert_close(
                     &format!("matmul_backward_weight's dbias {tag}"),
@@ -686,8 +701,8 @@ fn products_on_column_windows_of_wider_rows() {
                 assert_close(
                     &format!("matmul_forward into {tag}"),
                     &read(&wide),
-                    &want,
-                    tol_for(dtype),
+                    &round_to(&want, dtype),
+                    tol_for_output(dtype),
                 );
 
                 // The window of the (now written) wide matrix as dout.
@@ -766,7 +781,7 @@ fn f16_products_accumulate_in_f32() {
     let (xt, xtv) = upload("inp", &uniform(953, k * n), &[k, n], f16);
     let (dt, dtv) = upload("dout", &uniform(954, k * m), &[k, m], f16);
     // Bounds: f32 outputs within 1e-5; f16 outputs within one rounding, 2^-11 < 1e-3.
-    let (tol32, tol16) = (1e-5, 1e-3);
+    let (tol32, tol16) = (F32_TOL, F16_ROUNDING);
     let forward = forward_want(&xv, &wv, None, (m, k, n));
     let forward_f16acc: Vec<f32> = (0..m * n)
         .map(|e| f16_accumulated((0..k).map(|j| xv[(e / n) * k + j] * wv[(e % n) * k + j])))
@@ -853,17 +868,20 @@ fn few_rows_take_the_rows_kernel_and_match_reference() {
                     d.pipeline.label
                 );
                 gpu().run(&[&d]).unwrap();
-                let mut y = round_to(&plain, dtype);
+                // Rounded once, after the accumulation; with GELU, the GELU of the
+                // pre-activation as stored (checked first).
+                let mut y = plain.clone();
                 if with_gelu {
-                    assert_close(&format!("{tag} pre"), &read(&pre), &y, tol_for(dtype));
-                    y = y.iter().map(|&x| gelu(x)).collect();
+                    let got_pre = read(&pre);
+                    let tol = tol_for_output(dtype);
+                    assert_close(&format!("{tag} pre"), &got_pre, &round_to(&y, dtype), tol);
+                    y = got_pre.iter().map(|&x| gelu(x)).collect();
                 }
-                assert_close(
-                    &tag,
-                    &read(&out),
-                    &round_to(&add(&start, &y), dtype),
-                    tol_for(dtype),
-                );
+                let (got, want) = (read(&out), round_to(&add(&start, &y), dtype));
+                assert_close(&tag, &got, &want, tol_for_output(dtype));
+                if with_gelu && dtype == DType::F16 {
+                    assert_f16_each(&tag, &got, &want);
+                }
             }
             // Into columns 20..97 of wider rows, the other columns untouched.
             let (wide, before) = upload("wide", &uniform(seed + 6, m * width), &[m, width], dtype);
@@ -885,7 +903,7 @@ fn few_rows_take_the_rows_kernel_and_match_reference() {
                 &format!("rows kernel {dtype:?} M={m} into a window"),
                 &read(&wide),
                 &round_to(&want, dtype),
-                tol_for(dtype),
+                tol_for_output(dtype),
             );
         }
     }

@@ -14,9 +14,7 @@ use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
 use crate::ops::check_u32_range;
-use crate::ops::matmul::{
-    coop_disabled_by_env, coop_subgroup_size, relative_difference, SELF_CHECK_TOLERANCE,
-};
+use crate::ops::matmul::{coop_disabled_by_env, coop_subgroup_size, relative_difference};
 
 const SHADER: &str = "attention_coop";
 
@@ -287,8 +285,9 @@ pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
 /// once per [`Gpu`], the first time it is asked, by the rule of the matmul's
 /// `coop_matmul_status`: the self-check ([`agreement_with_flash`]) runs forward and backward at a
 /// ragged shape through the cooperative-matrix kernels and through the flash kernels; a relative
-/// difference above [`SELF_CHECK_TOLERANCE`], a NaN or an error turns them off for this device,
-/// with one line on stderr saying why.
+/// difference above the bound of its output ([`SELF_CHECK_LSE_TOLERANCE`],
+/// [`SELF_CHECK_OUT_TOLERANCE`], [`SELF_CHECK_DQKV_TOLERANCE`]), a NaN or an error turns them off
+/// for this device, with one line on stderr saying why.
 pub fn coop_attention_status(gpu: &Gpu) -> std::result::Result<(), String> {
     gpu.coop_attention
         .get_or_init(|| {
@@ -324,10 +323,22 @@ pub fn auto_coop_attention(gpu: &Gpu, hs: usize, dtype: DType) -> Option<CoopAtt
 /// multiple of none, two heads and two batch rows.
 const SELF_CHECK_SHAPE: (usize, usize, usize, usize) = (2, 77, 128, 2);
 
+/// The self-check's bounds on the relative difference (max-norm) of each output from the flash
+/// kernels', which compute in f32 throughout. The cooperative-matrix kernels round the same f16
+/// inputs, P and dS to f16 for their second products (2^-11 relative each) and sum in f32. lse
+/// (f32) sees no f16 rounding after the scores: q k^T summed in f16 (a driver whose cooperative
+/// matrices accumulate in f16) moves it by some 5e-4 relative, five times its bound.
+const SELF_CHECK_LSE_TOLERANCE: f32 = 1e-4;
+/// out (f16): P rounded to f16 for P V, and the output's own rounding.
+const SELF_CHECK_OUT_TOLERANCE: f32 = 2e-3;
+/// dqkv: P and dS rounded to f16 for the products that make dq, dk and dv.
+const SELF_CHECK_DQKV_TOLERANCE: f32 = 3e-3;
+
 /// Runs forward and backward on seeded f16 inputs at (B, T, C, NH) = (2, 77, 128, 2) through
 /// `cfg` and through the flash kernels, outputs poisoned with NaN first, and returns the largest
 /// relative difference (max-norm) of out, lse and dqkv; `Err` says which disagreed by more than
-/// [`SELF_CHECK_TOLERANCE`], left an element unwritten, or failed to run.
+/// its bound ([`SELF_CHECK_OUT_TOLERANCE`], [`SELF_CHECK_LSE_TOLERANCE`],
+/// [`SELF_CHECK_DQKV_TOLERANCE`]), left an element unwritten, or failed to run.
 pub fn agreement_with_flash(gpu: &Gpu, cfg: CoopAttention) -> std::result::Result<f32, String> {
     let (b, t, c, nh) = SELF_CHECK_SHAPE;
     let f16 = DType::F16;
@@ -375,12 +386,17 @@ pub fn agreement_with_flash(gpu: &Gpu, cfg: CoopAttention) -> std::result::Resul
     let what = format!("attention (B, T, C, NH) = {SELF_CHECK_SHAPE:?} on {cfg:?}");
     let results = run().map_err(|e| format!("{what} failed: {e}"))?;
     let mut worst = 0f32;
-    for ((got, want), name) in results.iter().zip(["out", "lse", "dqkv"]) {
+    let bounds = [
+        ("out", SELF_CHECK_OUT_TOLERANCE),
+        ("lse", SELF_CHECK_LSE_TOLERANCE),
+        ("dqkv", SELF_CHECK_DQKV_TOLERANCE),
+    ];
+    for ((got, want), (name, tol)) in results.iter().zip(bounds) {
         let err = relative_difference(got, want).map_err(|e| format!("{what}, {name}: {e}"))?;
-        if err.is_nan() || err > SELF_CHECK_TOLERANCE {
+        if err.is_nan() || err > tol {
             return Err(format!(
                 "{what}: {name} differs from the flash kernels by {err:.3e} (relative, max-norm; \
-                 allowed {SELF_CHECK_TOLERANCE:.0e})"
+                 allowed {tol:.0e})"
             ));
         }
         worst = worst.max(err);

@@ -32,7 +32,7 @@ mod tiled;
 
 pub use check::{
     agreement_with_tiled, coop_disabled_by_env, coop_matmul_status, relative_difference,
-    SELF_CHECK_TOLERANCE,
+    self_check_tolerance, SELF_CHECK_F16_TOLERANCE, SELF_CHECK_F32_TOLERANCE,
 };
 pub(crate) use choice::coop_subgroup_size;
 pub use choice::{auto_kernel, best_coop_kernel, best_tiled_kernel};
