@@ -19,12 +19,15 @@ root=$PWD
 # Each mutation: its name, the file it changes, a perl substitution applied with `perl -0pi -e`,
 # and the arguments of the `cargo test` that must then fail.
 mutations() {
-  mutation f16-accumulator shaders/matmul_tiled.wgsl \
-    's/var acc: array<f32/var acc: array<f16/' \
+  mutation f16-accumulator shaders/matmul.wgsl \
+    's/acc\[o\] = acc\[o\] \+ ar \* bv\[j\];/acc[o] = vec4<f32>(vec4<Stage>(acc[o] + ar * bv[j]));/' \
     '--test it -- matmul::'
-  mutation attention-p-f16 shaders/flash_attention.wgsl \
-    's/let p = exp\(/let p = PROB_ROUND(exp(/' \
-    '--test it -- attention::'
+  mutation attention-p-f16 shaders/attention_flash.wgsl \
+    's/f_s\[rr \* SS \+ j\] = pv;/f_s[rr * SS + j] = f32({{QKV_T}}(pv));/' \
+    '--test it -- attention::flash_forward_and_backward attention::mixed_storage'
+  mutation gelu-f16-near-zero shaders/elementwise.wgsl \
+    's/gf_out\[i\] = \{\{OUT_T\}\}\(gelu\(f32\(gf_inp\[i\]\)\)\);/let x0 = f32(gf_inp[i]); let is_half = f32({{OUT_T}}(x0 * 0.0 + 1.0001)) == 1.0; gf_out[i] = {{OUT_T}}(gelu(x0) + select(0.0, 0.004, is_half \&\& abs(x0) < 0.01));/' \
+    '--test it -- elementwise::gelu_forward'
   mutation wte-piece-1-not-updated src/graph/gpt.rs \
     's/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/' \
     '--test it -- train::split_storage'
