@@ -38,10 +38,10 @@ timed_cargo_test() {
   cargo test "$@" 2>&1 | perl -MTime::HiRes=time -ne '
     BEGIN { $| = 1; $start = time; }
     print;
-    if (/^\s+(Running|Doc-tests) (\S+)/) {
+    if (/^\s+(?:Running (?:unittests )?|Doc-tests )(\S+)/) {
       my $now = time;
       $t{$cur} += $now - $since if defined $cur;
-      ($cur, $since) = ($2, $now);
+      ($cur, $since) = ($1, $now);
       $build = $now - $start unless defined $build;
     }
     END {
