@@ -260,13 +260,16 @@ pub fn tol_for_output(dtype: DType) -> f32 {
     }
 }
 
-/// Fails unless every element of an f16 output lies within one f16 rounding of its own expected
-/// value: `|got - want| <= F16_ROUNDING |want| + F16_MIN_NORMAL`. For element-wise kernels, where
-/// the max-norm check of [`assert_close`] lets small outputs be off by a fraction of the largest
-/// (a GELU output near zero could be 0.06 off next to outputs of 6). A NaN on either side fails.
-pub fn assert_f16_each(what: &str, got: &[f32], want: &[f32]) {
+/// Fails unless every `|got[i] - want[i]|` is at most `allowed(want[i])`, naming the first
+/// elements beyond it and saying `claim` of the others; a NaN on either side fails.
+fn assert_each_within(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    allowed: impl Fn(f32) -> f64,
+    claim: &str,
+) {
     assert_eq!(got.len(), want.len(), "{what}: length mismatch");
-    let allowed = |w: f32| F16_ROUNDING as f64 * (w as f64).abs() + F16_MIN_NORMAL as f64;
     let mut worst = (0f64, 0usize);
     let mut failures = Vec::new();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -289,14 +292,28 @@ pub fn assert_f16_each(what: &str, got: &[f32], want: &[f32]) {
             ));
         }
         panic!(
-            "{what}: {} of {} elements beyond one f16 rounding of their own value{msg}",
+            "{what}: {} of {} elements are not {claim}{msg}",
             failures.len(),
             got.len()
         );
     }
     eprintln!(
-        "{what}: every element within one f16 rounding (worst {:.2} of its bound, at index {})",
+        "{what}: every element {claim} (worst {:.2} of its bound, at index {})",
         worst.0, worst.1
+    );
+}
+
+/// Fails unless every element of an f16 output lies within one f16 rounding of its own expected
+/// value: `|got - want| <= F16_ROUNDING |want| + F16_MIN_NORMAL`. For element-wise kernels, where
+/// the max-norm check of [`assert_close`] lets small outputs be off by a fraction of the largest
+/// (a GELU output near zero could be 0.06 off next to outputs of 6). A NaN on either side fails.
+pub fn assert_f16_each(what: &str, got: &[f32], want: &[f32]) {
+    assert_each_within(
+        what,
+        got,
+        want,
+        |w| F16_ROUNDING as f64 * (w as f64).abs() + F16_MIN_NORMAL as f64,
+        "within one f16 rounding of their own value",
     );
 }
 
@@ -308,7 +325,6 @@ pub fn assert_f16_each(what: &str, got: &[f32], want: &[f32]) {
 /// product) moves most elements by a fraction of an ulp, which carries many past half of one.
 /// A NaN on either side fails.
 pub fn assert_f16_rounded(what: &str, got: &[f32], exact: &[f32]) {
-    assert_eq!(got.len(), exact.len(), "{what}: length mismatch");
     let noise = F32_TOL as f64 * exact.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
     let allowed = |x: f32| {
         let x = x.abs();
@@ -319,38 +335,7 @@ pub fn assert_f16_rounded(what: &str, got: &[f32], exact: &[f32]) {
         let exponent = ((x.to_bits() >> 23) & 0xff) as i32 - 127;
         2f64.powi(exponent - 11) + noise
     };
-    let mut worst = (0f64, 0usize);
-    let mut failures = Vec::new();
-    for (i, (&g, &x)) in got.iter().zip(exact).enumerate() {
-        let ratio = (g as f64 - x as f64).abs() / allowed(x);
-        // Written so that a NaN (from a non-finite value on either side) fails.
-        if !(ratio <= 1.0) {
-            failures.push(i);
-        } else if ratio > worst.0 {
-            worst = (ratio, i);
-        }
-    }
-    if !failures.is_empty() {
-        let mut msg = String::new();
-        for &i in failures.iter().take(8) {
-            msg.push_str(&format!(
-                "\n  index {i}: computed {} vs exact {} (allowed {:.3e})",
-                got[i],
-                exact[i],
-                allowed(exact[i])
-            ));
-        }
-        panic!(
-            "{what}: {} of {} elements are not the exact value rounded to f16{msg}",
-            failures.len(),
-            got.len()
-        );
-    }
-    eprintln!(
-        "{what}: every element the exact value rounded to f16 (worst {:.2} of the bound, at \
-         index {})",
-        worst.0, worst.1
-    );
+    assert_each_within(what, got, exact, allowed, "the exact value rounded to f16");
 }
 
 /// Relative error in the max norm: max |got - want| / max |want|. NaN if anything on either
@@ -438,7 +423,7 @@ impl AdamwStep<'_> {
     fn gradient_allowance(&self, i: usize) -> f64 {
         (self.update(i, self.gpu_grads[i] as f64, self.gpu_clip)
             - self.update(i, self.grads[i], self.clip))
-            .abs()
+        .abs()
     }
 }
 

@@ -1,7 +1,6 @@
 //! The binaries end to end: the log-line contract, metrics, checkpoint + resume through the
 //! command line, Hugging Face export, and bad input giving clear errors with a non-zero exit.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -390,12 +389,18 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         (vec!["--hellaswag".into(), p(&short)], "short.txt: line 1"),
     ];
     for (extra, needle) in cases {
-        let mut args: Vec<String> = crate::common::SMALL_RUN.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = crate::common::SMALL_RUN
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         args.extend(["--steps".into(), "1".into()]);
         args.extend(extra);
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let line = expect_error(&refs, needle);
-        eprintln!("{:?} -> {line}", &refs[crate::common::SMALL_RUN.len() + 2..]);
+        eprintln!(
+            "{:?} -> {line}",
+            &refs[crate::common::SMALL_RUN.len() + 2..]
+        );
     }
 }
 

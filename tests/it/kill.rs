@@ -1,7 +1,6 @@
 //! A process killed while it writes a checkpoint leaves the previous checkpoints intact and
 //! loadable, and training resumes from the newest complete one.
 
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

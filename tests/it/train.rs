@@ -170,7 +170,9 @@ fn check_against_reference_with(
             // The batch's tokens reach every piece: the embedding's gradient lands in each.
             for rows in &wte_pieces {
                 assert!(
-                    micro.iter().any(|(x, _)| x.iter().any(|&t| rows.contains(&(t as usize)))),
+                    micro
+                        .iter()
+                        .any(|(x, _)| x.iter().any(|&t| rows.contains(&(t as usize)))),
                     "{what} step {i}: no token of the batch in wte rows {rows:?}"
                 );
             }
@@ -256,7 +258,15 @@ fn check_against_reference(s: TrainSettings, what: &str) {
         grad_tol: 1e-5,
         max_loose: 16,
     };
-    check_against_reference_with(s, None, what, &saved_weights(7), tokens(2000, 1), 10, bounds);
+    check_against_reference_with(
+        s,
+        None,
+        what,
+        &saved_weights(7),
+        tokens(2000, 1),
+        10,
+        bounds,
+    );
 }
 
 #[test]
