@@ -213,6 +213,8 @@ fn flash_attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 
 #if BACKWARD_PREPROCESS
 // ---- flash_attention_backward_preprocess: D[b, h, i] = sum_d dout[b, i, h, d] * out[b, i, h, d]
+// (FlashAttention-2's D, for the cooperative-matrix backward; the f32 kernels below sum D from
+// P and dP instead, in the dQ pass.)
 // One thread per (b, t, h), heads fastest so neighbouring threads read neighbouring memory.
 @group(0) @binding(1) var<storage, read> pre_dout: array<{{DOUT_T}}>; // (B, T, C)
 @group(0) @binding(2) var<storage, read> pre_out: array<{{OUT_T}}>;   // (B, T, C)
@@ -239,7 +241,8 @@ fn flash_attention_backward_preprocess(@builtin(workgroup_id) wid: vec3<u32>,
 #if BACKWARD_DKDV
 // ---- flash_attention_backward_dkdv -------------------------------------------------------------
 // One workgroup per (key block of BK keys, b, h); loops over the query blocks (BQ rows) at or
-// after it, recomputing P = exp(scale * q.k - lse) and dS = P * (dout.v - D):
+// after it, recomputing P = exp(scale * q.k - lse) and dS = P * (dout.v - D), D as the dQ pass
+// (which runs first) wrote it:
 //   dV[j] = sum_i P[i, j] dout[i],   dK[j] = scale * sum_i dS[i, j] q[i].
 const BQ: u32 = {{BQ}}u;
 const BK: u32 = {{BK}}u;
@@ -403,7 +406,15 @@ fn flash_attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
 #if BACKWARD_DQ
 // ---- flash_attention_backward_dq ---------------------------------------------------------------
 // One workgroup per (query block of BQ rows, b, h); loops over the key blocks (BK keys) up to the
-// causal limit: dQ[i] = scale * sum_j dS[i, j] k[j].
+// causal limit, recomputing P = exp(scale * q.k - lse) and dP = dout.v. With E = P * dP,
+//   D[i] = sum_j E[i, j],   dQ[i] = scale * sum_j P[i, j] (dP[i, j] - D[i]) k[j]
+//                                 = scale * (sum_j E[i, j] k[j] - D[i] * sum_j P[i, j] k[j]),
+// so one pass sums both vectors and D, and writes D for the dK/dV pass. D summed from the very
+// P and dP that dS is formed from keeps every row of dS summing to zero, as the softmax's
+// gradient does (a row attending to one key gets dS = 0 exactly). FlashAttention-2's D, the dot
+// product of dout with the rounded output, differs from that sum by a rounding error that every
+// dS of the row then carries, and dQ and dK turn it into a gradient along the row's mean key
+// and the queries: several times the f32 rounding of the other gradients.
 const BQ: u32 = {{BQ}}u;
 const BK: u32 = {{BK}}u;
 const SA: u32 = BQ / 16u;
@@ -414,16 +425,16 @@ const ORT: u32 = (BQ + RG - 1u) / RG; // accumulate layout: query rows per threa
 @group(0) @binding(1) var<storage, read> dq_qkv: array<{{QKV_T}}>;         // (B, T, 3*C)
 @group(0) @binding(2) var<storage, read> dq_dout: array<{{DOUT_T}}>;       // (B, T, C)
 @group(0) @binding(3) var<storage, read> dq_lse: array<f32>;               // (B, NH, T)
-@group(0) @binding(4) var<storage, read> dq_dd: array<f32>;                // (B, NH, T)
+@group(0) @binding(4) var<storage, read_write> dq_dd: array<f32>;          // (B, NH, T): D
 @group(0) @binding(5) var<storage, read_write> dq_dqkv: array<{{DQKV_T}}>; // (B, T, 3*C)
 
 var<workgroup> dq_q: array<f32, BQ * KS>;
 var<workgroup> dq_do: array<f32, BQ * KS>;
 var<workgroup> dq_k: array<f32, BK * KS>;
 var<workgroup> dq_v: array<f32, BK * KS>;
-var<workgroup> dq_ds: array<f32, BQ * PS>;
+var<workgroup> dq_e: array<f32, BQ * PS>; // E = P * dP
+var<workgroup> dq_p: array<f32, BQ * PS>; // P
 var<workgroup> dq_lse_s: array<f32, BQ>;
-var<workgroup> dq_d_s: array<f32, BQ>;
 
 @compute @workgroup_size(256)
 fn flash_attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
@@ -457,15 +468,22 @@ fn flash_attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
         let inside = q0 + lid < p.t;
         let at = bh * p.t + min(q0 + lid, p.t - 1u);
         dq_lse_s[lid] = select(0.0, dq_lse[at], inside);
-        dq_d_s[lid] = select(0.0, dq_dd[at], inside);
     }
 
     let si = lid / 16u;
     let sj = lid % 16u;
     let ar = lid / DG;
     let ad = lid % DG;
-    var dq: array<f32, ORT * DPT>;
-    for (var x = 0u; x < ORT * DPT; x++) { dq[x] = 0.0; }
+    // Accumulate layout: sum_j E k and sum_j P k of this thread's rows and dims, and D of its
+    // rows (the DG threads of a row sum the same E in the same order).
+    var ek: array<f32, ORT * DPT>;
+    var pk: array<f32, ORT * DPT>;
+    var dsum: array<f32, ORT>;
+    for (var x = 0u; x < ORT * DPT; x++) {
+        ek[x] = 0.0;
+        pk[x] = 0.0;
+    }
+    for (var a = 0u; a < ORT; a++) { dsum[a] = 0.0; }
 
     let last_key = min(q0 + BQ, p.t) - 1u;
     let n_kb = last_key / BK + 1u;
@@ -514,19 +532,25 @@ fn flash_attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
                 let j = sj + 16u * y;
                 let visible = k0 + j <= q0 + i && q0 + i < p.t;
                 let pv = select(0.0, exp(p.scale * s[a * SB + y] - dq_lse_s[i]), visible);
-                dq_ds[i * PS + j] = pv * (dp[a * SB + y] - dq_d_s[i]);
+                dq_p[i * PS + j] = pv;
+                dq_e[i * PS + j] = pv * dp[a * SB + y];
             }
         }
         workgroupBarrier();
 
-        // dQ += dS K, accumulate layout (rows = queries).
+        // E K, P K and D, accumulate layout (rows = queries), keys in order.
         for (var j = 0u; j < BK; j++) {
             var kk: array<f32, DPT>;
             for (var x = 0u; x < DPT; x++) { kk[x] = dq_k[j * KS + min(ad + DG * x, HS - 1u)]; }
             for (var a = 0u; a < ORT; a++) {
                 let i = min(ar + RG * a, BQ - 1u);
-                let dsv = dq_ds[i * PS + j];
-                for (var x = 0u; x < DPT; x++) { dq[a * DPT + x] = fma(dsv, kk[x], dq[a * DPT + x]); }
+                let ev = dq_e[i * PS + j];
+                let pv = dq_p[i * PS + j];
+                dsum[a] = dsum[a] + ev;
+                for (var x = 0u; x < DPT; x++) {
+                    ek[a * DPT + x] = fma(ev, kk[x], ek[a * DPT + x]);
+                    pk[a * DPT + x] = fma(pv, kk[x], pk[a * DPT + x]);
+                }
             }
         }
         workgroupBarrier();
@@ -538,8 +562,12 @@ fn flash_attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
             let dst = base + (q0 + i) * row3;
             for (var x = 0u; x < DPT; x++) {
                 let d = ad + DG * x;
-                if (d < HS) { dq_dqkv[dst + d] = {{DQKV_T}}(p.scale * dq[a * DPT + x]); }
+                if (d < HS) {
+                    let dqv = ek[a * DPT + x] - dsum[a] * pk[a * DPT + x];
+                    dq_dqkv[dst + d] = {{DQKV_T}}(p.scale * dqv);
+                }
             }
+            if (ad == 0u) { dq_dd[bh * p.t + q0 + i] = dsum[a]; }
         }
     }
 }

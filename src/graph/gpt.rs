@@ -583,11 +583,25 @@ pub fn build_train_graph(
             if k > 0 {
                 reads.push(dlnf);
             }
+            // Split-K over the vocabulary when the chunk's rows make few tiles: more workgroups,
+            // and slices of a few thousand vocabulary rows whose partials meet the target's
+            // large term only at the end (see ops/matmul/split.rs: one f32 run over 50,257 rows
+            // made GPT-2's f32 updates 5 times a plain f32 implementation's error).
+            let split_len = matmul::matmul_backward_input_scratch_len(rows, c, part.rows);
+            let partials = (split_len > 0).then(|| {
+                g.planned(
+                    format!("{} partials", at("backward_input", k)),
+                    &[split_len],
+                    DType::F32,
+                )
+            });
+            let mut writes = vec![dlnf];
+            writes.extend(partials);
             g.node(
                 at("backward_input", k),
                 "matmul",
                 &reads,
-                &[dlnf],
+                &writes,
                 mm(rows, part.rows, c),
                 move |gpu, r| {
                     let align = gpu.alignment();
@@ -596,13 +610,15 @@ pub fn build_train_graph(
                         accumulate: k > 0,
                         ..Default::default()
                     };
-                    Ok(vec![matmul::matmul_backward_input(
+                    matmul::matmul_backward_input_split(
                         gpu,
                         &r.t(dlnf).slice(start * c, &[rows, c], align)?,
                         &r.t(logits).slice(0, &[rows, vp], align)?,
                         r.t(part.ids.w),
+                        partials.map(|s| r.t(s)),
                         &o,
-                    )?])
+                        None,
+                    )
                 },
             );
         }

@@ -1166,3 +1166,81 @@ fn split_k_refuses_what_it_cannot_do() {
     ));
     assert!(e.contains("alias") || e.contains("overlap"), "{e}");
 }
+
+/// The input gradient split over a long inner dimension, as the tied classifier's is (a few rows
+/// of dout, a window of its columns being one vocabulary piece): forced slices (the last one
+/// ragged) and the launcher's own choice, plain and accumulating, f32 and f16 inputs, against the
+/// CPU reference; without a scratch, or with a GELU epilogue, it stays one product.
+#[test]
+fn backward_input_split_matches_reference() {
+    // (M rows, K, N inner, dout width, first column): 16 rows, N = 2500 in a window of 3000.
+    let (m, k, n, width, start) = (16, 48, 2500, 3000, 300);
+    for dtype in float_dtypes() {
+        let (wide, widev) = upload("dout", &uniform(1400, m * width), &[m, width], dtype);
+        let (w, wv) = upload("weight", &uniform(1401, n * k), &[n, k], dtype);
+        let window: Vec<f32> = (0..m)
+            .flat_map(|r| widev[r * width + start..r * width + start + n].to_vec())
+            .collect();
+        let want = backward_input_want(&window, &wv, (m, k, n));
+        let auto = mm::matmul_backward_input_scratch_len(m, k, n);
+        assert!(auto > 0, "a (16, 48) output over 2500 rows splits");
+        for (splits, len) in [(Some(3), 3 * m * k), (Some(7), 7 * m * k), (None, auto)] {
+            let scratch = poisoned("scratch", &[len], DType::F32);
+            for accumulate in [false, true] {
+                let (dinp, before) = output("dinp", &[m, k], DType::F32, accumulate, 1402);
+                let opts = MatmulBackwardInput {
+                    dout_columns: Some(start),
+                    accumulate,
+                    ..Default::default()
+                };
+                let ds = mm::matmul_backward_input_split(
+                    gpu(),
+                    &dinp,
+                    &wide,
+                    &w,
+                    Some(&scratch),
+                    &opts,
+                    splits,
+                )
+                .unwrap();
+                assert_eq!(ds.len(), 2, "{splits:?} slices: partials, then their sum");
+                run_all(&ds);
+                assert_close(
+                    &format!(
+                        "split matmul_backward_input {dtype:?} {splits:?} slices \
+                         accumulate={accumulate}"
+                    ),
+                    &read(&dinp),
+                    &add(&before, &want),
+                    1e-5,
+                );
+            }
+        }
+        let dinp = poisoned("dinp", &[m, k], DType::F32);
+        let opts = MatmulBackwardInput {
+            dout_columns: Some(start),
+            ..Default::default()
+        };
+        let split = |scratch, splits| {
+            mm::matmul_backward_input_split(gpu(), &dinp, &wide, &w, scratch, &opts, splits)
+        };
+        assert_eq!(split(None, None).unwrap().len(), 1, "no scratch, no split");
+        assert!(split(None, Some(2)).is_err(), "slices need a scratch");
+        let (pre, _) = upload("pre", &uniform(1403, m * k), &[m, k], dtype);
+        let (dense, _) = upload("dout", &uniform(1404, m * n), &[m, n], dtype);
+        let scratch = poisoned("scratch", &[auto], DType::F32);
+        let gelu = MatmulBackwardInput {
+            gelu_pre: Some(&pre),
+            ..Default::default()
+        };
+        let with_gelu = |splits| {
+            mm::matmul_backward_input_split(gpu(), &dinp, &dense, &w, Some(&scratch), &gelu, splits)
+        };
+        assert_eq!(
+            with_gelu(None).unwrap().len(),
+            1,
+            "a GELU epilogue is not split"
+        );
+        assert!(with_gelu(Some(2)).is_err());
+    }
+}

@@ -12,12 +12,14 @@
 //! `lse`, the backward scratch and the naive score matrices are always f32, and all arithmetic is
 //! f32. Every launcher overwrites its outputs (no accumulation) and writes every element.
 //!
-//! Dispatches: flash forward 1, flash backward 3 (D, dK/dV, dQ), naive forward 3 (scores,
-//! softmax, values), naive backward 4 (dP, softmax backward, dQ, dK/dV). Record them in order.
+//! Dispatches: flash forward 1, flash backward 2 (dQ and D, dK/dV; on cooperative matrices 3: D,
+//! dQ, dK/dV), naive forward 3 (scores, softmax, values), naive backward 4 (dP, softmax backward,
+//! dQ, dK/dV). Record them in order.
 //!
 //! Scratch tensors:
 //! - flash forward: `lse` (B, NH, T) f32, 4*B*NH*T bytes: kept for the backward pass.
-//! - flash backward: `d_scratch` (B, NH, T) f32, 4*B*NH*T bytes: D = rowsum(dout * out).
+//! - flash backward: `d_scratch` (B, NH, T) f32, 4*B*NH*T bytes: D = rowsum(P * dP) (on
+//!   cooperative matrices rowsum(dout * out), FlashAttention-2's).
 //! - naive forward: `att` (B, NH, T, T) f32, 4*B*NH*T^2 bytes: the probabilities, kept for the
 //!   backward pass (4 MiB per (b, h) at T=1024: 768 MiB for GPT-2's B=16, NH=12).
 //! - naive backward: `datt_scratch` (B, NH, T, T) f32, the same size again.
@@ -373,9 +375,11 @@ pub fn flash_attention_forward_tiled(
 }
 
 /// Flash attention backward: writes every element of `dqkv` (B, T, 3C) from `dout` (B, T, C),
-/// the forward's `qkv`, `out` and `lse`. `d_scratch` (B, NH, T) f32 receives
-/// D = rowsum(dout * out). Three dispatches: D, then dK/dV (one workgroup per key block), then
-/// dQ (one workgroup per query block); deterministic (no atomics).
+/// the forward's `qkv` and `lse` (`out` is checked, not read). `d_scratch` (B, NH, T) f32
+/// receives D = rowsum(P * dP), dP = dout v^T, summed by the first of two dispatches: dQ (one
+/// workgroup per query block), then dK/dV (one workgroup per key block); deterministic (no
+/// atomics). (See shaders/attention_flash.wgsl for why D is not FlashAttention-2's
+/// rowsum(dout * out).)
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     gpu: &Gpu,
@@ -506,10 +510,9 @@ pub fn flash_attention_backward_tiled(
         ]
     };
 
-    let preprocess = flash_preprocess(gpu, OP, &d, dout, out, d_scratch)?;
-
-    // Two passes over the same inputs: dK/dV per key block, then dQ per query block.
-    let pass = |entry: &'static str, gate: &str, block: u32, what: &str| {
+    // Two passes over the same inputs: dQ per query block, which also sums D into `d_scratch`,
+    // then dK/dV per key block, which reads it.
+    let pass = |entry: &'static str, gate: &str, block: u32, what: &str, d_bind: Bind<'_>| {
         let n_blocks = d.t.div_ceil(block as usize);
         let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
@@ -522,7 +525,7 @@ pub fn flash_attention_backward_tiled(
                 Bind::Read(qkv),
                 Bind::Read(dout),
                 Bind::Read(lse),
-                Bind::Read(d_scratch),
+                d_bind,
                 Bind::Write(dqkv),
             ],
             workgroups: gpu.grid(work),
@@ -530,17 +533,25 @@ pub fn flash_attention_backward_tiled(
             family: FAMILY,
         })
     };
+    let dq = pass(
+        "flash_attention_backward_dq",
+        "BACKWARD_DQ",
+        tiles.bq,
+        "dq",
+        Bind::Write(d_scratch),
+    )?;
     let dkdv = pass(
         "flash_attention_backward_dkdv",
         "BACKWARD_DKDV",
         tiles.bk,
         "dkdv",
+        Bind::Read(d_scratch),
     )?;
-    let dq = pass("flash_attention_backward_dq", "BACKWARD_DQ", tiles.bq, "dq")?;
-    Ok(vec![preprocess, dkdv, dq])
+    Ok(vec![dq, dkdv])
 }
 
-/// The backward's first dispatch: D = rowsum(dout * out) into `d_scratch` (B, NH, T) f32.
+/// The cooperative-matrix backward's first dispatch: D = rowsum(dout * out) into `d_scratch`
+/// (B, NH, T) f32.
 fn flash_preprocess(
     gpu: &Gpu,
     op: &'static str,

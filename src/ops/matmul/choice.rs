@@ -13,7 +13,8 @@ use crate::gpu::{DType, Gpu};
 pub(super) const ENOUGH_TILES: u64 = 264;
 
 /// How many K slices a product may be cut into when its output makes a given number of tiles
-/// (split-K: see `split.rs`); [`no_split`] for every product but a weight gradient with a scratch.
+/// (split-K: see `split.rs`); [`no_split`] for every product but those given a scratch (weight
+/// gradients, the classifier's input gradient).
 pub(super) type SliceRule<'a> = &'a dyn Fn(u64) -> usize;
 
 /// The [`SliceRule`] of a product computed whole.

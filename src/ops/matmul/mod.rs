@@ -21,7 +21,8 @@
 //! The folder, by concern: this file has the public launchers, their shape and alias checks and
 //! the one `launch` every product goes through; `choice` decides the kernel and tile, `check` is
 //! the start-up self-check of the cooperative-matrix kernel, `tiled`, `coop` and `rows` hold
-//! each kernel's tiles and specialisations, `split` the split-K weight gradient.
+//! each kernel's tiles and specialisations, `split` split-K (the weight gradient, and the tied
+//! classifier's input gradient).
 
 mod check;
 mod choice;
@@ -39,8 +40,8 @@ pub use choice::{auto_kernel, best_coop_kernel, best_tiled_kernel};
 pub use coop::{CoopTile, COOP_TILES};
 pub use rows::ROWS_MAX;
 pub use split::{
-    backward_weight_choice, matmul_backward_weight_scratch_len, matmul_backward_weight_split,
-    SPLIT_MAX, SPLIT_MIN_SLICE,
+    backward_weight_choice, matmul_backward_input_scratch_len, matmul_backward_input_split,
+    matmul_backward_weight_scratch_len, matmul_backward_weight_split, SPLIT_MAX, SPLIT_MIN_SLICE,
 };
 pub use tiled::{TileConfig, TILE_CONFIGS};
 
@@ -629,7 +630,8 @@ pub fn matmul_forward(
     launch(gpu, &prod, opts.kernel)
 }
 
-/// `dinp (=|+=) dout @ weight`, optionally times `gelu'(pre)` (see [`MatmulBackwardInput`]).
+/// `dinp (=|+=) dout @ weight`, optionally times `gelu'(pre)` (see [`MatmulBackwardInput`]);
+/// [`matmul_backward_input_split`] may split the sum over N (the tied classifier's vocabulary).
 ///
 /// dinp: (M, K), dout: (M, N) with leading dimensions flattened, weight: (N, K),
 /// gelu_pre: (M, K). Any float dtypes.
@@ -640,6 +642,19 @@ pub fn matmul_backward_input(
     weight: &Tensor,
     opts: &MatmulBackwardInput<'_>,
 ) -> Result<Dispatch> {
+    let prod = backward_input_product(gpu, dinp, dout, weight, opts)?;
+    launch(gpu, &prod, opts.kernel)
+}
+
+/// The checked, unsplit product of [`matmul_backward_input`]: C = dinp (M, K), A = dout (M, N),
+/// B = weight (N, K), inner = N.
+fn backward_input_product<'a>(
+    gpu: &Gpu,
+    dinp: &'a Tensor,
+    dout: &'a Tensor,
+    weight: &'a Tensor,
+    opts: &MatmulBackwardInput<'a>,
+) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_input";
     check_float(gpu, OP, "dinp", dinp)?;
     check_float(gpu, OP, "dout", dout)?;
@@ -655,7 +670,7 @@ pub fn matmul_backward_input(
         inputs.push(("gelu_pre", pre));
     }
     check_no_alias(OP, &[("dinp", dinp)], &inputs)?;
-    let prod = Product {
+    Ok(Product {
         op: OP,
         c: dinp,
         a: dout,
@@ -674,8 +689,7 @@ pub fn matmul_backward_input(
         row_sums: None,
         accumulate: opts.accumulate,
         slices: Slices::whole(n),
-    };
-    launch(gpu, &prod, opts.kernel)
+    })
 }
 
 /// `dweight (=|+=) dout^T @ inp`: the weight gradient, summed over the M rows, and with

@@ -1,4 +1,4 @@
-//! Split-K for the weight gradients.
+//! Split-K for the weight gradients and the classifier's input gradient.
 //!
 //! `dweight (N, K) = dout^T (N, M) x inp (M, K)` sums over M = B*T rows (16384 for GPT-2 at
 //! B=16, T=1024) into an output of few tiles: (768, 768) is 36 tiles of 128 x 128, far from
@@ -11,17 +11,26 @@
 //! the kernel and the scratch, and every sum of a given slicing is made in a fixed order; two
 //! runs are bitwise equal (an unsplit run differs from a split one in the last bits).
 //!
-//! The scratch comes from the caller, sized by [`matmul_backward_weight_scratch_len`], which
-//! depends on the shape only (the most slices any kernel's tiles would take), so that a memory
-//! plan made without a device can hold it; the launcher takes no more slices than the scratch
-//! and the adapter's largest storage binding hold.
+//! The tied classifier's input gradient `dinp (M, K) = dout (M, V) x wte (V, K)` is the same
+//! case turned around: a chunk of rows times 768 is few tiles, and its inner dimension is the
+//! vocabulary (tens of thousands). Split, it is also more accurate: one f32 sum over the whole
+//! vocabulary rounds every small term against a running sum that its few large ones (the
+//! target's -1, the likeliest tokens) made large, while slices start afresh and only their few
+//! partials meet the large sum.
+//!
+//! The scratch comes from the caller, sized by [`matmul_backward_weight_scratch_len`] or
+//! [`matmul_backward_input_scratch_len`], which depend on the shape only (the most slices any
+//! kernel's tiles would take), so that a memory plan made without a device can hold it; the
+//! launcher takes no more slices than the scratch and the adapter's largest storage binding
+//! hold.
 
 use super::choice::{auto_kernel_sliced, check_kernel, choose_kernel, output_tiles, ENOUGH_TILES};
 use super::coop::COOP_TILES;
 use super::tiled::TILE_CONFIGS;
 use super::{
-    backward_weight_product, check_no_alias, flag, launch, MatmulBackwardWeight, MatmulKernel,
-    Product, Slices, Window, FAMILY, ROWS_COLS, SHADER,
+    backward_input_product, backward_weight_product, check_no_alias, flag, launch, Epilogue,
+    MatmulBackwardInput, MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, FAMILY,
+    ROWS_COLS, SHADER,
 };
 use crate::defines;
 use crate::error::{Error, Result};
@@ -66,20 +75,37 @@ impl Slices {
     }
 }
 
+/// The most K slices any kernel's tile would cut a (rows, cols) output summed over `inner` into.
+fn most_slices(rows: usize, cols: usize, inner: usize) -> usize {
+    let tiled = TILE_CONFIGS.iter().map(|t| (t.bm(), t.bn()));
+    let coop = COOP_TILES.iter().map(|t| (t.bm(), t.bn()));
+    tiled
+        .chain(coop)
+        .map(|(bm, bn)| split_count(output_tiles(rows, cols, bm, bn), inner))
+        .max()
+        .unwrap_or(1)
+}
+
 /// Elements of the f32 scratch [`matmul_backward_weight_split`] needs for dweight (N, K) (and
 /// dbias (N)) summed over M rows, on any adapter: the most K slices any kernel's tile would
 /// take, times N * K + N; 0 when no tile would split (few rows, or an output that fills a
 /// large GPU by itself).
 pub fn matmul_backward_weight_scratch_len(n: usize, k: usize, m: usize) -> usize {
-    let tiled = TILE_CONFIGS.iter().map(|t| (t.bm(), t.bn()));
-    let coop = COOP_TILES.iter().map(|t| (t.bm(), t.bn()));
-    let most = tiled
-        .chain(coop)
-        .map(|(bm, bn)| split_count(output_tiles(n, k, bm, bn), m))
-        .max()
-        .unwrap_or(1);
+    let most = most_slices(n, k, m);
     if most > 1 {
         most * (n * k + n)
+    } else {
+        0
+    }
+}
+
+/// Elements of the f32 scratch [`matmul_backward_input_split`] needs for dinp (M, K) summed over
+/// the N columns of dout (the rows of the weight), on any adapter: the most K slices any
+/// kernel's tile would take, times M * K; 0 when no tile would split.
+pub fn matmul_backward_input_scratch_len(m: usize, k: usize, n: usize) -> usize {
+    let most = most_slices(m, k, n);
+    if most > 1 {
+        most * m * k
     } else {
         0
     }
@@ -133,29 +159,79 @@ pub fn matmul_backward_weight_split(
     opts: &MatmulBackwardWeight<'_>,
 ) -> Result<Vec<Dispatch>> {
     let prod = backward_weight_product(gpu, dweight, dout, inp, opts)?;
+    let mut inputs = vec![("dout", dout), ("inp", inp), ("dweight", dweight)];
+    inputs.extend(opts.dbias.map(|d| ("dbias", d)));
+    launch_split(gpu, prod, scratch, &inputs, opts.kernel, opts.splits)
+}
+
+/// `dinp (=|+=) dout @ weight` as [`matmul_backward_input`](super::matmul_backward_input), split
+/// over the inner dimension (the N columns of dout) when the output alone makes too few
+/// workgroups and N is long, the tied classifier's case (see the module's text): one dispatch,
+/// or two (partial products into `scratch`, then their sums into dinp), to be run in order.
+/// Without a scratch it never splits; with `opts.gelu_pre` (an epilogue the partials cannot
+/// apply) neither.
+///
+/// dinp: (M, K), dout: (M, N) (or a window of it: `opts.dout_columns`), weight: (N, K); any float
+/// dtypes; scratch: f32, [`matmul_backward_input_scratch_len`]`(M, K, N)` elements for any split
+/// the launcher may choose (fewer allow fewer slices), its contents overwritten. `splits` forces
+/// the number of slices (the scratch must hold them).
+pub fn matmul_backward_input_split(
+    gpu: &Gpu,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: &Tensor,
+    scratch: Option<&Tensor>,
+    opts: &MatmulBackwardInput<'_>,
+    splits: Option<usize>,
+) -> Result<Vec<Dispatch>> {
+    let prod = backward_input_product(gpu, dinp, dout, weight, opts)?;
+    if !matches!(prod.epilogue, Epilogue::Plain) {
+        if splits.is_some_and(|s| s != 1) {
+            return Err(Error::shape(
+                prod.op,
+                "a GELU epilogue cannot be split: the partial products have none",
+            ));
+        }
+        return Ok(vec![launch(gpu, &prod, opts.kernel)?]);
+    }
+    let inputs = [("dout", dout), ("weight", weight), ("dinp", dinp)];
+    launch_split(gpu, prod, scratch, &inputs, opts.kernel, splits)
+}
+
+/// Launches `prod` (a plain product, with or without row sums) cut into K slices when its
+/// output alone makes too few workgroups and its inner dimension is long, as many as `scratch`
+/// holds (or `splits`, forced): the partial products into `scratch`, then their sums (and the
+/// row sums') into the product's outputs. Unsplit, one dispatch of the product itself.
+/// `others` are the tensors the scratch may not alias.
+fn launch_split(
+    gpu: &Gpu,
+    prod: Product<'_>,
+    scratch: Option<&Tensor>,
+    others: &[(&str, &Tensor)],
+    kernel: Option<MatmulKernel>,
+    splits: Option<usize>,
+) -> Result<Vec<Dispatch>> {
     let op = prod.op;
     let outputs = prod.rows * prod.cols;
     // A slice's partials: C's, then the row sums'.
-    let per_slice = outputs + opts.dbias.map_or(0, |_| prod.rows);
+    let per_slice = outputs + prod.row_sums.map_or(0, |_| prod.rows);
     let scratch_len = match scratch {
         Some(s) => {
             check_f32(op, "scratch", s)?;
-            let mut others = vec![("dout", dout), ("inp", inp), ("dweight", dweight)];
-            others.extend(opts.dbias.map(|d| ("dbias", d)));
-            check_no_alias(op, &[("scratch", s)], &others)?;
+            check_no_alias(op, &[("scratch", s)], others)?;
             s.len()
         }
         None => 0,
     };
     let cap = scratch_slices(gpu, scratch_len, per_slice);
-    let kernel = match opts.kernel {
+    let kernel = match kernel {
         Some(k) => {
             check_kernel(gpu, &prod, k)?;
             k
         }
         None => choose_kernel(gpu, &prod, &|tiles| split_count(tiles, prod.inner).min(cap))?,
     };
-    let count = match opts.splits {
+    let count = match splits {
         Some(0) => return Err(Error::shape(op, "splits = 0: at least one K slice")),
         Some(s) if s > cap => {
             return Err(Error::shape(
@@ -191,11 +267,11 @@ pub fn matmul_backward_weight_split(
     let reduce = split_k_reduce(
         gpu,
         op,
-        (dweight, opts.dbias),
+        (prod.c, prod.row_sums),
         scratch,
         (prod.rows, prod.cols),
         slices.count,
-        opts.accumulate,
+        prod.accumulate,
     )?;
     Ok(vec![partial, reduce])
 }
