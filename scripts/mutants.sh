@@ -31,6 +31,9 @@ mutations() {
   mutation wte-piece-1-not-updated src/graph/gpt.rs \
     's/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/' \
     '--test it -- train::split_storage'
+  mutation classifier-input-gradient-unsplit src/graph/gpt.rs \
+    's/let split_len = matmul::matmul_backward_input_scratch_len/let split_len = 0 * matmul::matmul_backward_input_scratch_len/' \
+    '--test it -- train::gpt2_124m'
   mutation hellaswag-highest-loss src/eval/hellaswag.rs \
     's/\.min_by\(\|&a, &b\| l\[a\]\.total_cmp/.max_by(|&a, &b| l[a].total_cmp/' \
     '--test it -- evaluation::hellaswag'

@@ -1,44 +1,82 @@
-//! An independent float64 implementation of GPT-2's whole training step (forward, loss,
-//! backward, clipping, AdamW, schedule), written as plainly as possible. The GPU executor is
-//! checked against it; it shares nothing with the GPU path but the parameter layout.
+//! An independent implementation of GPT-2's whole training step (forward, loss, backward,
+//! clipping, AdamW, schedule), written as plainly as possible, in float64 or, to measure what a
+//! plain single-precision implementation of the same step gets, in float32 (see [`Float`]). The
+//! GPU executor is checked against it; it shares nothing with the GPU path but the parameter
+//! layout.
+//!
+//! Every operation rounds to the float type. Long sums are cut into blocks of [`BLOCK`] terms
+//! added in order, whose partial sums are then added in order, as BLAS and split-K GPU kernels
+//! cut them: in f32 a sum over the 50257-token vocabulary taken in one run rounds each of its
+//! small terms against a running total that its few large ones made large, an error of the
+//! order of the step's whole f32 rounding. The gradient norm, over every parameter, is summed
+//! pairwise.
 
+use super::float::{pairwise_sum, Float};
 use crate::model::{BlockTensor as B, GptConfig, ParamId, ParamLayout};
 use crate::train::schedule::LrSchedule;
 
+/// Terms a long sum adds in order before its partial sum joins the total (see the module's text).
+pub const BLOCK: usize = 256;
+
+/// `sum_i f(i)` for `i` in `0..len`, in blocks of [`BLOCK`] terms.
+fn blocked_sum<F: Float>(len: usize, f: impl Fn(usize) -> F) -> F {
+    let mut total = F::ZERO;
+    for start in (0..len).step_by(BLOCK) {
+        total += (start..len.min(start + BLOCK)).map(&f).sum::<F>();
+    }
+    total
+}
+
 /// `out[n, o] = inp[n, k] @ w[o, k]^T + b[o]`
-fn linear(inp: &[f64], w: &[f64], b: Option<&[f64]>, n: usize, k: usize, o: usize) -> Vec<f64> {
-    let mut out = vec![0.0; n * o];
+fn linear<F: Float>(inp: &[F], w: &[F], b: Option<&[F]>, n: usize, k: usize, o: usize) -> Vec<F> {
+    let mut out = vec![F::ZERO; n * o];
     for i in 0..n {
+        let x = &inp[i * k..(i + 1) * k];
         for j in 0..o {
-            let mut s = b.map_or(0.0, |b| b[j]);
-            for x in 0..k {
-                s += inp[i * k + x] * w[j * k + x];
+            let wj = &w[j * k..(j + 1) * k];
+            let mut dot = F::ZERO;
+            for (xs, ws) in x.chunks(BLOCK).zip(wj.chunks(BLOCK)) {
+                let mut part = F::ZERO;
+                for (&a, &b) in xs.iter().zip(ws) {
+                    part += a * b;
+                }
+                dot += part;
             }
-            out[i * o + j] = s;
+            out[i * o + j] = b.map_or(F::ZERO, |b| b[j]) + dot;
         }
     }
     out
 }
 
-/// Gradients of `linear`: adds into dw and db, returns dinp.
+/// Gradients of `linear`: adds into dw and db, returns dinp. dinp's sums over `o` are blocked;
+/// dw's and db's, over the `n` rows, are not (a few rows in the tests).
 #[allow(clippy::too_many_arguments)]
-fn linear_backward(
-    dout: &[f64],
-    inp: &[f64],
-    w: &[f64],
-    dw: &mut [f64],
-    db: Option<&mut [f64]>,
+fn linear_backward<F: Float>(
+    dout: &[F],
+    inp: &[F],
+    w: &[F],
+    dw: &mut [F],
+    db: Option<&mut [F]>,
     n: usize,
     k: usize,
     o: usize,
-) -> Vec<f64> {
-    let mut dinp = vec![0.0; n * k];
+) -> Vec<F> {
+    let mut dinp = vec![F::ZERO; n * k];
+    let mut part = vec![F::ZERO; k];
     for i in 0..n {
-        for j in 0..o {
-            let g = dout[i * o + j];
-            for x in 0..k {
-                dinp[i * k + x] += g * w[j * k + x];
-                dw[j * k + x] += g * inp[i * k + x];
+        let x = &inp[i * k..(i + 1) * k];
+        for start in (0..o).step_by(BLOCK) {
+            part.fill(F::ZERO);
+            for j in start..o.min(start + BLOCK) {
+                let g = dout[i * o + j];
+                let (wj, dwj) = (&w[j * k..(j + 1) * k], &mut dw[j * k..(j + 1) * k]);
+                for ((p, d), (&wv, &xv)) in part.iter_mut().zip(dwj).zip(wj.iter().zip(x)) {
+                    *p += g * wv;
+                    *d += g * xv;
+                }
+            }
+            for (d, &p) in dinp[i * k..(i + 1) * k].iter_mut().zip(&part) {
+                *d += p;
             }
         }
     }
@@ -52,20 +90,21 @@ fn linear_backward(
     dinp
 }
 
-struct LnCache {
-    xhat: Vec<f64>,
-    rstd: Vec<f64>,
+struct LnCache<F> {
+    xhat: Vec<F>,
+    rstd: Vec<F>,
 }
 
-fn layernorm(x: &[f64], w: &[f64], b: &[f64], n: usize, c: usize) -> (Vec<f64>, LnCache) {
-    let mut out = vec![0.0; n * c];
-    let mut xhat = vec![0.0; n * c];
-    let mut rstd = vec![0.0; n];
+fn layernorm<F: Float>(x: &[F], w: &[F], b: &[F], n: usize, c: usize) -> (Vec<F>, LnCache<F>) {
+    let mut out = vec![F::ZERO; n * c];
+    let mut xhat = vec![F::ZERO; n * c];
+    let mut rstd = vec![F::ZERO; n];
+    let cf = F::of(c as f64);
     for i in 0..n {
         let row = &x[i * c..(i + 1) * c];
-        let mean = row.iter().sum::<f64>() / c as f64;
-        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
-        let r = 1.0 / (var + 1e-5).sqrt();
+        let mean = row.iter().copied().sum::<F>() / cf;
+        let var = row.iter().map(|&v| (v - mean).powi(2)).sum::<F>() / cf;
+        let r = F::ONE / (var + F::of(1e-5)).sqrt();
         rstd[i] = r;
         for j in 0..c {
             let h = (row[j] - mean) * r;
@@ -76,19 +115,20 @@ fn layernorm(x: &[f64], w: &[f64], b: &[f64], n: usize, c: usize) -> (Vec<f64>, 
     (out, LnCache { xhat, rstd })
 }
 
-fn layernorm_backward(
-    dout: &[f64],
-    cache: &LnCache,
-    w: &[f64],
-    dw: &mut [f64],
-    db: &mut [f64],
+fn layernorm_backward<F: Float>(
+    dout: &[F],
+    cache: &LnCache<F>,
+    w: &[F],
+    dw: &mut [F],
+    db: &mut [F],
     n: usize,
     c: usize,
-) -> Vec<f64> {
-    let mut dx = vec![0.0; n * c];
+) -> Vec<F> {
+    let mut dx = vec![F::ZERO; n * c];
+    let cf = F::of(c as f64);
     for i in 0..n {
-        let mut mean_dnorm = 0.0;
-        let mut mean_dnorm_xhat = 0.0;
+        let mut mean_dnorm = F::ZERO;
+        let mut mean_dnorm_xhat = F::ZERO;
         for j in 0..c {
             let dn = dout[i * c + j] * w[j];
             mean_dnorm += dn;
@@ -96,8 +136,8 @@ fn layernorm_backward(
             dw[j] += dout[i * c + j] * cache.xhat[i * c + j];
             db[j] += dout[i * c + j];
         }
-        mean_dnorm /= c as f64;
-        mean_dnorm_xhat /= c as f64;
+        mean_dnorm /= cf;
+        mean_dnorm_xhat /= cf;
         for j in 0..c {
             let dn = dout[i * c + j] * w[j];
             dx[i * c + j] =
@@ -109,32 +149,34 @@ fn layernorm_backward(
 
 const GELU_SCALE: f64 = 0.797_884_560_802_865_4;
 
-fn gelu(x: f64) -> f64 {
-    0.5 * x * (1.0 + (GELU_SCALE * (x + 0.044715 * x * x * x)).tanh())
+fn gelu<F: Float>(x: F) -> F {
+    let (half, one, a) = (F::of(0.5), F::ONE, F::of(0.044715));
+    half * x * (one + (F::of(GELU_SCALE) * (x + a * x * x * x)).tanh())
 }
 
-fn gelu_grad(x: f64) -> f64 {
-    let t = (GELU_SCALE * (x + 0.044715 * x * x * x)).tanh();
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+fn gelu_grad<F: Float>(x: F) -> F {
+    let (half, one, a, a3) = (F::of(0.5), F::ONE, F::of(0.044715), F::of(3.0 * 0.044715));
+    let t = (F::of(GELU_SCALE) * (x + a * x * x * x)).tanh();
+    half * (one + t) + half * x * (one - t * t) * F::of(GELU_SCALE) * (one + a3 * x * x)
 }
 
 /// Causal attention over qkv [B, T, 3C]; returns y [B, T, C] and probabilities [B, NH, T, T].
-fn attention(qkv: &[f64], b: usize, t: usize, c: usize, nh: usize) -> (Vec<f64>, Vec<f64>) {
+fn attention<F: Float>(qkv: &[F], b: usize, t: usize, c: usize, nh: usize) -> (Vec<F>, Vec<F>) {
     let hs = c / nh;
-    let scale = 1.0 / (hs as f64).sqrt();
-    let mut y = vec![0.0; b * t * c];
-    let mut probs = vec![0.0; b * nh * t * t];
+    let scale = F::ONE / F::of(hs as f64).sqrt();
+    let mut y = vec![F::ZERO; b * t * c];
+    let mut probs = vec![F::ZERO; b * nh * t * t];
     for bi in 0..b {
         for h in 0..nh {
             for i in 0..t {
                 let q = &qkv[(bi * t + i) * 3 * c + h * hs..][..hs];
-                let mut s = vec![f64::NEG_INFINITY; t];
+                let mut s = vec![F::NEG_INFINITY; t];
                 for (j, sj) in s.iter_mut().enumerate().take(i + 1) {
                     let k = &qkv[(bi * t + j) * 3 * c + c + h * hs..][..hs];
-                    *sj = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
+                    *sj = q.iter().zip(k).map(|(&a, &b)| a * b).sum::<F>() * scale;
                 }
-                let m = s[..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s[..=i].iter().map(|v| (v - m).exp()).sum();
+                let m = s[..=i].iter().copied().fold(F::NEG_INFINITY, F::max);
+                let z: F = s[..=i].iter().map(|&v| (v - m).exp()).sum();
                 let p = &mut probs[((bi * nh + h) * t + i) * t..][..t];
                 for j in 0..=i {
                     p[j] = (s[j] - m).exp() / z;
@@ -149,25 +191,25 @@ fn attention(qkv: &[f64], b: usize, t: usize, c: usize, nh: usize) -> (Vec<f64>,
     (y, probs)
 }
 
-fn attention_backward(
-    dy: &[f64],
-    qkv: &[f64],
-    probs: &[f64],
+fn attention_backward<F: Float>(
+    dy: &[F],
+    qkv: &[F],
+    probs: &[F],
     b: usize,
     t: usize,
     c: usize,
     nh: usize,
-) -> Vec<f64> {
+) -> Vec<F> {
     let hs = c / nh;
-    let scale = 1.0 / (hs as f64).sqrt();
-    let mut dqkv = vec![0.0; b * t * 3 * c];
+    let scale = F::ONE / F::of(hs as f64).sqrt();
+    let mut dqkv = vec![F::ZERO; b * t * 3 * c];
     for bi in 0..b {
         for h in 0..nh {
             for i in 0..t {
                 let p = &probs[((bi * nh + h) * t + i) * t..][..t];
                 let dyi = &dy[(bi * t + i) * c + h * hs..][..hs];
                 // dp_j = dy_i . v_j ; dv_j += p_j dy_i
-                let mut dp = vec![0.0; t];
+                let mut dp = vec![F::ZERO; t];
                 for j in 0..=i {
                     let vo = (bi * t + j) * 3 * c + 2 * c + h * hs;
                     for d in 0..hs {
@@ -175,7 +217,7 @@ fn attention_backward(
                         dqkv[vo + d] += p[j] * dyi[d];
                     }
                 }
-                let dot: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
+                let dot: F = (0..=i).map(|j| p[j] * dp[j]).sum();
                 for j in 0..=i {
                     let ds = p[j] * (dp[j] - dot) * scale;
                     let qo = (bi * t + i) * 3 * c + h * hs;
@@ -191,7 +233,8 @@ fn attention_backward(
     dqkv
 }
 
-/// GPT-2 in float64 over the flat parameter layout of [`ParamLayout`].
+/// GPT-2 over the flat parameter layout of [`ParamLayout`], in whichever [`Float`] the parameters
+/// come in.
 pub struct ReferenceModel {
     pub config: GptConfig,
     pub layout: ParamLayout,
@@ -205,7 +248,7 @@ impl ReferenceModel {
         }
     }
 
-    fn view<'a>(&self, flat: &'a [f64], id: ParamId) -> &'a [f64] {
+    fn view<'a, F>(&self, flat: &'a [F], id: ParamId) -> &'a [F] {
         self.layout.slice(flat, id)
     }
 
@@ -214,17 +257,17 @@ impl ReferenceModel {
     }
 
     /// Logits [B*T, V] (real vocabulary only) for tokens `x` (B*T).
-    pub fn logits(&self, params: &[f64], x: &[u32], b: usize, t: usize) -> Vec<f64> {
+    pub fn logits<F: Float>(&self, params: &[F], x: &[u32], b: usize, t: usize) -> Vec<F> {
         self.forward(params, x, b, t).0
     }
 
     /// Returns (logits [B*T, V], saved activations).
-    fn forward(&self, p: &[f64], x: &[u32], b: usize, t: usize) -> (Vec<f64>, Saved) {
+    fn forward<F: Float>(&self, p: &[F], x: &[u32], b: usize, t: usize) -> (Vec<F>, Saved<F>) {
         let cfg = &self.config;
         let (c, n, nh) = (cfg.n_embd, b * t, cfg.n_head);
         let wte = self.view(p, ParamId::Wte);
         let wpe = self.view(p, ParamId::Wpe);
-        let mut res = vec![0.0; n * c];
+        let mut res = vec![F::ZERO; n * c];
         for i in 0..n {
             let tok = x[i] as usize;
             for j in 0..c {
@@ -238,10 +281,10 @@ impl ReferenceModel {
             let qkv = linear(&ln1, w(B::CAttnWeight), Some(w(B::CAttnBias)), n, c, 3 * c);
             let (y, probs) = attention(&qkv, b, t, c, nh);
             let o = linear(&y, w(B::AttnProjWeight), Some(w(B::AttnProjBias)), n, c, c);
-            let res2: Vec<f64> = res.iter().zip(&o).map(|(a, b)| a + b).collect();
+            let res2: Vec<F> = res.iter().zip(&o).map(|(&a, &b)| a + b).collect();
             let (ln2, ln2c) = layernorm(&res2, w(B::Ln2Weight), w(B::Ln2Bias), n, c);
             let f = linear(&ln2, w(B::CFcWeight), Some(w(B::CFcBias)), n, c, 4 * c);
-            let g: Vec<f64> = f.iter().map(|&v| gelu(v)).collect();
+            let g: Vec<F> = f.iter().map(|&v| gelu(v)).collect();
             let m = linear(
                 &g,
                 w(B::MlpProjWeight),
@@ -250,7 +293,7 @@ impl ReferenceModel {
                 4 * c,
                 c,
             );
-            let res3: Vec<f64> = res2.iter().zip(&m).map(|(a, b)| a + b).collect();
+            let res3: Vec<F> = res2.iter().zip(&m).map(|(&a, &b)| a + b).collect();
             layers.push(LayerSaved {
                 ln1,
                 ln1c,
@@ -278,32 +321,34 @@ impl ReferenceModel {
     }
 
     /// Mean cross-entropy over the B*T positions and the gradient of every parameter.
-    pub fn loss_and_grads(
+    pub fn loss_and_grads<F: Float>(
         &self,
-        p: &[f64],
+        p: &[F],
         x: &[u32],
         y: &[u32],
         b: usize,
         t: usize,
-    ) -> (f64, Vec<f64>) {
+    ) -> (F, Vec<F>) {
         let cfg = &self.config;
         let (c, n, nh, v) = (cfg.n_embd, b * t, cfg.n_head, cfg.vocab_size);
         let (logits, saved) = self.forward(p, x, b, t);
-        let mut grads = vec![0.0; p.len()];
-        let mut loss = 0.0;
-        let mut dlogits = vec![0.0; n * v];
+        let nf = F::of(n as f64);
+        let mut grads = vec![F::ZERO; p.len()];
+        let mut loss = F::ZERO;
+        let mut dlogits = vec![F::ZERO; n * v];
         for i in 0..n {
             let row = &logits[i * v..(i + 1) * v];
-            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = row.iter().map(|x| (x - m).exp()).sum();
+            let m = row.iter().copied().fold(F::NEG_INFINITY, F::max);
+            let z = blocked_sum(v, |j| (row[j] - m).exp());
             let lse = m + z.ln();
             loss += lse - row[y[i] as usize];
             for j in 0..v {
                 let pj = (row[j] - lse).exp();
-                dlogits[i * v + j] = (pj - if j == y[i] as usize { 1.0 } else { 0.0 }) / n as f64;
+                let target = if j == y[i] as usize { F::ONE } else { F::ZERO };
+                dlogits[i * v + j] = (pj - target) / nf;
             }
         }
-        loss /= n as f64;
+        loss /= nf;
         let wte_r = self.range(ParamId::Wte);
         let wte = &p[wte_r.clone()];
         let dlnf = {
@@ -339,10 +384,10 @@ impl ReferenceModel {
                 );
                 linear_backward(&dres, &s.g, w(B::MlpProjWeight), dw, Some(db), n, 4 * c, c)
             };
-            let df: Vec<f64> = dg
+            let df: Vec<F> = dg
                 .iter()
                 .zip(&s.f)
-                .map(|(g, &f)| g * gelu_grad(f))
+                .map(|(&g, &f)| g * gelu_grad(f))
                 .collect();
             let dln2 = {
                 let (dw, db) = two_mut(
@@ -360,7 +405,7 @@ impl ReferenceModel {
                 );
                 layernorm_backward(&dln2, &s.ln2c, w(B::Ln2Weight), dw, db, n, c)
             };
-            for (a, b) in dres.iter_mut().zip(&d) {
+            for (a, &b) in dres.iter_mut().zip(&d) {
                 *a += b;
             }
             // attention
@@ -389,7 +434,7 @@ impl ReferenceModel {
                 );
                 layernorm_backward(&dln1, &s.ln1c, w(B::Ln1Weight), dw, db, n, c)
             };
-            for (a, b) in dres.iter_mut().zip(&d) {
+            for (a, &b) in dres.iter_mut().zip(&d) {
                 *a += b;
             }
         }
@@ -405,30 +450,30 @@ impl ReferenceModel {
     }
 }
 
-struct LayerSaved {
-    ln1: Vec<f64>,
-    ln1c: LnCache,
-    qkv: Vec<f64>,
-    y: Vec<f64>,
-    probs: Vec<f64>,
-    ln2: Vec<f64>,
-    ln2c: LnCache,
-    f: Vec<f64>,
-    g: Vec<f64>,
+struct LayerSaved<F> {
+    ln1: Vec<F>,
+    ln1c: LnCache<F>,
+    qkv: Vec<F>,
+    y: Vec<F>,
+    probs: Vec<F>,
+    ln2: Vec<F>,
+    ln2c: LnCache<F>,
+    f: Vec<F>,
+    g: Vec<F>,
 }
 
-struct Saved {
-    layers: Vec<LayerSaved>,
-    lnf: Vec<f64>,
-    lnfc: LnCache,
+struct Saved<F> {
+    layers: Vec<LayerSaved<F>>,
+    lnf: Vec<F>,
+    lnfc: LnCache<F>,
 }
 
 /// Two disjoint mutable ranges of one slice (first must precede second).
-fn two_mut(
-    v: &mut [f64],
+fn two_mut<F>(
+    v: &mut [F],
     a: std::ops::Range<usize>,
     b: std::ops::Range<usize>,
-) -> (&mut [f64], &mut [f64]) {
+) -> (&mut [F], &mut [F]) {
     if a.start < b.start {
         let (lo, hi) = v.split_at_mut(b.start);
         (&mut lo[a], &mut hi[..b.end - b.start])
@@ -457,27 +502,44 @@ pub struct ReferenceStep {
     pub lr: f64,
 }
 
-/// AdamW state and the training loop in float64.
-pub struct ReferenceTrainer {
+/// AdamW state and the training loop, in float64 or float32 (`F`). The optimiser settings and
+/// the schedule's learning rate are rounded to `F` and the whole step is computed in it.
+pub struct ReferenceTrainer<F: Float = f64> {
     pub model: ReferenceModel,
-    pub params: Vec<f64>,
+    pub params: Vec<F>,
     /// The last step's gradient (mean over its micro-batches, before clipping).
-    pub grads: Vec<f64>,
-    m: Vec<f64>,
-    v: Vec<f64>,
+    pub grads: Vec<F>,
+    m: Vec<F>,
+    v: Vec<F>,
     pub optim: ReferenceOptim,
     step: usize,
 }
 
+fn from_f32<F: Float>(x: &[f32]) -> Vec<F> {
+    x.iter().map(|&v| F::of_f32(v)).collect()
+}
+
 impl ReferenceTrainer {
+    /// The float64 reference, from f32 weights (flat, in the layout) with empty moments.
     pub fn new(model: ReferenceModel, params: &[f32], optim: ReferenceOptim) -> ReferenceTrainer {
+        ReferenceTrainer::with_float(model, params, optim)
+    }
+}
+
+impl<F: Float> ReferenceTrainer<F> {
+    /// The reference computing in `F`, e.g. `ReferenceTrainer::<f32>::with_float(..)`.
+    pub fn with_float(
+        model: ReferenceModel,
+        params: &[f32],
+        optim: ReferenceOptim,
+    ) -> ReferenceTrainer<F> {
         let n = params.len();
         ReferenceTrainer {
             model,
-            params: params.iter().map(|&x| x as f64).collect(),
+            params: from_f32(params),
             grads: Vec::new(),
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            m: vec![F::ZERO; n],
+            v: vec![F::ZERO; n],
             optim,
             step: 0,
         }
@@ -486,10 +548,9 @@ impl ReferenceTrainer {
     /// Continues from another trainer's state: f32 weights and AdamW moments (flat, in the
     /// layout). The step count stays.
     pub fn set_state(&mut self, params: &[f32], m: &[f32], v: &[f32]) {
-        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        self.params = f64s(params);
-        self.m = f64s(m);
-        self.v = f64s(v);
+        self.params = from_f32(params);
+        self.m = from_f32(m);
+        self.v = from_f32(v);
     }
 
     /// Steps taken so far.
@@ -499,44 +560,48 @@ impl ReferenceTrainer {
 
     /// One optimiser step over `micro` batches (x, y) of B*T tokens each (gradient accumulation).
     pub fn step(&mut self, micro: &[(Vec<u32>, Vec<u32>)], b: usize, t: usize) -> ReferenceStep {
-        let mut loss = 0.0;
-        let mut grads = vec![0.0; self.params.len()];
+        let o = &self.optim;
+        let count = F::of(micro.len() as f64);
+        let mut loss = F::ZERO;
+        let mut grads = vec![F::ZERO; self.params.len()];
         for (x, y) in micro {
             let (l, g) = self.model.loss_and_grads(&self.params, x, y, b, t);
-            loss += l / micro.len() as f64;
+            loss += l / count;
             for (a, b) in grads.iter_mut().zip(g) {
-                *a += b / micro.len() as f64;
+                *a += b / count;
             }
         }
-        let norm = grads.iter().map(|g| g * g).sum::<f64>().sqrt();
-        let clip = if self.optim.grad_clip > 0.0 {
-            (self.optim.grad_clip / (norm + 1e-6)).min(1.0)
+        let norm = pairwise_sum(&grads, &|g| g * g).sqrt();
+        let clip = if o.grad_clip > 0.0 {
+            (F::of(o.grad_clip) / (norm + F::of(1e-6))).min(F::ONE)
         } else {
-            1.0
+            F::ONE
         };
-        let lr = self.optim.schedule.lr(self.step);
+        let lr = F::of(o.schedule.lr(self.step));
         self.step += 1;
         let t = self.step as i32;
-        let (b1, b2) = (self.optim.beta1, self.optim.beta2);
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
+        let (b1, b2, eps) = (F::of(o.beta1), F::of(o.beta2), F::of(o.eps));
+        let bc1 = F::ONE - b1.powi(t);
+        let bc2 = F::ONE - b2.powi(t);
+        let decay = F::ONE - lr * F::of(o.weight_decay);
         let n_decay = self.model.layout.n_decay;
-        for (i, g) in grads.iter().enumerate() {
+        for (i, &g) in grads.iter().enumerate() {
             let g = g * clip;
-            let wd = if i < n_decay {
-                self.optim.weight_decay
-            } else {
-                0.0
-            };
-            self.params[i] *= 1.0 - lr * wd;
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g;
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g;
+            if i < n_decay {
+                self.params[i] *= decay;
+            }
+            self.m[i] = b1 * self.m[i] + (F::ONE - b1) * g;
+            self.v[i] = b2 * self.v[i] + (F::ONE - b2) * g * g;
             let mhat = self.m[i] / bc1;
             let vhat = self.v[i] / bc2;
-            self.params[i] -= lr * mhat / (vhat.sqrt() + self.optim.eps);
+            self.params[i] -= lr * mhat / (vhat.sqrt() + eps);
         }
         self.grads = grads;
-        ReferenceStep { loss, norm, lr }
+        ReferenceStep {
+            loss: loss.to_f64(),
+            norm: norm.to_f64(),
+            lr: lr.to_f64(),
+        }
     }
 }
 

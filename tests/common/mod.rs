@@ -262,6 +262,8 @@ pub fn tol_for_output(dtype: DType) -> f32 {
 
 /// Fails unless every `|got[i] - want[i]|` is at most `allowed(want[i])`, naming the first
 /// elements beyond it and saying `claim` of the others; a NaN on either side fails.
+// `!(x <= bound)` is meant: it is true for a NaN on either side.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn assert_each_within(
     what: &str,
     got: &[f32],
@@ -441,6 +443,8 @@ pub const LOOSE_ALLOWANCE: f64 = 1e-3;
 /// above its error the allowance is a tiny part of `lr`, and only weights whose gradient is at
 /// the noise get more. Those (an allowance above [`LOOSE_ALLOWANCE`] of `lr`) must number at most
 /// `max_loose`, a ceiling the caller writes down. Returns how many there were.
+// `!(x <= bound)` is meant: it is true for a NaN on either side.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn check_adamw_step(
     what: &str,
     layout: &wgpt::model::ParamLayout,
