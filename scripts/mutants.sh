@@ -61,12 +61,7 @@ if [ "${1:-}" = "--list" ]; then
 fi
 
 # The environment of scripts/test.sh.
-export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
-export WGPT_SHADER_CHECKS=${WGPT_SHADER_CHECKS:-1}
-export WGPT_TEST_REQUIRE=${WGPT_TEST_REQUIRE-f16,subgroups}
-export MESA_SHADER_CACHE_DIR=${MESA_SHADER_CACHE_DIR:-$root/target/mesa-shader-cache}
-export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}
-mkdir -p "$XDG_RUNTIME_DIR" "$MESA_SHADER_CACHE_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+. scripts/test-env.sh
 # One build folder for every scratch copy: the dependencies are built once.
 export CARGO_TARGET_DIR=$root/target/mutants
 

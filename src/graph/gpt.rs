@@ -617,7 +617,6 @@ pub fn build_train_graph(
                         r.t(part.ids.w),
                         partials.map(|s| r.t(s)),
                         &o,
-                        None,
                     )
                 },
             );

@@ -494,6 +494,60 @@ pub struct ReferenceOptim {
     pub grad_clip: f64,
 }
 
+impl ReferenceOptim {
+    /// The factor clipping scales a gradient of norm `norm` by (1 without clipping).
+    pub fn clip_factor<F: Float>(&self, norm: F) -> F {
+        if self.grad_clip > 0.0 {
+            (F::of(self.grad_clip) / (norm + F::of(1e-6))).min(F::ONE)
+        } else {
+            F::ONE
+        }
+    }
+}
+
+/// AdamW's rule for one weight at one step, weight decay aside, computed in `F`: the reference
+/// trainer's, and the tests' measure of how far a gradient's error moves a weight.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamUpdate<F> {
+    lr: F,
+    beta1: F,
+    beta2: F,
+    eps: F,
+    /// The bias corrections 1 - beta^t.
+    bc1: F,
+    bc2: F,
+}
+
+impl<F: Float> AdamUpdate<F> {
+    /// The rule of step `t` (1-based) at learning rate `lr`.
+    pub fn new(optim: &ReferenceOptim, lr: F, t: i32) -> AdamUpdate<F> {
+        let (beta1, beta2) = (F::of(optim.beta1), F::of(optim.beta2));
+        AdamUpdate {
+            lr,
+            beta1,
+            beta2,
+            eps: F::of(optim.eps),
+            bc1: F::ONE - beta1.powi(t),
+            bc2: F::ONE - beta2.powi(t),
+        }
+    }
+
+    /// The moments (m, v) after gradient `g` (clipped already).
+    pub fn moments(&self, m: F, v: F, g: F) -> (F, F) {
+        (
+            self.beta1 * m + (F::ONE - self.beta1) * g,
+            self.beta2 * v + (F::ONE - self.beta2) * g * g,
+        )
+    }
+
+    /// What the weight loses for moments (m, v) as [`AdamUpdate::moments`] gave them.
+    pub fn step(&self, m: F, v: F) -> F {
+        let mhat = m / self.bc1;
+        let vhat = v / self.bc2;
+        self.lr * mhat / (vhat.sqrt() + self.eps)
+    }
+}
+
 /// The result of one reference training step.
 #[derive(Clone, Copy, Debug)]
 pub struct ReferenceStep {
@@ -572,17 +626,10 @@ impl<F: Float> ReferenceTrainer<F> {
             }
         }
         let norm = pairwise_sum(&grads, &|g| g * g).sqrt();
-        let clip = if o.grad_clip > 0.0 {
-            (F::of(o.grad_clip) / (norm + F::of(1e-6))).min(F::ONE)
-        } else {
-            F::ONE
-        };
+        let clip = o.clip_factor(norm);
         let lr = F::of(o.schedule.lr(self.step));
         self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2, eps) = (F::of(o.beta1), F::of(o.beta2), F::of(o.eps));
-        let bc1 = F::ONE - b1.powi(t);
-        let bc2 = F::ONE - b2.powi(t);
+        let adam = AdamUpdate::new(o, lr, self.step as i32);
         let decay = F::ONE - lr * F::of(o.weight_decay);
         let n_decay = self.model.layout.n_decay;
         for (i, &g) in grads.iter().enumerate() {
@@ -590,11 +637,8 @@ impl<F: Float> ReferenceTrainer<F> {
             if i < n_decay {
                 self.params[i] *= decay;
             }
-            self.m[i] = b1 * self.m[i] + (F::ONE - b1) * g;
-            self.v[i] = b2 * self.v[i] + (F::ONE - b2) * g * g;
-            let mhat = self.m[i] / bc1;
-            let vhat = self.v[i] / bc2;
-            self.params[i] -= lr * mhat / (vhat.sqrt() + eps);
+            (self.m[i], self.v[i]) = adam.moments(self.m[i], self.v[i], g);
+            self.params[i] -= adam.step(self.m[i], self.v[i]);
         }
         self.grads = grads;
         ReferenceStep {

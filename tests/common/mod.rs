@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 use wgpt::gpu::{DType, Gpu, GpuOptions, Tensor};
+use wgpt::reference::model::AdamUpdate;
 use wgpt::rng::Rng;
 
 /// headless-train flags for a small model on the bundled corpus: one step takes a fraction of a
@@ -319,6 +320,17 @@ pub fn assert_f16_each(what: &str, got: &[f32], want: &[f32]) {
     );
 }
 
+/// Fails unless an element-wise output stored in `dtype` matches `want` (the reference rounded to
+/// `dtype`): within [`tol_for_output`] in the max norm and, for f16, every element within one f16
+/// rounding of its own value ([`assert_f16_each`]), so that small outputs next to large ones are
+/// checked too.
+pub fn assert_each_output(what: &str, got: &[f32], want: &[f32], dtype: DType) {
+    assert_close(what, got, want, tol_for_output(dtype));
+    if dtype == DType::F16 {
+        assert_f16_each(what, got, want);
+    }
+}
+
 /// Fails unless every element of an f16 output is its exact value (`exact`: the float64
 /// reference, not rounded to f16) rounded once: `|got - exact|` at most half an f16 ulp of
 /// `exact` plus [`F32_TOL`] of the largest `|exact|` (the f32 arithmetic before the rounding);
@@ -386,11 +398,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 /// reference: what [`check_adamw_step`] needs to size each weight's allowance.
 pub struct AdamwStep<'a> {
     pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// The step's 1-based number (for the bias corrections).
-    pub t: u32,
+    /// The step's rule (the reference's, in f64).
+    pub adam: AdamUpdate<f64>,
     /// The moments before the step (empty: zero).
     pub m: &'a [f32],
     pub v: &'a [f32],
@@ -410,11 +419,8 @@ impl AdamwStep<'_> {
         } else {
             (self.m[i] as f64, self.v[i] as f64)
         };
-        let g = g * clip;
-        let t = self.t as i32;
-        let m_hat = (self.beta1 * m + (1.0 - self.beta1) * g) / (1.0 - self.beta1.powi(t));
-        let v_hat = (self.beta2 * v + (1.0 - self.beta2) * g * g) / (1.0 - self.beta2.powi(t));
-        self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        let (m, v) = self.adam.moments(m, v, g * clip);
+        self.adam.step(m, v)
     }
 
     /// How far weight `i`'s update moves because the GPU's gradient (and clipping coefficient)
@@ -442,7 +448,7 @@ pub const LOOSE_ALLOWANCE: f64 = 1e-3;
 /// moments around it). So every weight is judged by its own gradient: where the gradient is well
 /// above its error the allowance is a tiny part of `lr`, and only weights whose gradient is at
 /// the noise get more. Those (an allowance above [`LOOSE_ALLOWANCE`] of `lr`) must number at most
-/// `max_loose`, a ceiling the caller writes down. Returns how many there were.
+/// `max_loose`, a ceiling the caller writes down.
 // `!(x <= bound)` is meant: it is true for a NaN on either side.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn check_adamw_step(
@@ -452,18 +458,18 @@ pub fn check_adamw_step(
     want: &[f64],
     step: &AdamwStep,
     max_loose: usize,
-) -> usize {
+) {
     assert_eq!(got.len(), want.len(), "{what}: length mismatch");
     let lr = step.lr;
     let rounding = |w: f64| 3e-7 * w.abs() + 1e-6 * lr;
     let mut worst = (0f64, 0usize);
     let mut loose = 0usize;
     let mut failures = Vec::new();
-    let mut tolerance = Vec::with_capacity(want.len());
+    // Recomputed for the failure message rather than kept: one per weight (124M at GPT-2).
+    let allowance = |i: usize| 2.0 * step.gradient_allowance(i);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let allow = 2.0 * step.gradient_allowance(i);
+        let allow = allowance(i);
         let tol = rounding(w) + allow;
-        tolerance.push(tol);
         let diff = (g as f64 - w).abs();
         // A NaN anywhere (weight, gradient, allowance) fails.
         if !(diff <= tol) {
@@ -493,7 +499,7 @@ pub fn check_adamw_step(
                 name_of(i),
                 got[i],
                 want[i],
-                tolerance[i],
+                rounding(want[i]) + allowance(i),
                 step.grads[i],
                 step.gpu_grads[i]
             ));
@@ -527,7 +533,6 @@ pub fn check_adamw_step(
         "{what}: {loose} weights have a gradient at the noise of its computation (their update \
          may move by over {LOOSE_ALLOWANCE:e} lr), more than the {max_loose} expected"
     );
-    loose
 }
 
 /// Bitwise equality of two f32 slices.
@@ -539,6 +544,36 @@ pub fn assert_bitwise_eq(what: &str, a: &[f32], b: &[f32]) {
             "{what}: runs differ at index {i}: {x} vs {y}"
         );
     }
+}
+
+/// Fails unless two checkpoints hold the same training state bit for bit: config, weights, both
+/// AdamW moments and the training state (counts, loss scale, loader epoch and position, random
+/// generator).
+pub fn assert_same_checkpoint(
+    what: &str,
+    got: &wgpt::checkpoint::Checkpoint,
+    want: &wgpt::checkpoint::Checkpoint,
+) {
+    assert_eq!(got.config, want.config, "{what}: config");
+    assert_bitwise_eq(&format!("{what}: weights"), &got.params, &want.params);
+    let (Some((gm, gv)), Some((wm, wv))) = (&got.moments, &want.moments) else {
+        panic!("{what}: moments missing");
+    };
+    assert_bitwise_eq(&format!("{what}: first moments"), gm, wm);
+    assert_bitwise_eq(&format!("{what}: second moments"), gv, wv);
+    let (Some(g), Some(w)) = (&got.state, &want.state) else {
+        panic!("{what}: training state missing");
+    };
+    assert_eq!(
+        g.loss_scale.to_bits(),
+        w.loss_scale.to_bits(),
+        "{what}: loss scale"
+    );
+    assert_eq!(g, w, "{what}: training state");
+    eprintln!(
+        "{what}: same state (step {}, adam_t {}, loader epoch {} position {}, rng {:x?})",
+        g.step, g.adam_t, g.loader_epoch, g.loader_position, g.rng_state
+    );
 }
 
 /// Writes seeded weights for `config` as a Hugging Face GPT-2 folder (`model.safetensors` +

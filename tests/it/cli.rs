@@ -1,6 +1,7 @@
 //! The binaries end to end: the log-line contract, metrics, checkpoint + resume through the
 //! command line, Hugging Face export, and bad input giving clear errors with a non-zero exit.
 
+use crate::common::SMALL_RUN;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -41,7 +42,7 @@ fn losses(out: &str) -> Vec<String> {
 fn log_lines_follow_the_contract() {
     let dir = tmp("log");
     let metrics = dir.join("m.jsonl");
-    let mut args = crate::common::SMALL_RUN.to_vec();
+    let mut args = SMALL_RUN.to_vec();
     args.extend(["--steps", "3", "--metrics", metrics.to_str().unwrap()]);
     let o = train(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -86,7 +87,7 @@ fn log_lines_follow_the_contract() {
 fn stop_checkpoint_and_resume_reproduce_the_uninterrupted_losses() {
     let dir = tmp("resume");
     let ck = dir.join("ck");
-    let mut whole = crate::common::SMALL_RUN.to_vec();
+    let mut whole = SMALL_RUN.to_vec();
     whole.extend(["--steps", "6"]);
     let o = train(&whole);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -112,7 +113,7 @@ fn stop_checkpoint_and_resume_reproduce_the_uninterrupted_losses() {
 fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_training() {
     let dir = tmp("keep");
     let ck = dir.join("ck");
-    let mut args = crate::common::SMALL_RUN.to_vec();
+    let mut args = SMALL_RUN.to_vec();
     let ck_s = ck.to_str().unwrap().to_string();
     args.extend(["--steps", "8", "--stop-after", "5"]);
     args.extend(["--checkpoint-every", "1", "--keep-last", "2"]);
@@ -148,7 +149,7 @@ fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_trainin
     let file = dir.join("a-file");
     std::fs::write(&file, "x").unwrap();
     let bad = file.join("ck");
-    let mut args = crate::common::SMALL_RUN.to_vec();
+    let mut args = SMALL_RUN.to_vec();
     args.extend(["--steps", "2", "--checkpoint-dir", bad.to_str().unwrap()]);
     let o = train(&args);
     assert!(!o.status.success());
@@ -164,7 +165,7 @@ fn old_checkpoints_are_pruned_and_an_unwritable_folder_is_refused_before_trainin
 fn export_with_zero_steps_converts_the_initial_weights() {
     let dir = tmp("export");
     let hf = dir.join("hf");
-    let mut args = crate::common::SMALL_RUN.to_vec();
+    let mut args = SMALL_RUN.to_vec();
     args.extend(["--steps", "0", "--export-hf", hf.to_str().unwrap()]);
     let o = train(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -203,7 +204,7 @@ fn shards_from_prepare_data_train_with_validation() {
         out.contains("wrote 4 shards") && out.contains("354014 tokens"),
         "{out}"
     );
-    let mut args = crate::common::SMALL_RUN.to_vec();
+    let mut args = SMALL_RUN.to_vec();
     let shards_s = shards.to_str().unwrap().to_string();
     args.extend(["--data", &shards_s, "--steps", "3", "--shuffle"]);
     args.extend(["--val-every", "2", "--val-steps", "2"]);
@@ -247,7 +248,7 @@ fn a_full_disk_during_a_save_ends_the_run_cleanly() {
     let dir = tmp("full");
     let ck = dir.join("ck");
     let ck_s = ck.to_str().unwrap().to_string();
-    let mut args = crate::common::SMALL_RUN.to_vec();
+    let mut args = SMALL_RUN.to_vec();
     args.extend([
         "--steps",
         "4",
@@ -389,18 +390,12 @@ fn bad_input_gives_a_clear_error_and_a_nonzero_exit() {
         (vec!["--hellaswag".into(), p(&short)], "short.txt: line 1"),
     ];
     for (extra, needle) in cases {
-        let mut args: Vec<String> = crate::common::SMALL_RUN
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = SMALL_RUN.iter().map(|s| s.to_string()).collect();
         args.extend(["--steps".into(), "1".into()]);
         args.extend(extra);
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let line = expect_error(&refs, needle);
-        eprintln!(
-            "{:?} -> {line}",
-            &refs[crate::common::SMALL_RUN.len() + 2..]
-        );
+        eprintln!("{:?} -> {line}", &refs[SMALL_RUN.len() + 2..]);
     }
 }
 

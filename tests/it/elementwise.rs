@@ -20,17 +20,14 @@ fn gelu_forward_matches_reference() {
                 .unwrap();
             let mut want = vec![0.0; n];
             cpu::gelu_forward(&mut want, &x);
-            let (what, got, want) = (
-                format!("gelu_forward {dtype:?} n={n}"),
-                read(&out),
-                round_to(&want, dtype),
+            // f16 element by element: outputs near zero (x near 0, or very negative) held to
+            // their own rounding, not to a fraction of the largest output.
+            assert_each_output(
+                &format!("gelu_forward {dtype:?} n={n}"),
+                &read(&out),
+                &round_to(&want, dtype),
+                dtype,
             );
-            assert_close(&what, &got, &want, tol_for_output(dtype));
-            if dtype == DType::F16 {
-                // Element by element: outputs near zero (x near 0, or very negative) held to their
-                // own rounding, not to a fraction of the largest output.
-                assert_f16_each(&what, &got, &want);
-            }
         }
     }
 }
@@ -48,15 +45,12 @@ fn gelu_backward_matches_reference() {
                 .unwrap();
             let mut want = vec![0.0; n];
             cpu::gelu_backward(&mut want, &x, &d);
-            let (what, got, want) = (
-                format!("gelu_backward {dtype:?} n={n}"),
-                read(&out),
-                round_to(&want, dtype),
+            assert_each_output(
+                &format!("gelu_backward {dtype:?} n={n}"),
+                &read(&out),
+                &round_to(&want, dtype),
+                dtype,
             );
-            assert_close(&what, &got, &want, tol_for_output(dtype));
-            if dtype == DType::F16 {
-                assert_f16_each(&what, &got, &want);
-            }
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Faults in the middle of a run: the device lost (destroyed from the test). The run ends
 //! with a clear error instead of a panic, and its last complete checkpoint loads and resumes.
-//! This binary opens its own device: destroying the one the other tests share would fail them.
+//! The test opens a device of its own: destroying the one the other tests share would fail them.
 
+use crate::common::assert_same_checkpoint;
 use std::sync::Arc;
-use wgpt::checkpoint::Checkpoint;
 use wgpt::gpu::{Gpu, GpuOptions};
 use wgpt::model::GptConfig;
 use wgpt::train::run::{Progress, Run, RunEvent, RunOptions};
@@ -75,11 +75,11 @@ fn a_lost_device_ends_the_run_with_an_error_and_the_checkpoint_resumes() {
     // The file holds the trainer's whole state at step 2, and a trainer on a new device
     // resumes exactly that state: weights, both moments, counts, loss scale, loader position
     // and epoch, and the random generator, bit for bit.
-    assert_same_state("the file vs the trainer at step 2", &ck, &saved);
+    assert_same_checkpoint("the file vs the trainer at step 2", &ck, &saved);
     let gpu2 = Arc::new(Gpu::new(&GpuOptions::default()).unwrap());
     let mut t = Trainer::new(gpu2.clone(), s.clone(), corpus.clone(), Some(&ck)).unwrap();
     assert_eq!(t.step_index(), 2);
-    assert_same_state(
+    assert_same_checkpoint(
         "the resumed trainer vs the file",
         &t.checkpoint().unwrap(),
         &ck,
@@ -97,38 +97,10 @@ fn a_lost_device_ends_the_run_with_an_error_and_the_checkpoint_resumes() {
         st.loss,
         losses[2]
     );
-    assert_same_state(
+    assert_same_checkpoint(
         "3 steps resumed after 2 vs 3 in one go",
         &t.checkpoint().unwrap(),
         &whole.checkpoint().unwrap(),
     );
     std::fs::remove_dir_all(&dir).ok();
-}
-
-/// Fails unless `got` and `want` hold the same training state bit for bit.
-fn assert_same_state(what: &str, got: &Checkpoint, want: &Checkpoint) {
-    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(got.config, want.config, "{what}: config");
-    assert!(
-        bits(&got.params) == bits(&want.params),
-        "{what}: weights differ"
-    );
-    let (Some((gm, gv)), Some((wm, wv))) = (&got.moments, &want.moments) else {
-        panic!("{what}: moments missing");
-    };
-    assert!(bits(gm) == bits(wm), "{what}: first moments differ");
-    assert!(bits(gv) == bits(wv), "{what}: second moments differ");
-    let (Some(g), Some(w)) = (&got.state, &want.state) else {
-        panic!("{what}: training state missing");
-    };
-    assert_eq!(
-        g.loss_scale.to_bits(),
-        w.loss_scale.to_bits(),
-        "{what}: loss scale"
-    );
-    assert_eq!(g, w, "{what}: training state");
-    eprintln!(
-        "{what}: same state (step {}, adam_t {}, loader epoch {} position {}, rng {:x?})",
-        g.step, g.adam_t, g.loader_epoch, g.loader_position, g.rng_state
-    );
 }

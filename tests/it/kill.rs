@@ -1,6 +1,7 @@
 //! A process killed while it writes a checkpoint leaves the previous checkpoints intact and
 //! loadable, and training resumes from the newest complete one.
 
+use crate::common::SMALL_RUN;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ fn killed_during_save_keeps_the_previous_checkpoint_and_resumes() {
     let dir = std::env::temp_dir().join(format!("wgpt-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut args: Vec<&str> = crate::common::SMALL_RUN.to_vec();
+    let mut args: Vec<&str> = SMALL_RUN.to_vec();
     let d = dir.to_str().unwrap();
     args.extend([
         "--steps",

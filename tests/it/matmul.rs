@@ -181,16 +181,7 @@ fn forward_gelu_epilogue_matches_reference() {
             );
             // GELU of the pre-activation as stored (just checked), as the kernel takes it.
             let out_want = round_to(&got_pre.iter().map(|&x| gelu(x)).collect::<Vec<_>>(), dtype);
-            let got = read(&out);
-            assert_close(
-                &format!("{what} out"),
-                &got,
-                &out_want,
-                tol_for_output(dtype),
-            );
-            if dtype == DType::F16 {
-                assert_f16_each(&format!("{what} out"), &got, &out_want);
-            }
+            assert_each_output(&format!("{what} out"), &read(&out), &out_want, dtype);
         }
     }
 }
@@ -1191,18 +1182,12 @@ fn backward_input_split_matches_reference() {
                 let opts = MatmulBackwardInput {
                     dout_columns: Some(start),
                     accumulate,
+                    splits,
                     ..Default::default()
                 };
-                let ds = mm::matmul_backward_input_split(
-                    gpu(),
-                    &dinp,
-                    &wide,
-                    &w,
-                    Some(&scratch),
-                    &opts,
-                    splits,
-                )
-                .unwrap();
+                let ds =
+                    mm::matmul_backward_input_split(gpu(), &dinp, &wide, &w, Some(&scratch), &opts)
+                        .unwrap();
                 assert_eq!(ds.len(), 2, "{splits:?} slices: partials, then their sum");
                 run_all(&ds);
                 assert_close(
@@ -1212,29 +1197,31 @@ fn backward_input_split_matches_reference() {
                     ),
                     &read(&dinp),
                     &add(&before, &want),
-                    1e-5,
+                    F32_TOL,
                 );
             }
         }
         let dinp = poisoned("dinp", &[m, k], DType::F32);
-        let opts = MatmulBackwardInput {
-            dout_columns: Some(start),
-            ..Default::default()
-        };
         let split = |scratch, splits| {
-            mm::matmul_backward_input_split(gpu(), &dinp, &wide, &w, scratch, &opts, splits)
+            let opts = MatmulBackwardInput {
+                dout_columns: Some(start),
+                splits,
+                ..Default::default()
+            };
+            mm::matmul_backward_input_split(gpu(), &dinp, &wide, &w, scratch, &opts)
         };
         assert_eq!(split(None, None).unwrap().len(), 1, "no scratch, no split");
         assert!(split(None, Some(2)).is_err(), "slices need a scratch");
         let (pre, _) = upload("pre", &uniform(1403, m * k), &[m, k], dtype);
         let (dense, _) = upload("dout", &uniform(1404, m * n), &[m, n], dtype);
         let scratch = poisoned("scratch", &[auto], DType::F32);
-        let gelu = MatmulBackwardInput {
-            gelu_pre: Some(&pre),
-            ..Default::default()
-        };
         let with_gelu = |splits| {
-            mm::matmul_backward_input_split(gpu(), &dinp, &dense, &w, Some(&scratch), &gelu, splits)
+            let gelu = MatmulBackwardInput {
+                gelu_pre: Some(&pre),
+                splits,
+                ..Default::default()
+            };
+            mm::matmul_backward_input_split(gpu(), &dinp, &dense, &w, Some(&scratch), &gelu)
         };
         assert_eq!(
             with_gelu(None).unwrap().len(),

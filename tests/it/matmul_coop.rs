@@ -200,7 +200,7 @@ fn backward_input_matches_reference_on_every_tile() {
                     gelu_pre: pre.as_ref().map(|p| &p.0),
                     accumulate,
                     kernel,
-                    dout_columns: None,
+                    ..Default::default()
                 };
                 run(mm::matmul_backward_input(gpu(), &dinp, &dout, &w, &opts).unwrap());
                 let mut want = base.clone();

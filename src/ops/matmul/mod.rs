@@ -124,6 +124,9 @@ pub struct MatmulBackwardInput<'a> {
     /// Reads columns `start..start + N` of a wider `dout` (M, W) in place, W being its last
     /// dimension (e.g. one vocabulary piece of the logits' gradient).
     pub dout_columns: Option<usize>,
+    /// Forces the number of K slices of [`matmul_backward_input_split`] (1: no split) instead of
+    /// its own choice; the scratch must hold them.
+    pub splits: Option<usize>,
 }
 
 /// Options of [`matmul_backward_weight`] and [`matmul_backward_weight_split`].

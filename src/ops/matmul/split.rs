@@ -173,8 +173,8 @@ pub fn matmul_backward_weight_split(
 ///
 /// dinp: (M, K), dout: (M, N) (or a window of it: `opts.dout_columns`), weight: (N, K); any float
 /// dtypes; scratch: f32, [`matmul_backward_input_scratch_len`]`(M, K, N)` elements for any split
-/// the launcher may choose (fewer allow fewer slices), its contents overwritten. `splits` forces
-/// the number of slices (the scratch must hold them).
+/// the launcher may choose (fewer allow fewer slices), its contents overwritten. `opts.splits`
+/// forces the number of slices (the scratch must hold them).
 pub fn matmul_backward_input_split(
     gpu: &Gpu,
     dinp: &Tensor,
@@ -182,11 +182,10 @@ pub fn matmul_backward_input_split(
     weight: &Tensor,
     scratch: Option<&Tensor>,
     opts: &MatmulBackwardInput<'_>,
-    splits: Option<usize>,
 ) -> Result<Vec<Dispatch>> {
     let prod = backward_input_product(gpu, dinp, dout, weight, opts)?;
     if !matches!(prod.epilogue, Epilogue::Plain) {
-        if splits.is_some_and(|s| s != 1) {
+        if opts.splits.is_some_and(|s| s != 1) {
             return Err(Error::shape(
                 prod.op,
                 "a GELU epilogue cannot be split: the partial products have none",
@@ -195,7 +194,7 @@ pub fn matmul_backward_input_split(
         return Ok(vec![launch(gpu, &prod, opts.kernel)?]);
     }
     let inputs = [("dout", dout), ("weight", weight), ("dinp", dinp)];
-    launch_split(gpu, prod, scratch, &inputs, opts.kernel, splits)
+    launch_split(gpu, prod, scratch, &inputs, opts.kernel, opts.splits)
 }
 
 /// Launches `prod` (a plain product, with or without row sums) cut into K slices when its
