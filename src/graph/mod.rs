@@ -1,19 +1,27 @@
 //! The graph executor: a model step as a static list of dispatches over planned buffers.
 //!
-//! A [`Graph`] is built once, without a device: tensors are declared (planned activations, and
-//! inputs the caller owns, named by a key of the caller's type `E` and bound at compile time),
-//! then nodes are appended in execution order, each naming the tensors it reads and writes and
-//! how to build its dispatches. [`Graph::plan`] computes every planned tensor's lifetime (first
-//! to last node that touches it) and packs tensors whose lifetimes do not overlap into shared
-//! buffers ([`pack`], a pure function); that is all a memory plan needs. [`Graph::compile`]
-//! allocates the packed buffers, binds the inputs and makes every bind group once. A step then
-//! only records the prepared dispatches: `head` once, `body` once per micro-step (with that
-//! micro-step's inputs), `tail` once.
+//! A [`Graph`] is built once, without a device: tensors are declared (planned activations, state
+//! the graph allocates and keeps from step to step, inputs the caller owns, named by a key of the
+//! caller's type `E` and bound at compile time, and views of any of them), then operations
+//! ([`Op`]) are appended in execution order; each names the tensors it reads and writes.
+//! [`Graph::plan`] computes every planned tensor's lifetime (first to last node that touches it)
+//! and packs tensors whose lifetimes do not overlap into shared buffers ([`pack`], a pure
+//! function); that is all a memory plan needs. [`Graph::compile`] allocates the packed buffers and
+//! the state, binds the inputs and makes every bind group once, checking that each node binds
+//! only the tensors its op declares. A step then only records the prepared dispatches: `head`
+//! once, `body` once per micro-step (with that micro-step's inputs), `tail` once.
 
 pub mod gpt;
+pub mod layers;
+pub mod op;
+pub mod record;
+pub mod step;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, Tensor};
+pub use op::{Family, Op};
+pub use record::{encode_schedule, record_run, recording_threads, Marks};
+use std::cell::RefCell;
 
 pub type TensorId = usize;
 
@@ -39,11 +47,14 @@ pub enum Phase {
 enum Storage<E> {
     /// An activation: memory assigned by the planner.
     Planned,
-    /// A tensor owned by the caller (parameter views, optimiser state, step scalars), the same
-    /// in every micro-step.
+    /// Allocated by the graph at compile time and kept from step to step (step scalars, the
+    /// classifier's logits); with `per_micro`, one instance per micro-step (token ids).
+    State { per_micro: bool },
+    /// A tensor owned by the caller (parameter views, optimiser moments), the same in every
+    /// micro-step.
     Input(E),
-    /// A tensor owned by the caller with one instance per micro-step (token ids, targets).
-    PerMicro(E),
+    /// `shape` elements of another tensor from element `offset` on.
+    View { parent: TensorId, offset: usize },
 }
 
 struct Decl<E> {
@@ -53,25 +64,26 @@ struct Decl<E> {
     storage: Storage<E>,
 }
 
-type BuildFn = Box<dyn Fn(&Gpu, &Resolved) -> Result<Vec<Dispatch>>>;
-
 struct Node {
     label: String,
-    family: &'static str,
     phase: Phase,
-    reads: Vec<TensorId>,
-    writes: Vec<TensorId>,
-    flops: f64,
-    build: BuildFn,
+    op: Op,
 }
 
-/// The tensors of a graph as the build functions see them.
+/// The tensors of a graph as an op's lowering sees them. Binding a tensor the op does not
+/// declare is recorded, and compiling fails on it: an undeclared read would let the planner give
+/// a live tensor's memory to another.
 pub struct Resolved<'a> {
     tensors: &'a [Tensor],
+    declared: &'a [TensorId],
+    undeclared: RefCell<Vec<TensorId>>,
 }
 
 impl Resolved<'_> {
     pub fn t(&self, id: TensorId) -> &Tensor {
+        if !self.declared.contains(&id) {
+            self.undeclared.borrow_mut().push(id);
+        }
         &self.tensors[id]
     }
 }
@@ -85,8 +97,8 @@ pub struct Graph<E> {
     micro: usize,
 }
 
-/// How to find the caller's tensor for an input key in a micro-step.
-pub type Bindings<'a, E> = dyn Fn(&E, usize) -> Result<Tensor> + 'a;
+/// How to find the caller's tensor for an input key.
+pub type Bindings<'a, E> = dyn Fn(&E) -> Result<Tensor> + 'a;
 
 impl<E: Clone> Graph<E> {
     /// A graph whose body runs `micro` times per step.
@@ -132,15 +144,47 @@ impl<E: Clone> Graph<E> {
         self.declare(name.into(), shape, dtype, Storage::Input(key))
     }
 
-    /// Declares an input with one tensor per micro-step, bound through `key` at compile time.
+    /// Declares state: a tensor the graph allocates (zeroed) at compile time and keeps between
+    /// steps ([`CompiledGraph::tensor`] gives it to the caller).
+    pub fn state(&mut self, name: impl Into<String>, shape: &[usize], dtype: DType) -> TensorId {
+        self.declare(
+            name.into(),
+            shape,
+            dtype,
+            Storage::State { per_micro: false },
+        )
+    }
+
+    /// Declares state with one instance per micro-step (a micro-batch's token ids).
     pub fn per_micro(
         &mut self,
         name: impl Into<String>,
         shape: &[usize],
         dtype: DType,
-        key: E,
     ) -> TensorId {
-        self.declare(name.into(), shape, dtype, Storage::PerMicro(key))
+        self.declare(
+            name.into(),
+            shape,
+            dtype,
+            Storage::State { per_micro: true },
+        )
+    }
+
+    /// Declares a view: `shape` elements of `parent` from element `offset` on. Reading or
+    /// writing the view counts as reading or writing its parent.
+    pub fn view(&mut self, parent: TensorId, offset: usize, shape: &[usize]) -> TensorId {
+        let d = &self.decls[parent];
+        let name = format!("{}[{offset}..]", d.name);
+        let dtype = d.dtype;
+        self.declare(name, shape, dtype, Storage::View { parent, offset })
+    }
+
+    /// The tensor a view ultimately shows (a tensor itself otherwise).
+    fn root(&self, mut id: TensorId) -> TensorId {
+        while let Storage::View { parent, .. } = self.decls[id].storage {
+            id = parent;
+        }
+        id
     }
 
     pub fn shape(&self, id: TensorId) -> &[usize] {
@@ -161,27 +205,14 @@ impl<E: Clone> Graph<E> {
         self.phase = phase;
     }
 
-    /// Appends a node. `reads` and `writes` must list every tensor the dispatches touch (a
-    /// tensor that is read and written, like an accumulator, goes in both).
-    pub fn node(
-        &mut self,
-        label: impl Into<String>,
-        family: &'static str,
-        reads: &[TensorId],
-        writes: &[TensorId],
-        flops: f64,
-        build: impl Fn(&Gpu, &Resolved) -> Result<Vec<Dispatch>> + 'static,
-    ) {
+    /// Appends an operation, labelled for profiles and errors.
+    pub fn push(&mut self, label: impl Into<String>, op: Op) {
         self.nodes.push((
             self.section,
             Node {
                 label: label.into(),
-                family,
                 phase: self.phase,
-                reads: reads.to_vec(),
-                writes: writes.to_vec(),
-                flops,
-                build: Box::new(build),
+                op,
             },
         ));
     }
@@ -197,11 +228,12 @@ impl<E: Clone> Graph<E> {
             .map(|i| {
                 self.nodes[i]
                     .1
-                    .writes
+                    .op
+                    .writes()
                     .iter()
-                    .filter_map(|&t| match &self.decls[t].storage {
-                        Storage::Input(e) | Storage::PerMicro(e) => Some(e.clone()),
-                        Storage::Planned => None,
+                    .filter_map(|&t| match &self.decls[self.root(t)].storage {
+                        Storage::Input(e) => Some(e.clone()),
+                        _ => None,
                     })
                     .collect()
             })
@@ -226,25 +258,27 @@ impl<E: Clone> Graph<E> {
         let mut last = vec![0usize; n_decl];
         for (i, &k) in order.iter().enumerate() {
             let node = &self.nodes[k].1;
-            for &id in node.reads.iter().chain(&node.writes) {
+            let reads = node.op.reads();
+            for &id in reads.iter().chain(&node.op.writes()) {
                 if id >= n_decl {
                     return Err(Error::Other(format!(
                         "node {} uses an undeclared tensor",
                         node.label
                     )));
                 }
-                if first[id] == usize::MAX {
-                    first[id] = i;
-                    if matches!(self.decls[id].storage, Storage::Planned)
-                        && node.reads.contains(&id)
+                let root = self.root(id);
+                if first[root] == usize::MAX {
+                    first[root] = i;
+                    if matches!(self.decls[root].storage, Storage::Planned)
+                        && reads.iter().any(|&r| self.root(r) == root)
                     {
                         return Err(Error::Other(format!(
                             "graph: {} reads {} before anything wrote it",
-                            node.label, self.decls[id].name
+                            node.label, self.decls[root].name
                         )));
                     }
                 }
-                last[id] = i;
+                last[root] = i;
             }
         }
         let planned: Vec<TensorId> = (0..n_decl)
@@ -293,8 +327,21 @@ impl<E: Clone> Graph<E> {
         })
     }
 
-    /// Allocates the planned buffers, binds the inputs through `bindings` and builds every
-    /// dispatch.
+    /// Bytes of the state the graph allocates at compile time.
+    pub fn state_bytes(&self) -> u64 {
+        self.decls
+            .iter()
+            .map(|d| match d.storage {
+                Storage::State { per_micro } => {
+                    tensor_bytes(d) * if per_micro { self.micro as u64 } else { 1 }
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Allocates the planned buffers and the state, binds the inputs through `bindings` and
+    /// builds every dispatch.
     pub fn compile(self, gpu: &Gpu, bindings: &Bindings<'_, E>) -> Result<CompiledGraph> {
         let plan = self.plan()?;
         let mut buffers = Vec::with_capacity(plan.buffers.len());
@@ -309,13 +356,42 @@ impl<E: Clone> Graph<E> {
 
         // Concrete tensors, one table per micro-step.
         let n_decl = self.decls.len();
+        let align = gpu.alignment();
         let mut tables: Vec<Vec<Tensor>> = Vec::with_capacity(self.micro);
         for k in 0..self.micro {
-            let mut table = Vec::with_capacity(n_decl);
+            let mut table: Vec<Tensor> = Vec::with_capacity(n_decl);
             for (id, d) in self.decls.iter().enumerate() {
                 let t = match &d.storage {
-                    Storage::Input(key) => bindings(key, 0)?,
-                    Storage::PerMicro(key) => bindings(key, k)?,
+                    Storage::Input(key) => {
+                        let t = bindings(key)?;
+                        if t.shape.iter().product::<usize>() != d.shape.iter().product::<usize>()
+                            || t.dtype != d.dtype
+                        {
+                            return Err(Error::Other(format!(
+                                "graph input {}: bound a {} tensor of shape {:?}, declared {} {:?}",
+                                d.name,
+                                t.dtype.name(),
+                                t.shape,
+                                d.dtype.name(),
+                                d.shape
+                            )));
+                        }
+                        t
+                    }
+                    Storage::State { per_micro } => {
+                        if k == 0 || *per_micro {
+                            let name = match per_micro {
+                                true => format!("{} {k}", d.name),
+                                false => d.name.clone(),
+                            };
+                            gpu.zeros(&name, &d.shape, d.dtype)?
+                        } else {
+                            tables[0][id].clone()
+                        }
+                    }
+                    Storage::View { parent, offset } => {
+                        table[*parent].slice(*offset, &d.shape, align)?
+                    }
                     Storage::Planned => {
                         let buffer = match plan.slot[id] {
                             // Declared but never used: give it a minimal buffer.
@@ -330,19 +406,6 @@ impl<E: Clone> Graph<E> {
                         }
                     }
                 };
-                if matches!(d.storage, Storage::Input(_) | Storage::PerMicro(_))
-                    && (t.shape.iter().product::<usize>() != d.shape.iter().product::<usize>()
-                        || t.dtype != d.dtype)
-                {
-                    return Err(Error::Other(format!(
-                        "graph input {}: bound a {} tensor of shape {:?}, declared {} {:?}",
-                        d.name,
-                        t.dtype.name(),
-                        t.shape,
-                        d.dtype.name(),
-                        d.shape
-                    )));
-                }
                 table.push(t);
             }
             tables.push(table);
@@ -355,26 +418,45 @@ impl<E: Clone> Graph<E> {
             micro: self.micro,
             planned_bytes: plan.bytes(),
             unplanned_bytes: plan.unshared_bytes,
+            tensors: Vec::new(),
         };
         let order = self.execution_order();
-        let mut nodes: Vec<Option<(Section, Node)>> = self.nodes.into_iter().map(Some).collect();
+        let shape = |id: TensorId| self.decls[id].shape.clone();
+        let per_micro_root = |id: TensorId| {
+            matches!(
+                self.decls[self.root(id)].storage,
+                Storage::State { per_micro: true }
+            )
+        };
         for k in order {
-            let (section, node) = nodes[k].take().expect("each node once");
-            let per_micro = node
-                .reads
-                .iter()
-                .chain(&node.writes)
-                .any(|&id| matches!(self.decls[id].storage, Storage::PerMicro(_)));
-            let copies = if per_micro { self.micro } else { 1 };
+            let (section, node) = &self.nodes[k];
+            let mut declared = node.op.reads();
+            declared.extend(node.op.writes());
+            let copies = if declared.iter().any(|&id| per_micro_root(id)) {
+                self.micro
+            } else {
+                1
+            };
             let mut built: Vec<Vec<Dispatch>> = Vec::with_capacity(copies);
             for table in tables.iter().take(copies) {
-                let ds = (node.build)(gpu, &Resolved { tensors: table }).map_err(|e| match e {
+                let r = Resolved {
+                    tensors: table,
+                    declared: &declared,
+                    undeclared: RefCell::new(Vec::new()),
+                };
+                let ds = node.op.lower(gpu, &r).map_err(|e| match e {
                     Error::Shape { op, message } => Error::Shape {
                         op,
                         message: format!("{message} (at {})", node.label),
                     },
                     other => other,
                 })?;
+                if let Some(&id) = r.undeclared.borrow().first() {
+                    return Err(Error::Other(format!(
+                        "graph: {} binds {}, which its op does not declare",
+                        node.label, self.decls[id].name
+                    )));
+                }
                 built.push(
                     ds.into_iter()
                         .map(|d| d.named(node.label.clone()))
@@ -383,10 +465,10 @@ impl<E: Clone> Graph<E> {
             }
             let bytes = built[0].iter().map(|d| d.bytes as f64).sum();
             let c = CompiledNode {
-                label: node.label,
-                family: node.family,
+                label: node.label.clone(),
+                family: node.op.family().name(),
                 phase: node.phase,
-                flops: node.flops,
+                flops: node.op.flops(shape),
                 bytes,
                 copies: built,
             };
@@ -396,6 +478,7 @@ impl<E: Clone> Graph<E> {
                 Section::Tail => compiled.tail.push(c),
             }
         }
+        compiled.tensors = tables;
         Ok(compiled)
     }
 }
@@ -500,152 +583,6 @@ impl Scheduled<'_> {
     }
 }
 
-/// Timestamps written between the nodes of a step (profiling): node `i` of the step's schedule
-/// starts at query `i + offset` and the step ends at query `n + offset`; queries from
-/// `capacity` on are not written. (`offset` 1 leaves a query for a pause inside the step: see
-/// [`crate::gpu::profile::Profiler::begin_step`].)
-#[derive(Clone, Copy)]
-pub struct Marks<'a> {
-    pub query_set: &'a wgpu::QuerySet,
-    pub capacity: u32,
-    pub offset: usize,
-}
-
-impl Marks<'_> {
-    /// The same marks with queries shifted by `by` more.
-    pub fn shifted(self, by: usize) -> Self {
-        Marks {
-            offset: self.offset + by,
-            ..self
-        }
-    }
-
-    fn write(&self, pass: &mut wgpu::ComputePass<'_>, index: usize) {
-        if let Ok(i) = u32::try_from(index + self.offset) {
-            if i < self.capacity {
-                pass.write_timestamp(self.query_set, i);
-            }
-        }
-    }
-}
-
-/// Records `nodes`, the run of a step's schedule that starts at node `first`, into `pass`;
-/// with `marks`, a timestamp before each node and, when `end` says the run ends the step, one
-/// after it.
-pub fn record_run(
-    pass: &mut wgpu::ComputePass<'_>,
-    nodes: &[Scheduled<'_>],
-    first: usize,
-    marks: Option<Marks<'_>>,
-    end: bool,
-) {
-    for (i, s) in nodes.iter().enumerate() {
-        if let Some(m) = marks {
-            m.write(pass, first + i);
-        }
-        for d in s.dispatches() {
-            d.record(pass);
-        }
-    }
-    if let (Some(m), true) = (marks, end) {
-        m.write(pass, first + nodes.len());
-    }
-}
-
-/// Dispatches below which a run is not split off: each run costs a thread and a command buffer.
-const MIN_DISPATCHES_PER_RUN: usize = 96;
-
-/// The most threads that record one step.
-const MAX_RECORDING_THREADS: usize = 4;
-
-/// Threads that record a step: `WGPT_RECORDING_THREADS` when set; else one per core up to
-/// [`MAX_RECORDING_THREADS`] on a GPU, and one on a CPU adapter, where the cores that would
-/// record the next step are the ones running the present one.
-pub fn recording_threads(gpu: &Gpu) -> usize {
-    if let Some(n) = std::env::var("WGPT_RECORDING_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        return n.max(1);
-    }
-    if gpu.info.device_type == wgpu::DeviceType::Cpu {
-        return 1;
-    }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_RECORDING_THREADS))
-}
-
-/// Splits `nodes` at node boundaries into at most `runs` runs of about equal dispatch counts;
-/// returns each run's first node index (the first is 0) in order.
-fn split_runs(nodes: &[Scheduled<'_>], runs: usize) -> Vec<usize> {
-    let total: usize = nodes.iter().map(|s| s.dispatches().len()).sum();
-    let mut starts = vec![0];
-    let mut seen = 0;
-    for (i, s) in nodes.iter().enumerate() {
-        let next = starts.len();
-        if next < runs && i > 0 && seen * runs >= next * total {
-            starts.push(i);
-        }
-        seen += s.dispatches().len();
-    }
-    starts
-}
-
-/// Records `nodes[range]` (of a step's schedule, see [`CompiledGraph::schedule`]) into command
-/// buffers to be submitted in order. wgpu's encoding of a compute pass (its resource tracking
-/// and barriers) costs the CPU a few microseconds per dispatch, most of a step's host time; so a
-/// range of many dispatches is split into runs recorded at once on up to `threads` threads. The
-/// same dispatches in the same order either way, so the results are the same. With `marks`,
-/// timestamps as [`record_run`] writes them, and one after the range when `end_mark`.
-pub fn encode_schedule(
-    gpu: &Gpu,
-    label: &str,
-    nodes: &[Scheduled<'_>],
-    range: std::ops::Range<usize>,
-    marks: Option<Marks<'_>>,
-    end_mark: bool,
-    threads: usize,
-) -> Result<Vec<wgpu::CommandBuffer>> {
-    let part = &nodes[range.clone()];
-    let dispatches: usize = part.iter().map(|s| s.dispatches().len()).sum();
-    let runs = (dispatches / MIN_DISPATCHES_PER_RUN).clamp(1, threads.max(1));
-    let mut starts = split_runs(part, runs);
-    starts.push(part.len());
-    let encode_run = |w: &[usize]| {
-        let (a, b) = (w[0], w[1]);
-        gpu.scoped(label, || {
-            let mut enc = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(label),
-                    timestamp_writes: None,
-                });
-                let end = end_mark && b == part.len();
-                record_run(&mut pass, &part[a..b], range.start + a, marks, end);
-            }
-            enc.finish()
-        })
-    };
-    if starts.len() == 2 {
-        return Ok(vec![encode_run(&starts)?]);
-    }
-    std::thread::scope(|scope| {
-        let others: Vec<_> = starts[1..]
-            .windows(2)
-            .map(|w| scope.spawn(move || encode_run(w)))
-            .collect();
-        let mut buffers = vec![encode_run(&starts[..2])?];
-        for h in others {
-            buffers
-                .push(h.join().map_err(|_| {
-                    Error::Other(format!("{label}: a recording thread panicked"))
-                })??);
-        }
-        Ok(buffers)
-    })
-}
-
 /// A compiled step.
 pub struct CompiledGraph {
     pub head: Vec<CompiledNode>,
@@ -656,9 +593,17 @@ pub struct CompiledGraph {
     pub planned_bytes: u64,
     /// Bytes the same activations would take without sharing.
     pub unplanned_bytes: u64,
+    /// Every declared tensor, one table per micro-step.
+    tensors: Vec<Vec<Tensor>>,
 }
 
 impl CompiledGraph {
+    /// Tensor `id` as micro-step `micro` binds it (state the caller reads or writes: token ids,
+    /// the loss, ...).
+    pub fn tensor(&self, id: TensorId, micro: usize) -> &Tensor {
+        &self.tensors[micro.min(self.tensors.len() - 1)][id]
+    }
+
     /// The nodes of a step in recording order: head, the body once per micro-step, and the
     /// tail (the optimiser) when `include_tail`.
     pub fn schedule(&self, include_tail: bool) -> Vec<Scheduled<'_>> {
@@ -705,6 +650,46 @@ impl CompiledGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::GpuOptions;
+
+    /// A node whose launcher binds a tensor its op does not declare is refused at compile time:
+    /// the planner, not knowing of the read, has given that tensor's memory to another.
+    #[test]
+    fn binding_an_undeclared_tensor_is_refused() {
+        let gpu = Gpu::new(&GpuOptions::default()).expect("a Vulkan adapter");
+        let graph = |declare_b: bool| {
+            let mut g: Graph<()> = Graph::new(1);
+            let a = g.planned("a", &[64], DType::F32);
+            let b = g.planned("b", &[64], DType::F32);
+            let c = g.planned("c", &[64], DType::F32);
+            g.push("write b", Op::Fill { out: b, value: 1.0 });
+            g.push("write a", Op::Fill { out: a, value: 2.0 });
+            g.push("write c", Op::Fill { out: c, value: 3.0 });
+            let reads = if declare_b { vec![a, b, c] } else { vec![a, c] };
+            g.push(
+                "probe",
+                Op::Probe {
+                    reads,
+                    binds: vec![a, b, c],
+                },
+            );
+            g
+        };
+        let no_inputs = |_: &()| -> Result<Tensor> { Err(Error::Other("no inputs".into())) };
+        // Undeclared, b's life ends at its write, and a, written next, takes its buffer.
+        let plan = graph(false).plan().unwrap();
+        assert_eq!(plan.slot[0], plan.slot[1], "a and b share: {:?}", plan.slot);
+        let err = graph(false)
+            .compile(&gpu, &no_inputs)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("probe binds b"), "{err}");
+        let plan = graph(true).plan().unwrap();
+        assert_ne!(plan.slot[0], plan.slot[1], "b is live until the probe");
+        graph(true)
+            .compile(&gpu, &no_inputs)
+            .expect("every binding declared");
+    }
 
     fn iv(bytes: u64, first: usize, last: usize) -> Interval {
         Interval { bytes, first, last }

@@ -442,7 +442,7 @@ pub fn bias_correction_table(beta1: f64, beta2: f64) -> Vec<f32> {
 /// (`norm_scalars[0]`) and AdamW's bias corrections and `inv_loss_scale` (`hyper[5..8]`, from
 /// `table` = [`bias_correction_table`]). AdamW's `lr` is left for the CPU to write.
 ///
-/// [`LossScaler`]: crate::train::trainer::LossScaler
+/// [`LossScaler`]: crate::reference::scaler::LossScaler
 #[allow(clippy::too_many_arguments)]
 pub fn advance_step_state(
     gpu: &Gpu,

@@ -11,3 +11,4 @@ pub mod layernorm;
 pub mod matmul;
 pub mod model;
 pub mod optimizer;
+pub mod scaler;

@@ -13,7 +13,6 @@
 
 use super::float::{pairwise_sum, Float};
 use crate::model::{BlockTensor as B, GptConfig, ParamId, ParamLayout};
-use crate::train::schedule::LrSchedule;
 
 /// Terms a long sum adds in order before its partial sum joins the total (see the module's text).
 pub const BLOCK: usize = 256;
@@ -483,10 +482,39 @@ fn two_mut<F>(
     }
 }
 
+/// The recipe's learning rate: linear warmup over `warmup_steps` (step 0 gets one step's
+/// share), cosine decay to `min_lr` at `total_steps`, then `min_lr`.
+#[derive(Clone, Copy, Debug)]
+pub struct ReferenceSchedule {
+    pub max_lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
+impl ReferenceSchedule {
+    pub fn lr(&self, step: usize) -> f64 {
+        let (it, warmup, total) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
+        if it < warmup {
+            self.max_lr * (it + 1.0) / warmup
+        } else if it > total || total <= warmup {
+            self.min_lr
+        } else {
+            let decay_ratio = (it - warmup) / (total - warmup);
+            let coeff = 0.5 * (1.0 + (std::f64::consts::PI * decay_ratio).cos());
+            self.min_lr + coeff * (self.max_lr - self.min_lr)
+        }
+    }
+}
+
 /// The optimiser settings of the recipe.
 #[derive(Clone, Copy, Debug)]
 pub struct ReferenceOptim {
-    pub schedule: LrSchedule,
+    pub schedule: ReferenceSchedule,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,

@@ -5,11 +5,9 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor, Uniform};
-use crate::graph::gpt::{layernorm_node, linear_forward, ln_tensors, residual_layernorm};
-use crate::graph::{CompiledGraph, Graph, TensorId};
-use crate::model::{Gpt, GptConfig, ParamId, ParamLayout, StorageLayout, StoredParams};
-use crate::ops::embedding::TablePiece;
-use crate::ops::matmul::{self, MatmulForward};
+use crate::graph::gpt::{decode_graph, ParamCopy, ParamInput};
+use crate::graph::CompiledGraph;
+use crate::model::{GptConfig, ParamLayout, StorageLayout, StoredParams};
 use crate::ops::sample::{self as ops, DecodeDims, DecodeStep};
 use crate::rng::Rng;
 use std::sync::Arc;
@@ -33,19 +31,6 @@ impl Default for SampleOptions {
             seed: 42,
         }
     }
-}
-
-/// The tensors a decoding step uses that the generator owns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum DecodeInput {
-    /// Piece `k` of a parameter (f32 master weights).
-    Param(ParamId, usize),
-    TokensIn,
-    TokensOut,
-    Uniforms,
-    Logits,
-    /// Layer `l`'s key/value cache.
-    Cache(usize),
 }
 
 /// A GPT-2 ready to decode `samples` sequences at once.
@@ -124,217 +109,18 @@ impl Generator {
             vp,
         };
         let step = ops::step_buffer(&gpu);
-        let tokens_in = gpu.zeros("decode tokens in", &[s], DType::U32)?;
-        let tokens_out = gpu.zeros("decode tokens out", &[s], DType::U32)?;
-        let uniforms = gpu.zeros("decode uniforms", &[s], DType::F32)?;
-        let logits = gpu.zeros("decode logits", &[s, vp], DType::F32)?;
-        let cache_shape = [config.block_size, s, 3 * c];
-        let mut caches = Vec::new();
-        for l in 0..config.n_layer {
-            caches.push(gpu.zeros(&format!("h.{l}.kv cache"), &cache_shape, DType::F32)?);
-        }
-
-        let mut g: Graph<DecodeInput> = Graph::new(1);
-        // Every parameter piece as an input; only wte may have several.
-        let declare = |g: &mut Graph<DecodeInput>, id: ParamId, k: usize| {
-            let shape = &storage.pieces.get(id)[k].shape;
-            g.input(
-                format!("{} piece {k}", id.name()),
-                shape,
-                DType::F32,
-                DecodeInput::Param(id, k),
-            )
-        };
-        let wte: Vec<(TensorId, TablePiece)> = storage
-            .pieces
-            .wte
-            .iter()
-            .enumerate()
-            .map(|(k, piece)| {
-                let t = TablePiece {
-                    first: piece.rows.start,
-                    total: vp,
-                };
-                (declare(&mut g, ParamId::Wte, k), t)
-            })
-            .collect();
-        let p = Gpt::try_new(&config, |id| match storage.pieces.get(id).len() {
-            _ if id == ParamId::Wte => Ok(wte[0].0),
-            1 => Ok(declare(&mut g, id, 0)),
-            k => Err(Error::Other(format!(
-                "{} is stored in {k} pieces; only the token embedding may be split",
-                id.name()
+        let (g, io) = decode_graph(&config, &storage, dims, step.clone())?;
+        let align = gpu.alignment();
+        let graph = g.compile(&gpu, &|input| match *input {
+            ParamInput::Piece(id, k, ParamCopy::Master) => params.view(id, k, align),
+            other => Err(Error::Other(format!(
+                "decoding binds the f32 weights alone, not {other:?}"
             ))),
         })?;
-        let tin = g.input("tokens in", &[s], DType::U32, DecodeInput::TokensIn);
-        let tout = g.input("tokens out", &[s], DType::U32, DecodeInput::TokensOut);
-        let unif = g.input("uniforms", &[s], DType::F32, DecodeInput::Uniforms);
-        let logits_id = g.input("logits", &[s, vp], DType::F32, DecodeInput::Logits);
-        let step_buf = step.clone();
-
-        let x0 = g.planned("embedding", &[s, c], DType::F32);
-        {
-            let (sb, d, wpe) = (step_buf.clone(), dims, p.wpe);
-            let mut reads = vec![tin, wpe];
-            reads.extend(wte.iter().map(|(id, _)| *id));
-            let parts = wte.clone();
-            g.node(
-                "embedding_at",
-                "embedding",
-                &reads,
-                &[x0],
-                0.0,
-                move |gpu, r| {
-                    parts
-                        .iter()
-                        .map(|&(w, piece)| {
-                            ops::embedding_at(
-                                gpu,
-                                &d,
-                                &sb,
-                                r.t(x0),
-                                r.t(tin),
-                                r.t(w),
-                                piece,
-                                r.t(wpe),
-                            )
-                        })
-                        .collect()
-                },
-            );
-        }
-        let mut x = x0;
-        for (l, bl) in p.h.iter().enumerate() {
-            let name = |s: &str| format!("h.{l}.{s}");
-            let ln1 = layer_norm(&mut g, &name("ln_1"), x, bl.ln_1_w, bl.ln_1_b, s, c);
-            let qkv = g.planned(name("qkv"), &[s, 3 * c], DType::F32);
-            let (w, bias) = (bl.c_attn_w, bl.c_attn_b);
-            linear(&mut g, &name("attn.c_attn"), ln1, w, Some(bias), qkv, false);
-            let cache = g.input(
-                name("kv cache"),
-                &cache_shape,
-                DType::F32,
-                DecodeInput::Cache(l),
-            );
-            let atty = g.planned(name("attention out"), &[s, c], DType::F32);
-            {
-                let (sb, d) = (step_buf.clone(), dims);
-                g.node(
-                    name("attention_decode"),
-                    "attention",
-                    &[qkv, cache],
-                    &[cache, atty],
-                    0.0,
-                    move |gpu, r| {
-                        Ok(vec![ops::attention_decode(
-                            gpu,
-                            &d,
-                            &sb,
-                            r.t(atty),
-                            r.t(cache),
-                            r.t(qkv),
-                        )?])
-                    },
-                );
-            }
-            let proj = g.planned(name("attn.c_proj out"), &[s, c], DType::F32);
-            let (w, bias) = (bl.attn_proj_w, bl.attn_proj_b);
-            linear(
-                &mut g,
-                &name("attn.c_proj"),
-                atty,
-                w,
-                Some(bias),
-                proj,
-                false,
-            );
-            let mid = g.planned(name("residual mid"), &[s, c], DType::F32);
-            let ln2 = ln_tensors(&mut g, &name("ln_2"), s, c, DType::F32);
-            let (w2, b2) = (bl.ln_2_w, bl.ln_2_b);
-            residual_layernorm(&mut g, true, &name("ln_2"), x, proj, mid, ln2, w2, b2);
-            let ln2 = ln2.out;
-            let fc = g.planned(name("mlp.gelu out"), &[s, 4 * c], DType::F32);
-            let (w, bias) = (bl.c_fc_w, bl.c_fc_b);
-            linear(&mut g, &name("mlp.c_fc"), ln2, w, Some(bias), fc, true);
-            let mlp = g.planned(name("mlp.c_proj out"), &[s, c], DType::F32);
-            let (w, bias) = (bl.mlp_proj_w, bl.mlp_proj_b);
-            linear(&mut g, &name("mlp.c_proj"), fc, w, Some(bias), mlp, false);
-            let out = g.planned(name("residual out"), &[s, c], DType::F32);
-            let (m2, o2) = (mid, out);
-            g.node(
-                name("residual"),
-                "elementwise",
-                &[m2, mlp],
-                &[o2],
-                0.0,
-                move |gpu, r| {
-                    Ok(vec![crate::ops::elementwise::residual_forward(
-                        gpu,
-                        r.t(o2),
-                        r.t(m2),
-                        r.t(mlp),
-                    )?])
-                },
-            );
-            x = out;
-        }
-        let lnf = layer_norm(&mut g, "ln_f", x, p.ln_f_w, p.ln_f_b, s, c);
-        // lm_head, tied to wte: one product per piece of wte, each writing its columns.
-        for (k, &(w, piece)) in wte.iter().enumerate() {
-            let label = match wte.len() {
-                1 => "lm_head.forward".to_string(),
-                _ => format!("lm_head.forward[piece {k}]"),
-            };
-            g.node(
-                label,
-                "matmul",
-                &[lnf, w],
-                &[logits_id],
-                0.0,
-                move |gpu, r| {
-                    let o = MatmulForward {
-                        out_columns: Some(piece.first),
-                        ..Default::default()
-                    };
-                    Ok(vec![matmul::matmul_forward(
-                        gpu,
-                        r.t(logits_id),
-                        r.t(lnf),
-                        r.t(w),
-                        &o,
-                    )?])
-                },
-            );
-        }
-        {
-            let (sb, d) = (step_buf.clone(), dims);
-            g.node(
-                "topk_sample",
-                "sample",
-                &[logits_id, unif],
-                &[tout],
-                0.0,
-                move |gpu, r| {
-                    Ok(vec![ops::topk_sample(
-                        gpu,
-                        &d,
-                        &sb,
-                        r.t(tout),
-                        r.t(logits_id),
-                        r.t(unif),
-                    )?])
-                },
-            );
-        }
-        let align = gpu.alignment();
-        let graph = g.compile(&gpu, &|input, _| match *input {
-            DecodeInput::Param(id, k) => params.view(id, k, align),
-            DecodeInput::TokensIn => Ok(tokens_in.clone()),
-            DecodeInput::TokensOut => Ok(tokens_out.clone()),
-            DecodeInput::Uniforms => Ok(uniforms.clone()),
-            DecodeInput::Logits => Ok(logits.clone()),
-            DecodeInput::Cache(l) => Ok(caches[l].clone()),
-        })?;
+        let tokens_in = graph.tensor(io.tokens_in, 0).clone();
+        let tokens_out = graph.tensor(io.tokens_out, 0).clone();
+        let uniforms = graph.tensor(io.uniforms, 0).clone();
+        let logits = graph.tensor(io.logits, 0).clone();
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("decode read-back"),
             size: (s as u64 * 4).div_ceil(256) * 256,
@@ -498,34 +284,4 @@ impl Generator {
         }
         Ok(out)
     }
-}
-
-fn layer_norm(
-    g: &mut Graph<DecodeInput>,
-    what: &str,
-    x: TensorId,
-    w: TensorId,
-    b: TensorId,
-    s: usize,
-    c: usize,
-) -> TensorId {
-    let ln = ln_tensors(g, what, s, c, DType::F32);
-    layernorm_node(g, what, ln, x, w, b);
-    ln.out
-}
-
-fn linear(
-    g: &mut Graph<DecodeInput>,
-    what: &str,
-    inp: TensorId,
-    w: TensorId,
-    bias: Option<TensorId>,
-    out: TensorId,
-    gelu: bool,
-) {
-    let pre = gelu.then(|| {
-        let shape = g.shape(out).to_vec();
-        g.planned(format!("{what} pre-activation"), &shape, DType::F32)
-    });
-    linear_forward(g, format!("{what}.forward"), inp, w, bias, pre, out, 0.0);
 }

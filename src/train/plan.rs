@@ -3,14 +3,30 @@
 //! chunk holds, every buffer with its size, and the total. A run that cannot fit is refused here,
 //! before anything is allocated, with what it needs, what the adapter offers and what to change.
 
-use super::settings::{AttentionKind, Precision, TrainSettings};
+use super::settings::{AttentionKind, Precision, TrainSettings, ADAM_BETAS};
 use crate::error::{Error, Result};
 use crate::gpu::{AdapterLimits, DType};
-use crate::graph::gpt::{build_train_graph, classifier_chunks};
+use crate::graph::gpt::{classifier_chunks, train_graph};
+use crate::graph::step::StepShape;
 use crate::graph::ActivationPlan;
 use crate::model::StorageLayout;
 use crate::ops::embedding;
 use std::sync::Arc;
+
+/// The shape of the step `settings` describe, as the graph builder takes it.
+pub fn step_shape(settings: &TrainSettings) -> StepShape {
+    StepShape {
+        batch: settings.batch_size,
+        seq: settings.seq_len,
+        grad_accum: settings.grad_accum,
+        tokens_per_step: settings.tokens_per_step(),
+        precision: settings.precision,
+        attention: settings.attention,
+        fused: settings.fused,
+        fused_optimizer: settings.fused_optimizer,
+        adam_betas: ADAM_BETAS,
+    }
+}
 
 /// Every buffer of a training run and its size.
 #[derive(Clone, Debug)]
@@ -144,7 +160,7 @@ impl MemoryPlan {
         let n = settings.batch_size * settings.seq_len;
         let vp = cfg.padded_vocab_size;
         let chunk_rows = classifier_chunk_rows(n, vp, cfg.n_embd, act, limits)?;
-        let graph = build_train_graph(settings, &storage, chunk_rows)?;
+        let (graph, _) = train_graph(&step_shape(settings), cfg, &storage, chunk_rows)?;
         let activations = graph.plan()?;
         if let Some((name, bytes)) = &activations.largest_tensor {
             if *bytes > limits.tensor_bytes() {

@@ -9,68 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const ADAM_BETAS: (f64, f64) = (0.9, 0.95);
 pub const ADAM_EPS: f32 = 1e-8;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in f32.
-    F32,
-    /// f16 matmul inputs and activations with f32 accumulation, f32 master weights, f32
-    /// LayerNorm statistics, softmax, loss and gradient norm; dynamic loss scaling.
-    F16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "fp32" => Ok(Precision::F32),
-            "f16" | "fp16" => Ok(Precision::F16),
-            other => Err(Error::Config(format!(
-                "precision must be f32 or f16, not '{other}'"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttentionKind {
-    /// Tiled in workgroup memory with an online softmax; no T x T matrix in memory.
-    Flash,
-    /// Materialises the T x T scores (the plain reference path).
-    Naive,
-}
-
-impl std::str::FromStr for AttentionKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "flash" => Ok(AttentionKind::Flash),
-            "naive" => Ok(AttentionKind::Naive),
-            other => Err(Error::Config(format!(
-                "attention must be flash or naive, not '{other}'"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for AttentionKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            AttentionKind::Flash => "flash",
-            AttentionKind::Naive => "naive",
-        })
-    }
-}
+pub use crate::graph::step::{AttentionKind, Precision};
 
 /// What a run defaults to on an adapter (both front ends start from these): GPT-2 124M at
 /// B=16, T=1024 on a GPU; the tiny model at B=4, T=64 on a CPU rasteriser, where GPT-2's

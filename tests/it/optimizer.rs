@@ -7,6 +7,7 @@ use wgpt::gpu::{DType, Tensor};
 use wgpt::ops::optimizer as opt;
 use wgpt::ops::optimizer::{AdamWHyper, GradNormScalars};
 use wgpt::reference::optimizer as cpu;
+use wgpt::reference::scaler::LossScaler;
 
 /// Gradient buffers: tiny, around the workgroup size, and bigger than the first stage's
 /// 2048 x 256 threads so that each thread strides over the buffer several times.
@@ -461,28 +462,22 @@ fn shape_errors_are_reported() {
         .is_err());
 }
 
-/// The loss scaler's rules and Adam's bias corrections, on the CPU in the order PyTorch's
-/// GradScaler and AdamW apply them, written independently of the shader: (scale, clean steps,
-/// Adam's t) after a step that was or was not finite.
+/// (scale, clean steps, Adam's t) after a step that was or was not finite, by the CPU's rule
+/// (the reference's [`LossScaler`], as PyTorch's GradScaler): Adam counts the steps taken.
 fn scaler_rule(
     (scale, clean, t): (f32, u32, u32),
     finite: bool,
     scaling: bool,
     growth: u32,
 ) -> (f32, u32, u32) {
-    if !finite {
-        let s = if scaling {
-            (scale * 0.5).max(1.0 / 65536.0)
-        } else {
-            scale
-        };
-        return (s, 0, t);
-    }
-    if scaling && clean + 1 >= growth {
-        ((scale * 2.0).min(16_777_216.0), 0, t + 1)
-    } else {
-        (scale, clean + 1, t + 1)
-    }
+    let mut s = LossScaler {
+        scale,
+        clean_steps: clean as usize,
+        enabled: scaling,
+        growth_interval: growth as usize,
+    };
+    let skipped = s.update(finite);
+    (s.scale, s.clean_steps as u32, t + u32::from(!skipped))
 }
 
 #[test]

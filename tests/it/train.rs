@@ -9,9 +9,11 @@ use wgpt::gpu::AdapterLimits;
 use wgpt::model::init::init_params;
 use wgpt::model::params::storage_order;
 use wgpt::model::{GptConfig, ParamId, ParamLayout};
-use wgpt::reference::model::{AdamUpdate, ReferenceModel, ReferenceOptim, ReferenceTrainer};
+use wgpt::reference::model::{
+    AdamUpdate, ReferenceModel, ReferenceOptim, ReferenceSchedule, ReferenceTrainer,
+};
 use wgpt::train::settings::{AttentionKind, Precision, TrainSettings};
-use wgpt::train::trainer::{StepStats, Trainer};
+use wgpt::train::trainer::{StepStats, Trainer, PIPELINE_DEPTH};
 
 /// A model small enough for the CPU driver, with a vocabulary that is padded (300 -> 384) and
 /// shapes that are not multiples of any tile.
@@ -110,7 +112,12 @@ fn check_against_reference_with(
     bounds: Bounds,
 ) -> Trainer {
     let optim = ReferenceOptim {
-        schedule: s.schedule(),
+        schedule: ReferenceSchedule {
+            max_lr: s.max_lr,
+            min_lr: s.max_lr * s.min_lr_ratio,
+            warmup_steps: s.warmup_steps,
+            total_steps: s.steps,
+        },
         beta1: 0.9,
         beta2: 0.95,
         eps: 1e-8,
@@ -744,10 +751,12 @@ fn queued_steps_train_exactly_as_steps_waited_for() {
         // default 2^16 is far below), so two steps are skipped and five train.
         let start_scale = if f16 { 16_777_216.0 } else { 1.0 };
         let mut waited = Trainer::new(arc_gpu(), s.clone(), tok.clone(), Some(&init)).unwrap();
-        let mut queued = Trainer::new(arc_gpu(), s, tok, Some(&init)).unwrap();
+        let mut queued = Trainer::new(arc_gpu(), s.clone(), tok.clone(), Some(&init)).unwrap();
+        let mut polled = Trainer::new(arc_gpu(), s, tok, Some(&init)).unwrap();
         if f16 {
             waited.set_loss_scale(start_scale).unwrap();
             queued.set_loss_scale(start_scale).unwrap();
+            polled.set_loss_scale(start_scale).unwrap();
         }
         let a: Vec<StepStats> = (0..7).map(|_| waited.step().unwrap()).collect();
         let mut b = Vec::new();
@@ -759,7 +768,38 @@ fn queued_steps_train_exactly_as_steps_waited_for() {
             })
             .unwrap();
         assert_eq!(queued.in_flight(), 0);
+        // Polled, never waited for, as a browser's event loop must run it: queued two deep,
+        // each step's statistics taken once a non-blocking poll finds them.
+        assert!(
+            polled.poll().unwrap().is_none(),
+            "nothing queued, nothing to take"
+        );
+        let (mut c, mut empty_polls, began) = (Vec::new(), 0, std::time::Instant::now());
+        while c.len() < 7 {
+            while polled.in_flight() < PIPELINE_DEPTH && polled.queued_index() < 7 {
+                polled.submit().unwrap();
+            }
+            match polled.poll().unwrap() {
+                Some(st) => c.push(st),
+                None => {
+                    empty_polls += 1;
+                    assert!(began.elapsed().as_secs() < 600, "no step finished");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+        eprintln!("{precision}: {empty_polls} polls found no finished step");
+        assert_eq!(polled.in_flight(), 0);
         let what = format!("{precision}");
+        for (name, f) in [
+            ("losses", (|x: &StepStats| x.loss) as fn(&StepStats) -> f32),
+            ("norms", |x| x.norm),
+            ("loss scales", |x| x.loss_scale),
+        ] {
+            let (want, got): (Vec<f32>, Vec<f32>) =
+                a.iter().zip(&c).map(|(a, c)| (f(a), f(c))).unzip();
+            assert_bitwise_eq(&format!("{what} polled {name}"), &got, &want);
+        }
         let field = |v: &[StepStats], f: fn(&StepStats) -> f32| v.iter().map(f).collect::<Vec<_>>();
         assert_bitwise_eq(
             &format!("{what} losses"),
@@ -812,6 +852,8 @@ fn queued_steps_train_exactly_as_steps_waited_for() {
         }
         let (ca, cb) = (waited.checkpoint().unwrap(), queued.checkpoint().unwrap());
         assert_same_checkpoint(&format!("{what} after 7 steps"), &cb, &ca);
+        let cc = polled.checkpoint().unwrap();
+        assert_same_checkpoint(&format!("{what} polled, after 7 steps"), &cc, &ca);
         assert!(
             cb.params
                 .iter()

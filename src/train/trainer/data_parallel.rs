@@ -1,11 +1,11 @@
 //! A data-parallel step: the gradients summed across the ranks between the backward and the
 //! update, in buckets reduced as the backward finishes them (see [`crate::train::parallel`]).
 
-use super::{StepTensors, Trainer};
+use super::{Trainer, Weights};
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::graph;
-use crate::graph::gpt::{ParamCopy, StepInput};
+use crate::graph::gpt::{ParamCopy, ParamInput};
 use crate::train::parallel::{all_reduce_buckets, Collective};
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,40 +53,46 @@ impl Parallel {
     /// so that the first buckets can be reduced while the backward of earlier layers runs.
     pub(super) fn new(
         gpu: &Gpu,
-        io: &StepTensors,
-        writes: &[Vec<StepInput>],
+        weights: &Weights,
+        loss: &Tensor,
+        writes: &[Vec<ParamInput>],
         collective: Arc<dyn Collective>,
         bucket_floats: usize,
     ) -> Result<Parallel> {
         let align = gpu.alignment();
         let body = writes.len();
         // The last body node writing each gradient piece.
-        let mut last: Vec<(usize, StepInput)> = Vec::new();
+        let mut last: Vec<(usize, ParamInput)> = Vec::new();
         let mut whole_buffers = false;
         for (i, w) in writes.iter().enumerate() {
             for input in w {
                 match input {
-                    StepInput::Param(_, _, ParamCopy::Grad) => {
+                    ParamInput::Piece(_, _, ParamCopy::Grad) => {
                         match last.iter_mut().find(|(_, p)| p == input) {
                             Some(e) => e.0 = i,
                             None => last.push((i, *input)),
                         }
                     }
-                    StepInput::Buffer(ParamCopy::Grad, _) => whole_buffers = true,
+                    ParamInput::Buffer(ParamCopy::Grad, _) => whole_buffers = true,
                     _ => {}
                 }
             }
         }
         let mut finals: Vec<(usize, Tensor)> = if whole_buffers {
             // A node writes whole gradient buffers: they are final at the end.
-            io.grads.buffers.iter().map(|b| (body, b.clone())).collect()
+            weights
+                .grads
+                .buffers
+                .iter()
+                .map(|b| (body, b.clone()))
+                .collect()
         } else {
             last.sort_by_key(|(i, _)| *i);
             last.iter()
-                .map(|(i, input)| Ok((*i + 1, io.bind(input, 0, align)?)))
+                .map(|(i, input)| Ok((*i + 1, weights.bind(input, align)?)))
                 .collect::<Result<_>>()?
         };
-        finals.push((body, io.loss.clone()));
+        finals.push((body, loss.clone()));
         let mut buckets = Vec::new();
         let mut parts = Vec::new();
         let mut floats = 0;
@@ -142,7 +148,7 @@ impl Trainer {
         // The last micro-step's body starts at `last`; the update (the tail) at `update`.
         let update = nodes.len() - self.graph.tail.len();
         let last = update - self.graph.body.len();
-        let mut marks = self.slots[slot].profiler.as_mut().map(|p| {
+        let mut marks = self.ring.slots[slot].profiler.as_mut().map(|p| {
             p.begin_step(
                 &nodes,
                 Some((update, "gradient all-reduce (host)", "all-reduce")),
@@ -230,7 +236,7 @@ impl Trainer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("training step: statistics"),
             });
-        if let Some(p) = self.slots[slot].profiler.as_ref() {
+        if let Some(p) = self.ring.slots[slot].profiler.as_ref() {
             p.resolve(&mut enc);
         }
         self.copy_stats(&mut enc, slot);

@@ -9,24 +9,27 @@
 //! statistics one step late ([`Trainer::collect`]).
 
 mod data_parallel;
+mod ring;
 
 use super::parallel::Collective;
-use super::plan::MemoryPlan;
+use super::plan::{step_shape, MemoryPlan};
 use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::{Batch, Corpus, DataLoader, LoaderState};
 use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
-use crate::graph::gpt::{build_train_graph, ParamCopy, StepInput};
-use crate::graph::{self, CompiledGraph};
+use crate::graph::gpt::{train_graph, ParamCopy, ParamInput, StepIo};
+use crate::graph::step::INITIAL_LOSS_SCALE;
+use crate::graph::{self, CompiledGraph, TensorId};
 use crate::model::init::init_params;
 use crate::model::{ParamLayout, StoredParams};
 use crate::ops::{elementwise as ew, embedding, optimizer};
 use crate::rng::Rng;
 use data_parallel::Parallel;
 pub use data_parallel::ReduceStats;
-use std::collections::VecDeque;
+pub use ring::PIPELINE_DEPTH;
+use ring::{Finished, Pending, Ring};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,96 +60,18 @@ pub struct StepStats {
     pub reduce: Option<ReduceStats>,
 }
 
-/// Steps that may be queued at once: the GPU runs one while the CPU encodes the next.
-pub const PIPELINE_DEPTH: usize = 2;
-
-/// Bytes of one step's read-back: loss (f32) at 0, status ([`optimizer::STATUS_LEN`] f32) at 16,
-/// [`optimizer::StepState`] at 32.
-const STATS_BYTES: u64 = 64;
-
-/// One read-back buffer of the ring, with its profiler when profiling.
-struct StatsSlot {
-    staging: wgpu::Buffer,
-    profiler: Option<Profiler>,
-}
-
-/// A step queued and not yet collected.
-struct Pending {
-    slot: usize,
-    step: usize,
-    lr: f64,
-    submitted: Instant,
-    encode_ms: f64,
-    submit_ms: f64,
-    index: wgpu::SubmissionIndex,
-    reduce: Option<ReduceStats>,
-}
-
-/// Dynamic loss scaling as PyTorch's GradScaler: start at 2^16, halve and skip the step on any
-/// non-finite gradient, double after 2000 clean steps.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LossScaler {
-    pub scale: f32,
-    pub clean_steps: usize,
-    pub enabled: bool,
-}
-
-impl LossScaler {
-    pub const GROWTH_INTERVAL: usize = 2000;
-
-    pub fn new(enabled: bool) -> LossScaler {
-        LossScaler {
-            scale: if enabled { 65536.0 } else { 1.0 },
-            clean_steps: 0,
-            enabled,
-        }
-    }
-
-    /// Updates after a step; returns whether the step was skipped.
-    pub fn update(&mut self, finite: bool) -> bool {
-        if !finite {
-            if self.enabled {
-                self.scale = (self.scale * 0.5).max(1.0 / 65536.0);
-            }
-            self.clean_steps = 0;
-            return true;
-        }
-        self.clean_steps += 1;
-        if self.enabled && self.clean_steps >= Self::GROWTH_INTERVAL {
-            self.scale = (self.scale * 2.0).min(16_777_216.0);
-            self.clean_steps = 0;
-        }
-        false
-    }
-}
-
-/// The tensors a training step reads and writes that live outside the graph (see
-/// [`StepInput`]).
-struct StepTensors {
+/// The parameters' copies a step binds (the graph's [`ParamInput`]s): the model's weights,
+/// their f16 copies, gradients and AdamW's moments, each stored as the memory plan says.
+struct Weights {
     params: StoredParams,
     /// f16 copies of the weights (mixed precision only).
     params_f16: Option<StoredParams>,
     grads: StoredParams,
     m: StoredParams,
     v: StoredParams,
-    /// Per micro-step: token ids (B*T), targets (B*T), embedding-backward buckets.
-    tokens: Vec<Tensor>,
-    targets: Vec<Tensor>,
-    buckets: Vec<Tensor>,
-    /// The classifier's logits for one chunk of rows.
-    logits: Tensor,
-    dloss: Tensor,
-    loss: Tensor,
-    /// Each position's loss (of the latest micro-step).
-    losses: Tensor,
-    status: Tensor,
-    norm_scalars: Tensor,
-    hyper: Tensor,
-    state: Tensor,
-    bias_table: Tensor,
 }
 
-impl StepTensors {
+impl Weights {
     fn copy(&self, copy: ParamCopy) -> Result<&StoredParams> {
         match copy {
             ParamCopy::Master => Ok(&self.params),
@@ -160,23 +85,11 @@ impl StepTensors {
         }
     }
 
-    /// The tensor behind a graph input in micro-step `k`.
-    fn bind(&self, input: &StepInput, k: usize, alignment: u64) -> Result<Tensor> {
+    /// The tensor behind a graph input.
+    fn bind(&self, input: &ParamInput, alignment: u64) -> Result<Tensor> {
         Ok(match *input {
-            StepInput::Param(id, piece, copy) => self.copy(copy)?.view(id, piece, alignment)?,
-            StepInput::Buffer(copy, b) => self.copy(copy)?.buffers[b].clone(),
-            StepInput::Tokens => self.tokens[k].clone(),
-            StepInput::Targets => self.targets[k].clone(),
-            StepInput::Buckets => self.buckets[k].clone(),
-            StepInput::Logits => self.logits.clone(),
-            StepInput::Dloss => self.dloss.clone(),
-            StepInput::Loss => self.loss.clone(),
-            StepInput::Losses => self.losses.clone(),
-            StepInput::Status => self.status.clone(),
-            StepInput::NormScalars => self.norm_scalars.clone(),
-            StepInput::Hyper => self.hyper.clone(),
-            StepInput::State => self.state.clone(),
-            StepInput::BiasTable => self.bias_table.clone(),
+            ParamInput::Piece(id, piece, copy) => self.copy(copy)?.view(id, piece, alignment)?,
+            ParamInput::Buffer(copy, b) => self.copy(copy)?.buffers[b].clone(),
         })
     }
 }
@@ -186,11 +99,13 @@ pub struct Trainer {
     settings: TrainSettings,
     layout: ParamLayout,
     plan: MemoryPlan,
-    io: StepTensors,
+    weights: Weights,
+    /// The step's state in the graph.
+    io: StepIo,
     graph: CompiledGraph,
     loader: DataLoader,
-    slots: Vec<StatsSlot>,
-    pending: VecDeque<Pending>,
+    /// The steps in flight and their read-back slots.
+    ring: Ring,
     /// When the last step was collected (the end of its wall-clock time).
     last_collect: Option<Instant>,
     /// With profiling: the last collected step's node times and last timestamp (ns).
@@ -200,7 +115,9 @@ pub struct Trainer {
     /// Steps collected; the CPU's copies of the scaler and Adam's count are as after them.
     step: usize,
     adam_t: usize,
-    scaler: LossScaler,
+    /// The loss scale the next step uses, and the clean steps since it last changed.
+    loss_scale: f32,
+    clean_steps: usize,
     /// Threads that record a step ([`graph::recording_threads`]).
     recording_threads: usize,
     parallel: Option<Parallel>,
@@ -315,21 +232,9 @@ impl Trainer {
         let layout = ParamLayout::new(&cfg);
         // Refuses, before anything is allocated, a run that cannot fit the adapter.
         let plan = MemoryPlan::new(&settings, limits)?;
-        let n = settings.batch_size * settings.seq_len;
-        let act = match settings.precision {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-        };
-
         let mut rng = Rng::new(settings.seed);
         let storage = &plan.storage;
-        let per_micro = |label: &str, len: usize| -> Result<Vec<Tensor>> {
-            (0..settings.grad_accum)
-                .map(|k| gpu.zeros(&format!("{label} {k}"), &[len], DType::U32))
-                .collect()
-        };
-        let bias_table = optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1);
-        let io = StepTensors {
+        let copies = Weights {
             params: StoredParams::zeros(&gpu, storage, DType::F32, "params")?,
             params_f16: match settings.precision {
                 Precision::F16 => Some(StoredParams::zeros(
@@ -343,66 +248,42 @@ impl Trainer {
             grads: StoredParams::zeros(&gpu, storage, DType::F32, "grads")?,
             m: StoredParams::zeros(&gpu, storage, DType::F32, "adam m")?,
             v: StoredParams::zeros(&gpu, storage, DType::F32, "adam v")?,
-            tokens: per_micro("tokens", n)?,
-            targets: per_micro("targets", n)?,
-            buckets: per_micro("buckets", embedding::embedding_buckets_len(n))?,
-            logits: gpu.zeros("logits", &[plan.chunk_rows, cfg.padded_vocab_size], act)?,
-            dloss: gpu.zeros("dloss", &[1], DType::F32)?,
-            loss: gpu.zeros("loss", &[1], DType::F32)?,
-            losses: gpu.zeros("losses", &[n], DType::F32)?,
-            status: gpu.zeros("status", &[optimizer::STATUS_LEN], DType::F32)?,
-            norm_scalars: gpu.zeros(
-                "norm scalars",
-                &[optimizer::GradNormScalars::LEN],
-                DType::F32,
-            )?,
-            hyper: gpu.zeros("adamw hyper", &[optimizer::AdamWHyper::LEN], DType::F32)?,
-            state: gpu.zeros("step state", &[optimizer::StepState::LEN], DType::U32)?,
-            bias_table: gpu.upload(
-                "bias corrections",
-                &bias_table,
-                &[bias_table.len()],
-                DType::F32,
-            )?,
         };
         let align = gpu.alignment();
-        let step_graph = build_train_graph(&settings, storage, plan.chunk_rows)?;
+        let shape = step_shape(&settings);
+        let (step_graph, io) = train_graph(&shape, &cfg, storage, plan.chunk_rows)?;
+        let body_writes = step_graph.body_writes();
+        let graph = step_graph.compile(&gpu, &|input| copies.bind(input, align))?;
+        let bias_table = optimizer::bias_correction_table(ADAM_BETAS.0, ADAM_BETAS.1);
+        gpu.write(graph.tensor(io.bias_table, 0), &bias_table)?;
         let parallel = match collective {
             Some((c, bucket_floats)) if c.size() > 1 => Some(Parallel::new(
                 &gpu,
-                &io,
-                &step_graph.body_writes(),
+                &copies,
+                graph.tensor(io.loss, 0),
+                &body_writes,
                 c,
                 bucket_floats,
             )?),
             _ => None,
         };
-        let graph = step_graph.compile(&gpu, &|input, k| io.bind(input, k, align))?;
-
-        let slots = (0..PIPELINE_DEPTH)
-            .map(|i| StatsSlot {
-                staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&format!("step statistics read-back {i}")),
-                    size: STATS_BYTES,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
-                profiler: None,
-            })
-            .collect();
 
         let mut t = Trainer {
+            ring: Ring::new(&gpu),
             parallel,
-            scaler: LossScaler::new(settings.precision == Precision::F16),
+            loss_scale: match settings.precision {
+                Precision::F16 => INITIAL_LOSS_SCALE,
+                Precision::F32 => 1.0,
+            },
+            clean_steps: 0,
             recording_threads: graph::recording_threads(&gpu),
             gpu,
             layout,
             plan,
+            weights: copies,
             io,
             graph,
             loader,
-            slots,
-            pending: VecDeque::new(),
             last_collect: None,
             node_times: Vec::new(),
             last_gpu_end_ns: None,
@@ -456,16 +337,16 @@ impl Trainer {
     fn write_state(&self) -> Result<()> {
         let s = &self.settings;
         let state = optimizer::StepState::new(
-            self.scaler.scale,
-            self.scaler.clean_steps,
+            self.loss_scale,
+            self.clean_steps,
             self.adam_t,
             self.step,
             s.tokens_per_step(),
         );
-        state.write(&self.gpu, &self.io.state)?;
-        self.gpu.write(&self.io.dloss, &[state.dloss])?;
+        state.write(&self.gpu, self.t(self.io.state))?;
+        self.gpu.write(self.t(self.io.dloss), &[state.dloss])?;
         optimizer::GradNormScalars::new(state.inv_scale, s.grad_clip as f32)
-            .write(&self.gpu, &self.io.norm_scalars)?;
+            .write(&self.gpu, self.t(self.io.norm_scalars))?;
         let (bias_correction1, bias_correction2) =
             optimizer::bias_corrections(ADAM_BETAS.0, ADAM_BETAS.1, (self.adam_t + 1) as u32);
         optimizer::AdamWHyper {
@@ -478,7 +359,12 @@ impl Trainer {
             bias_correction2,
             inv_loss_scale: state.inv_scale,
         }
-        .write(&self.gpu, &self.io.hyper)
+        .write(&self.gpu, self.t(self.io.hyper))
+    }
+
+    /// A state tensor of the step (the same in every micro-step).
+    fn t(&self, id: TensorId) -> &Tensor {
+        self.graph.tensor(id, 0)
     }
 
     /// The run's memory plan: every buffer it allocated and the classifier's chunking.
@@ -513,15 +399,16 @@ impl Trainer {
         self.step
     }
 
-    pub fn loss_scaler(&self) -> LossScaler {
-        self.scaler
+    /// The loss scale the next step uses (1 without mixed precision).
+    pub fn loss_scale(&self) -> f32 {
+        self.loss_scale
     }
 
     /// Overrides the loss scale (tests force an overflow with it). Steps still in flight are
     /// collected first.
     pub fn set_loss_scale(&mut self, scale: f32) -> Result<()> {
         self.expect_idle("setting the loss scale")?;
-        self.scaler.scale = scale;
+        self.loss_scale = scale;
         self.write_state()
     }
 
@@ -533,21 +420,21 @@ impl Trainer {
 
     /// Steps queued and not yet collected.
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.ring.pending.len()
     }
 
     /// The index the next queued step will have: collected steps plus those in flight.
     pub fn queued_index(&self) -> usize {
-        self.step + self.pending.len()
+        self.step + self.ring.pending.len()
     }
 
     fn expect_idle(&self, what: &str) -> Result<()> {
-        if self.pending.is_empty() {
+        if self.ring.pending.is_empty() {
             Ok(())
         } else {
             Err(Error::Other(format!(
                 "{what} needs every queued step collected first ({} in flight)",
-                self.pending.len()
+                self.ring.pending.len()
             )))
         }
     }
@@ -559,7 +446,7 @@ impl Trainer {
         // A timestamp per node, one at the end, and one for the gradient exchange of a
         // data-parallel step.
         let nodes = self.graph.schedule(true).len() + 2;
-        for slot in &mut self.slots {
+        for slot in &mut self.ring.slots {
             slot.profiler = Some(Profiler::new(&self.gpu, nodes)?);
         }
         Ok(())
@@ -577,12 +464,14 @@ impl Trainer {
     /// Uploads master weights (flat, in the canonical [`ParamLayout`]) and refreshes their f16
     /// copies.
     pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
-        self.io.params.upload(&self.gpu, &self.layout, params)?;
-        if let Some(h) = &self.io.params_f16 {
+        self.weights
+            .params
+            .upload(&self.gpu, &self.layout, params)?;
+        if let Some(h) = &self.weights.params_f16 {
             let casts = h
                 .buffers
                 .iter()
-                .zip(&self.io.params.buffers)
+                .zip(&self.weights.params.buffers)
                 .map(|(half, full)| ew::cast(&self.gpu, half, full))
                 .collect::<Result<Vec<_>>>()?;
             self.gpu.run(&casts.iter().collect::<Vec<_>>())?;
@@ -593,8 +482,8 @@ impl Trainer {
     fn load(&mut self, c: &Checkpoint) -> Result<()> {
         self.set_params(&c.params)?;
         if let (Some((m, v)), Some(s)) = (&c.moments, &c.state) {
-            self.io.m.upload(&self.gpu, &self.layout, m)?;
-            self.io.v.upload(&self.gpu, &self.layout, v)?;
+            self.weights.m.upload(&self.gpu, &self.layout, m)?;
+            self.weights.v.upload(&self.gpu, &self.layout, v)?;
             self.step = s.step;
             self.adam_t = s.adam_t;
             self.loader.set_state(LoaderState {
@@ -602,8 +491,8 @@ impl Trainer {
                 position: s.loader_position,
             })?;
             self.rng = Rng::from_state(s.rng_state);
-            self.scaler.scale = s.loss_scale;
-            self.scaler.clean_steps = s.clean_steps;
+            self.loss_scale = s.loss_scale;
+            self.clean_steps = s.clean_steps;
         }
         Ok(())
     }
@@ -611,18 +500,18 @@ impl Trainer {
     /// The master weights on the GPU. A [`crate::sample::Generator`] built on them samples
     /// from the current weights without copying them.
     pub fn stored_params(&self) -> &StoredParams {
-        &self.io.params
+        &self.weights.params
     }
 
     /// Master weights, flat in the canonical [`ParamLayout`].
     pub fn params(&self) -> Result<Vec<f32>> {
-        self.io.params.download(&self.gpu, &self.layout)
+        self.weights.params.download(&self.gpu, &self.layout)
     }
 
     /// The gradients of the last step (scaled by the loss scale it used), flat like
     /// [`Trainer::params`].
     pub fn grads(&self) -> Result<Vec<f32>> {
-        self.io.grads.download(&self.gpu, &self.layout)
+        self.weights.grads.download(&self.gpu, &self.layout)
     }
 
     /// Everything needed to continue this run exactly (after every queued step is collected).
@@ -632,8 +521,8 @@ impl Trainer {
             config: self.settings.config,
             params: self.params()?,
             moments: Some((
-                self.io.m.download(&self.gpu, &self.layout)?,
-                self.io.v.download(&self.gpu, &self.layout)?,
+                self.weights.m.download(&self.gpu, &self.layout)?,
+                self.weights.v.download(&self.gpu, &self.layout)?,
             )),
             state: Some(TrainState {
                 step: self.step,
@@ -641,8 +530,8 @@ impl Trainer {
                 loader_position: self.loader.position(),
                 loader_epoch: self.loader.state().epoch,
                 rng_state: self.rng.state(),
-                loss_scale: self.scaler.scale,
-                clean_steps: self.scaler.clean_steps,
+                loss_scale: self.loss_scale,
+                clean_steps: self.clean_steps,
                 settings: serde_json::to_string(&self.settings)
                     .map_err(|e| Error::Other(e.to_string()))?,
             }),
@@ -653,16 +542,19 @@ impl Trainer {
         let vp = self.settings.config.padded_vocab_size;
         for (k, (x, y)) in batches.iter().enumerate() {
             self.upload_inputs(k, x, y)?;
-            self.gpu
-                .write_u32(&self.io.buckets[k], &embedding::bucket_tokens(x, vp))?;
+            self.gpu.write_u32(
+                self.graph.tensor(self.io.buckets, k),
+                &embedding::bucket_tokens(x, vp),
+            )?;
         }
         Ok(())
     }
 
     /// Inputs and targets of micro-step `k` (all a forward pass reads).
     fn upload_inputs(&mut self, k: usize, x: &[u32], y: &[u32]) -> Result<()> {
-        self.gpu.write_u32(&self.io.tokens[k], x)?;
-        self.gpu.write_u32(&self.io.targets[k], y)
+        self.gpu
+            .write_u32(self.graph.tensor(self.io.tokens, k), x)?;
+        self.gpu.write_u32(self.graph.tensor(self.io.targets, k), y)
     }
 
     /// Records `head + body * micro (+ tail)` into command buffers to submit in order
@@ -673,7 +565,7 @@ impl Trainer {
         slot: Option<usize>,
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let nodes = self.graph.schedule(include_tail);
-        let profiler = slot.and_then(|i| self.slots[i].profiler.as_mut());
+        let profiler = slot.and_then(|i| self.ring.slots[i].profiler.as_mut());
         let marks = profiler.map(|p| p.begin_step(&nodes, None));
         let mut buffers = graph::encode_schedule(
             &self.gpu,
@@ -693,7 +585,7 @@ impl Trainer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("training step statistics"),
             });
-        if let Some(p) = &self.slots[i].profiler {
+        if let Some(p) = &self.ring.slots[i].profiler {
             p.resolve(&mut enc);
         }
         self.copy_stats(&mut enc, i);
@@ -703,16 +595,15 @@ impl Trainer {
 
     /// Copies the step's statistics into read-back slot `i`.
     fn copy_stats(&self, enc: &mut wgpu::CommandEncoder, i: usize) {
-        let staging = &self.slots[i].staging;
-        enc.copy_buffer_to_buffer(&self.io.loss.buffer, self.io.loss.offset, staging, 0, 4);
-        enc.copy_buffer_to_buffer(
-            &self.io.status.buffer,
-            self.io.status.offset,
-            staging,
-            16,
-            16,
-        );
-        enc.copy_buffer_to_buffer(&self.io.state.buffer, self.io.state.offset, staging, 32, 32);
+        let staging = &self.ring.slots[i].staging;
+        for (id, at, len) in [
+            (self.io.loss, 0, 4),
+            (self.io.status, 16, 16),
+            (self.io.state, 32, 32),
+        ] {
+            let t = self.t(id);
+            enc.copy_buffer_to_buffer(&t.buffer, t.offset, staging, at, len);
+        }
     }
 
     /// Queues the next optimiser step (`grad_accum` micro-batches forward and backward, gradient
@@ -720,16 +611,9 @@ impl Trainer {
     /// for the GPU. At most [`PIPELINE_DEPTH`] steps may be in flight; [`Trainer::collect`]
     /// returns their statistics in order.
     pub fn submit(&mut self) -> Result<()> {
-        if self.pending.len() >= PIPELINE_DEPTH {
-            return Err(Error::Other(format!(
-                "{PIPELINE_DEPTH} steps are already in flight: collect one first"
-            )));
-        }
         let start = Instant::now();
         let step = self.queued_index();
-        let slot = (0..PIPELINE_DEPTH)
-            .find(|i| self.pending.iter().all(|p| p.slot != *i))
-            .expect("a free slot when fewer steps than slots are in flight");
+        let slot = self.ring.free_slot()?;
         let (rank, ranks) = (self.rank(), self.settings.ranks);
         let batches: Vec<_> = (0..self.settings.grad_accum)
             .map(|_| self.loader.next_batch_of(rank, ranks).map(|b| (b.x, b.y)))
@@ -739,7 +623,7 @@ impl Trainer {
         // knows it ahead; everything else the step reads was written by the previous step.
         let lr = self.settings.schedule().lr(step);
         self.gpu
-            .write_bytes(&self.io.hyper, bytemuck::bytes_of(&(lr as f32)))?;
+            .write_bytes(self.t(self.io.hyper), bytemuck::bytes_of(&(lr as f32)))?;
         let gpu = self.gpu.clone();
         let mut encoded = start;
         let mut reduce = None;
@@ -754,7 +638,7 @@ impl Trainer {
             encoded = Instant::now();
             Ok(gpu.queue.submit(commands))
         })??;
-        self.pending.push_back(Pending {
+        self.ring.push(Pending {
             slot,
             step,
             lr,
@@ -768,16 +652,30 @@ impl Trainer {
     }
 
     /// Waits for the oldest queued step and returns its statistics (read one step late: the
-    /// next step may already be running).
+    /// next step may already be running). Native only: a browser cannot block; it polls.
     pub fn collect(&mut self) -> Result<StepStats> {
-        let p = self
-            .pending
-            .pop_front()
-            .ok_or_else(|| Error::Other("no step in flight to collect".into()))?;
-        let slot = &mut self.slots[p.slot];
-        let bytes = self
-            .gpu
-            .map_read_after(&slot.staging, STATS_BYTES, Some(p.index.clone()))?;
+        self.ring.wait(&self.gpu)?;
+        self.finish()
+    }
+
+    /// The oldest queued step's statistics if it has finished, without blocking: `None` while
+    /// it runs (or when no step is queued).
+    pub fn poll(&mut self) -> Result<Option<StepStats>> {
+        match self.ring.ready(&self.gpu)? {
+            true => self.finish().map(Some),
+            false => Ok(None),
+        }
+    }
+
+    /// Reads the oldest step's statistics, which have arrived, and advances the CPU's copies.
+    fn finish(&mut self) -> Result<StepStats> {
+        let Finished {
+            pending: p,
+            loss,
+            norm,
+            state,
+        } = self.ring.take()?;
+        let slot = &mut self.ring.slots[p.slot];
         let now = Instant::now();
         let (mut gpu_ms, mut gpu_idle_ms) = (None, None);
         if let Some(prof) = slot.profiler.as_mut() {
@@ -790,11 +688,8 @@ impl Trainer {
                 self.last_gpu_end_ns = Some(last);
             }
         }
-        let f = |i: usize| f32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
-        let (loss, norm) = (f(0), f(16));
-        let state = optimizer::StepState::from_bytes(&bytes[32..])?;
-        self.scaler.scale = state.scale;
-        self.scaler.clean_steps = state.clean_steps as usize;
+        self.loss_scale = state.scale;
+        self.clean_steps = state.clean_steps as usize;
         self.adam_t = state.adam_t as usize;
         // Wall time: from the later of its submission and the previous step's end, so that
         // with steps queued back to back it is the time between steps finishing.
@@ -847,12 +742,13 @@ impl Trainer {
             PIPELINE_DEPTH
         };
         loop {
-            while outcome.is_ok() && self.pending.len() < depth && self.queued_index() < until {
+            while outcome.is_ok() && self.ring.pending.len() < depth && self.queued_index() < until
+            {
                 if let Err(e) = self.submit() {
                     outcome = Err(e);
                 }
             }
-            if self.pending.is_empty() {
+            if self.ring.pending.is_empty() {
                 return outcome;
             }
             let stats = self.collect()?;
@@ -903,7 +799,7 @@ impl Trainer {
                 gpu.queue.submit([enc.finish()]);
                 Ok(())
             })??;
-            out.push(self.gpu.read(&self.io.losses)?);
+            out.push(self.gpu.read(self.t(self.io.losses))?);
         }
         Ok(out)
     }
@@ -935,46 +831,9 @@ impl Trainer {
             gpu.queue.submit(commands);
             Ok(())
         })??;
-        let loss = gpu.read(&self.io.loss)?[0];
-        let inv = 1.0 / self.scaler.scale;
+        let loss = gpu.read(self.t(self.io.loss))?[0];
+        let inv = 1.0 / self.loss_scale;
         let g = self.grads()?.into_iter().map(|x| x * inv).collect();
         Ok((loss, g))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LossScaler;
-
-    #[test]
-    fn loss_scale_follows_grad_scaler_rules() {
-        let mut s = LossScaler::new(true);
-        assert_eq!(s.scale, 65536.0);
-        // An overflow halves the scale and skips the step.
-        assert!(s.update(false));
-        assert_eq!(s.scale, 32768.0);
-        // 1999 clean steps keep it; the 2000th doubles it.
-        for _ in 0..1999 {
-            assert!(!s.update(true));
-        }
-        assert_eq!(s.scale, 32768.0);
-        assert!(!s.update(true));
-        assert_eq!(s.scale, 65536.0);
-        // An overflow in the middle restarts the count.
-        for _ in 0..1500 {
-            s.update(true);
-        }
-        s.update(false);
-        for _ in 0..1999 {
-            s.update(true);
-        }
-        assert_eq!(s.scale, 32768.0);
-        // Without f16 the scale stays 1 and non-finite steps are still skipped.
-        let mut off = LossScaler::new(false);
-        assert!(off.update(false));
-        for _ in 0..4000 {
-            off.update(true);
-        }
-        assert_eq!(off.scale, 1.0);
     }
 }
