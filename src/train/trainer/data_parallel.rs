@@ -1,7 +1,8 @@
 //! A data-parallel step: the gradients summed across the ranks between the backward and the
 //! update, in buckets reduced as the backward finishes them (see [`crate::train::parallel`]).
 
-use super::{Trainer, Weights};
+use super::weights::Weights;
+use super::Trainer;
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::graph;

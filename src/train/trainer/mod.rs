@@ -9,22 +9,24 @@
 //! statistics one step late ([`Trainer::collect`]).
 
 mod data_parallel;
+mod eval;
 mod ring;
+mod weights;
 
 use super::parallel::Collective;
 use super::plan::{step_shape, MemoryPlan};
 use super::settings::{Precision, TrainSettings, ADAM_BETAS, ADAM_EPS};
-use crate::checkpoint::{Checkpoint, TrainState};
-use crate::data::{Batch, Corpus, DataLoader, LoaderState};
+use crate::checkpoint::Checkpoint;
+use crate::data::{Corpus, DataLoader};
 use crate::error::{Error, Result};
 use crate::gpu::profile::{NodeTime, Profiler};
 use crate::gpu::{AdapterLimits, DType, Gpu, Tensor};
-use crate::graph::gpt::{train_graph, ParamCopy, ParamInput, StepIo};
+use crate::graph::gpt::{train_graph, StepIo};
 use crate::graph::step::INITIAL_LOSS_SCALE;
 use crate::graph::{self, CompiledGraph, TensorId};
 use crate::model::init::init_params;
 use crate::model::{ParamLayout, StoredParams};
-use crate::ops::{elementwise as ew, embedding, optimizer};
+use crate::ops::{embedding, optimizer};
 use crate::rng::Rng;
 use data_parallel::Parallel;
 pub use data_parallel::ReduceStats;
@@ -32,6 +34,7 @@ pub use ring::PIPELINE_DEPTH;
 use ring::{Finished, Pending, Ring};
 use std::sync::Arc;
 use std::time::Instant;
+use weights::Weights;
 
 /// What one step did, for the log line.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,40 +61,6 @@ pub struct StepStats {
     pub gpu_idle_ms: Option<f64>,
     /// Data parallel: the gradients' exchange between the ranks.
     pub reduce: Option<ReduceStats>,
-}
-
-/// The parameters' copies a step binds (the graph's [`ParamInput`]s): the model's weights,
-/// their f16 copies, gradients and AdamW's moments, each stored as the memory plan says.
-struct Weights {
-    params: StoredParams,
-    /// f16 copies of the weights (mixed precision only).
-    params_f16: Option<StoredParams>,
-    grads: StoredParams,
-    m: StoredParams,
-    v: StoredParams,
-}
-
-impl Weights {
-    fn copy(&self, copy: ParamCopy) -> Result<&StoredParams> {
-        match copy {
-            ParamCopy::Master => Ok(&self.params),
-            ParamCopy::Half => self
-                .params_f16
-                .as_ref()
-                .ok_or_else(|| Error::Other("no f16 copy of the parameters in f32 runs".into())),
-            ParamCopy::Grad => Ok(&self.grads),
-            ParamCopy::AdamM => Ok(&self.m),
-            ParamCopy::AdamV => Ok(&self.v),
-        }
-    }
-
-    /// The tensor behind a graph input.
-    fn bind(&self, input: &ParamInput, alignment: u64) -> Result<Tensor> {
-        Ok(match *input {
-            ParamInput::Piece(id, piece, copy) => self.copy(copy)?.view(id, piece, alignment)?,
-            ParamInput::Buffer(copy, b) => self.copy(copy)?.buffers[b].clone(),
-        })
-    }
 }
 
 pub struct Trainer {
@@ -461,83 +430,6 @@ impl Trainer {
         &self.graph
     }
 
-    /// Uploads master weights (flat, in the canonical [`ParamLayout`]) and refreshes their f16
-    /// copies.
-    pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
-        self.weights
-            .params
-            .upload(&self.gpu, &self.layout, params)?;
-        if let Some(h) = &self.weights.params_f16 {
-            let casts = h
-                .buffers
-                .iter()
-                .zip(&self.weights.params.buffers)
-                .map(|(half, full)| ew::cast(&self.gpu, half, full))
-                .collect::<Result<Vec<_>>>()?;
-            self.gpu.run(&casts.iter().collect::<Vec<_>>())?;
-        }
-        Ok(())
-    }
-
-    fn load(&mut self, c: &Checkpoint) -> Result<()> {
-        self.set_params(&c.params)?;
-        if let (Some((m, v)), Some(s)) = (&c.moments, &c.state) {
-            self.weights.m.upload(&self.gpu, &self.layout, m)?;
-            self.weights.v.upload(&self.gpu, &self.layout, v)?;
-            self.step = s.step;
-            self.adam_t = s.adam_t;
-            self.loader.set_state(LoaderState {
-                epoch: s.loader_epoch,
-                position: s.loader_position,
-            })?;
-            self.rng = Rng::from_state(s.rng_state);
-            self.loss_scale = s.loss_scale;
-            self.clean_steps = s.clean_steps;
-        }
-        Ok(())
-    }
-
-    /// The master weights on the GPU. A [`crate::sample::Generator`] built on them samples
-    /// from the current weights without copying them.
-    pub fn stored_params(&self) -> &StoredParams {
-        &self.weights.params
-    }
-
-    /// Master weights, flat in the canonical [`ParamLayout`].
-    pub fn params(&self) -> Result<Vec<f32>> {
-        self.weights.params.download(&self.gpu, &self.layout)
-    }
-
-    /// The gradients of the last step (scaled by the loss scale it used), flat like
-    /// [`Trainer::params`].
-    pub fn grads(&self) -> Result<Vec<f32>> {
-        self.weights.grads.download(&self.gpu, &self.layout)
-    }
-
-    /// Everything needed to continue this run exactly (after every queued step is collected).
-    pub fn checkpoint(&self) -> Result<Checkpoint> {
-        self.expect_idle("a checkpoint")?;
-        Ok(Checkpoint {
-            config: self.settings.config,
-            params: self.params()?,
-            moments: Some((
-                self.weights.m.download(&self.gpu, &self.layout)?,
-                self.weights.v.download(&self.gpu, &self.layout)?,
-            )),
-            state: Some(TrainState {
-                step: self.step,
-                adam_t: self.adam_t,
-                loader_position: self.loader.position(),
-                loader_epoch: self.loader.state().epoch,
-                rng_state: self.rng.state(),
-                loss_scale: self.loss_scale,
-                clean_steps: self.clean_steps,
-                settings: serde_json::to_string(&self.settings)
-                    .map_err(|e| Error::Other(e.to_string()))?,
-            }),
-        })
-    }
-
     fn upload_batches(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<()> {
         let vp = self.settings.config.padded_vocab_size;
         for (k, (x, y)) in batches.iter().enumerate() {
@@ -757,83 +649,5 @@ impl Trainer {
                 outcome = report(&stats, &nodes);
             }
         }
-    }
-
-    /// The forward pass alone on each batch (B*T inputs and targets): each position's loss,
-    /// B*T per batch. Nothing the next step reads is changed (the gradients are zeroed by
-    /// every step's head, the loss likewise), so evaluations may come between any two steps.
-    pub fn position_losses(&mut self, batches: &[Batch]) -> Result<Vec<Vec<f32>>> {
-        self.expect_idle("an evaluation")?;
-        let n = self.settings.batch_size * self.settings.seq_len;
-        let vocab = self.settings.config.vocab_size;
-        let mut out = Vec::with_capacity(batches.len());
-        for b in batches {
-            if b.x.len() != n || b.y.len() != n {
-                return Err(Error::Other(format!(
-                    "an evaluation batch holds {} inputs and {} targets; the run's B*T is {n}",
-                    b.x.len(),
-                    b.y.len()
-                )));
-            }
-            if let Some(&bad) = b.x.iter().chain(&b.y).find(|&&t| t as usize >= vocab) {
-                return Err(Error::Config(format!(
-                    "token id {bad} is outside the model's vocabulary of {vocab}"
-                )));
-            }
-            // The forward pass alone: no embedding-backward buckets.
-            self.upload_inputs(0, &b.x, &b.y)?;
-            let gpu = self.gpu.clone();
-            gpu.scoped("evaluation", || -> Result<()> {
-                let mut enc = gpu
-                    .device
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("evaluation"),
-                    });
-                {
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("forward"),
-                        timestamp_writes: None,
-                    });
-                    self.graph.record_forward(&mut pass, 0);
-                }
-                gpu.queue.submit([enc.finish()]);
-                Ok(())
-            })??;
-            out.push(self.gpu.read(self.t(self.io.losses))?);
-        }
-        Ok(out)
-    }
-
-    /// The mean loss over `batches` (forward passes alone), summed in f64.
-    pub fn mean_loss(&mut self, batches: &[Batch]) -> Result<f64> {
-        let losses = self.position_losses(batches)?;
-        let count: usize = losses.iter().map(|l| l.len()).sum();
-        let sum: f64 = losses.iter().flatten().map(|&l| l as f64).sum();
-        Ok(sum / count.max(1) as f64)
-    }
-
-    /// Forward and backward on the given micro-batches without an optimiser step: returns the
-    /// mean loss and the unscaled gradients (for gradient checks; in a data-parallel job, this
-    /// rank's share, not reduced).
-    pub fn loss_and_grads(&mut self, batches: &[(Vec<u32>, Vec<u32>)]) -> Result<(f32, Vec<f32>)> {
-        if batches.len() != self.settings.grad_accum {
-            return Err(Error::Other(format!(
-                "{} micro-batches given for grad_accum {}",
-                batches.len(),
-                self.settings.grad_accum
-            )));
-        }
-        self.expect_idle("a gradient check")?;
-        self.upload_batches(batches)?;
-        let gpu = self.gpu.clone();
-        gpu.scoped("forward and backward", || -> Result<()> {
-            let commands = self.encode(false, None)?;
-            gpu.queue.submit(commands);
-            Ok(())
-        })??;
-        let loss = gpu.read(self.t(self.io.loss))?[0];
-        let inv = 1.0 / self.loss_scale;
-        let g = self.grads()?.into_iter().map(|x| x * inv).collect();
-        Ok((loss, g))
     }
 }
