@@ -77,7 +77,6 @@ pub fn crossentropy_forward_backward(
         ],
         workgroups: gpu.grid(n as u32),
         label: OP.to_string(),
-        family: "crossentropy",
     })
 }
 
@@ -137,7 +136,6 @@ pub fn loss_mean(
         bindings: &[Bind::Uniform(&params), Bind::Read(losses), Bind::Write(out)],
         workgroups: [1, 1, 1],
         label: OP.to_string(),
-        family: "crossentropy",
     })
 }
 

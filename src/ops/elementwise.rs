@@ -43,7 +43,6 @@ fn flat(
         bindings: &bindings,
         workgroups: gpu.grid(n32.div_ceil(WG)),
         label: op.to_string(),
-        family: "elementwise",
     })
 }
 
@@ -101,7 +100,6 @@ pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<Dispatch> {
         bindings: &[Bind::Uniform(&params), Bind::Write(out)],
         workgroups: gpu.grid(n32.div_ceil(WG)),
         label: "fill".to_string(),
-        family: "elementwise",
     })
 }
 

@@ -172,7 +172,6 @@ pub fn embedding_forward(
         ],
         workgroups: gpu.grid(n.div_ceil(WG)),
         label: OP.to_string(),
-        family: "embedding",
     })
 }
 
@@ -297,7 +296,6 @@ pub fn embedding_backward_wte(
         ],
         workgroups: gpu.grid(positions as u32),
         label: format!("{OP}.wte"),
-        family: "embedding",
     })
 }
 
@@ -333,7 +331,6 @@ pub fn embedding_backward_wpe(
         ],
         workgroups: gpu.grid(((t * c) as u32).div_ceil(WG)),
         label: format!("{OP}.wpe"),
-        family: "embedding",
     })
 }
 

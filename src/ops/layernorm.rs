@@ -141,7 +141,6 @@ pub fn layernorm_forward(
         ],
         workgroups: gpu.grid(n as u32),
         label: OP.to_string(),
-        family: "layernorm",
     })
 }
 
@@ -201,7 +200,6 @@ pub fn fused_residual_layernorm_forward(
         ],
         workgroups: gpu.grid(n as u32),
         label: OP.to_string(),
-        family: "layernorm",
     })
 }
 
@@ -282,7 +280,6 @@ pub fn layernorm_backward(
         ],
         workgroups: gpu.grid(groups),
         label: OP.to_string(),
-        family: "layernorm",
     })?;
     let params_stage = gpu.dispatch(DispatchDesc {
         shader: "layernorm",
@@ -296,7 +293,6 @@ pub fn layernorm_backward(
         ],
         workgroups: gpu.grid((2 * c as u32).div_ceil(PARAMS_COLS)),
         label: format!("{OP}.params"),
-        family: "layernorm",
     })?;
     Ok(vec![rows_stage, params_stage])
 }

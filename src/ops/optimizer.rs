@@ -217,7 +217,6 @@ pub fn grad_norm_with_groups(
             ],
             workgroups: [groups as u32, 1, 1],
             label: format!("{OP}.buffer{k}"),
-            family: "optimizer",
         })?);
         base += groups;
     }
@@ -242,7 +241,6 @@ pub fn grad_norm_with_groups(
         ],
         workgroups: [1, 1, 1],
         label: format!("{OP}.finish"),
-        family: "optimizer",
     })?;
     dispatches.push(finish);
     Ok(dispatches)
@@ -346,7 +344,6 @@ pub fn adamw_with_grid_limit(
         bindings: &bindings,
         workgroups: [groups.div_ceil(y), y, 1],
         label: OP.to_string(),
-        family: "optimizer",
     })
 }
 
@@ -490,7 +487,6 @@ pub fn advance_step_state(
         ],
         workgroups: [1, 1, 1],
         label: OP.to_string(),
-        family: "optimizer",
     })
 }
 

@@ -161,7 +161,6 @@ pub fn embedding_at(
         ],
         workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
         label: OP.into(),
-        family: "embedding",
     })
 }
 
@@ -213,7 +212,6 @@ pub fn attention_decode(
         ],
         workgroups: [check_u32_range(OP, "samples x heads", d.s * d.nh)?, 1, 1],
         label: OP.into(),
-        family: "attention",
     })
 }
 
@@ -253,7 +251,6 @@ pub fn topk_sample(
         ],
         workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
         label: OP.into(),
-        family: "sample",
     })
 }
 

@@ -9,7 +9,7 @@
 //! (as `MatmulKernel::CoopEmulated` does for the matmul), so that the kernels can be checked on
 //! adapters without cooperative matrices; never chosen for training.
 
-use super::{check_distinct, check_f32_tensor, check_tensor, flash_params, Dims, FAMILY};
+use super::{check_distinct, check_f32_tensor, check_tensor, flash_params, Dims};
 use crate::defines;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
@@ -184,7 +184,6 @@ pub fn coop_attention_forward(
         ],
         workgroups: gpu.grid(n_work),
         label: OP.to_string(),
-        family: FAMILY,
     })?;
     Ok(vec![dispatch])
 }
@@ -234,7 +233,6 @@ pub fn coop_attention_backward(
             ],
             workgroups: gpu.grid(work),
             label: format!("{OP}.{what}"),
-            family: FAMILY,
         })
     };
     let dq = pass("attention_coop_backward_dq", "BACKWARD_DQ", "dq")?;

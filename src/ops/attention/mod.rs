@@ -39,8 +39,6 @@ use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
 /// The largest head size the kernels accept.
 pub const MAX_HEAD_SIZE: usize = 128;
 
-const FAMILY: &str = "attention";
-
 /// Uniform block of `shaders/attention_flash.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -369,7 +367,6 @@ pub fn flash_attention_forward_tiled(
         ],
         workgroups: gpu.grid(n_work),
         label: OP.to_string(),
-        family: FAMILY,
     })?;
     Ok(vec![dispatch])
 }
@@ -530,7 +527,6 @@ pub fn flash_attention_backward_tiled(
             ],
             workgroups: gpu.grid(work),
             label: format!("{OP}.{what}"),
-            family: FAMILY,
         })
     };
     let dq = pass(
@@ -578,7 +574,6 @@ fn flash_preprocess(
         ],
         workgroups: gpu.grid(n_rows.div_ceil(256)),
         label: format!("{op}.preprocess"),
-        family: FAMILY,
     })
 }
 
@@ -640,7 +635,6 @@ fn naive_dispatch(
         bindings: &all,
         workgroups: gpu.grid(n_work),
         label,
-        family: FAMILY,
     })
 }
 

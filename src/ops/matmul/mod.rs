@@ -57,7 +57,6 @@ use tiled::{packets_fit, TiledVariant};
 const SHADER: &str = "matmul";
 const COOP_SHADER: &str = "matmul_coop";
 const ROWS_SHADER: &str = "matmul_rows";
-const FAMILY: &str = "matmul";
 
 /// `2 * M * K * N`: the floating-point operations of an (M, K) x (K, N) product.
 pub fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
@@ -444,7 +443,6 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         } else {
             op.to_string()
         },
-        family: FAMILY,
     })
 }
 

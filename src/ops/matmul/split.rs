@@ -29,8 +29,8 @@ use super::coop::COOP_TILES;
 use super::tiled::TILE_CONFIGS;
 use super::{
     backward_input_product, backward_weight_product, check_no_alias, flag, launch, Epilogue,
-    MatmulBackwardInput, MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, FAMILY,
-    ROWS_COLS, SHADER,
+    MatmulBackwardInput, MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, ROWS_COLS,
+    SHADER,
 };
 use crate::defines;
 use crate::error::{Error, Result};
@@ -325,7 +325,6 @@ fn split_k_reduce(
         bindings: &bindings,
         workgroups: gpu.grid(groups),
         label: format!("{op}.reduce[{splits} K slices]"),
-        family: FAMILY,
     })
 }
 
