@@ -1,7 +1,7 @@
 //! Putting work on the GPU: the uniform blocks of shape parameters (packed many to a buffer),
 //! the resources a dispatch binds, and [`Dispatch`], made once and recorded every step.
 
-use super::{BindKind, Gpu, Pipeline, PipelineKey, Tensor};
+use super::{BindKind, Gpu, Pipeline, PipelineKey, Specialisation, Tensor};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -100,9 +100,8 @@ impl Dispatch {
 
 /// Everything needed to build a [`Dispatch`].
 pub struct DispatchDesc<'a> {
-    pub shader: &'static str,
-    pub entry: &'static str,
-    pub defines: Vec<(String, String)>,
+    /// The kernel and its defines' values (from [`Kernel::with`](super::Kernel::with)).
+    pub kernel: Specialisation,
     pub bindings: &'a [Bind<'a>],
     pub workgroups: [u32; 3],
     pub label: String,
@@ -156,9 +155,9 @@ impl Gpu {
             });
         }
         let key = PipelineKey {
-            shader: desc.shader,
-            entry: desc.entry,
-            defines: desc.defines,
+            shader: desc.kernel.shader,
+            entry: desc.kernel.entry,
+            defines: desc.kernel.defines,
             layout: desc.bindings.iter().map(|b| b.kind()).collect(),
         };
         let pipeline = self.pipeline(&key)?;

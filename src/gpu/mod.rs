@@ -1,13 +1,15 @@
 //! The GPU context: adapter and device choice, limits and features, tensors, the pipeline cache
 //! and the one way work is put on the GPU (a [`Dispatch`]).
 //!
-//! By concern: `device` opens the adapter and knows its limits and features, `pipeline` compiles
-//! and caches pipelines (and keeps the driver's cache on disk), `dispatch` builds dispatches and
-//! their uniform blocks, `buffer` makes, writes and reads tensors' buffers.
+//! By concern: `device` opens the adapter and knows its limits and features, `kernel` declares
+//! the kernels and their specialisations, `pipeline` compiles and caches pipelines (and keeps
+//! the driver's cache on disk), `dispatch` builds dispatches and their uniform blocks, `buffer`
+//! makes, writes and reads tensors' buffers.
 
 mod buffer;
 mod device;
 mod dispatch;
+mod kernel;
 mod pipeline;
 pub mod profile;
 pub mod shader;
@@ -15,6 +17,7 @@ mod tensor;
 
 pub use device::{AdapterChoice, AdapterLimits, GpuOptions};
 pub use dispatch::{Bind, Dispatch, DispatchDesc, Uniform};
+pub use kernel::{Axis, DefineValue, Kernel, Specialisation};
 pub use pipeline::{default_cache_dir, shader_checks_from_env, BindKind, Pipeline, PipelineKey};
 pub use tensor::{DType, Tensor};
 

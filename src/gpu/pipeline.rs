@@ -82,14 +82,6 @@ pub struct Pipeline {
     pub label: String,
 }
 
-/// Helper to build define lists: `defines![("T", "f32"), ("BIAS", true)]`.
-#[macro_export]
-macro_rules! defines {
-    ($(($k:expr, $v:expr)),* $(,)?) => {
-        vec![$(($k.to_string(), $v.to_string())),*]
-    };
-}
-
 /// A shader file and its defines: one compiled module.
 pub(super) type ModuleKey = (String, Vec<(String, String)>);
 

@@ -2,11 +2,31 @@
 //! optionally, the logits' gradient written in place) and the mean of the per-row losses.
 
 use super::{
-    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, Params4,
+    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, Params4, FLOATS,
+    SUBGROUPS,
 };
-use crate::defines;
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
+
+/// Values: the logits' storage type, whether dlogits are written, [`uses_subgroup_reductions`].
+const FORWARD_BACKWARD: Kernel<3> = Kernel {
+    shader: "crossentropy",
+    entry: "crossentropy_forward_backward",
+    fixed: &[("FORWARD_BACKWARD", "1")],
+    axes: [
+        Axis::new("LOGIT_T", FLOATS),
+        Axis::new("BACKWARD", &["true", "false"]),
+        SUBGROUPS,
+    ],
+};
+
+/// Value: [`uses_subgroup_reductions`].
+const LOSS_MEAN: Kernel<1> = Kernel {
+    shader: "crossentropy",
+    entry: "loss_mean",
+    fixed: &[("LOSS_MEAN", "1")],
+    axes: [SUBGROUPS],
+};
 
 /// Per-row losses and (with `backward`) the logits' gradient, in one pass over each row.
 ///
@@ -60,14 +80,7 @@ pub fn crossentropy_forward_backward(
         d: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "crossentropy",
-        entry: "crossentropy_forward_backward",
-        defines: defines![
-            ("FORWARD_BACKWARD", 1),
-            ("LOGIT_T", logits.dtype.wgsl()),
-            ("BACKWARD", backward),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: FORWARD_BACKWARD.with([&logits.dtype, &backward, &uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Write(logits),
@@ -127,31 +140,15 @@ pub fn loss_mean(
         _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "crossentropy",
-        entry: "loss_mean",
-        defines: defines![
-            ("LOSS_MEAN", 1),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: LOSS_MEAN.with([&uses_subgroup_reductions(gpu)]),
         bindings: &[Bind::Uniform(&params), Bind::Read(losses), Bind::Write(out)],
         workgroups: [1, 1, 1],
         label: OP.to_string(),
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let mut v = super::combinations(
-        "crossentropy",
-        &[
-            ("FORWARD_BACKWARD", &["1"]),
-            ("LOGIT_T", &["f32", "f16"]),
-            ("BACKWARD", &["true", "false"]),
-            super::SUBGROUPS_AXIS,
-        ],
-    );
-    v.extend(super::combinations(
-        "crossentropy",
-        &[("LOSS_MEAN", &["1"]), super::SUBGROUPS_AXIS],
-    ));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FORWARD_BACKWARD.variants();
+    v.extend(LOSS_MEAN.variants());
     v
 }

@@ -1,16 +1,38 @@
 //! Launchers for `shaders/elementwise.wgsl`: GELU forward/backward, residual add, casts.
 
-use super::{check_float, check_u32_range, Params4};
-use crate::defines;
+use super::{check_float, check_u32_range, Params4, FLOATS};
 use crate::error::Result;
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 const WG: u32 = 256;
+
+/// The file's defines, the same for every entry point (one module): the storage types of the
+/// first input, of the second (f32 where there is none) and of the output.
+const AXES: [Axis; 3] = [
+    Axis::new("IN_T", FLOATS),
+    Axis::new("GRAD_T", FLOATS),
+    Axis::new("OUT_T", FLOATS),
+];
+
+const fn kernel(entry: &'static str) -> Kernel<3> {
+    Kernel {
+        shader: "elementwise",
+        entry,
+        fixed: &[],
+        axes: AXES,
+    }
+}
+
+const GELU_FORWARD: Kernel<3> = kernel("gelu_forward");
+const GELU_BACKWARD: Kernel<3> = kernel("gelu_backward");
+const RESIDUAL_FORWARD: Kernel<3> = kernel("residual_forward");
+const CAST: Kernel<3> = kernel("cast_dtype");
+const FILL: Kernel<3> = kernel("fill");
 
 fn flat(
     gpu: &Gpu,
     op: &'static str,
-    entry: &'static str,
+    kernel: &Kernel<3>,
     inputs: &[(&str, &Tensor)],
     out: &Tensor,
 ) -> Result<Dispatch> {
@@ -33,13 +55,7 @@ fn flat(
     bindings.extend(inputs.iter().map(|(_, t)| Bind::Read(t)));
     bindings.push(Bind::Write(out));
     gpu.dispatch(DispatchDesc {
-        shader: "elementwise",
-        entry,
-        defines: defines![
-            ("IN_T", in_t),
-            ("GRAD_T", grad_t),
-            ("OUT_T", out.dtype.wgsl())
-        ],
+        kernel: kernel.with([&in_t, &grad_t, &out.dtype]),
         bindings: &bindings,
         workgroups: gpu.grid(n32.div_ceil(WG)),
         label: op.to_string(),
@@ -48,7 +64,7 @@ fn flat(
 
 /// `out = gelu(inp)`, tanh approximation. Any shape; `out` has as many elements as `inp`.
 pub fn gelu_forward(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
-    flat(gpu, "gelu_forward", "gelu_forward", &[("inp", inp)], out)
+    flat(gpu, "gelu_forward", &GELU_FORWARD, &[("inp", inp)], out)
 }
 
 /// `dinp = gelu'(inp) * dout`. (In place is not possible: wgpu forbids binding one buffer
@@ -57,7 +73,7 @@ pub fn gelu_backward(gpu: &Gpu, dinp: &Tensor, inp: &Tensor, dout: &Tensor) -> R
     flat(
         gpu,
         "gelu_backward",
-        "gelu_backward",
+        &GELU_BACKWARD,
         &[("inp", inp), ("dout", dout)],
         dinp,
     )
@@ -68,7 +84,7 @@ pub fn residual_forward(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor) -> Resu
     flat(
         gpu,
         "residual_forward",
-        "residual_forward",
+        &RESIDUAL_FORWARD,
         &[("a", a), ("b", b)],
         out,
     )
@@ -76,7 +92,7 @@ pub fn residual_forward(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor) -> Resu
 
 /// `out = inp` converted to `out`'s dtype (f32 <-> f16).
 pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
-    flat(gpu, "cast", "cast_dtype", &[("inp", inp)], out)
+    flat(gpu, "cast", &CAST, &[("inp", inp)], out)
 }
 
 /// `out[i] = value` for every element (zeroing an accumulator, for instance).
@@ -90,26 +106,16 @@ pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<Dispatch> {
         d: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "elementwise",
-        entry: "fill",
-        defines: defines![
-            ("IN_T", "f32"),
-            ("GRAD_T", "f32"),
-            ("OUT_T", out.dtype.wgsl())
-        ],
+        kernel: FILL.with([&"f32", &"f32", &out.dtype]),
         bindings: &[Bind::Uniform(&params), Bind::Write(out)],
         workgroups: gpu.grid(n32.div_ceil(WG)),
         label: "fill".to_string(),
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    super::combinations(
-        "elementwise",
-        &[
-            ("IN_T", &["f32", "f16"]),
-            ("GRAD_T", &["f32", "f16"]),
-            ("OUT_T", &["f32", "f16"]),
-        ],
-    )
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    [GELU_FORWARD, GELU_BACKWARD, RESIDUAL_FORWARD, CAST, FILL]
+        .iter()
+        .flat_map(|k| k.variants())
+        .collect()
 }

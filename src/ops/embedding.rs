@@ -6,12 +6,35 @@
 //! `model::storage`): each launch then handles the tokens of one piece ([`TablePiece`]), and
 //! one launch per piece covers every position exactly once.
 
-use super::{check_f32, check_float, check_u32, check_u32_range, Params4};
-use crate::defines;
+use super::{check_f32, check_float, check_u32, check_u32_range, Params4, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 const WG: u32 = 256;
+
+/// Values: the storage types of wte and wpe.
+const FORWARD: Kernel<2> = Kernel {
+    shader: "embedding",
+    entry: "embedding_forward",
+    fixed: &[("FORWARD", "1")],
+    axes: [Axis::new("WTE_T", FLOATS), Axis::new("WPE_T", FLOATS)],
+};
+
+/// Value: dout's storage type.
+const BACKWARD_WTE: Kernel<1> = Kernel {
+    shader: "embedding",
+    entry: "embedding_backward_wte",
+    fixed: &[("BACKWARD_WTE", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS)],
+};
+
+/// Value: dout's storage type.
+const BACKWARD_WPE: Kernel<1> = Kernel {
+    shader: "embedding",
+    entry: "embedding_backward_wpe",
+    fixed: &[("BACKWARD_WPE", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS)],
+};
 
 /// Which rows of the token table a `wte` tensor holds: rows `first..first + its rows` of a table
 /// of `total` rows.
@@ -156,13 +179,7 @@ pub fn embedding_forward(
     let n = (b * t * c) as u32;
     let params = gpu.uniform(&piece.params(b * t, t, c, piece_rows));
     gpu.dispatch(DispatchDesc {
-        shader: "embedding",
-        entry: "embedding_forward",
-        defines: defines![
-            ("FORWARD", 1),
-            ("WTE_T", wte.dtype.wgsl()),
-            ("WPE_T", wpe.dtype.wgsl())
-        ],
+        kernel: FORWARD.with([&wte.dtype, &wpe.dtype]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(tokens),
@@ -285,9 +302,7 @@ pub fn embedding_backward_wte(
     check_u32_range(OP, "piece elements", dwte.len())?;
     let params = gpu.uniform(&piece.params(positions, 0, c, piece_rows));
     gpu.dispatch(DispatchDesc {
-        shader: "embedding",
-        entry: "embedding_backward_wte",
-        defines: defines![("BACKWARD_WTE", 1), ("DOUT_T", dout.dtype.wgsl())],
+        kernel: BACKWARD_WTE.with([&dout.dtype]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(buckets),
@@ -321,9 +336,7 @@ pub fn embedding_backward_wpe(
         d: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "embedding",
-        entry: "embedding_backward_wpe",
-        defines: defines![("BACKWARD_WPE", 1), ("DOUT_T", dout.dtype.wgsl())],
+        kernel: BACKWARD_WPE.with([&dout.dtype]),
         bindings: &[
             Bind::Uniform(&wpe_params),
             Bind::Read(dout),
@@ -334,17 +347,9 @@ pub fn embedding_backward_wpe(
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let f = &["f32", "f16"][..];
-    let one = &["1"][..];
-    let mut v = super::combinations("embedding", &[("FORWARD", one), ("WTE_T", f), ("WPE_T", f)]);
-    v.extend(super::combinations(
-        "embedding",
-        &[("BACKWARD_WTE", one), ("DOUT_T", f)],
-    ));
-    v.extend(super::combinations(
-        "embedding",
-        &[("BACKWARD_WPE", one), ("DOUT_T", f)],
-    ));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FORWARD.variants();
+    v.extend(BACKWARD_WTE.variants());
+    v.extend(BACKWARD_WPE.variants());
     v
 }

@@ -5,10 +5,11 @@
 //! Activations are any shape whose last dimension is C (so `[B, T, C]` and `[B*T, C]` both work);
 //! N is the number of rows. `weight`, `bias`, `mean`, `rstd` and all gradients are f32.
 
-use super::{check_f32, check_float, check_u32_range, uses_subgroup_reductions, Params4};
-use crate::defines;
+use super::{
+    check_f32, check_float, check_u32_range, uses_subgroup_reductions, Params4, FLOATS, SUBGROUPS,
+};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 /// Rows each workgroup of the backward pass handles (and sums parameter gradients over).
 /// 16 gives 1024 workgroups for GPT-2's 16384 rows: enough to fill a large GPU while keeping
@@ -17,6 +18,54 @@ pub const BACKWARD_ROWS_PER_GROUP: usize = 16;
 
 /// Stage 2 of the backward pass: columns per workgroup (the shader's LP_COLS).
 const PARAMS_COLS: u32 = 32;
+
+const SHADER: &str = "layernorm";
+
+/// Values: the input's, the output's storage type, [`uses_subgroup_reductions`].
+const FORWARD: Kernel<3> = Kernel {
+    shader: SHADER,
+    entry: "layernorm_forward",
+    fixed: &[("FORWARD", "1")],
+    axes: [
+        Axis::new("IN_T", FLOATS),
+        Axis::new("OUT_T", FLOATS),
+        SUBGROUPS,
+    ],
+};
+
+/// Values: the storage types of `a`, `b` and the output, [`uses_subgroup_reductions`].
+const FUSED_FORWARD: Kernel<4> = Kernel {
+    shader: SHADER,
+    entry: "fused_residual_layernorm_forward",
+    fixed: &[("FUSED", "1")],
+    axes: [
+        Axis::new("IN_T", FLOATS),
+        Axis::new("B_T", FLOATS),
+        Axis::new("OUT_T", FLOATS),
+        SUBGROUPS,
+    ],
+};
+
+/// Values: the storage types of the input and of dout, [`uses_subgroup_reductions`]. ROWS is
+/// [`BACKWARD_ROWS_PER_GROUP`].
+const BACKWARD: Kernel<3> = Kernel {
+    shader: SHADER,
+    entry: "layernorm_backward",
+    fixed: &[("BACKWARD", "1"), ("ROWS", "16")],
+    axes: [
+        Axis::new("IN_T", FLOATS),
+        Axis::new("DOUT_T", FLOATS),
+        SUBGROUPS,
+    ],
+};
+const _: () = assert!(BACKWARD_ROWS_PER_GROUP == 16, "BACKWARD's ROWS define");
+
+const BACKWARD_PARAMS: Kernel<0> = Kernel {
+    shader: SHADER,
+    entry: "layernorm_backward_params",
+    fixed: &[("BACKWARD_PARAMS", "1")],
+    axes: [],
+};
 
 fn backward_groups(n: usize) -> usize {
     n.div_ceil(BACKWARD_ROWS_PER_GROUP).max(1)
@@ -122,14 +171,7 @@ pub fn layernorm_forward(
         d: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "layernorm_forward",
-        defines: defines![
-            ("FORWARD", 1),
-            ("IN_T", inp.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: FORWARD.with([&inp.dtype, &out.dtype, &uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(inp),
@@ -178,15 +220,12 @@ pub fn fused_residual_layernorm_forward(
         d: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "fused_residual_layernorm_forward",
-        defines: defines![
-            ("FUSED", 1),
-            ("IN_T", a.dtype.wgsl()),
-            ("B_T", b.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: FUSED_FORWARD.with([
+            &a.dtype,
+            &b.dtype,
+            &out.dtype,
+            &uses_subgroup_reductions(gpu),
+        ]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(a),
@@ -257,17 +296,8 @@ pub fn layernorm_backward(
         c: groups,
         d: 0,
     });
-    let rows = BACKWARD_ROWS_PER_GROUP.to_string();
     let rows_stage = gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "layernorm_backward",
-        defines: defines![
-            ("BACKWARD", 1),
-            ("IN_T", inp.dtype.wgsl()),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("ROWS", rows),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: BACKWARD.with([&inp.dtype, &dout.dtype, &uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(dout),
@@ -282,9 +312,7 @@ pub fn layernorm_backward(
         label: OP.to_string(),
     })?;
     let params_stage = gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "layernorm_backward_params",
-        defines: defines![("BACKWARD_PARAMS", 1)],
+        kernel: BACKWARD_PARAMS.with([]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(scratch),
@@ -297,32 +325,10 @@ pub fn layernorm_backward(
     Ok(vec![rows_stage, params_stage])
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let f = &["f32", "f16"][..];
-    let one = &["1"][..];
-    let rows = BACKWARD_ROWS_PER_GROUP.to_string();
-    let sg = super::SUBGROUPS_AXIS;
-    let mut v = super::combinations(
-        "layernorm",
-        &[("FORWARD", one), ("IN_T", f), ("OUT_T", f), sg],
-    );
-    v.extend(super::combinations(
-        "layernorm",
-        &[("FUSED", one), ("IN_T", f), ("B_T", f), ("OUT_T", f), sg],
-    ));
-    v.extend(super::combinations(
-        "layernorm",
-        &[
-            ("BACKWARD", one),
-            ("IN_T", f),
-            ("DOUT_T", f),
-            ("ROWS", &[rows.as_str()]),
-            sg,
-        ],
-    ));
-    v.extend(super::combinations(
-        "layernorm",
-        &[("BACKWARD_PARAMS", one)],
-    ));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FORWARD.variants();
+    v.extend(FUSED_FORWARD.variants());
+    v.extend(BACKWARD.variants());
+    v.extend(BACKWARD_PARAMS.variants());
     v
 }

@@ -1,6 +1,10 @@
 //! One typed launcher per kernel: check shapes and dtypes (returning an error, never panicking),
 //! look the pipeline up in the cache, make the bind group, size the grid. A launcher returns a
 //! [`Dispatch`](crate::gpu::Dispatch) that the caller records once and may replay every step.
+//!
+//! Each kernel (entry point) is declared once, as a [`Kernel`](crate::gpu::Kernel) constant next
+//! to its launcher: the launcher specialises it with the values of its defines, and
+//! [`shader_variants`] lists the specialisations the tests validate from the same constant.
 
 pub mod attention;
 pub mod crossentropy;
@@ -12,7 +16,7 @@ pub mod optimizer;
 pub mod sample;
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Tensor};
+use crate::gpu::{Axis, DType, Gpu, Tensor};
 
 /// Checks `t` holds floats the adapter can read (f16 needs SHADER_F16).
 pub(crate) fn check_float(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor) -> Result<()> {
@@ -43,8 +47,11 @@ pub fn uses_subgroup_reductions(gpu: &Gpu) -> bool {
     gpu.has_subgroups()
 }
 
-/// The values of the `SUBGROUPS` define, for `shader_variants` of the kernels that take it.
-pub(crate) const SUBGROUPS_AXIS: (&str, &[&str]) = ("SUBGROUPS", &["false", "true"]);
+/// The define `SUBGROUPS` of the kernels that take it: [`uses_subgroup_reductions`].
+pub(crate) const SUBGROUPS: Axis = Axis::new("SUBGROUPS", &["false", "true"]);
+
+/// The storage types of a float tensor, as the values of a define.
+pub(crate) const FLOATS: &[&str] = &["f32", "f16"];
 
 /// Checks `t` is f32.
 pub(crate) fn check_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
@@ -71,43 +78,49 @@ pub(crate) struct Params4 {
     pub d: u32,
 }
 
-/// One specialisation of a shader file that some launcher uses.
+/// One specialisation of a shader file that some launcher uses, with the entry points that
+/// launchers compile from it.
 pub struct ShaderVariant {
     pub shader: &'static str,
+    pub entries: Vec<&'static str>,
     pub defines: Vec<(String, String)>,
 }
 
 /// Every shader specialisation the launchers can ask for (for the naga validation test, so a
-/// shader error fails fast with its file and line rather than when a model first runs).
+/// shader error fails fast with its file and line rather than when a model first runs): the
+/// variants of every kernel, those of one file with equal defines (entry points of one module)
+/// merged.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let mut v = Vec::new();
-    v.extend(elementwise::shader_variants());
-    v.extend(matmul::shader_variants());
-    v.extend(layernorm::shader_variants());
-    v.extend(attention::shader_variants());
-    v.extend(crossentropy::shader_variants());
-    v.extend(embedding::shader_variants());
-    v.extend(optimizer::shader_variants());
-    v.extend(sample::shader_variants());
-    v
-}
-
-/// All combinations of the given define values, for `shader_variants`.
-pub(crate) fn combinations(shader: &'static str, axes: &[(&str, &[&str])]) -> Vec<ShaderVariant> {
-    let mut out: Vec<Vec<(String, String)>> = vec![Vec::new()];
-    for (name, values) in axes {
-        out = out
-            .into_iter()
-            .flat_map(|d| {
-                values.iter().map(move |v| {
-                    let mut d = d.clone();
-                    d.push((name.to_string(), v.to_string()));
-                    d
-                })
-            })
-            .collect();
+    let kernels = [
+        elementwise::shader_variants(),
+        matmul::shader_variants(),
+        layernorm::shader_variants(),
+        attention::shader_variants(),
+        crossentropy::shader_variants(),
+        embedding::shader_variants(),
+        optimizer::shader_variants(),
+        sample::shader_variants(),
+    ];
+    let mut out: Vec<ShaderVariant> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for k in kernels.into_iter().flatten() {
+        match index.entry((k.shader, k.defines)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let v: &mut ShaderVariant = &mut out[*e.get()];
+                if !v.entries.contains(&k.entry) {
+                    v.entries.push(k.entry);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let (shader, defines) = e.key().clone();
+                e.insert(out.len());
+                out.push(ShaderVariant {
+                    shader,
+                    entries: vec![k.entry],
+                    defines,
+                });
+            }
+        }
     }
-    out.into_iter()
-        .map(|defines| ShaderVariant { shader, defines })
-        .collect()
+    out
 }

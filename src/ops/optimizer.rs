@@ -8,12 +8,42 @@
 //! [`GradNormScalars`], [`AdamWHyper`] bias corrections and dloss, so that steps can be queued
 //! back to back with only the learning rate written by the CPU.
 
-use super::{check_f32, check_u32, check_u32_range, uses_subgroup_reductions};
-use crate::defines;
+use super::{check_f32, check_u32, check_u32_range, uses_subgroup_reductions, SUBGROUPS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 const WG: u32 = 256;
+
+/// Value: [`uses_subgroup_reductions`].
+const NORM_PARTIALS: Kernel<1> = Kernel {
+    shader: "optimizer",
+    entry: "grad_norm_partials",
+    fixed: &[("NORM_PARTIALS", "1")],
+    axes: [SUBGROUPS],
+};
+
+/// Value: [`uses_subgroup_reductions`].
+const NORM_FINISH: Kernel<1> = Kernel {
+    shader: "optimizer",
+    entry: "grad_norm_finish",
+    fixed: &[("NORM_FINISH", "1")],
+    axes: [SUBGROUPS],
+};
+
+/// Value: the storage type of the parameters' copy, unset without one.
+const ADAMW: Kernel<1> = Kernel {
+    shader: "optimizer",
+    entry: "adamw",
+    fixed: &[("ADAMW", "1")],
+    axes: [Axis::optional("COPY_T", &["f16"])],
+};
+
+const STEP_STATE: Kernel<0> = Kernel {
+    shader: "optimizer",
+    entry: "advance_step_state",
+    fixed: &[("STEP_STATE", "1")],
+    axes: [],
+};
 
 /// Most workgroups of the norm's first stage: with a grid-stride loop any n works (GPT-2's 124M
 /// gradients: about 240 elements per thread), and the second stage sums at most this many
@@ -203,12 +233,7 @@ pub fn grad_norm_with_groups(
             total: total as u32,
         });
         dispatches.push(gpu.dispatch(DispatchDesc {
-            shader: "optimizer",
-            entry: "grad_norm_partials",
-            defines: defines![
-                ("NORM_PARTIALS", 1),
-                ("SUBGROUPS", uses_subgroup_reductions(gpu))
-            ],
+            kernel: NORM_PARTIALS.with([&uses_subgroup_reductions(gpu)]),
             bindings: &[
                 Bind::Uniform(&params),
                 Bind::Read(grads),
@@ -227,12 +252,7 @@ pub fn grad_norm_with_groups(
         total: total as u32,
     });
     let finish = gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "grad_norm_finish",
-        defines: defines![
-            ("NORM_FINISH", 1),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: NORM_FINISH.with([&uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(scratch),
@@ -329,18 +349,14 @@ pub fn adamw_with_grid_limit(
         Bind::Read(status),
         Bind::Read(hyper),
     ];
-    let mut defines = defines![("ADAMW", 1)];
     if let Some(copy) = params_f16 {
         bindings.push(Bind::Write(copy));
-        defines.push(("COPY_T".into(), "f16".into()));
     }
     let groups = n32.div_ceil(WG).max(1);
     let max = max_per_dim.clamp(1, gpu.limits.max_compute_workgroups_per_dimension);
     let y = groups.div_ceil(max);
     gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "adamw",
-        defines,
+        kernel: ADAMW.with([&params_f16.map(|c| c.dtype)]),
         bindings: &bindings,
         workgroups: [groups.div_ceil(y), y, 1],
         label: OP.to_string(),
@@ -473,9 +489,7 @@ pub fn advance_step_state(
         0u32,
     ]);
     gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "advance_step_state",
-        defines: defines![("STEP_STATE", 1)],
+        kernel: STEP_STATE.with([]),
         bindings: &[
             Bind::Uniform(&uniform),
             Bind::Read(status),
@@ -490,18 +504,10 @@ pub fn advance_step_state(
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let sg = super::SUBGROUPS_AXIS;
-    let mut v = super::combinations("optimizer", &[("NORM_PARTIALS", &["1"]), sg]);
-    v.extend(super::combinations(
-        "optimizer",
-        &[("NORM_FINISH", &["1"]), sg],
-    ));
-    v.extend(super::combinations("optimizer", &[("ADAMW", &["1"])]));
-    v.extend(super::combinations(
-        "optimizer",
-        &[("ADAMW", &["1"]), ("COPY_T", &["f16"])],
-    ));
-    v.extend(super::combinations("optimizer", &[("STEP_STATE", &["1"])]));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = NORM_PARTIALS.variants();
+    v.extend(NORM_FINISH.variants());
+    v.extend(ADAMW.variants());
+    v.extend(STEP_STATE.variants());
     v
 }

@@ -5,10 +5,33 @@
 //! rewrites before each token; everything else is fixed when the dispatch is built.
 
 use super::embedding::TablePiece;
-use super::{check_float, check_u32, check_u32_range};
-use crate::defines;
+use super::{check_float, check_u32, check_u32_range, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor, Uniform};
+use crate::gpu::{
+    Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor, Uniform,
+};
+
+/// The file's defines, the same for every entry point (one module): the storage types of the
+/// weights and of the activations, and the positions the cache holds (any; validated at 64 and
+/// 1024).
+const AXES: [Axis; 3] = [
+    Axis::new("W_T", FLOATS),
+    Axis::new("ACT_T", FLOATS),
+    Axis::new("T_MAX", &["64", "1024"]),
+];
+
+const fn kernel(entry: &'static str) -> Kernel<3> {
+    Kernel {
+        shader: "sample",
+        entry,
+        fixed: &[],
+        axes: AXES,
+    }
+}
+
+const EMBEDDING_AT: Kernel<3> = kernel("embedding_at");
+const ATTENTION_DECODE: Kernel<3> = kernel("attention_decode");
+const TOPK_SAMPLE: Kernel<3> = kernel("topk_sample");
 
 /// The decode problem's fixed sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,13 +167,7 @@ pub fn embedding_at(
     }
     let shape = shape_uniform_for_piece(gpu, OP, d, piece, piece_rows)?;
     gpu.dispatch(DispatchDesc {
-        shader: "sample",
-        entry: "embedding_at",
-        defines: defines![
-            ("W_T", wte.dtype.wgsl()),
-            ("ACT_T", "f32"),
-            ("T_MAX", d.t_max)
-        ],
+        kernel: EMBEDDING_AT.with([&wte.dtype, &"f32", &d.t_max]),
         bindings: &[
             Bind::Uniform(&shape),
             Bind::Uniform(step),
@@ -196,13 +213,7 @@ pub fn attention_decode(
     }
     let shape = shape_uniform(gpu, OP, d)?;
     gpu.dispatch(DispatchDesc {
-        shader: "sample",
-        entry: "attention_decode",
-        defines: defines![
-            ("W_T", "f32"),
-            ("ACT_T", qkv.dtype.wgsl()),
-            ("T_MAX", d.t_max)
-        ],
+        kernel: ATTENTION_DECODE.with([&"f32", &qkv.dtype, &d.t_max]),
         bindings: &[
             Bind::Uniform(&shape),
             Bind::Uniform(step),
@@ -235,13 +246,7 @@ pub fn topk_sample(
     uniforms.expect_len(OP, "uniforms", d.s)?;
     let shape = shape_uniform(gpu, OP, d)?;
     gpu.dispatch(DispatchDesc {
-        shader: "sample",
-        entry: "topk_sample",
-        defines: defines![
-            ("W_T", "f32"),
-            ("ACT_T", logits.dtype.wgsl()),
-            ("T_MAX", d.t_max)
-        ],
+        kernel: TOPK_SAMPLE.with([&"f32", &logits.dtype, &d.t_max]),
         bindings: &[
             Bind::Uniform(&shape),
             Bind::Uniform(step),
@@ -254,13 +259,9 @@ pub fn topk_sample(
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    super::combinations(
-        "sample",
-        &[
-            ("W_T", &["f32", "f16"]),
-            ("ACT_T", &["f32", "f16"]),
-            ("T_MAX", &["64", "1024"]),
-        ],
-    )
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    [EMBEDDING_AT, ATTENTION_DECODE, TOPK_SAMPLE]
+        .iter()
+        .flat_map(|k| k.variants())
+        .collect()
 }

@@ -10,13 +10,57 @@
 //! adapters without cooperative matrices; never chosen for training.
 
 use super::{check_distinct, check_f32_tensor, check_tensor, flash_params, Dims};
-use crate::defines;
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
-use crate::ops::check_u32_range;
+use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 use crate::ops::matmul::{coop_disabled_by_env, coop_subgroup_size, relative_difference};
+use crate::ops::{check_u32_range, FLOATS};
 
 const SHADER: &str = "attention_coop";
+
+/// Values: [`CoopAttention::forward`]'s (the head size HS, the tile (WARPS, BN), the subgroup
+/// size SG, the slot stride SF, EMULATE_COOP set for [`CoopAttention::emulate`]), then the
+/// storage type of out.
+const FORWARD: Kernel<7> = Kernel {
+    shader: SHADER,
+    entry: "attention_coop_forward",
+    fixed: &[("FORWARD", "1"), ("H_T", "f16"), ("QKV_T", "f16")],
+    axes: [
+        Axis::computed("HS"),
+        Axis::computed("WARPS"),
+        Axis::computed("BN"),
+        Axis::computed("SG"),
+        Axis::computed("SF"),
+        Axis::optional("EMULATE_COOP", &["1"]),
+        Axis::new("OUT_T", FLOATS),
+    ],
+};
+
+/// The axes of the two backward kernels: as [`FORWARD`]'s, then the storage types of dout and
+/// dqkv (values from [`CoopAttention::backward`]).
+const BACKWARD_AXES: [Axis; 8] = [
+    Axis::computed("HS"),
+    Axis::computed("WARPS"),
+    Axis::computed("BN"),
+    Axis::computed("SG"),
+    Axis::computed("SF"),
+    Axis::optional("EMULATE_COOP", &["1"]),
+    Axis::new("DOUT_T", FLOATS),
+    Axis::new("DQKV_T", FLOATS),
+];
+
+const BACKWARD_DQ: Kernel<8> = Kernel {
+    shader: SHADER,
+    entry: "attention_coop_backward_dq",
+    fixed: &[("BACKWARD_DQ", "1"), ("H_T", "f16"), ("QKV_T", "f16")],
+    axes: BACKWARD_AXES,
+};
+
+const BACKWARD_DKDV: Kernel<8> = Kernel {
+    shader: SHADER,
+    entry: "attention_coop_backward_dkdv",
+    fixed: &[("BACKWARD_DKDV", "1"), ("H_T", "f16"), ("QKV_T", "f16")],
+    axes: BACKWARD_AXES,
+};
 
 /// (warps, BN): the outer block of a workgroup is 16 rows per warp (queries in the forward and
 /// dQ kernels, keys in the dK/dV kernel), the inner block BN rows. Largest first; the launcher
@@ -130,21 +174,35 @@ impl CoopAttention {
         Ok(subgroup)
     }
 
-    fn defines(self, gate: &str, hs: usize, subgroup: u32) -> Vec<(String, String)> {
-        let mut d = defines![
-            (gate, 1),
-            ("HS", hs),
-            ("WARPS", self.warps),
-            ("BN", self.bn),
-            ("SG", subgroup),
-            ("SF", self.slot_stride(hs as u32)),
-            ("H_T", "f16"),
-            ("QKV_T", "f16"),
-        ];
-        if self.emulate {
-            d.extend(defines![("EMULATE_COOP", 1)]);
-        }
-        d
+    /// The forward kernel for this configuration at head size `hs` with subgroups of
+    /// `subgroup`, writing out as `out`.
+    fn forward(self, hs: usize, subgroup: u32, out: DType) -> Specialisation {
+        let emulate = self.emulate.then_some("1");
+        let sf = self.slot_stride(hs as u32);
+        FORWARD.with([&hs, &self.warps, &self.bn, &subgroup, &sf, &emulate, &out])
+    }
+
+    /// The backward kernel `kernel` ([`BACKWARD_DQ`] or [`BACKWARD_DKDV`]) for this
+    /// configuration, reading dout as `dout` and writing dqkv as `dqkv`.
+    fn backward(
+        self,
+        kernel: &Kernel<8>,
+        hs: usize,
+        subgroup: u32,
+        (dout, dqkv): (DType, DType),
+    ) -> Specialisation {
+        let emulate = self.emulate.then_some("1");
+        let sf = self.slot_stride(hs as u32);
+        kernel.with([
+            &hs,
+            &self.warps,
+            &self.bn,
+            &subgroup,
+            &sf,
+            &emulate,
+            &dout,
+            &dqkv,
+        ])
     }
 }
 
@@ -170,12 +228,8 @@ pub fn coop_attention_forward(
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
     let n_work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
     let params = gpu.uniform(&flash_params(&d, n_blocks, n_work));
-    let mut defs = cfg.defines("FORWARD", d.hs, subgroup);
-    defs.extend(defines![("OUT_T", out.dtype.wgsl())]);
     let dispatch = gpu.dispatch(DispatchDesc {
-        shader: SHADER,
-        entry: "attention_coop_forward",
-        defines: defs,
+        kernel: cfg.forward(d.hs, subgroup, out.dtype),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(qkv),
@@ -212,17 +266,10 @@ pub fn coop_attention_backward(
     let preprocess = super::flash_preprocess(gpu, OP, &d, dout, out, d_scratch)?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
     let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
-    let pass = |entry: &'static str, gate: &str, what: &str| {
+    let pass = |kernel: &Kernel<8>, what: &str| {
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
-        let mut defs = cfg.defines(gate, d.hs, subgroup);
-        defs.extend(defines![
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("DQKV_T", dqkv.dtype.wgsl()),
-        ]);
         gpu.dispatch(DispatchDesc {
-            shader: SHADER,
-            entry,
-            defines: defs,
+            kernel: cfg.backward(kernel, d.hs, subgroup, (dout.dtype, dqkv.dtype)),
             bindings: &[
                 Bind::Uniform(&params),
                 Bind::Read(qkv),
@@ -235,15 +282,15 @@ pub fn coop_attention_backward(
             label: format!("{OP}.{what}"),
         })
     };
-    let dq = pass("attention_coop_backward_dq", "BACKWARD_DQ", "dq")?;
-    let dkdv = pass("attention_coop_backward_dkdv", "BACKWARD_DKDV", "dkdv")?;
+    let dq = pass(&BACKWARD_DQ, "dq")?;
+    let dkdv = pass(&BACKWARD_DKDV, "dkdv")?;
     Ok(vec![preprocess, dq, dkdv])
 }
 
 /// Every specialisation: each tile at every head size the kernels take, for subgroups of 32
 /// (NVIDIA) with every storage type of out, dout and dqkv at head sizes 64 and 128, f16 at the
 /// others and at subgroups of 8, 16 and 64; the emulated kernel for subgroups of 8 and 32.
-pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
     let types = [DType::F32, DType::F16];
     let mut v = Vec::new();
     for emulate in [false, true] {
@@ -255,14 +302,10 @@ pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                 for (warps, bn) in COOP_ATTENTION_TILES {
                     let cfg = CoopAttention { warps, bn, emulate };
                     for &ty in tys {
-                        let mut f = cfg.defines("FORWARD", hs, subgroup);
-                        f.extend(defines![("OUT_T", ty.wgsl())]);
-                        v.push(f);
+                        v.push(cfg.forward(hs, subgroup, ty));
                         for &ty2 in tys {
-                            for gate in ["BACKWARD_DQ", "BACKWARD_DKDV"] {
-                                let mut g = cfg.defines(gate, hs, subgroup);
-                                g.extend(defines![("DOUT_T", ty.wgsl()), ("DQKV_T", ty2.wgsl())]);
-                                v.push(g);
+                            for kernel in [&BACKWARD_DQ, &BACKWARD_DKDV] {
+                                v.push(cfg.backward(kernel, hs, subgroup, (ty, ty2)));
                             }
                         }
                     }
@@ -270,12 +313,7 @@ pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
             }
         }
     }
-    v.into_iter()
-        .map(|defines| crate::ops::ShaderVariant {
-            shader: SHADER,
-            defines,
-        })
-        .collect()
+    v
 }
 
 /// Whether f16 attention on `gpu` runs on cooperative matrices: `Ok`, or `Err` saying why not

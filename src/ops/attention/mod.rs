@@ -31,13 +31,123 @@ pub use coop::{
     coop_attention_status, CoopAttention, COOP_ATTENTION_TILES,
 };
 
-use super::check_u32_range;
-use crate::defines;
+use super::{check_u32_range, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 /// The largest head size the kernels accept.
 pub const MAX_HEAD_SIZE: usize = 128;
+
+const FLASH: &str = "attention_flash";
+const NAIVE: &str = "attention_naive";
+
+/// Values: the storage types of qkv and out; the head size HS, [`dims_group`]`(HS)` and the
+/// tiles (BR, BC).
+const FLASH_FORWARD: Kernel<6> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_forward",
+    fixed: &[("FORWARD", "1")],
+    axes: [
+        Axis::new("QKV_T", FLOATS),
+        Axis::new("OUT_T", FLOATS),
+        Axis::computed("HS"),
+        Axis::computed("DG"),
+        Axis::computed("BR"),
+        Axis::computed("BC"),
+    ],
+};
+
+/// The axes of the two flash backward kernels. Values: the storage types of qkv, dout and dqkv;
+/// the head size HS, [`dims_group`]`(HS)` and the tiles (BQ, BK).
+const FLASH_BACKWARD_AXES: [Axis; 7] = [
+    Axis::new("QKV_T", FLOATS),
+    Axis::new("DOUT_T", FLOATS),
+    Axis::new("DQKV_T", FLOATS),
+    Axis::computed("HS"),
+    Axis::computed("DG"),
+    Axis::computed("BQ"),
+    Axis::computed("BK"),
+];
+
+const FLASH_BACKWARD_DQ: Kernel<7> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_backward_dq",
+    fixed: &[("BACKWARD_DQ", "1")],
+    axes: FLASH_BACKWARD_AXES,
+};
+
+const FLASH_BACKWARD_DKDV: Kernel<7> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_backward_dkdv",
+    fixed: &[("BACKWARD_DKDV", "1")],
+    axes: FLASH_BACKWARD_AXES,
+};
+
+/// Values: the storage types of dout and out.
+const FLASH_PREPROCESS: Kernel<2> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_backward_preprocess",
+    fixed: &[("BACKWARD_PREPROCESS", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS), Axis::new("OUT_T", FLOATS)],
+};
+
+/// Value: qkv's storage type.
+const NAIVE_SCORES: Kernel<1> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_scores",
+    fixed: &[("SCORES", "1")],
+    axes: [Axis::new("QKV_T", FLOATS)],
+};
+
+const NAIVE_SOFTMAX: Kernel<0> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_softmax",
+    fixed: &[("SOFTMAX", "1")],
+    axes: [],
+};
+
+/// Values: the storage types of qkv and out.
+const NAIVE_VALUES: Kernel<2> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_values",
+    fixed: &[("VALUES", "1")],
+    axes: [Axis::new("QKV_T", FLOATS), Axis::new("OUT_T", FLOATS)],
+};
+
+/// Values: the storage types of dout and qkv.
+const NAIVE_DSCORES: Kernel<2> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_dscores",
+    fixed: &[("DSCORES", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS), Axis::new("QKV_T", FLOATS)],
+};
+
+const NAIVE_SOFTMAX_BACKWARD: Kernel<0> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_softmax_backward",
+    fixed: &[("SOFTMAX_BACKWARD", "1")],
+    axes: [],
+};
+
+/// Values: the storage types of qkv and dqkv.
+const NAIVE_DQ: Kernel<2> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_dq",
+    fixed: &[("DQ", "1")],
+    axes: [Axis::new("QKV_T", FLOATS), Axis::new("DQKV_T", FLOATS)],
+};
+
+/// Values: the storage types of qkv, dout and dqkv.
+const NAIVE_DKDV: Kernel<3> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_dkdv",
+    fixed: &[("DKDV", "1")],
+    axes: [
+        Axis::new("QKV_T", FLOATS),
+        Axis::new("DOUT_T", FLOATS),
+        Axis::new("DQKV_T", FLOATS),
+    ],
+};
 
 /// Uniform block of `shaders/attention_flash.wgsl`.
 #[repr(C)]
@@ -348,17 +458,14 @@ pub fn flash_attention_forward_tiled(
     let n_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
     let params = gpu.uniform(&flash_params(&d, n_qb, n_work));
     let dispatch = gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_forward",
-        defines: defines![
-            ("FORWARD", 1),
-            ("QKV_T", qkv.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-            ("HS", d.hs),
-            ("DG", dims_group(d.hs)),
-            ("BR", tiles.br),
-            ("BC", tiles.bc),
-        ],
+        kernel: FLASH_FORWARD.with([
+            &qkv.dtype,
+            &out.dtype,
+            &d.hs,
+            &dims_group(d.hs),
+            &tiles.br,
+            &tiles.bc,
+        ]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(qkv),
@@ -494,29 +601,23 @@ pub fn flash_attention_backward_tiled(
     let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
     tiles.check(gpu, OP, d.hs)?;
     check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
-    let hs_defines = |gate: &str| {
-        defines![
-            (gate, 1),
-            ("QKV_T", qkv.dtype.wgsl()),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("DQKV_T", dqkv.dtype.wgsl()),
-            ("HS", d.hs),
-            ("DG", dims_group(d.hs)),
-            ("BQ", tiles.bq),
-            ("BK", tiles.bk),
-        ]
-    };
 
     // Two passes over the same inputs: dQ per query block, which also sums D into `d_scratch`,
     // then dK/dV per key block, which reads it.
-    let pass = |entry: &'static str, gate: &str, block: u32, what: &str, d_bind: Bind<'_>| {
+    let pass = |kernel: &Kernel<7>, block: u32, what: &str, d_bind: Bind<'_>| {
         let n_blocks = d.t.div_ceil(block as usize);
         let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
         gpu.dispatch(DispatchDesc {
-            shader: "attention_flash",
-            entry,
-            defines: hs_defines(gate),
+            kernel: kernel.with([
+                &qkv.dtype,
+                &dout.dtype,
+                &dqkv.dtype,
+                &d.hs,
+                &dims_group(d.hs),
+                &tiles.bq,
+                &tiles.bk,
+            ]),
             bindings: &[
                 Bind::Uniform(&params),
                 Bind::Read(qkv),
@@ -529,16 +630,9 @@ pub fn flash_attention_backward_tiled(
             label: format!("{OP}.{what}"),
         })
     };
-    let dq = pass(
-        "flash_attention_backward_dq",
-        "BACKWARD_DQ",
-        tiles.bq,
-        "dq",
-        Bind::Write(d_scratch),
-    )?;
+    let dq = pass(&FLASH_BACKWARD_DQ, tiles.bq, "dq", Bind::Write(d_scratch))?;
     let dkdv = pass(
-        "flash_attention_backward_dkdv",
-        "BACKWARD_DKDV",
+        &FLASH_BACKWARD_DKDV,
         tiles.bk,
         "dkdv",
         Bind::Read(d_scratch),
@@ -559,13 +653,7 @@ fn flash_preprocess(
     let n_rows = check_u32_range(op, "B*T*NH", d.bht())?;
     let pre_params = gpu.uniform(&flash_params(d, 0, n_rows));
     gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_backward_preprocess",
-        defines: defines![
-            ("BACKWARD_PREPROCESS", 1),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-        ],
+        kernel: FLASH_PREPROCESS.with([&dout.dtype, &out.dtype]),
         bindings: &[
             Bind::Uniform(&pre_params),
             Bind::Read(dout),
@@ -604,23 +692,14 @@ fn naive_grids(op: &'static str, d: &Dims) -> Result<(u32, u32, u32)> {
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn naive_dispatch(
     gpu: &Gpu,
     d: &Dims,
-    entry: &'static str,
-    gate: &str,
-    types: &[(&str, DType)],
+    kernel: Specialisation,
     bindings: &[Bind<'_>],
     n_work: u32,
     label: String,
 ) -> Result<Dispatch> {
-    let mut defs = defines![(gate, 1)];
-    defs.extend(
-        types
-            .iter()
-            .map(|(k, t)| (k.to_string(), t.wgsl().to_string())),
-    );
     let params = gpu.uniform(&naive_params(d, n_work));
     let mut all = vec![Bind::Uniform(&params)];
     all.extend(bindings.iter().map(|b| match b {
@@ -629,9 +708,7 @@ fn naive_dispatch(
         Bind::Write(t) => Bind::Write(t),
     }));
     gpu.dispatch(DispatchDesc {
-        shader: "attention_naive",
-        entry,
-        defines: defs,
+        kernel,
         bindings: &all,
         workgroups: gpu.grid(n_work),
         label,
@@ -656,14 +733,11 @@ pub fn naive_attention_forward(
     check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
     check_distinct(OP, &[("out", out), ("att", att)], &[("qkv", qkv)])?;
     let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
-    let q = ("QKV_T", qkv.dtype);
     Ok(vec![
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_scores",
-            "SCORES",
-            &[q],
+            NAIVE_SCORES.with([&qkv.dtype]),
             &[Bind::Read(qkv), Bind::Write(att)],
             score_wg,
             format!("{OP}.scores"),
@@ -671,9 +745,7 @@ pub fn naive_attention_forward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_softmax",
-            "SOFTMAX",
-            &[],
+            NAIVE_SOFTMAX.with([]),
             &[Bind::Write(att)],
             row_wg,
             format!("{OP}.softmax"),
@@ -681,9 +753,7 @@ pub fn naive_attention_forward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_values",
-            "VALUES",
-            &[q, ("OUT_T", out.dtype)],
+            NAIVE_VALUES.with([&qkv.dtype, &out.dtype]),
             &[Bind::Read(att), Bind::Read(qkv), Bind::Write(out)],
             value_wg,
             format!("{OP}.values"),
@@ -729,16 +799,11 @@ pub fn naive_attention_backward(
         ],
     )?;
     let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
-    let q = ("QKV_T", qkv.dtype);
-    let g = ("DOUT_T", dout.dtype);
-    let dq = ("DQKV_T", dqkv.dtype);
     Ok(vec![
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_dscores",
-            "DSCORES",
-            &[g, q],
+            NAIVE_DSCORES.with([&dout.dtype, &qkv.dtype]),
             &[Bind::Read(dout), Bind::Read(qkv), Bind::Write(datt_scratch)],
             score_wg,
             format!("{OP}.dscores"),
@@ -746,9 +811,7 @@ pub fn naive_attention_backward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_softmax_backward",
-            "SOFTMAX_BACKWARD",
-            &[],
+            NAIVE_SOFTMAX_BACKWARD.with([]),
             &[Bind::Read(att), Bind::Write(datt_scratch)],
             row_wg,
             format!("{OP}.softmax_backward"),
@@ -756,9 +819,7 @@ pub fn naive_attention_backward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_dq",
-            "DQ",
-            &[q, dq],
+            NAIVE_DQ.with([&qkv.dtype, &dqkv.dtype]),
             &[Bind::Read(datt_scratch), Bind::Read(qkv), Bind::Write(dqkv)],
             value_wg,
             format!("{OP}.dq"),
@@ -766,9 +827,7 @@ pub fn naive_attention_backward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_dkdv",
-            "DKDV",
-            &[q, g, dq],
+            NAIVE_DKDV.with([&qkv.dtype, &dout.dtype, &dqkv.dtype]),
             &[
                 Bind::Read(att),
                 Bind::Read(datt_scratch),
@@ -785,68 +844,41 @@ pub fn naive_attention_backward(
 /// Every specialisation the launchers can ask for: every head size 1..=MAX_HEAD_SIZE with every
 /// tile size in f32, and every storage-type combination at the head sizes GPT-2 and the tests
 /// use (the types only change loads and stores; the head size and tiles shape everything else).
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    use super::{combinations, ShaderVariant};
-    let ty: &[&str] = &["f32", "f16"];
-    let f32_only: &[&str] = &["f32"];
-    let mut v = Vec::new();
-    let mut flash = |defs: Vec<(String, String)>, axes: &[(&str, &[&str])]| {
-        for mut c in combinations("attention_flash", axes) {
-            let mut d = defs.clone();
-            d.append(&mut c.defines);
-            v.push(ShaderVariant {
-                shader: "attention_flash",
-                defines: d,
-            });
-        }
-    };
-    flash(
-        defines![("BACKWARD_PREPROCESS", 1)],
-        &[("DOUT_T", ty), ("OUT_T", ty)],
-    );
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FLASH_PREPROCESS.variants();
     for hs in 1..=MAX_HEAD_SIZE {
         let types = if [8, 16, 24, 32, 64, 128].contains(&hs) {
-            ty
+            FLOATS
         } else {
-            f32_only
+            &["f32"]
         };
-        let common = defines![("HS", hs), ("DG", dims_group(hs))];
+        let dg = dims_group(hs);
         for (br, bc) in FORWARD_TILES {
-            let mut fwd = defines![("FORWARD", 1), ("BR", br), ("BC", bc)];
-            fwd.extend(common.clone());
-            flash(fwd, &[("QKV_T", types), ("OUT_T", types)]);
+            for qkv in types {
+                for out in types {
+                    v.push(FLASH_FORWARD.with([qkv, out, &hs, &dg, &br, &bc]));
+                }
+            }
         }
         for (bq, bk) in BACKWARD_TILES {
-            for gate in ["BACKWARD_DKDV", "BACKWARD_DQ"] {
-                let mut bwd = defines![(gate, 1), ("BQ", bq), ("BK", bk)];
-                bwd.extend(common.clone());
-                flash(
-                    bwd,
-                    &[("QKV_T", types), ("DOUT_T", types), ("DQKV_T", types)],
-                );
+            for kernel in [FLASH_BACKWARD_DKDV, FLASH_BACKWARD_DQ] {
+                for qkv in types {
+                    for dout in types {
+                        for dqkv in types {
+                            v.push(kernel.with([qkv, dout, dqkv, &hs, &dg, &bq, &bk]));
+                        }
+                    }
+                }
             }
         }
     }
-    let naive: [(&str, &[&str]); 7] = [
-        ("SCORES", &["QKV_T"]),
-        ("SOFTMAX", &[]),
-        ("VALUES", &["QKV_T", "OUT_T"]),
-        ("DSCORES", &["DOUT_T", "QKV_T"]),
-        ("SOFTMAX_BACKWARD", &[]),
-        ("DQ", &["QKV_T", "DQKV_T"]),
-        ("DKDV", &["QKV_T", "DOUT_T", "DQKV_T"]),
-    ];
-    for (gate, types) in naive {
-        let axes: Vec<(&str, &[&str])> = types.iter().map(|&t| (t, ty)).collect();
-        for mut c in combinations("attention_naive", &axes) {
-            let mut d = defines![(gate, 1)];
-            d.append(&mut c.defines);
-            v.push(ShaderVariant {
-                shader: "attention_naive",
-                defines: d,
-            });
-        }
-    }
+    v.extend(NAIVE_SCORES.variants());
+    v.extend(NAIVE_SOFTMAX.variants());
+    v.extend(NAIVE_VALUES.variants());
+    v.extend(NAIVE_DSCORES.variants());
+    v.extend(NAIVE_SOFTMAX_BACKWARD.variants());
+    v.extend(NAIVE_DQ.variants());
+    v.extend(NAIVE_DKDV.variants());
     v.extend(coop::shader_variants());
     v
 }

@@ -45,18 +45,15 @@ pub use split::{
 };
 pub use tiled::{TileConfig, TILE_CONFIGS};
 
-use super::{check_f32, check_float, check_u32_range};
-use crate::defines;
+use super::{check_f32, check_float, check_u32_range, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{
+    Axis, Bind, DType, DefineValue, Dispatch, DispatchDesc, Gpu, Specialisation, Tensor,
+};
 use choice::{check_kernel, choose_kernel, no_split};
 use coop::CoopVariant;
 use rows::{RowsVariant, ROWS_COLS};
 use tiled::{packets_fit, TiledVariant};
-
-const SHADER: &str = "matmul";
-const COOP_SHADER: &str = "matmul_coop";
-const ROWS_SHADER: &str = "matmul_rows";
 
 /// `2 * M * K * N`: the floating-point operations of an (M, K) x (K, N) product.
 pub fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
@@ -225,27 +222,72 @@ fn flag(b: bool) -> &'static str {
     }
 }
 
-/// The epilogue defines, shared by both kernels: `BIAS` (+ `BIAS_T`), `GELU_FWD` or `GELU_BWD`
-/// (+ `PRE_T`, `PRE_BINDING`).
-fn epilogue_defines(
-    bias_dtype: Option<DType>,
-    gelu: Option<(DType, bool)>,
-) -> Vec<(String, String)> {
-    let mut d = Vec::new();
-    if let Some(bt) = bias_dtype {
-        d.extend(defines![("BIAS", "1"), ("BIAS_T", bt.wgsl())]);
+/// The values of a define that is a flag: `0` or `1`.
+const FLAGS: &[&str] = &["0", "1"];
+
+/// The epilogue's defines, the last axes of every product kernel: `BIAS` (+ `BIAS_T`),
+/// `GELU_FWD` or `GELU_BWD` (+ `PRE_T`, `PRE_BINDING`). Values from [`EpilogueValues`].
+const EPILOGUE_AXES: [Axis; 6] = [
+    Axis::optional("BIAS", &["1"]),
+    Axis::optional("BIAS_T", FLOATS),
+    Axis::optional("GELU_FWD", &["1"]),
+    Axis::optional("GELU_BWD", &["1"]),
+    Axis::optional("PRE_T", FLOATS),
+    Axis::computed_optional("PRE_BINDING"),
+];
+
+/// A product kernel's axes: `head`, then [`EPILOGUE_AXES`] (`M` must be `N` + 6).
+const fn with_epilogue<const N: usize, const M: usize>(head: [Axis; N]) -> [Axis; M] {
+    assert!(M == N + EPILOGUE_AXES.len());
+    let mut out = [EPILOGUE_AXES[0]; M];
+    let mut i = 0;
+    while i < N {
+        out[i] = head[i];
+        i += 1;
     }
-    if let Some((pt, forward)) = gelu {
-        let entry = if forward { "GELU_FWD" } else { "GELU_BWD" };
-        // Bindings are numbered in order: params, A, B, C, [bias], [pre].
-        let binding = 4 + u32::from(bias_dtype.is_some());
-        d.extend(defines![
-            (entry, "1"),
-            ("PRE_T", pt.wgsl()),
-            ("PRE_BINDING", binding)
-        ]);
+    while i < M {
+        out[i] = EPILOGUE_AXES[i - N];
+        i += 1;
     }
-    d
+    out
+}
+
+/// The values of [`EPILOGUE_AXES`], shared by every product kernel.
+struct EpilogueValues {
+    bias: Option<&'static str>,
+    bias_t: Option<DType>,
+    gelu_fwd: Option<&'static str>,
+    gelu_bwd: Option<&'static str>,
+    pre_t: Option<DType>,
+    pre_binding: Option<u32>,
+}
+
+impl EpilogueValues {
+    /// A bias of `bias_dtype`, and a GELU epilogue of a pre-activation of that dtype, written
+    /// (forward) or read (backward).
+    fn new(bias_dtype: Option<DType>, gelu: Option<(DType, bool)>) -> EpilogueValues {
+        let forward = gelu.map(|(_, forward)| forward);
+        EpilogueValues {
+            bias: bias_dtype.map(|_| "1"),
+            bias_t: bias_dtype,
+            gelu_fwd: forward.filter(|&f| f).map(|_| "1"),
+            gelu_bwd: forward.filter(|&f| !f).map(|_| "1"),
+            pre_t: gelu.map(|(dtype, _)| dtype),
+            // Bindings are numbered in order: params, A, B, C, [bias], [pre].
+            pre_binding: gelu.map(|_| 4 + u32::from(bias_dtype.is_some())),
+        }
+    }
+
+    fn values(&self) -> [&dyn DefineValue; 6] {
+        [
+            &self.bias,
+            &self.bias_t,
+            &self.gelu_fwd,
+            &self.gelu_bwd,
+            &self.pre_t,
+            &self.pre_binding,
+        ]
+    }
 }
 
 #[repr(C)]
@@ -320,7 +362,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
     );
     let b_len = if prod.b_trans { prod.inner } else { prod.cols };
     let b_vec = packets_fit(prod.b.dtype, b_len, b_len, 0, prod.b.len());
-    let (shader, entry, bm, bn, defines) = match kernel {
+    let (bm, bn, specialisation) = match kernel {
         MatmulKernel::Tiled(tile) => {
             let variant = TiledVariant {
                 tile,
@@ -336,13 +378,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 a_vec,
                 b_vec,
             };
-            (
-                SHADER,
-                "matmul_tiled",
-                tile.bm(),
-                tile.bn(),
-                variant.defines(),
-            )
+            (tile.bm(), tile.bn(), variant.specialise())
         }
         MatmulKernel::Rows => {
             let variant = RowsVariant {
@@ -353,13 +389,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 gelu,
                 accumulate: prod.accumulate,
             };
-            (
-                ROWS_SHADER,
-                "matmul_rows",
-                ROWS_MAX as u32,
-                ROWS_COLS as u32,
-                variant.defines(),
-            )
+            (ROWS_MAX as u32, ROWS_COLS as u32, variant.specialise())
         }
         MatmulKernel::Coop(tile) | MatmulKernel::CoopEmulated(tile) => {
             let emulate = matches!(kernel, MatmulKernel::CoopEmulated(_));
@@ -384,13 +414,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                     && prod.c_window.stride.is_multiple_of(4)
                     && prod.c.offset.is_multiple_of(16),
             };
-            (
-                COOP_SHADER,
-                "matmul_coop",
-                tile.bm(),
-                tile.bn(),
-                variant.defines(),
-            )
+            (tile.bm(), tile.bn(), variant.specialise())
         }
     };
     let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(bm as usize))?;
@@ -433,9 +457,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         bindings.push(Bind::Write(sums));
     }
     gpu.dispatch(DispatchDesc {
-        shader,
-        entry,
-        defines,
+        kernel: specialisation,
         bindings: &bindings,
         workgroups: gpu.grid(workgroups),
         label: if prod.slices.count > 1 {
@@ -762,7 +784,7 @@ fn backward_weight_product<'a>(
 }
 
 /// Every specialisation of the three product kernels and the split-K reduction.
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
     let mut out = tiled::shader_variants();
     out.extend(split::shader_variants());
     out.extend(coop::shader_variants());

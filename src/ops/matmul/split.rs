@@ -29,13 +29,12 @@ use super::coop::COOP_TILES;
 use super::tiled::TILE_CONFIGS;
 use super::{
     backward_input_product, backward_weight_product, check_no_alias, flag, launch, Epilogue,
-    MatmulBackwardInput, MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, ROWS_COLS,
-    SHADER,
+    MatmulBackwardInput, MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, FLAGS,
+    ROWS_COLS,
 };
-use crate::defines;
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
-use crate::ops::{check_f32, check_u32_range};
+use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
+use crate::ops::{check_f32, check_u32_range, FLOATS};
 
 /// Fewest rows of M a K slice sums. Each slice's partial is written and read back once, 8 bytes
 /// per output element, against 2 flops per output element and row: at least 1024 rows keeps
@@ -47,6 +46,19 @@ pub const SPLIT_MAX: usize = 16;
 const SLICE_STEP: usize = 64;
 /// Threads per workgroup of `split_k_reduce`.
 const REDUCE_THREADS: usize = 256;
+
+/// Values: the output's storage type, four elements a thread (VEC4), ACCUMULATE, ROW_SUMS.
+const SPLIT_K_REDUCE: Kernel<4> = Kernel {
+    shader: "matmul",
+    entry: "split_k_reduce",
+    fixed: &[("SPLIT_REDUCE", "1")],
+    axes: [
+        Axis::new("C_T", FLOATS),
+        Axis::new("VEC4", FLAGS),
+        Axis::new("ACCUMULATE", FLAGS),
+        Axis::new("ROW_SUMS", FLAGS),
+    ],
+};
 
 /// K slices for a product of `inner` rows whose output makes `tiles` workgroups: 1 when the
 /// tiles are [`ENOUGH_TILES`] already or the rows too few for two slices of
@@ -319,48 +331,23 @@ fn split_k_reduce(
         bindings.extend([Bind::Read(scratch), Bind::Write(sums)]);
     }
     gpu.dispatch(DispatchDesc {
-        shader: SHADER,
-        entry: "split_k_reduce",
-        defines: reduce_defines(out.dtype, vec4, accumulate, row_sums.is_some()),
+        kernel: SPLIT_K_REDUCE.with([
+            &out.dtype,
+            &flag(vec4),
+            &flag(accumulate),
+            &flag(row_sums.is_some()),
+        ]),
         bindings: &bindings,
         workgroups: gpu.grid(groups),
         label: format!("{op}.reduce[{splits} K slices]"),
     })
 }
 
-fn reduce_defines(
-    out: DType,
-    vec4: bool,
-    accumulate: bool,
-    row_sums: bool,
-) -> Vec<(String, String)> {
-    defines![
-        ("SPLIT_REDUCE", "1"),
-        ("C_T", out.wgsl()),
-        ("VEC4", flag(vec4)),
-        ("ACCUMULATE", flag(accumulate)),
-        ("ROW_SUMS", flag(row_sums)),
-    ]
-}
-
 /// The `split_k_reduce` specialisations: each output dtype, vectorised or not, with and without
 /// accumulation and row sums. (The partial products are the plain f32-output specialisations
 /// of the product kernels, which their own variants include.)
-pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
-    let mut out = Vec::new();
-    for dtype in [DType::F32, DType::F16] {
-        for vec4 in [false, true] {
-            for accumulate in [false, true] {
-                for row_sums in [false, true] {
-                    out.push(crate::ops::ShaderVariant {
-                        shader: SHADER,
-                        defines: reduce_defines(dtype, vec4, accumulate, row_sums),
-                    });
-                }
-            }
-        }
-    }
-    out
+pub(super) fn shader_variants() -> Vec<Specialisation> {
+    SPLIT_K_REDUCE.variants()
 }
 
 impl MatmulKernel {
