@@ -2,8 +2,7 @@
 //! optionally, the logits' gradient written in place) and the mean of the per-row losses.
 
 use super::{
-    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, Params4, FLOATS,
-    SUBGROUPS,
+    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, FLOATS, SUBGROUPS,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
@@ -27,6 +26,19 @@ const LOSS_MEAN: Kernel<1> = Kernel {
     fixed: &[("LOSS_MEAN", "1")],
     axes: [SUBGROUPS],
 };
+
+/// Uniform block `Params` of `shaders/crossentropy.wgsl`'s forward and backward.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    /// Rows.
+    n: u32,
+    /// Columns per row (the padded vocabulary).
+    vp: u32,
+    /// The real vocabulary: columns from `v` on are masked out.
+    v: u32,
+    _pad: u32,
+}
 
 /// Per-row losses and (with `backward`) the logits' gradient, in one pass over each row.
 ///
@@ -73,11 +85,11 @@ pub fn crossentropy_forward_backward(
     check_f32(OP, "dloss", dloss)?;
     dloss.expect_len(OP, "dloss", 1)?;
     check_u32_range(OP, "N * Vp", logits.len())?;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: vp as u32,
-        c: v as u32,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        vp: vp as u32,
+        v: v as u32,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
         kernel: FORWARD_BACKWARD.with([&logits.dtype, &backward, &uses_subgroup_reductions(gpu)]),
@@ -108,6 +120,7 @@ pub fn check_targets(targets: &[u32], v: usize) -> Result<()> {
     }
 }
 
+/// Uniform block `MeanParams` of `shaders/crossentropy.wgsl`'s loss mean.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct MeanParams {

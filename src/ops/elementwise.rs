@@ -1,6 +1,6 @@
 //! Launchers for `shaders/elementwise.wgsl`: GELU forward/backward, residual add, casts.
 
-use super::{check_float, check_u32_range, Params4, FLOATS};
+use super::{check_float, check_u32_range, FLOATS};
 use crate::error::Result;
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -13,6 +13,18 @@ const AXES: [Axis; 3] = [
     Axis::new("GRAD_T", FLOATS),
     Axis::new("OUT_T", FLOATS),
 ];
+
+/// Uniform block `Params` of `shaders/elementwise.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    /// Elements.
+    n: u32,
+    /// What `fill` writes.
+    value: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
 
 const fn kernel(entry: &'static str) -> Kernel<3> {
     Kernel {
@@ -45,11 +57,11 @@ fn flat(
     let n32 = check_u32_range(op, "element count", n)?;
     let in_t = inputs[0].1.dtype.wgsl();
     let grad_t = inputs.get(1).map(|(_, t)| t.dtype.wgsl()).unwrap_or("f32");
-    let params = gpu.uniform(&Params4 {
-        a: n32,
-        b: 0,
-        c: 0,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n32,
+        value: 0.0,
+        _pad0: 0,
+        _pad1: 0,
     });
     let mut bindings = vec![Bind::Uniform(&params)];
     bindings.extend(inputs.iter().map(|(_, t)| Bind::Read(t)));
@@ -99,11 +111,11 @@ pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<Dispatch> {
     check_float(gpu, "fill", "output", out)?;
     let n32 = check_u32_range("fill", "element count", out.len())?;
-    let params = gpu.uniform(&Params4 {
-        a: n32,
-        b: value.to_bits(),
-        c: 0,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n32,
+        value,
+        _pad0: 0,
+        _pad1: 0,
     });
     gpu.dispatch(DispatchDesc {
         kernel: FILL.with([&"f32", &"f32", &out.dtype]),

@@ -6,7 +6,7 @@
 //! `model::storage`): each launch then handles the tokens of one piece ([`TablePiece`]), and
 //! one launch per piece covers every position exactly once.
 
-use super::{check_f32, check_float, check_u32, check_u32_range, Params4, FLOATS};
+use super::{check_f32, check_float, check_u32, check_u32_range, FLOATS};
 use crate::error::{Error, Result};
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -68,9 +68,9 @@ impl TablePiece {
         Ok(())
     }
 
-    /// The uniform of a launch over `rows` positions (sequences of `t`) of `c` channels, for a
+    /// The forward's uniform for `rows` positions (sequences of `t`) of `c` channels, for a
     /// piece of `piece_rows` rows.
-    fn params(self, rows: usize, t: usize, c: usize, piece_rows: usize) -> ForwardParams {
+    fn forward_params(self, rows: usize, t: usize, c: usize, piece_rows: usize) -> ForwardParams {
         ForwardParams {
             rows: rows as u32,
             t: t as u32,
@@ -78,21 +78,71 @@ impl TablePiece {
             vp: self.total as u32,
             first: self.first as u32,
             piece_rows: piece_rows as u32,
-            _pad: [0; 2],
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The token table's backward uniform for `positions` positions of `c` channels, for a
+    /// piece of `piece_rows` rows.
+    fn bucket_params(self, positions: usize, c: usize, piece_rows: usize) -> BucketParams {
+        BucketParams {
+            positions: positions as u32,
+            _unused: 0,
+            c: c as u32,
+            vp: self.total as u32,
+            first: self.first as u32,
+            piece_rows: piece_rows as u32,
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
 
+/// Uniform block `ForwardParams` of `shaders/embedding.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ForwardParams {
-    rows: u32, // B*T
+    /// Positions, B*T.
+    rows: u32,
     t: u32,
     c: u32,
-    vp: u32, // rows of the whole table (ids beyond are clamped)
+    /// Rows of the whole table (ids beyond are clamped).
+    vp: u32,
+    /// The piece's first row.
     first: u32,
+    /// Rows in this piece.
     piece_rows: u32,
-    _pad: [u32; 2],
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Uniform block `BucketParams` of `shaders/embedding.wgsl` (the token table's gradient).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BucketParams {
+    /// Positions, B*T.
+    positions: u32,
+    _unused: u32,
+    c: u32,
+    /// Rows of the whole table.
+    vp: u32,
+    /// The piece's first row.
+    first: u32,
+    /// Rows in this piece.
+    piece_rows: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Uniform block `PosParams` of `shaders/embedding.wgsl` (the position table's gradient).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct PosParams {
+    b: u32,
+    t: u32,
+    c: u32,
+    _pad: u32,
 }
 
 /// Checks `t` is `[rows, c]` (2-D) with `rows >= min_rows`; returns (rows, c).
@@ -177,7 +227,7 @@ pub fn embedding_forward(
     check_u32_range(OP, "B * T * C", b * t * c)?;
     check_u32_range(OP, "Vp * C", wte.len())?;
     let n = (b * t * c) as u32;
-    let params = gpu.uniform(&piece.params(b * t, t, c, piece_rows));
+    let params = gpu.uniform(&piece.forward_params(b * t, t, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         kernel: FORWARD.with([&wte.dtype, &wpe.dtype]),
         bindings: &[
@@ -300,7 +350,7 @@ pub fn embedding_backward_wte(
     buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
     check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
     check_u32_range(OP, "piece elements", dwte.len())?;
-    let params = gpu.uniform(&piece.params(positions, 0, c, piece_rows));
+    let params = gpu.uniform(&piece.bucket_params(positions, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         kernel: BACKWARD_WTE.with([&dout.dtype]),
         bindings: &[
@@ -329,11 +379,11 @@ pub fn embedding_backward_wpe(
     check_f32(OP, "dwpe", dwpe)?;
     let (_, c) = table(OP, "dwpe", dwpe, t)?;
     check_dout(gpu, OP, dout, b, t, c)?;
-    let wpe_params = gpu.uniform(&Params4 {
-        a: b as u32,
-        b: t as u32,
+    let wpe_params = gpu.uniform(&PosParams {
+        b: b as u32,
+        t: t as u32,
         c: c as u32,
-        d: 0,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
         kernel: BACKWARD_WPE.with([&dout.dtype]),

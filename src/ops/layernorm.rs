@@ -5,9 +5,7 @@
 //! Activations are any shape whose last dimension is C (so `[B, T, C]` and `[B*T, C]` both work);
 //! N is the number of rows. `weight`, `bias`, `mean`, `rstd` and all gradients are f32.
 
-use super::{
-    check_f32, check_float, check_u32_range, uses_subgroup_reductions, Params4, FLOATS, SUBGROUPS,
-};
+use super::{check_f32, check_float, check_u32_range, uses_subgroup_reductions, FLOATS, SUBGROUPS};
 use crate::error::{Error, Result};
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -66,6 +64,19 @@ const BACKWARD_PARAMS: Kernel<0> = Kernel {
     fixed: &[("BACKWARD_PARAMS", "1")],
     axes: [],
 };
+
+/// Uniform block `Params` of `shaders/layernorm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    /// Rows.
+    n: u32,
+    /// Channels.
+    c: u32,
+    /// The backward pass: workgroups of its first stage, each one partial row of scratch.
+    groups: u32,
+    _pad: u32,
+}
 
 fn backward_groups(n: usize) -> usize {
     n.div_ceil(BACKWARD_ROWS_PER_GROUP).max(1)
@@ -164,11 +175,11 @@ pub fn layernorm_forward(
     f32_len(OP, "mean", mean, n)?;
     f32_len(OP, "rstd", rstd, n)?;
     check_u32_range(OP, "N * C", n * c)?;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: c as u32,
-        c: 0,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        c: c as u32,
+        groups: 0,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
         kernel: FORWARD.with([&inp.dtype, &out.dtype, &uses_subgroup_reductions(gpu)]),
@@ -213,11 +224,11 @@ pub fn fused_residual_layernorm_forward(
     f32_len(OP, "mean", mean, n)?;
     f32_len(OP, "rstd", rstd, n)?;
     check_u32_range(OP, "N * C", n * c)?;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: c as u32,
-        c: 0,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        c: c as u32,
+        groups: 0,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
         kernel: FUSED_FORWARD.with([
@@ -290,11 +301,11 @@ pub fn layernorm_backward(
     check_u32_range(OP, "scratch length", need)?;
     check_u32_range(OP, "N * C", n * c)?;
     let groups = backward_groups(n) as u32;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: c as u32,
-        c: groups,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        c: c as u32,
+        groups,
+        _pad: 0,
     });
     let rows_stage = gpu.dispatch(DispatchDesc {
         kernel: BACKWARD.with([&inp.dtype, &dout.dtype, &uses_subgroup_reductions(gpu)]),

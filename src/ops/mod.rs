@@ -68,16 +68,6 @@ pub(crate) fn check_u32_range(op: &'static str, what: &str, n: usize) -> Result<
     u32::try_from(n).map_err(|_| Error::shape(op, format!("{what} = {n} does not fit in 32 bits")))
 }
 
-/// A uniform block of four u32 (the most common shape parameter layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct Params4 {
-    pub a: u32,
-    pub b: u32,
-    pub c: u32,
-    pub d: u32,
-}
-
 /// One specialisation of a shader file that some launcher uses, with the entry points that
 /// launchers compile from it.
 pub struct ShaderVariant {

@@ -132,13 +132,41 @@ impl AdamWHyper {
     }
 }
 
+/// Uniform block `NormParams` of `shaders/optimizer.wgsl` (both stages of the norm).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+struct NormParams {
+    /// Gradient elements of this buffer (stage 1).
     n: u32,
-    other: u32, // groups (norm) or n_decay (AdamW)
-    base: u32,  // norm partials: this buffer's first partial
-    total: u32, // norm partials: partials over all buffers
+    /// Stage 1: this buffer's workgroups; stage 2: partials over all buffers.
+    groups: u32,
+    /// Stage 1: this buffer's first partial in the scratch.
+    base: u32,
+    /// Partials over all buffers (the flags follow the sums).
+    total: u32,
+}
+
+/// Uniform block `AdamParams` of `shaders/optimizer.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AdamParams {
+    n: u32,
+    /// Elements `[0, n_decay)` get weight decay.
+    n_decay: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Uniform block `StateParams` of `shaders/optimizer.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StateParams {
+    growth_interval: u32,
+    /// 1: dynamic loss scaling; 0: the scale stays 1.
+    scaling: u32,
+    /// Bias-correction pairs in the table.
+    table_len: u32,
+    _pad: u32,
 }
 
 fn norm_groups(n: usize, max_groups: usize) -> usize {
@@ -226,9 +254,9 @@ pub fn grad_norm_with_groups(
             "gradient elements plus the grid stride",
             n + groups * WG as usize,
         )?;
-        let params = gpu.uniform(&Params {
+        let params = gpu.uniform(&NormParams {
             n: n as u32,
-            other: groups as u32,
+            groups: groups as u32,
             base: base as u32,
             total: total as u32,
         });
@@ -245,9 +273,9 @@ pub fn grad_norm_with_groups(
         })?);
         base += groups;
     }
-    let params = gpu.uniform(&Params {
+    let params = gpu.uniform(&NormParams {
         n: 0,
-        other: total as u32,
+        groups: total as u32,
         base: 0,
         total: total as u32,
     });
@@ -334,11 +362,11 @@ pub fn adamw_with_grid_limit(
         super::check_float(gpu, OP, "params_f16", copy)?;
     }
     let n32 = check_u32_range(OP, "parameter count", n)?;
-    let uniform = gpu.uniform(&Params {
+    let uniform = gpu.uniform(&AdamParams {
         n: n32,
-        other: n_decay as u32,
-        base: 0,
-        total: 0,
+        n_decay: n_decay as u32,
+        _pad0: 0,
+        _pad1: 0,
     });
     let mut bindings = vec![
         Bind::Uniform(&uniform),
@@ -482,12 +510,12 @@ pub fn advance_step_state(
     norm_scalars.expect_len(OP, "norm_scalars", GradNormScalars::LEN)?;
     check_f32(OP, "hyper", hyper)?;
     hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
-    let uniform = gpu.uniform(&[
-        check_u32_range(OP, "growth interval", growth_interval.max(1))?,
-        scaling as u32,
-        (table.len() / 2) as u32,
-        0u32,
-    ]);
+    let uniform = gpu.uniform(&StateParams {
+        growth_interval: check_u32_range(OP, "growth interval", growth_interval.max(1))?,
+        scaling: scaling as u32,
+        table_len: (table.len() / 2) as u32,
+        _pad: 0,
+    });
     gpu.dispatch(DispatchDesc {
         kernel: STEP_STATE.with([]),
         bindings: &[

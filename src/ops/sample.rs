@@ -47,6 +47,7 @@ pub struct DecodeDims {
     pub vp: usize,
 }
 
+/// Uniform block `Shape` of `shaders/sample.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ShapeUniform {
@@ -60,7 +61,7 @@ struct ShapeUniform {
     piece_rows: u32,
 }
 
-/// What changes from one token to the next.
+/// What changes from one token to the next: uniform block `Step` of `shaders/sample.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DecodeStep {

@@ -149,7 +149,7 @@ const NAIVE_DKDV: Kernel<3> = Kernel {
     ],
 };
 
-/// Uniform block of `shaders/attention_flash.wgsl`.
+/// Uniform block `Params` of `shaders/attention_flash.wgsl` and `shaders/attention_coop.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct FlashParams {
@@ -163,7 +163,7 @@ struct FlashParams {
     _pad: u32,
 }
 
-/// Uniform block of `shaders/attention_naive.wgsl`.
+/// Uniform block `Params` of `shaders/attention_naive.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct NaiveParams {

@@ -290,6 +290,7 @@ impl EpilogueValues {
     }
 }
 
+/// Uniform block `Params` of the product kernels (`shaders/matmul_io.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct TiledParams {

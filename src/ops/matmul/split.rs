@@ -287,6 +287,7 @@ fn launch_split(
     Ok(vec![partial, reduce])
 }
 
+/// Uniform block `ReduceParams` of `split_k_reduce` (`shaders/matmul.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ReduceParams {
