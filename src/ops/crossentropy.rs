@@ -1,9 +1,7 @@
 //! Launchers for `shaders/crossentropy.wgsl`: fused softmax + cross-entropy (forward and,
 //! optionally, the logits' gradient written in place) and the mean of the per-row losses.
 
-use super::{
-    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, FLOATS, SUBGROUPS,
-};
+use super::{uses_subgroup_reductions, Check, FLOATS, SUBGROUPS};
 use crate::error::{Error, Result};
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -60,31 +58,25 @@ pub fn crossentropy_forward_backward(
     backward: bool,
 ) -> Result<Dispatch> {
     const OP: &str = "crossentropy_forward_backward";
-    check_float(gpu, OP, "logits", logits)?;
+    let check = Check::new(gpu, OP);
+    check.arg("logits", logits).float()?;
     let vp = *logits.shape.last().unwrap_or(&0);
     if vp == 0 {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "logits has shape {:?}, expected [N, Vp] with Vp > 0",
-                logits.shape
-            ),
-        ));
+        return Err(check.error(format!(
+            "logits has shape {:?}, expected [N, Vp] with Vp > 0",
+            logits.shape
+        )));
     }
     if v == 0 || v > vp {
-        return Err(Error::shape(
-            OP,
-            format!("vocabulary v = {v} must be in 1..={vp} (the logits' last dimension)"),
-        ));
+        return Err(check.error(format!(
+            "vocabulary v = {v} must be in 1..={vp} (the logits' last dimension)"
+        )));
     }
     let n = logits.len() / vp;
-    check_f32(OP, "losses", losses)?;
-    losses.expect_len(OP, "losses", n)?;
-    check_u32(OP, "targets", targets)?;
-    targets.expect_len(OP, "targets", n)?;
-    check_f32(OP, "dloss", dloss)?;
-    dloss.expect_len(OP, "dloss", 1)?;
-    check_u32_range(OP, "N * Vp", logits.len())?;
+    check.arg("losses", losses).f32()?.len(n)?;
+    check.arg("targets", targets).u32()?.len(n)?;
+    check.arg("dloss", dloss).f32()?.len(1)?;
+    check.fits_u32("N * Vp", logits.len())?;
     let params = gpu.uniform(&Params {
         n: n as u32,
         vp: vp as u32,
@@ -142,10 +134,10 @@ pub fn loss_mean(
     accumulate: bool,
 ) -> Result<Dispatch> {
     const OP: &str = "loss_mean";
-    check_f32(OP, "out", out)?;
-    out.expect_len(OP, "out", 1)?;
-    check_f32(OP, "losses", losses)?;
-    let n = check_u32_range(OP, "N", losses.len())?;
+    let check = Check::new(gpu, OP);
+    check.arg("out", out).f32()?.len(1)?;
+    check.arg("losses", losses).f32()?;
+    let n = check.fits_u32("N", losses.len())?;
     let params = gpu.uniform(&MeanParams {
         n,
         accumulate: accumulate as u32,

@@ -1,6 +1,6 @@
 //! Launchers for `shaders/elementwise.wgsl`: GELU forward/backward, residual add, casts.
 
-use super::{check_float, check_u32_range, FLOATS};
+use super::{Check, FLOATS};
 use crate::error::Result;
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -48,13 +48,13 @@ fn flat(
     inputs: &[(&str, &Tensor)],
     out: &Tensor,
 ) -> Result<Dispatch> {
+    let check = Check::new(gpu, op);
     let n = out.len();
     for (what, t) in inputs {
-        check_float(gpu, op, what, t)?;
-        t.expect_len(op, what, n)?;
+        check.arg(what, t).float()?.len(n)?;
     }
-    check_float(gpu, op, "output", out)?;
-    let n32 = check_u32_range(op, "element count", n)?;
+    check.arg("output", out).float()?;
+    let n32 = check.fits_u32("element count", n)?;
     let in_t = inputs[0].1.dtype.wgsl();
     let grad_t = inputs.get(1).map(|(_, t)| t.dtype.wgsl()).unwrap_or("f32");
     let params = gpu.uniform(&Params {
@@ -109,8 +109,9 @@ pub fn cast(gpu: &Gpu, out: &Tensor, inp: &Tensor) -> Result<Dispatch> {
 
 /// `out[i] = value` for every element (zeroing an accumulator, for instance).
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<Dispatch> {
-    check_float(gpu, "fill", "output", out)?;
-    let n32 = check_u32_range("fill", "element count", out.len())?;
+    let check = Check::new(gpu, "fill");
+    check.arg("output", out).float()?;
+    let n32 = check.fits_u32("element count", out.len())?;
     let params = gpu.uniform(&Params {
         n: n32,
         value,

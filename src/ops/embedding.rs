@@ -6,8 +6,8 @@
 //! `model::storage`): each launch then handles the tokens of one piece ([`TablePiece`]), and
 //! one launch per piece covers every position exactly once.
 
-use super::{check_f32, check_float, check_u32, check_u32_range, FLOATS};
-use crate::error::{Error, Result};
+use super::{Check, FLOATS};
+use crate::error::Result;
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 const WG: u32 = 256;
@@ -54,17 +54,14 @@ impl TablePiece {
     }
 
     /// Checks a piece tensor of `rows` rows lies within the table.
-    fn check(self, op: &'static str, rows: usize) -> Result<()> {
+    fn check(self, check: &Check, rows: usize) -> Result<()> {
         if self.first + rows > self.total {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "a piece of {rows} rows from row {} is outside a table of {} rows",
-                    self.first, self.total
-                ),
-            ));
+            return Err(check.error(format!(
+                "a piece of {rows} rows from row {} is outside a table of {} rows",
+                self.first, self.total
+            )));
         }
-        check_u32_range(op, "table rows", self.total)?;
+        check.fits_u32("table rows", self.total)?;
         Ok(())
     }
 
@@ -145,44 +142,6 @@ struct PosParams {
     _pad: u32,
 }
 
-/// Checks `t` is `[rows, c]` (2-D) with `rows >= min_rows`; returns (rows, c).
-fn table(op: &'static str, what: &str, t: &Tensor, min_rows: usize) -> Result<(usize, usize)> {
-    match t.shape[..] {
-        [rows, c] if rows >= min_rows.max(1) && c > 0 => Ok((rows, c)),
-        _ => Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected [rows >= {}, C > 0]",
-                t.shape,
-                min_rows.max(1)
-            ),
-        )),
-    }
-}
-
-/// Checks `t` has `b * t * c` elements and, when it is 3-D or 2-D, the matching shape.
-fn activations(
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    b: usize,
-    tt: usize,
-    c: usize,
-) -> Result<()> {
-    let ok = t.shape == [b, tt, c] || t.shape == [b * tt, c];
-    if !ok {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected [{b}, {tt}, {c}] or [{}, {c}]",
-                t.shape,
-                b * tt
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`, for the positions whose token lies in
 /// `piece` (every position when `wte` is the whole table).
 ///
@@ -203,29 +162,23 @@ pub fn embedding_forward(
     t: usize,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_forward";
+    let check = Check::new(gpu, OP);
     if b == 0 || t == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("B = {b} and T = {t} must be positive"),
-        ));
+        return Err(check.error(format!("B = {b} and T = {t} must be positive")));
     }
-    check_float(gpu, OP, "wte", wte)?;
-    check_float(gpu, OP, "wpe", wpe)?;
-    let (piece_rows, c) = table(OP, "wte", wte, 1)?;
-    piece.check(OP, piece_rows)?;
-    let (_, cp) = table(OP, "wpe", wpe, t)?;
+    let (piece_rows, c) = check.arg("wte", wte).float()?.matrix(1)?;
+    let (_, cp) = check.arg("wpe", wpe).float()?.matrix(t)?;
+    piece.check(&check, piece_rows)?;
     if cp != c {
-        return Err(Error::shape(
-            OP,
-            format!("wpe has C = {cp} but wte has C = {c}"),
-        ));
+        return Err(check.error(format!("wpe has C = {cp} but wte has C = {c}")));
     }
-    check_f32(OP, "out", out)?;
-    activations(OP, "out", out, b, t, c)?;
-    check_u32(OP, "tokens", tokens)?;
-    tokens.expect_len(OP, "tokens", b * t)?;
-    check_u32_range(OP, "B * T * C", b * t * c)?;
-    check_u32_range(OP, "Vp * C", wte.len())?;
+    check
+        .arg("out", out)
+        .f32()?
+        .shape_in(&[&[b, t, c], &[b * t, c]])?;
+    check.arg("tokens", tokens).u32()?.len(b * t)?;
+    check.fits_u32("B * T * C", b * t * c)?;
+    check.fits_u32("Vp * C", wte.len())?;
     let n = (b * t * c) as u32;
     let params = gpu.uniform(&piece.forward_params(b * t, t, c, piece_rows));
     gpu.dispatch(DispatchDesc {
@@ -293,32 +246,13 @@ pub fn embedding_backward(
     b: usize,
     t: usize,
 ) -> Result<Vec<Dispatch>> {
-    let (vp, _) = table("embedding_backward", "dwte", dwte, 1)?;
+    let (vp, _) = Check::new(gpu, "embedding_backward")
+        .arg("dwte", dwte)
+        .matrix(1)?;
     Ok(vec![
         embedding_backward_wte(gpu, dwte, TablePiece::whole(vp), dout, buckets, b, t)?,
         embedding_backward_wpe(gpu, dwpe, dout, b, t)?,
     ])
-}
-
-/// Checks B and T are positive and `dout` is (B*T, C); returns C.
-fn check_dout(
-    gpu: &Gpu,
-    op: &'static str,
-    dout: &Tensor,
-    b: usize,
-    t: usize,
-    c: usize,
-) -> Result<()> {
-    if b == 0 || t == 0 {
-        return Err(Error::shape(
-            op,
-            format!("B = {b} and T = {t} must be positive"),
-        ));
-    }
-    check_float(gpu, op, "dout", dout)?;
-    activations(op, "dout", dout, b, t, c)?;
-    check_u32_range(op, "B * T * C", b * t * c)?;
-    Ok(())
 }
 
 /// `dwte[tok - piece.first, :] += sum of dout[pos, :]` over the positions holding `tok`, for the
@@ -341,15 +275,22 @@ pub fn embedding_backward_wte(
     t: usize,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_backward";
-    check_f32(OP, "dwte", dwte)?;
-    let (piece_rows, c) = table(OP, "dwte", dwte, 1)?;
-    piece.check(OP, piece_rows)?;
-    check_dout(gpu, OP, dout, b, t, c)?;
-    check_u32(OP, "buckets", buckets)?;
+    let check = Check::new(gpu, OP);
+    let (piece_rows, c) = check.arg("dwte", dwte).f32()?.matrix(1)?;
+    piece.check(&check, piece_rows)?;
+    if b == 0 || t == 0 {
+        return Err(check.error(format!("B = {b} and T = {t} must be positive")));
+    }
+    check
+        .arg("dout", dout)
+        .float()?
+        .shape_in(&[&[b, t, c], &[b * t, c]])?;
+    check.fits_u32("B * T * C", b * t * c)?;
     let positions = b * t;
-    buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
-    check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
-    check_u32_range(OP, "piece elements", dwte.len())?;
+    let buckets_len = embedding_buckets_len(positions);
+    check.arg("buckets", buckets).u32()?.len(buckets_len)?;
+    check.fits_u32("buckets length", buckets_len)?;
+    check.fits_u32("piece elements", dwte.len())?;
     let params = gpu.uniform(&piece.bucket_params(positions, c, piece_rows));
     gpu.dispatch(DispatchDesc {
         kernel: BACKWARD_WTE.with([&dout.dtype]),
@@ -376,9 +317,16 @@ pub fn embedding_backward_wpe(
     t: usize,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_backward";
-    check_f32(OP, "dwpe", dwpe)?;
-    let (_, c) = table(OP, "dwpe", dwpe, t)?;
-    check_dout(gpu, OP, dout, b, t, c)?;
+    let check = Check::new(gpu, OP);
+    let (_, c) = check.arg("dwpe", dwpe).f32()?.matrix(t)?;
+    if b == 0 || t == 0 {
+        return Err(check.error(format!("B = {b} and T = {t} must be positive")));
+    }
+    check
+        .arg("dout", dout)
+        .float()?
+        .shape_in(&[&[b, t, c], &[b * t, c]])?;
+    check.fits_u32("B * T * C", b * t * c)?;
     let wpe_params = gpu.uniform(&PosParams {
         b: b as u32,
         t: t as u32,

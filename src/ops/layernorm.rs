@@ -5,8 +5,8 @@
 //! Activations are any shape whose last dimension is C (so `[B, T, C]` and `[B*T, C]` both work);
 //! N is the number of rows. `weight`, `bias`, `mean`, `rstd` and all gradients are f32.
 
-use super::{check_f32, check_float, check_u32_range, uses_subgroup_reductions, FLOATS, SUBGROUPS};
-use crate::error::{Error, Result};
+use super::{uses_subgroup_reductions, Check, FLOATS, SUBGROUPS};
+use crate::error::Result;
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 /// Rows each workgroup of the backward pass handles (and sums parameter gradients over).
@@ -88,71 +88,6 @@ pub fn layernorm_backward_scratch_len(n: usize, c: usize) -> usize {
     backward_groups(n) * 2 * c
 }
 
-/// Checks `t` is a float tensor whose last dimension is `c`; returns the number of rows.
-fn rows_of(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor, c: usize) -> Result<usize> {
-    check_float(gpu, op, what, t)?;
-    if t.shape.last() != Some(&c) {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected its last dimension to be C = {c}",
-                t.shape
-            ),
-        ));
-    }
-    Ok(t.len() / c)
-}
-
-/// Checks `t` is an f32 tensor of exactly `n` elements.
-fn f32_len(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    check_f32(op, what, t)?;
-    t.expect_len(op, what, n)
-}
-
-/// Checks weight is f32 `[C]` with C > 0; returns C.
-fn weight_c(op: &'static str, weight: &Tensor) -> Result<usize> {
-    check_f32(op, "weight", weight)?;
-    if weight.shape.len() != 1 || weight.is_empty() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "weight has shape {:?}, expected [C] with C > 0",
-                weight.shape
-            ),
-        ));
-    }
-    Ok(weight.len())
-}
-
-/// Checks weight and bias are f32 `[C]`; returns C.
-fn params_c(op: &'static str, weight: &Tensor, bias: &Tensor) -> Result<usize> {
-    let c = weight_c(op, weight)?;
-    f32_len(op, "bias", bias, c)?;
-    Ok(c)
-}
-
-/// Checks `t` has the same number of rows as `inp` (and last dimension C).
-fn same_rows(
-    gpu: &Gpu,
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    c: usize,
-    n: usize,
-) -> Result<()> {
-    let rows = rows_of(gpu, op, what, t, c)?;
-    if rows != n {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?} ({rows} rows), expected {n} rows of {c}",
-                t.shape
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// `out = (inp - mean) / sqrt(var + 1e-5) * weight + bias` per row, with the row statistics
 /// saved for the backward pass.
 ///
@@ -169,12 +104,14 @@ pub fn layernorm_forward(
     bias: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "layernorm_forward";
-    let c = params_c(OP, weight, bias)?;
-    let n = rows_of(gpu, OP, "inp", inp, c)?;
-    same_rows(gpu, OP, "out", out, c, n)?;
-    f32_len(OP, "mean", mean, n)?;
-    f32_len(OP, "rstd", rstd, n)?;
-    check_u32_range(OP, "N * C", n * c)?;
+    let check = Check::new(gpu, OP);
+    let c = check.arg("weight", weight).f32()?.vector()?;
+    check.arg("bias", bias).f32()?.len(c)?;
+    let n = check.arg("inp", inp).float()?.rows(c)?;
+    check.arg("out", out).float()?.rows_of(n, c)?;
+    check.arg("mean", mean).f32()?.len(n)?;
+    check.arg("rstd", rstd).f32()?.len(n)?;
+    check.fits_u32("N * C", n * c)?;
     let params = gpu.uniform(&Params {
         n: n as u32,
         c: c as u32,
@@ -215,15 +152,19 @@ pub fn fused_residual_layernorm_forward(
     bias: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "fused_residual_layernorm_forward";
-    let c = params_c(OP, weight, bias)?;
-    let n = rows_of(gpu, OP, "a", a, c)?;
-    same_rows(gpu, OP, "b", b, c, n)?;
-    same_rows(gpu, OP, "out", out, c, n)?;
-    check_f32(OP, "residual_out", residual_out)?;
-    same_rows(gpu, OP, "residual_out", residual_out, c, n)?;
-    f32_len(OP, "mean", mean, n)?;
-    f32_len(OP, "rstd", rstd, n)?;
-    check_u32_range(OP, "N * C", n * c)?;
+    let check = Check::new(gpu, OP);
+    let c = check.arg("weight", weight).f32()?.vector()?;
+    check.arg("bias", bias).f32()?.len(c)?;
+    let n = check.arg("a", a).float()?.rows(c)?;
+    check.arg("b", b).float()?.rows_of(n, c)?;
+    check.arg("out", out).float()?.rows_of(n, c)?;
+    check
+        .arg("residual_out", residual_out)
+        .f32()?
+        .rows_of(n, c)?;
+    check.arg("mean", mean).f32()?.len(n)?;
+    check.arg("rstd", rstd).f32()?.len(n)?;
+    check.fits_u32("N * C", n * c)?;
     let params = gpu.uniform(&Params {
         n: n as u32,
         c: c as u32,
@@ -278,28 +219,22 @@ pub fn layernorm_backward(
     rstd: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "layernorm_backward";
-    let c = weight_c(OP, weight)?;
-    let n = rows_of(gpu, OP, "inp", inp, c)?;
-    same_rows(gpu, OP, "dout", dout, c, n)?;
-    check_f32(OP, "dinp", dinp)?;
-    same_rows(gpu, OP, "dinp", dinp, c, n)?;
-    f32_len(OP, "dweight", dweight, c)?;
-    f32_len(OP, "dbias", dbias, c)?;
-    f32_len(OP, "mean", mean, n)?;
-    f32_len(OP, "rstd", rstd, n)?;
-    check_f32(OP, "scratch", scratch)?;
+    let check = Check::new(gpu, OP);
+    let c = check.arg("weight", weight).f32()?.vector()?;
+    let n = check.arg("inp", inp).float()?.rows(c)?;
+    check.arg("dout", dout).float()?.rows_of(n, c)?;
+    check.arg("dinp", dinp).f32()?.rows_of(n, c)?;
+    check.arg("dweight", dweight).f32()?.len(c)?;
+    check.arg("dbias", dbias).f32()?.len(c)?;
+    check.arg("mean", mean).f32()?.len(n)?;
+    check.arg("rstd", rstd).f32()?.len(n)?;
     let need = layernorm_backward_scratch_len(n, c);
-    if scratch.len() < need {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "scratch has {} elements, needs at least {need} (layernorm_backward_scratch_len)",
-                scratch.len()
-            ),
-        ));
-    }
-    check_u32_range(OP, "scratch length", need)?;
-    check_u32_range(OP, "N * C", n * c)?;
+    check
+        .arg("scratch", scratch)
+        .f32()?
+        .at_least(need, "layernorm_backward_scratch_len")?;
+    check.fits_u32("scratch length", need)?;
+    check.fits_u32("N * C", n * c)?;
     let groups = backward_groups(n) as u32;
     let params = gpu.uniform(&Params {
         n: n as u32,

@@ -1,12 +1,14 @@
-//! One typed launcher per kernel: check shapes and dtypes (returning an error, never panicking),
-//! look the pipeline up in the cache, make the bind group, size the grid. A launcher returns a
-//! [`Dispatch`](crate::gpu::Dispatch) that the caller records once and may replay every step.
+//! One typed launcher per kernel: check shapes and dtypes (returning an error, never panicking;
+//! one set of checks for every op, `check::Check`), look the pipeline up in the cache, make the
+//! bind group, size the grid. A launcher returns a [`Dispatch`](crate::gpu::Dispatch) that the
+//! caller records once and may replay every step.
 //!
 //! Each kernel (entry point) is declared once, as a [`Kernel`](crate::gpu::Kernel) constant next
 //! to its launcher: the launcher specialises it with the values of its defines, and
 //! [`shader_variants`] lists the specialisations the tests validate from the same constant.
 
 pub mod attention;
+mod check;
 pub mod crossentropy;
 pub mod elementwise;
 pub mod embedding;
@@ -15,27 +17,9 @@ pub mod matmul;
 pub mod optimizer;
 pub mod sample;
 
-use crate::error::{Error, Result};
-use crate::gpu::{Axis, DType, Gpu, Tensor};
+pub(crate) use check::Check;
 
-/// Checks `t` holds floats the adapter can read (f16 needs SHADER_F16).
-pub(crate) fn check_float(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    match t.dtype {
-        DType::F32 => Ok(()),
-        DType::F16 if gpu.has_f16() => Ok(()),
-        DType::F16 => Err(Error::shape(
-            op,
-            format!(
-                "{what} is f16 but the adapter '{}' has no SHADER_F16; use f32",
-                gpu.info.name
-            ),
-        )),
-        DType::U32 => Err(Error::shape(
-            op,
-            format!("{what} is u32, expected f32 or f16"),
-        )),
-    }
-}
+use crate::gpu::{Axis, Gpu};
 
 /// Whether the row-reduction kernels (LayerNorm statistics and backward row sums, the
 /// cross-entropy row max / sum of exponentials and loss mean, the gradient norm's partial sums)
@@ -52,21 +36,6 @@ pub(crate) const SUBGROUPS: Axis = Axis::new("SUBGROUPS", &["false", "true"]);
 
 /// The storage types of a float tensor, as the values of a define.
 pub(crate) const FLOATS: &[&str] = &["f32", "f16"];
-
-/// Checks `t` is f32.
-pub(crate) fn check_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    t.expect_dtype(op, what, &[DType::F32])
-}
-
-/// Checks `t` holds token ids.
-pub(crate) fn check_u32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    t.expect_dtype(op, what, &[DType::U32])
-}
-
-/// Checks that a count fits the u32 indices the shaders use.
-pub(crate) fn check_u32_range(op: &'static str, what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::shape(op, format!("{what} = {n} does not fit in 32 bits")))
-}
 
 /// One specialisation of a shader file that some launcher uses, with the entry points that
 /// launchers compile from it.

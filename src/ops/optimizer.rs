@@ -8,7 +8,7 @@
 //! [`GradNormScalars`], [`AdamWHyper`] bias corrections and dloss, so that steps can be queued
 //! back to back with only the learning rate written by the CPU.
 
-use super::{check_f32, check_u32, check_u32_range, uses_subgroup_reductions, SUBGROUPS};
+use super::{uses_subgroup_reductions, Check, SUBGROUPS};
 use crate::error::{Error, Result};
 use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -77,8 +77,10 @@ impl GradNormScalars {
 
     /// Writes these values into `t` (f32, [`Self::LEN`] elements).
     pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
-        check_f32("grad_norm", "scalars", t)?;
-        t.expect_len("grad_norm", "scalars", Self::LEN)?;
+        Check::new(gpu, "grad_norm")
+            .arg("scalars", t)
+            .f32()?
+            .len(Self::LEN)?;
         gpu.write_bytes(t, bytemuck::bytes_of(self))
     }
 }
@@ -126,8 +128,10 @@ impl AdamWHyper {
 
     /// Writes these values into `t` (f32, [`Self::LEN`] elements).
     pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
-        check_f32("adamw", "hyper", t)?;
-        t.expect_len("adamw", "hyper", Self::LEN)?;
+        Check::new(gpu, "adamw")
+            .arg("hyper", t)
+            .f32()?
+            .len(Self::LEN)?;
         gpu.write_bytes(t, bytemuck::bytes_of(self))
     }
 }
@@ -218,13 +222,14 @@ pub fn grad_norm_with_groups(
     max_groups: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "grad_norm";
-    check_f32(OP, "status", status)?;
-    status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "scalars", scalars)?;
-    scalars.expect_len(OP, "scalars", GradNormScalars::LEN)?;
-    check_f32(OP, "scratch", scratch)?;
+    let check = Check::new(gpu, OP);
+    check.arg("status", status).f32()?.len(STATUS_LEN)?;
+    check
+        .arg("scalars", scalars)
+        .f32()?
+        .len(GradNormScalars::LEN)?;
     if grads.is_empty() {
-        return Err(Error::shape(OP, "no gradient buffers"));
+        return Err(check.error("no gradient buffers"));
     }
     let max_groups = max_groups.min(GRAD_NORM_MAX_GROUPS);
     let groups: Vec<usize> = grads
@@ -232,25 +237,18 @@ pub fn grad_norm_with_groups(
         .map(|g| norm_groups(g.len(), max_groups))
         .collect();
     let total: usize = groups.iter().sum();
-    if scratch.len() < 2 * total {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "scratch has {} elements, needs at least {} (grad_norm_scratch_len)",
-                scratch.len(),
-                2 * total
-            ),
-        ));
-    }
-    check_u32_range(OP, "partial sums", 2 * total)?;
+    check
+        .arg("scratch", scratch)
+        .f32()?
+        .at_least(2 * total, "grad_norm_scratch_len")?;
+    check.fits_u32("partial sums", 2 * total)?;
     let mut dispatches = Vec::with_capacity(grads.len() + 1);
     let mut base = 0;
     for (k, (grads, &groups)) in grads.iter().zip(&groups).enumerate() {
-        check_f32(OP, "grads", grads)?;
+        check.arg("grads", grads).f32()?;
         let n = grads.len();
         // The grid-stride loop's index (up to n + stride) must not wrap around.
-        check_u32_range(
-            OP,
+        check.fits_u32(
             "gradient elements plus the grid stride",
             n + groups * WG as usize,
         )?;
@@ -341,27 +339,24 @@ pub fn adamw_with_grid_limit(
     max_per_dim: u32,
 ) -> Result<Dispatch> {
     const OP: &str = "adamw";
+    let check = Check::new(gpu, OP);
     let n = params.len();
     for (what, t) in [("params", params), ("grads", grads), ("m", m), ("v", v)] {
-        check_f32(OP, what, t)?;
-        t.expect_len(OP, what, n)?;
+        check.arg(what, t).f32()?.len(n)?;
     }
-    check_f32(OP, "status", status)?;
-    status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "hyper", hyper)?;
-    hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
+    check.arg("status", status).f32()?.len(STATUS_LEN)?;
+    check.arg("hyper", hyper).f32()?.len(AdamWHyper::LEN)?;
     if n_decay > n {
-        return Err(Error::shape(
-            OP,
-            format!("n_decay = {n_decay} is beyond the {n} parameters"),
-        ));
+        return Err(check.error(format!("n_decay = {n_decay} is beyond the {n} parameters")));
     }
     if let Some(copy) = params_f16 {
-        copy.expect_dtype(OP, "params_f16", &[DType::F16])?;
-        copy.expect_len(OP, "params_f16", n)?;
-        super::check_float(gpu, OP, "params_f16", copy)?;
+        check
+            .arg("params_f16", copy)
+            .dtype(&[DType::F16])?
+            .len(n)?
+            .float()?;
     }
-    let n32 = check_u32_range(OP, "parameter count", n)?;
+    let n32 = check.fits_u32("parameter count", n)?;
     let uniform = gpu.uniform(&AdamParams {
         n: n32,
         n_decay: n_decay as u32,
@@ -433,7 +428,7 @@ impl StepState {
     }
 
     pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
-        check_state(t)?;
+        check_state(gpu, t)?;
         gpu.write_bytes(t, bytemuck::bytes_of(self))
     }
 
@@ -450,9 +445,13 @@ impl StepState {
     }
 }
 
-fn check_state(t: &Tensor) -> Result<()> {
-    check_u32("advance_step_state", "state", t)?;
-    t.expect_len("advance_step_state", "state", StepState::LEN)
+/// Checks `t` can hold a [`StepState`].
+fn check_state(gpu: &Gpu, t: &Tensor) -> Result<()> {
+    Check::new(gpu, "advance_step_state")
+        .arg("state", t)
+        .u32()?
+        .len(StepState::LEN)?;
+    Ok(())
 }
 
 /// Adam's bias corrections `(1 - beta1^t, 1 - beta2^t)` for the 1-based step `t`, computed in
@@ -497,21 +496,21 @@ pub fn advance_step_state(
     scaling: bool,
 ) -> Result<Dispatch> {
     const OP: &str = "advance_step_state";
-    check_state(state)?;
-    check_f32(OP, "status", status)?;
-    status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "table", table)?;
+    let check = Check::new(gpu, OP);
+    check_state(gpu, state)?;
+    check.arg("status", status).f32()?.len(STATUS_LEN)?;
+    check.arg("table", table).f32()?;
     if !table.len().is_multiple_of(2) {
-        return Err(Error::shape(OP, "the bias-correction table holds pairs"));
+        return Err(check.error("the bias-correction table holds pairs"));
     }
-    check_f32(OP, "dloss", dloss)?;
-    dloss.expect_len(OP, "dloss", 1)?;
-    check_f32(OP, "norm_scalars", norm_scalars)?;
-    norm_scalars.expect_len(OP, "norm_scalars", GradNormScalars::LEN)?;
-    check_f32(OP, "hyper", hyper)?;
-    hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
+    check.arg("dloss", dloss).f32()?.len(1)?;
+    check
+        .arg("norm_scalars", norm_scalars)
+        .f32()?
+        .len(GradNormScalars::LEN)?;
+    check.arg("hyper", hyper).f32()?.len(AdamWHyper::LEN)?;
     let uniform = gpu.uniform(&StateParams {
-        growth_interval: check_u32_range(OP, "growth interval", growth_interval.max(1))?,
+        growth_interval: check.fits_u32("growth interval", growth_interval.max(1))?,
         scaling: scaling as u32,
         table_len: (table.len() / 2) as u32,
         _pad: 0,

@@ -5,10 +5,10 @@
 //! rewrites before each token; everything else is fixed when the dispatch is built.
 
 use super::embedding::TablePiece;
-use super::{check_float, check_u32, check_u32_range, FLOATS};
+use super::{Check, FLOATS};
 use crate::error::{Error, Result};
 use crate::gpu::{
-    Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor, Uniform,
+    Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor, Uniform,
 };
 
 /// The file's defines, the same for every entry point (one module): the storage types of the
@@ -89,14 +89,13 @@ pub fn max_positions(gpu: &Gpu) -> usize {
     (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(1024) / 4
 }
 
-fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<Uniform> {
-    shape_uniform_for_piece(gpu, op, d, TablePiece::whole(d.vp), d.vp)
+fn shape_uniform(check: &Check, d: &DecodeDims) -> Result<Uniform> {
+    shape_uniform_for_piece(check, d, TablePiece::whole(d.vp), d.vp)
 }
 
 /// The shape uniform with the token-table piece `embedding_at` reads (`piece_rows` rows).
 fn shape_uniform_for_piece(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     d: &DecodeDims,
     piece: TablePiece,
     piece_rows: usize,
@@ -109,10 +108,10 @@ fn shape_uniform_for_piece(
         || d.v == 0
         || d.vp < d.v
     {
-        return Err(Error::shape(op, format!("invalid decode sizes {d:?}")));
+        return Err(check.error(format!("invalid decode sizes {d:?}")));
     }
-    let u = |what: &str, x: usize| check_u32_range(op, what, x);
-    Ok(gpu.uniform(&ShapeUniform {
+    let u = |what: &str, x: usize| check.fits_u32(what, x);
+    Ok(check.gpu().uniform(&ShapeUniform {
         s: u("samples", d.s)?,
         c: u("channels", d.c)?,
         nh: u("heads", d.nh)?,
@@ -139,34 +138,26 @@ pub fn embedding_at(
     wpe: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_at";
-    out.expect_dtype(OP, "out", &[DType::F32])?;
-    out.expect_len(OP, "out", d.s * d.c)?;
-    check_u32(OP, "tokens", tokens)?;
-    tokens.expect_len(OP, "tokens", d.s)?;
-    check_float(gpu, OP, "wte", wte)?;
+    let check = Check::new(gpu, OP);
+    check.arg("out", out).f32()?.len(d.s * d.c)?;
+    check.arg("tokens", tokens).u32()?.len(d.s)?;
+    check.arg("wte", wte).float()?;
     let piece_rows = wte.len() / d.c.max(1);
     if wte.len() != piece_rows * d.c || piece.total != d.vp || piece.first + piece_rows > d.vp {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "wte has shape {:?}; expected rows {}.. of a ({}, {}) table",
-                wte.shape, piece.first, d.vp, d.c
-            ),
-        ));
+        return Err(check.error(format!(
+            "wte has shape {:?}; expected rows {}.. of a ({}, {}) table",
+            wte.shape, piece.first, d.vp, d.c
+        )));
     }
-    check_float(gpu, OP, "wpe", wpe)?;
-    wpe.expect_dtype(OP, "wpe", &[wte.dtype])?;
+    check.arg("wpe", wpe).float()?.dtype(&[wte.dtype])?;
     if wpe.len() < d.t_max * d.c {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "wpe has {} elements, fewer than {} positions",
-                wpe.len(),
-                d.t_max
-            ),
-        ));
+        return Err(check.error(format!(
+            "wpe has {} elements, fewer than {} positions",
+            wpe.len(),
+            d.t_max
+        )));
     }
-    let shape = shape_uniform_for_piece(gpu, OP, d, piece, piece_rows)?;
+    let shape = shape_uniform_for_piece(&check, d, piece, piece_rows)?;
     gpu.dispatch(DispatchDesc {
         kernel: EMBEDDING_AT.with([&wte.dtype, &"f32", &d.t_max]),
         bindings: &[
@@ -177,7 +168,7 @@ pub fn embedding_at(
             Bind::Read(wpe),
             Bind::Write(out),
         ],
-        workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
+        workgroups: [check.fits_u32("samples", d.s)?, 1, 1],
         label: OP.into(),
     })
 }
@@ -194,14 +185,13 @@ pub fn attention_decode(
     qkv: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "attention_decode";
+    let check = Check::new(gpu, OP);
     for (what, t, n) in [
         ("out", out, d.s * d.c),
         ("cache", cache, d.t_max * d.s * 3 * d.c),
         ("qkv", qkv, d.s * 3 * d.c),
     ] {
-        check_float(gpu, OP, what, t)?;
-        t.expect_dtype(OP, what, &[qkv.dtype])?;
-        t.expect_len(OP, what, n)?;
+        check.arg(what, t).float()?.dtype(&[qkv.dtype])?.len(n)?;
     }
     if d.t_max > max_positions(gpu) {
         return Err(Error::Limit {
@@ -212,7 +202,7 @@ pub fn attention_decode(
             hint: "use a model with a smaller block size".into(),
         });
     }
-    let shape = shape_uniform(gpu, OP, d)?;
+    let shape = shape_uniform(&check, d)?;
     gpu.dispatch(DispatchDesc {
         kernel: ATTENTION_DECODE.with([&"f32", &qkv.dtype, &d.t_max]),
         bindings: &[
@@ -222,7 +212,7 @@ pub fn attention_decode(
             Bind::Write(cache),
             Bind::Write(out),
         ],
-        workgroups: [check_u32_range(OP, "samples x heads", d.s * d.nh)?, 1, 1],
+        workgroups: [check.fits_u32("samples x heads", d.s * d.nh)?, 1, 1],
         label: OP.into(),
     })
 }
@@ -239,13 +229,11 @@ pub fn topk_sample(
     uniforms: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "topk_sample";
-    check_u32(OP, "tokens", tokens)?;
-    tokens.expect_len(OP, "tokens", d.s)?;
-    check_float(gpu, OP, "logits", logits)?;
-    logits.expect_len(OP, "logits", d.s * d.vp)?;
-    uniforms.expect_dtype(OP, "uniforms", &[DType::F32])?;
-    uniforms.expect_len(OP, "uniforms", d.s)?;
-    let shape = shape_uniform(gpu, OP, d)?;
+    let check = Check::new(gpu, OP);
+    check.arg("tokens", tokens).u32()?.len(d.s)?;
+    check.arg("logits", logits).float()?.len(d.s * d.vp)?;
+    check.arg("uniforms", uniforms).f32()?.len(d.s)?;
+    let shape = shape_uniform(&check, d)?;
     gpu.dispatch(DispatchDesc {
         kernel: TOPK_SAMPLE.with([&"f32", &logits.dtype, &d.t_max]),
         bindings: &[
@@ -255,7 +243,7 @@ pub fn topk_sample(
             Bind::Read(uniforms),
             Bind::Write(tokens),
         ],
-        workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
+        workgroups: [check.fits_u32("samples", d.s)?, 1, 1],
         label: OP.into(),
     })
 }

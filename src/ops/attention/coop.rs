@@ -9,11 +9,11 @@
 //! (as `MatmulKernel::CoopEmulated` does for the matmul), so that the kernels can be checked on
 //! adapters without cooperative matrices; never chosen for training.
 
-use super::{check_distinct, check_f32_tensor, check_tensor, flash_params, Dims};
-use crate::error::{Error, Result};
+use super::{flash_params, Dims};
+use crate::error::Result;
 use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 use crate::ops::matmul::{coop_disabled_by_env, coop_subgroup_size, relative_difference};
-use crate::ops::{check_u32_range, FLOATS};
+use crate::ops::{Check, FLOATS};
 
 const SHADER: &str = "attention_coop";
 
@@ -137,39 +137,30 @@ impl CoopAttention {
     }
 
     /// Checks the configuration, the adapter and the shapes; returns the subgroup size.
-    fn check(self, gpu: &Gpu, op: &'static str, d: &Dims, qkv: &Tensor) -> Result<u32> {
+    fn check(self, check: &Check, d: &Dims, qkv: &Tensor) -> Result<u32> {
+        let gpu = check.gpu();
         if !COOP_ATTENTION_TILES.contains(&(self.warps, self.bn)) {
-            return Err(Error::shape(
-                op,
-                format!("unsupported tile {self:?}; (warps, BN) one of {COOP_ATTENTION_TILES:?}"),
-            ));
+            return Err(check.error(format!(
+                "unsupported tile {self:?}; (warps, BN) one of {COOP_ATTENTION_TILES:?}"
+            )));
         }
         if !Self::supports_head_size(d.hs) {
-            return Err(Error::shape(
-                op,
-                format!("head size {} is not a multiple of 16", d.hs),
-            ));
+            return Err(check.error(format!("head size {} is not a multiple of 16", d.hs)));
         }
         if qkv.dtype != DType::F16 {
-            return Err(Error::shape(
-                op,
-                format!("qkv must be f16, got {}", qkv.dtype.name()),
-            ));
+            return Err(check.error(format!("qkv must be f16, got {}", qkv.dtype.name())));
         }
-        let subgroup = coop_subgroup_size(gpu, self.emulate).map_err(|w| Error::shape(op, w))?;
+        let subgroup = coop_subgroup_size(gpu, self.emulate).map_err(|w| check.error(w))?;
         if !self.fits(gpu, d.hs, subgroup) {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "{self:?} needs {} invocations and {} bytes of workgroup memory at head size \
+            return Err(check.error(format!(
+                "{self:?} needs {} invocations and {} bytes of workgroup memory at head size \
                      {}, the adapter offers {} and {}",
-                    self.warps * subgroup,
-                    self.workgroup_bytes(d.hs as u32),
-                    d.hs,
-                    gpu.limits.max_compute_invocations_per_workgroup,
-                    gpu.limits.max_compute_workgroup_storage_size
-                ),
-            ));
+                self.warps * subgroup,
+                self.workgroup_bytes(d.hs as u32),
+                d.hs,
+                gpu.limits.max_compute_invocations_per_workgroup,
+                gpu.limits.max_compute_workgroup_storage_size
+            )));
         }
         Ok(subgroup)
     }
@@ -220,13 +211,14 @@ pub fn coop_attention_forward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "coop_attention_forward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    let subgroup = cfg.check(gpu, OP, &d, qkv)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "lse", lse, d.bht())?;
-    check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    let subgroup = cfg.check(&check, &d, qkv)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("lse", lse).f32()?.len(d.bht())?;
+    check.no_alias(&[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
-    let n_work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
+    let n_work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
     let params = gpu.uniform(&flash_params(&d, n_blocks, n_work));
     let dispatch = gpu.dispatch(DispatchDesc {
         kernel: cfg.forward(d.hs, subgroup, out.dtype),
@@ -260,12 +252,13 @@ pub fn coop_attention_backward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "coop_attention_backward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    let subgroup = cfg.check(gpu, OP, &d, qkv)?;
-    super::check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
-    let preprocess = super::flash_preprocess(gpu, OP, &d, dout, out, d_scratch)?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    let subgroup = cfg.check(&check, &d, qkv)?;
+    super::check_flash_backward(&check, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
+    let preprocess = super::flash_preprocess(&check, &d, dout, out, d_scratch)?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
-    let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
+    let work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
     let pass = |kernel: &Kernel<8>, what: &str| {
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
         gpu.dispatch(DispatchDesc {

@@ -31,7 +31,7 @@ pub use coop::{
     coop_attention_status, CoopAttention, COOP_ATTENTION_TILES,
 };
 
-use super::{check_u32_range, FLOATS};
+use super::{Check, FLOATS};
 use crate::error::{Error, Result};
 use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
@@ -203,49 +203,30 @@ struct Dims {
 impl Dims {
     /// Derives C from `qkv` (B*T*3C elements) and checks everything that does not depend on the
     /// other tensors.
-    fn new(
-        gpu: &Gpu,
-        op: &'static str,
-        qkv: &Tensor,
-        b: usize,
-        t: usize,
-        nh: usize,
-    ) -> Result<Dims> {
+    fn new(check: &Check, qkv: &Tensor, b: usize, t: usize, nh: usize) -> Result<Dims> {
         if b == 0 || t == 0 || nh == 0 {
-            return Err(Error::shape(
-                op,
-                format!("B={b}, T={t} and NH={nh} must all be positive"),
-            ));
+            return Err(check.error(format!("B={b}, T={t} and NH={nh} must all be positive")));
         }
-        super::check_float(gpu, op, "qkv", qkv)?;
+        check.arg("qkv", qkv).float()?;
         let rows = b * t * 3;
         if qkv.is_empty() || !qkv.len().is_multiple_of(rows) {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "qkv has {} elements (shape {:?}), not B*T*3C for B={b}, T={t}",
-                    qkv.len(),
-                    qkv.shape
-                ),
-            ));
+            return Err(check.error(format!(
+                "qkv has {} elements (shape {:?}), not B*T*3C for B={b}, T={t}",
+                qkv.len(),
+                qkv.shape
+            )));
         }
         let c = qkv.len() / rows;
         if !c.is_multiple_of(nh) {
-            return Err(Error::shape(
-                op,
-                format!("C={c} is not divisible by NH={nh}"),
-            ));
+            return Err(check.error(format!("C={c} is not divisible by NH={nh}")));
         }
         let hs = c / nh;
         if hs > MAX_HEAD_SIZE {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "head size C/NH = {hs} is above the supported {MAX_HEAD_SIZE}; use more heads"
-                ),
-            ));
+            return Err(check.error(format!(
+                "head size C/NH = {hs} is above the supported {MAX_HEAD_SIZE}; use more heads"
+            )));
         }
-        check_u32_range(op, "B*T*3C", qkv.len())?;
+        check.fits_u32("B*T*3C", qkv.len())?;
         Ok(Dims { b, t, nh, c, hs })
     }
 
@@ -260,37 +241,6 @@ impl Dims {
     fn bht(&self) -> usize {
         self.b * self.nh * self.t
     }
-}
-
-fn check_tensor(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    super::check_float(gpu, op, what, t)?;
-    t.expect_len(op, what, n)
-}
-
-fn check_f32_tensor(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    super::check_f32(op, what, t)?;
-    t.expect_len(op, what, n)
-}
-
-/// wgpu refuses a buffer bound both read-only and writable in one dispatch; say so by name.
-fn check_distinct(
-    op: &'static str,
-    writes: &[(&str, &Tensor)],
-    reads: &[(&str, &Tensor)],
-) -> Result<()> {
-    for (wn, w) in writes {
-        for (rn, r) in reads {
-            if w.buffer == r.buffer {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "{wn} and {rn} share a buffer; the output must live in a buffer of its own"
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The accumulate layout's number of threads across the head dimension: the largest power of
@@ -382,13 +332,12 @@ impl FlashTiles {
         })
     }
 
-    fn check(&self, gpu: &Gpu, op: &'static str, hs: usize) -> Result<()> {
+    fn check(&self, check: &Check, hs: usize) -> Result<()> {
+        let gpu = check.gpu();
         if !FORWARD_TILES.contains(&(self.br, self.bc))
             || !BACKWARD_TILES.contains(&(self.bq, self.bk))
         {
-            return Err(Error::shape(
-                op,
-                format!("unsupported tiles {self:?}; forward (BR, BC) one of {FORWARD_TILES:?}, backward (BQ, BK) one of {BACKWARD_TILES:?}"),
+            return Err(check.error(format!("unsupported tiles {self:?}; forward (BR, BC) one of {FORWARD_TILES:?}, backward (BQ, BK) one of {BACKWARD_TILES:?}"),
             ));
         }
         let limit = gpu.limits.max_compute_workgroup_storage_size as u64;
@@ -396,7 +345,7 @@ impl FlashTiles {
             .max(Self::backward_bytes(self.bq, self.bk, hs as u32));
         if need > limit {
             return Err(Error::Limit {
-                what: format!("{op} with tiles {self:?} at head size {hs}"),
+                what: format!("{} with tiles {self:?} at head size {hs}", check.op()),
                 needed: format!("{need} bytes of workgroup memory"),
                 available: format!("{limit} bytes"),
                 adapter: gpu.info.name.clone(),
@@ -431,7 +380,7 @@ pub fn flash_attention_forward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let d = Dims::new(gpu, "flash_attention_forward", qkv, b, t, nh)?;
+    let d = Dims::new(&Check::new(gpu, "flash_attention_forward"), qkv, b, t, nh)?;
     let tiles = FlashTiles::choose(gpu, d.hs)?;
     flash_attention_forward_tiled(gpu, tiles, out, lse, qkv, b, t, nh)
 }
@@ -449,13 +398,14 @@ pub fn flash_attention_forward_tiled(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "flash_attention_forward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    tiles.check(gpu, OP, d.hs)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "lse", lse, d.bht())?;
-    check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    tiles.check(&check, d.hs)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("lse", lse).f32()?.len(d.bht())?;
+    check.no_alias(&[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
     let n_qb = d.t.div_ceil(tiles.br as usize);
-    let n_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
+    let n_work = check.fits_u32("workgroups", n_qb * d.b * d.nh)?;
     let params = gpu.uniform(&flash_params(&d, n_qb, n_work));
     let dispatch = gpu.dispatch(DispatchDesc {
         kernel: FLASH_FORWARD.with([
@@ -497,7 +447,7 @@ pub fn flash_attention_backward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let d = Dims::new(gpu, "flash_attention_backward", qkv, b, t, nh)?;
+    let d = Dims::new(&Check::new(gpu, "flash_attention_backward"), qkv, b, t, nh)?;
     let tiles = FlashTiles::choose(gpu, d.hs)?;
     flash_attention_backward_tiled(gpu, tiles, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
 }
@@ -515,7 +465,7 @@ pub fn attention_forward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let hs = Dims::new(gpu, "attention_forward", qkv, b, t, nh)?.hs;
+    let hs = Dims::new(&Check::new(gpu, "attention_forward"), qkv, b, t, nh)?.hs;
     match auto_coop_attention(gpu, hs, qkv.dtype) {
         Some(cfg) => coop_attention_forward(gpu, cfg, out, lse, qkv, b, t, nh),
         None => flash_attention_forward(gpu, out, lse, qkv, b, t, nh),
@@ -536,7 +486,7 @@ pub fn attention_backward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let hs = Dims::new(gpu, "attention_backward", qkv, b, t, nh)?.hs;
+    let hs = Dims::new(&Check::new(gpu, "attention_backward"), qkv, b, t, nh)?.hs;
     match auto_coop_attention(gpu, hs, qkv.dtype) {
         Some(cfg) => {
             coop_attention_backward(gpu, cfg, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
@@ -549,8 +499,7 @@ pub fn attention_backward(
 /// and that no output aliases an input.
 #[allow(clippy::too_many_arguments)]
 fn check_flash_backward(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     d: &Dims,
     dqkv: &Tensor,
     dout: &Tensor,
@@ -559,18 +508,13 @@ fn check_flash_backward(
     lse: &Tensor,
     d_scratch: &Tensor,
 ) -> Result<()> {
-    check_tensor(gpu, op, "dqkv", dqkv, d.bt() * 3 * d.c)?;
-    check_tensor(gpu, op, "dout", dout, d.bt() * d.c)?;
-    check_tensor(gpu, op, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(op, "lse", lse, d.bht())?;
-    check_f32_tensor(op, "d_scratch", d_scratch, d.bht())?;
-    check_distinct(
-        op,
-        &[("d_scratch", d_scratch)],
-        &[("dout", dout), ("out", out)],
-    )?;
-    check_distinct(
-        op,
+    check.arg("dqkv", dqkv).float()?.len(d.bt() * 3 * d.c)?;
+    check.arg("dout", dout).float()?.len(d.bt() * d.c)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("lse", lse).f32()?.len(d.bht())?;
+    check.arg("d_scratch", d_scratch).f32()?.len(d.bht())?;
+    check.no_alias(&[("d_scratch", d_scratch)], &[("dout", dout), ("out", out)])?;
+    check.no_alias(
         &[("dqkv", dqkv)],
         &[
             ("qkv", qkv),
@@ -598,15 +542,16 @@ pub fn flash_attention_backward_tiled(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "flash_attention_backward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    tiles.check(gpu, OP, d.hs)?;
-    check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    tiles.check(&check, d.hs)?;
+    check_flash_backward(&check, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
 
     // Two passes over the same inputs: dQ per query block, which also sums D into `d_scratch`,
     // then dK/dV per key block, which reads it.
     let pass = |kernel: &Kernel<7>, block: u32, what: &str, d_bind: Bind<'_>| {
         let n_blocks = d.t.div_ceil(block as usize);
-        let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
+        let work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
         gpu.dispatch(DispatchDesc {
             kernel: kernel.with([
@@ -643,14 +588,14 @@ pub fn flash_attention_backward_tiled(
 /// The cooperative-matrix backward's first dispatch: D = rowsum(dout * out) into `d_scratch`
 /// (B, NH, T) f32.
 fn flash_preprocess(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     d: &Dims,
     dout: &Tensor,
     out: &Tensor,
     d_scratch: &Tensor,
 ) -> Result<Dispatch> {
-    let n_rows = check_u32_range(op, "B*T*NH", d.bht())?;
+    let gpu = check.gpu();
+    let n_rows = check.fits_u32("B*T*NH", d.bht())?;
     let pre_params = gpu.uniform(&flash_params(d, 0, n_rows));
     gpu.dispatch(DispatchDesc {
         kernel: FLASH_PREPROCESS.with([&dout.dtype, &out.dtype]),
@@ -661,7 +606,7 @@ fn flash_preprocess(
             Bind::Write(d_scratch),
         ],
         workgroups: gpu.grid(n_rows.div_ceil(256)),
-        label: format!("{op}.preprocess"),
+        label: format!("{}.preprocess", check.op()),
     })
 }
 
@@ -681,14 +626,14 @@ fn naive_params(d: &Dims, n_work: u32) -> NaiveParams {
 }
 
 /// Workgroup counts of the naive kernels: (score tiles, rows, (row tile x head-dim tile)s).
-fn naive_grids(op: &'static str, d: &Dims) -> Result<(u32, u32, u32)> {
+fn naive_grids(check: &Check, d: &Dims) -> Result<(u32, u32, u32)> {
     let bh = d.b * d.nh;
     let tiles_t = d.t.div_ceil(16);
-    check_u32_range(op, "B*NH*T*T", bh * d.t * d.t)?;
+    check.fits_u32("B*NH*T*T", bh * d.t * d.t)?;
     Ok((
-        check_u32_range(op, "workgroups", bh * tiles_t * tiles_t)?,
-        check_u32_range(op, "workgroups", bh * d.t)?,
-        check_u32_range(op, "workgroups", bh * tiles_t * d.hs.div_ceil(16))?,
+        check.fits_u32("workgroups", bh * tiles_t * tiles_t)?,
+        check.fits_u32("workgroups", bh * d.t)?,
+        check.fits_u32("workgroups", bh * tiles_t * d.hs.div_ceil(16))?,
     ))
 }
 
@@ -728,11 +673,12 @@ pub fn naive_attention_forward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "naive_attention_forward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
-    check_distinct(OP, &[("out", out), ("att", att)], &[("qkv", qkv)])?;
-    let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("att", att).f32()?.len(d.bht() * d.t)?;
+    check.no_alias(&[("out", out), ("att", att)], &[("qkv", qkv)])?;
+    let (score_wg, row_wg, value_wg) = naive_grids(&check, &d)?;
     Ok(vec![
         naive_dispatch(
             gpu,
@@ -778,18 +724,20 @@ pub fn naive_attention_backward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "naive_attention_backward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    check_tensor(gpu, OP, "dqkv", dqkv, d.bt() * 3 * d.c)?;
-    check_tensor(gpu, OP, "dout", dout, d.bt() * d.c)?;
-    check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
-    check_f32_tensor(OP, "datt_scratch", datt_scratch, d.bht() * d.t)?;
-    check_distinct(
-        OP,
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    check.arg("dqkv", dqkv).float()?.len(d.bt() * 3 * d.c)?;
+    check.arg("dout", dout).float()?.len(d.bt() * d.c)?;
+    check.arg("att", att).f32()?.len(d.bht() * d.t)?;
+    check
+        .arg("datt_scratch", datt_scratch)
+        .f32()?
+        .len(d.bht() * d.t)?;
+    check.no_alias(
         &[("datt_scratch", datt_scratch)],
         &[("dout", dout), ("qkv", qkv), ("att", att)],
     )?;
-    check_distinct(
-        OP,
+    check.no_alias(
         &[("dqkv", dqkv)],
         &[
             ("dout", dout),
@@ -798,7 +746,7 @@ pub fn naive_attention_backward(
             ("datt_scratch", datt_scratch),
         ],
     )?;
-    let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
+    let (score_wg, row_wg, value_wg) = naive_grids(&check, &d)?;
     Ok(vec![
         naive_dispatch(
             gpu,

@@ -45,7 +45,8 @@ pub use split::{
 };
 pub use tiled::{TileConfig, TILE_CONFIGS};
 
-use super::{check_f32, check_float, check_u32_range, FLOATS};
+use super::check::Arg;
+use super::{Check, FLOATS};
 use crate::error::{Error, Result};
 use crate::gpu::{
     Axis, Bind, DType, DefineValue, Dispatch, DispatchDesc, Gpu, Specialisation, Tensor,
@@ -310,29 +311,24 @@ struct TiledParams {
 
 fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result<Dispatch> {
     let op = prod.op;
+    let check = Check::new(gpu, op);
     // Every element index the shader forms must fit its u32 arithmetic.
     let a_rows = if prod.a_trans { prod.inner } else { prod.rows };
-    check_u32_range(
-        op,
+    check.fits_u32(
         "A's last element",
         prod.a_window.start + a_rows * prod.a_window.stride,
     )?;
-    check_u32_range(op, "inner * cols", prod.inner * prod.cols)?;
-    check_u32_range(
-        op,
+    check.fits_u32("inner * cols", prod.inner * prod.cols)?;
+    check.fits_u32(
         "C's last element",
         prod.c_window.start + prod.slices.count * prod.rows * prod.c_window.stride,
     )?;
     if prod.row_sums.is_some() {
         if prod.bias.is_some() || !matches!(prod.epilogue, Epilogue::Plain) {
-            return Err(Error::shape(
-                op,
-                "row sums go with a plain product only (no bias, no GELU)",
-            ));
+            return Err(check.error("row sums go with a plain product only (no bias, no GELU)"));
         }
         // A split product stores them after C's partials.
-        check_u32_range(
-            op,
+        check.fits_u32(
             "the row sums' partials",
             prod.slices.count * (prod.rows * prod.cols + prod.rows),
         )?;
@@ -345,7 +341,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         None => choose_kernel(gpu, prod, &no_split)?,
     };
     if prod.row_sums.is_some() && kernel == MatmulKernel::Rows {
-        return Err(Error::shape(op, "the rows kernel does not sum rows"));
+        return Err(check.error("the rows kernel does not sum rows"));
     }
     let row_sums = prod.row_sums.is_some();
     let gelu = match prod.epilogue {
@@ -396,7 +392,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
             let emulate = matches!(kernel, MatmulKernel::CoopEmulated(_));
             let variant = CoopVariant {
                 tile,
-                subgroup: coop_subgroup_size(gpu, emulate).map_err(|why| Error::shape(op, why))?,
+                subgroup: coop_subgroup_size(gpu, emulate).map_err(|why| check.error(why))?,
                 c_dtype: prod.c.dtype,
                 a_trans: prod.a_trans,
                 b_trans: prod.b_trans,
@@ -418,11 +414,10 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
             (tile.bm(), tile.bn(), variant.specialise())
         }
     };
-    let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(bm as usize))?;
-    let tiles_n = check_u32_range(op, "column tiles", prod.cols.div_ceil(bn as usize))?;
-    let tiles = check_u32_range(op, "tiles", tiles_m as usize * tiles_n as usize)?;
-    let workgroups = check_u32_range(
-        op,
+    let tiles_m = check.fits_u32("row tiles", prod.rows.div_ceil(bm as usize))?;
+    let tiles_n = check.fits_u32("column tiles", prod.cols.div_ceil(bn as usize))?;
+    let tiles = check.fits_u32("tiles", tiles_m as usize * tiles_n as usize)?;
+    let workgroups = check.fits_u32(
         "workgroups (tiles x K slices)",
         tiles as usize * prod.slices.count,
     )?;
@@ -469,131 +464,29 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
     })
 }
 
-/// (N, K) of a weight, which must be 2-D and non-empty.
-fn weight_dims(op: &'static str, what: &str, w: &Tensor) -> Result<(usize, usize)> {
-    match w.shape[..] {
-        [n, k] if n > 0 && k > 0 => Ok((n, k)),
-        _ => Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected a non-empty (N, K) matrix",
-                w.shape
-            ),
-        )),
-    }
-}
-
-/// Rows of `t` seen as (rows, width) with leading dimensions flattened. A tensor of rank >= 2
-/// must have `width` as its last dimension; a flat one just a multiple of `width` elements.
-fn rows_of(op: &'static str, what: &str, t: &Tensor, width: usize) -> Result<usize> {
-    let last_ok = t.shape.len() < 2 || t.shape.last() == Some(&width);
-    if !last_ok || t.is_empty() || !t.len().is_multiple_of(width) {
-        return Err(Error::shape(
-            op,
-            format!("{what} has shape {:?}, expected (..., {width})", t.shape),
-        ));
-    }
-    Ok(t.len() / width)
-}
-
-/// Checks `t` is (rows, width) up to flattening of its leading dimensions.
-fn expect_rows(op: &'static str, what: &str, t: &Tensor, rows: usize, width: usize) -> Result<()> {
-    let got = rows_of(op, what, t, width)?;
-    if got != rows {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected {rows} rows of {width}",
-                t.shape
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// The window of `t` (rows of `width` elements, leading dimensions flattened) that holds a
 /// `rows x cols` matrix: columns `start..start + cols` when `columns` is `Some(start)` (the
 /// matrix lies inside wider rows), else the whole tensor, which must then be `rows x cols`.
-fn window(
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    rows: usize,
-    cols: usize,
-    columns: Option<usize>,
-) -> Result<Window> {
-    let Some(start) = columns else {
-        expect_rows(op, what, t, rows, cols)?;
-        return Ok(Window::whole(cols));
-    };
-    let width = *t.shape.last().unwrap_or(&0);
-    if width == 0 || start + cols > width {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}: columns {start}..{} are outside its rows",
-                t.shape,
-                start + cols
-            ),
-        ));
-    }
-    expect_rows(op, what, t, rows, width)?;
-    Ok(Window {
-        start,
-        stride: width,
+fn window(t: Arg<'_>, rows: usize, cols: usize, columns: Option<usize>) -> Result<Window> {
+    Ok(match columns {
+        Some(start) => Window {
+            start,
+            stride: t.columns(rows, start, cols)?,
+        },
+        None => {
+            t.rows_of(rows, cols)?;
+            Window::whole(cols)
+        }
     })
 }
 
 /// Rows of a matrix operand `cols` wide, or of the wider rows it is a window of (`columns`).
-fn window_rows(
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    cols: usize,
-    columns: Option<usize>,
-) -> Result<usize> {
+fn window_rows(t: Arg<'_>, cols: usize, columns: Option<usize>) -> Result<usize> {
     let width = match columns {
-        Some(_) => *t.shape.last().unwrap_or(&0),
+        Some(_) => *t.tensor().shape.last().unwrap_or(&0),
         None => cols,
     };
-    rows_of(op, what, t, width.max(1))
-}
-
-/// Whether two tensor views share any byte.
-fn overlaps(x: &Tensor, y: &Tensor) -> bool {
-    x.buffer == y.buffer
-        && x.offset < y.offset + y.byte_size()
-        && y.offset < x.offset + x.byte_size()
-}
-
-/// Outputs may not share a buffer with any input (wgpu forbids binding one buffer both read-only
-/// and writable in a dispatch), nor overlap each other.
-fn check_no_alias(
-    op: &'static str,
-    outputs: &[(&str, &Tensor)],
-    inputs: &[(&str, &Tensor)],
-) -> Result<()> {
-    for (i, (out_name, out)) in outputs.iter().enumerate() {
-        for (in_name, inp) in inputs {
-            if out.buffer == inp.buffer {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "{out_name} shares a buffer with {in_name}; outputs may not alias inputs"
-                    ),
-                ));
-            }
-        }
-        for (other_name, other) in &outputs[i + 1..] {
-            if overlaps(out, other) {
-                return Err(Error::shape(
-                    op,
-                    format!("{out_name} overlaps {other_name}"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    t.rows(width.max(1))
 }
 
 /// `out (=|+=) inp @ weight^T (+ bias)`, optionally followed by GELU (see [`MatmulForward`]).
@@ -608,31 +501,27 @@ pub fn matmul_forward(
     opts: &MatmulForward<'_>,
 ) -> Result<Dispatch> {
     const OP: &str = "matmul_forward";
-    check_float(gpu, OP, "out", out)?;
-    check_float(gpu, OP, "inp", inp)?;
-    check_float(gpu, OP, "weight", weight)?;
-    let (n, k) = weight_dims(OP, "weight", weight)?;
-    let m = rows_of(OP, "inp", inp, k)?;
-    let c_window = window(OP, "out", out, m, n, opts.out_columns)?;
+    let check = Check::new(gpu, OP);
+    let out_arg = check.arg("out", out).float()?;
+    let inp_arg = check.arg("inp", inp).float()?;
+    let (n, k) = check.arg("weight", weight).float()?.matrix(1)?;
+    let m = inp_arg.rows(k)?;
+    let c_window = window(out_arg, m, n, opts.out_columns)?;
     if opts.out_columns.is_some() && opts.gelu_pre.is_some() {
-        return Err(Error::shape(
-            OP,
-            "a GELU epilogue writes whole rows; it cannot be combined with out_columns",
-        ));
+        return Err(check
+            .error("a GELU epilogue writes whole rows; it cannot be combined with out_columns"));
     }
     let mut inputs = vec![("inp", inp), ("weight", weight)];
     if let Some(bias) = opts.bias {
-        check_float(gpu, OP, "bias", bias)?;
-        bias.expect_len(OP, "bias", n)?;
+        check.arg("bias", bias).float()?.len(n)?;
         inputs.push(("bias", bias));
     }
     let mut outputs = vec![("out", out)];
     if let Some(pre) = opts.gelu_pre {
-        check_float(gpu, OP, "gelu_pre", pre)?;
-        expect_rows(OP, "gelu_pre", pre, m, n)?;
+        check.arg("gelu_pre", pre).float()?.rows_of(m, n)?;
         outputs.push(("gelu_pre", pre));
     }
-    check_no_alias(OP, &outputs, &inputs)?;
+    check.no_alias(&outputs, &inputs)?;
     let prod = Product {
         op: OP,
         c: out,
@@ -680,20 +569,19 @@ fn backward_input_product<'a>(
     opts: &MatmulBackwardInput<'a>,
 ) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_input";
-    check_float(gpu, OP, "dinp", dinp)?;
-    check_float(gpu, OP, "dout", dout)?;
-    check_float(gpu, OP, "weight", weight)?;
-    let (n, k) = weight_dims(OP, "weight", weight)?;
-    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
-    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
-    expect_rows(OP, "dinp", dinp, m, k)?;
+    let check = Check::new(gpu, OP);
+    let dinp_arg = check.arg("dinp", dinp).float()?;
+    let dout_arg = check.arg("dout", dout).float()?;
+    let (n, k) = check.arg("weight", weight).float()?.matrix(1)?;
+    let m = window_rows(dout_arg, n, opts.dout_columns)?;
+    let a_window = window(dout_arg, m, n, opts.dout_columns)?;
+    dinp_arg.rows_of(m, k)?;
     let mut inputs = vec![("dout", dout), ("weight", weight)];
     if let Some(pre) = opts.gelu_pre {
-        check_float(gpu, OP, "gelu_pre", pre)?;
-        expect_rows(OP, "gelu_pre", pre, m, k)?;
+        check.arg("gelu_pre", pre).float()?.rows_of(m, k)?;
         inputs.push(("gelu_pre", pre));
     }
-    check_no_alias(OP, &[("dinp", dinp)], &inputs)?;
+    check.no_alias(&[("dinp", dinp)], &inputs)?;
     Ok(Product {
         op: OP,
         c: dinp,
@@ -750,20 +638,20 @@ fn backward_weight_product<'a>(
     opts: &MatmulBackwardWeight<'a>,
 ) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_weight";
-    check_float(gpu, OP, "dweight", dweight)?;
-    check_float(gpu, OP, "dout", dout)?;
-    check_float(gpu, OP, "inp", inp)?;
-    let (n, k) = weight_dims(OP, "dweight", dweight)?;
-    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
-    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
-    expect_rows(OP, "inp", inp, m, k)?;
+    let check = Check::new(gpu, OP);
+    let dweight_arg = check.arg("dweight", dweight).float()?;
+    let dout_arg = check.arg("dout", dout).float()?;
+    let inp_arg = check.arg("inp", inp).float()?;
+    let (n, k) = dweight_arg.matrix(1)?;
+    let m = window_rows(dout_arg, n, opts.dout_columns)?;
+    let a_window = window(dout_arg, m, n, opts.dout_columns)?;
+    inp_arg.rows_of(m, k)?;
     let mut outputs = vec![("dweight", dweight)];
     if let Some(dbias) = opts.dbias {
-        check_f32(OP, "dbias", dbias)?;
-        dbias.expect_len(OP, "dbias", n)?;
+        check.arg("dbias", dbias).f32()?.len(n)?;
         outputs.push(("dbias", dbias));
     }
-    check_no_alias(OP, &outputs, &[("dout", dout), ("inp", inp)])?;
+    check.no_alias(&outputs, &[("dout", dout), ("inp", inp)])?;
     Ok(Product {
         op: OP,
         c: dweight,
