@@ -4,9 +4,9 @@
 
 struct Params {
     n: u32,
+    value: f32, // fill: the value written
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -67,7 +67,7 @@ fn cast_dtype(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     c_out[i] = {{OUT_T}}(f32(c_inp[i]));
 }
 
-// ---- fill: out = value (value's f32 bits in p._pad0) ----------------------------------------
+// ---- fill: out = value --------------------------------------------------------------------------
 @group(0) @binding(1) var<storage, read_write> f_out: array<{{OUT_T}}>; // (n)
 
 @compute @workgroup_size(256)
@@ -75,5 +75,5 @@ fn fill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
-    f_out[i] = {{OUT_T}}(bitcast<f32>(p._pad0));
+    f_out[i] = {{OUT_T}}(p.value);
 }

@@ -15,7 +15,7 @@ fn linear_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 #if FORWARD
 // ---- embedding_forward: out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :] ---------------------------
 // One thread per output element (coalesced along C).
-struct Params {
+struct ForwardParams {
     rows: u32, // B*T
     t: u32,
     c: u32,
@@ -26,7 +26,7 @@ struct Params {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> p: ForwardParams;
 @group(0) @binding(1) var<storage, read> ef_tokens: array<u32>;          // (B*T)
 @group(0) @binding(2) var<storage, read> ef_wte: array<{{WTE_T}}>;       // (piece_rows, C)
 @group(0) @binding(3) var<storage, read> ef_wpe: array<{{WPE_T}}>;       // (block, C), block >= T

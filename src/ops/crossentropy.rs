@@ -1,12 +1,42 @@
 //! Launchers for `shaders/crossentropy.wgsl`: fused softmax + cross-entropy (forward and,
 //! optionally, the logits' gradient written in place) and the mean of the per-row losses.
 
-use super::{
-    check_f32, check_float, check_u32, check_u32_range, uses_subgroup_reductions, Params4,
-};
-use crate::defines;
+use super::{uses_subgroup_reductions, Check, FLOATS, SUBGROUPS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
+
+/// Values: the logits' storage type, whether dlogits are written, [`uses_subgroup_reductions`].
+const FORWARD_BACKWARD: Kernel<3> = Kernel {
+    shader: "crossentropy",
+    entry: "crossentropy_forward_backward",
+    fixed: &[("FORWARD_BACKWARD", "1")],
+    axes: [
+        Axis::new("LOGIT_T", FLOATS),
+        Axis::new("BACKWARD", &["true", "false"]),
+        SUBGROUPS,
+    ],
+};
+
+/// Value: [`uses_subgroup_reductions`].
+const LOSS_MEAN: Kernel<1> = Kernel {
+    shader: "crossentropy",
+    entry: "loss_mean",
+    fixed: &[("LOSS_MEAN", "1")],
+    axes: [SUBGROUPS],
+};
+
+/// Uniform block `Params` of `shaders/crossentropy.wgsl`'s forward and backward.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    /// Rows.
+    n: u32,
+    /// Columns per row (the padded vocabulary).
+    vp: u32,
+    /// The real vocabulary: columns from `v` on are masked out.
+    v: u32,
+    _pad: u32,
+}
 
 /// Per-row losses and (with `backward`) the logits' gradient, in one pass over each row.
 ///
@@ -28,46 +58,33 @@ pub fn crossentropy_forward_backward(
     backward: bool,
 ) -> Result<Dispatch> {
     const OP: &str = "crossentropy_forward_backward";
-    check_float(gpu, OP, "logits", logits)?;
+    let check = Check::new(gpu, OP);
+    check.arg("logits", logits).float()?;
     let vp = *logits.shape.last().unwrap_or(&0);
     if vp == 0 {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "logits has shape {:?}, expected [N, Vp] with Vp > 0",
-                logits.shape
-            ),
-        ));
+        return Err(check.error(format!(
+            "logits has shape {:?}, expected [N, Vp] with Vp > 0",
+            logits.shape
+        )));
     }
     if v == 0 || v > vp {
-        return Err(Error::shape(
-            OP,
-            format!("vocabulary v = {v} must be in 1..={vp} (the logits' last dimension)"),
-        ));
+        return Err(check.error(format!(
+            "vocabulary v = {v} must be in 1..={vp} (the logits' last dimension)"
+        )));
     }
     let n = logits.len() / vp;
-    check_f32(OP, "losses", losses)?;
-    losses.expect_len(OP, "losses", n)?;
-    check_u32(OP, "targets", targets)?;
-    targets.expect_len(OP, "targets", n)?;
-    check_f32(OP, "dloss", dloss)?;
-    dloss.expect_len(OP, "dloss", 1)?;
-    check_u32_range(OP, "N * Vp", logits.len())?;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: vp as u32,
-        c: v as u32,
-        d: 0,
+    check.arg("losses", losses).f32()?.len(n)?;
+    check.arg("targets", targets).u32()?.len(n)?;
+    check.arg("dloss", dloss).f32()?.len(1)?;
+    check.fits_u32("N * Vp", logits.len())?;
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        vp: vp as u32,
+        v: v as u32,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "crossentropy",
-        entry: "crossentropy_forward_backward",
-        defines: defines![
-            ("FORWARD_BACKWARD", 1),
-            ("LOGIT_T", logits.dtype.wgsl()),
-            ("BACKWARD", backward),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: FORWARD_BACKWARD.with([&logits.dtype, &backward, &uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Write(logits),
@@ -77,7 +94,6 @@ pub fn crossentropy_forward_backward(
         ],
         workgroups: gpu.grid(n as u32),
         label: OP.to_string(),
-        family: "crossentropy",
     })
 }
 
@@ -96,6 +112,7 @@ pub fn check_targets(targets: &[u32], v: usize) -> Result<()> {
     }
 }
 
+/// Uniform block `MeanParams` of `shaders/crossentropy.wgsl`'s loss mean.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct MeanParams {
@@ -117,10 +134,10 @@ pub fn loss_mean(
     accumulate: bool,
 ) -> Result<Dispatch> {
     const OP: &str = "loss_mean";
-    check_f32(OP, "out", out)?;
-    out.expect_len(OP, "out", 1)?;
-    check_f32(OP, "losses", losses)?;
-    let n = check_u32_range(OP, "N", losses.len())?;
+    let check = Check::new(gpu, OP);
+    check.arg("out", out).f32()?.len(1)?;
+    check.arg("losses", losses).f32()?;
+    let n = check.fits_u32("N", losses.len())?;
     let params = gpu.uniform(&MeanParams {
         n,
         accumulate: accumulate as u32,
@@ -128,32 +145,15 @@ pub fn loss_mean(
         _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "crossentropy",
-        entry: "loss_mean",
-        defines: defines![
-            ("LOSS_MEAN", 1),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: LOSS_MEAN.with([&uses_subgroup_reductions(gpu)]),
         bindings: &[Bind::Uniform(&params), Bind::Read(losses), Bind::Write(out)],
         workgroups: [1, 1, 1],
         label: OP.to_string(),
-        family: "crossentropy",
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let mut v = super::combinations(
-        "crossentropy",
-        &[
-            ("FORWARD_BACKWARD", &["1"]),
-            ("LOGIT_T", &["f32", "f16"]),
-            ("BACKWARD", &["true", "false"]),
-            super::SUBGROUPS_AXIS,
-        ],
-    );
-    v.extend(super::combinations(
-        "crossentropy",
-        &[("LOSS_MEAN", &["1"]), super::SUBGROUPS_AXIS],
-    ));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FORWARD_BACKWARD.variants();
+    v.extend(LOSS_MEAN.variants());
     v
 }

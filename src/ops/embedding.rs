@@ -6,12 +6,35 @@
 //! `model::storage`): each launch then handles the tokens of one piece ([`TablePiece`]), and
 //! one launch per piece covers every position exactly once.
 
-use super::{check_f32, check_float, check_u32, check_u32_range, Params4};
-use crate::defines;
-use crate::error::{Error, Result};
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use super::{Check, FLOATS};
+use crate::error::Result;
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 const WG: u32 = 256;
+
+/// Values: the storage types of wte and wpe.
+const FORWARD: Kernel<2> = Kernel {
+    shader: "embedding",
+    entry: "embedding_forward",
+    fixed: &[("FORWARD", "1")],
+    axes: [Axis::new("WTE_T", FLOATS), Axis::new("WPE_T", FLOATS)],
+};
+
+/// Value: dout's storage type.
+const BACKWARD_WTE: Kernel<1> = Kernel {
+    shader: "embedding",
+    entry: "embedding_backward_wte",
+    fixed: &[("BACKWARD_WTE", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS)],
+};
+
+/// Value: dout's storage type.
+const BACKWARD_WPE: Kernel<1> = Kernel {
+    shader: "embedding",
+    entry: "embedding_backward_wpe",
+    fixed: &[("BACKWARD_WPE", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS)],
+};
 
 /// Which rows of the token table a `wte` tensor holds: rows `first..first + its rows` of a table
 /// of `total` rows.
@@ -31,23 +54,20 @@ impl TablePiece {
     }
 
     /// Checks a piece tensor of `rows` rows lies within the table.
-    fn check(self, op: &'static str, rows: usize) -> Result<()> {
+    fn check(self, check: &Check, rows: usize) -> Result<()> {
         if self.first + rows > self.total {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "a piece of {rows} rows from row {} is outside a table of {} rows",
-                    self.first, self.total
-                ),
-            ));
+            return Err(check.error(format!(
+                "a piece of {rows} rows from row {} is outside a table of {} rows",
+                self.first, self.total
+            )));
         }
-        check_u32_range(op, "table rows", self.total)?;
+        check.fits_u32("table rows", self.total)?;
         Ok(())
     }
 
-    /// The uniform of a launch over `rows` positions (sequences of `t`) of `c` channels, for a
+    /// The forward's uniform for `rows` positions (sequences of `t`) of `c` channels, for a
     /// piece of `piece_rows` rows.
-    fn params(self, rows: usize, t: usize, c: usize, piece_rows: usize) -> ForwardParams {
+    fn forward_params(self, rows: usize, t: usize, c: usize, piece_rows: usize) -> ForwardParams {
         ForwardParams {
             rows: rows as u32,
             t: t as u32,
@@ -55,59 +75,71 @@ impl TablePiece {
             vp: self.total as u32,
             first: self.first as u32,
             piece_rows: piece_rows as u32,
-            _pad: [0; 2],
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The token table's backward uniform for `positions` positions of `c` channels, for a
+    /// piece of `piece_rows` rows.
+    fn bucket_params(self, positions: usize, c: usize, piece_rows: usize) -> BucketParams {
+        BucketParams {
+            positions: positions as u32,
+            _unused: 0,
+            c: c as u32,
+            vp: self.total as u32,
+            first: self.first as u32,
+            piece_rows: piece_rows as u32,
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
 
+/// Uniform block `ForwardParams` of `shaders/embedding.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ForwardParams {
-    rows: u32, // B*T
+    /// Positions, B*T.
+    rows: u32,
     t: u32,
     c: u32,
-    vp: u32, // rows of the whole table (ids beyond are clamped)
+    /// Rows of the whole table (ids beyond are clamped).
+    vp: u32,
+    /// The piece's first row.
     first: u32,
+    /// Rows in this piece.
     piece_rows: u32,
-    _pad: [u32; 2],
+    _pad0: u32,
+    _pad1: u32,
 }
 
-/// Checks `t` is `[rows, c]` (2-D) with `rows >= min_rows`; returns (rows, c).
-fn table(op: &'static str, what: &str, t: &Tensor, min_rows: usize) -> Result<(usize, usize)> {
-    match t.shape[..] {
-        [rows, c] if rows >= min_rows.max(1) && c > 0 => Ok((rows, c)),
-        _ => Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected [rows >= {}, C > 0]",
-                t.shape,
-                min_rows.max(1)
-            ),
-        )),
-    }
+/// Uniform block `BucketParams` of `shaders/embedding.wgsl` (the token table's gradient).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BucketParams {
+    /// Positions, B*T.
+    positions: u32,
+    _unused: u32,
+    c: u32,
+    /// Rows of the whole table.
+    vp: u32,
+    /// The piece's first row.
+    first: u32,
+    /// Rows in this piece.
+    piece_rows: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
-/// Checks `t` has `b * t * c` elements and, when it is 3-D or 2-D, the matching shape.
-fn activations(
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    b: usize,
-    tt: usize,
-    c: usize,
-) -> Result<()> {
-    let ok = t.shape == [b, tt, c] || t.shape == [b * tt, c];
-    if !ok {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected [{b}, {tt}, {c}] or [{}, {c}]",
-                t.shape,
-                b * tt
-            ),
-        ));
-    }
-    Ok(())
+/// Uniform block `PosParams` of `shaders/embedding.wgsl` (the position table's gradient).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct PosParams {
+    b: u32,
+    t: u32,
+    c: u32,
+    _pad: u32,
 }
 
 /// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`, for the positions whose token lies in
@@ -130,39 +162,27 @@ pub fn embedding_forward(
     t: usize,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_forward";
+    let check = Check::new(gpu, OP);
     if b == 0 || t == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("B = {b} and T = {t} must be positive"),
-        ));
+        return Err(check.error(format!("B = {b} and T = {t} must be positive")));
     }
-    check_float(gpu, OP, "wte", wte)?;
-    check_float(gpu, OP, "wpe", wpe)?;
-    let (piece_rows, c) = table(OP, "wte", wte, 1)?;
-    piece.check(OP, piece_rows)?;
-    let (_, cp) = table(OP, "wpe", wpe, t)?;
+    let (piece_rows, c) = check.arg("wte", wte).float()?.matrix(1)?;
+    let (_, cp) = check.arg("wpe", wpe).float()?.matrix(t)?;
+    piece.check(&check, piece_rows)?;
     if cp != c {
-        return Err(Error::shape(
-            OP,
-            format!("wpe has C = {cp} but wte has C = {c}"),
-        ));
+        return Err(check.error(format!("wpe has C = {cp} but wte has C = {c}")));
     }
-    check_f32(OP, "out", out)?;
-    activations(OP, "out", out, b, t, c)?;
-    check_u32(OP, "tokens", tokens)?;
-    tokens.expect_len(OP, "tokens", b * t)?;
-    check_u32_range(OP, "B * T * C", b * t * c)?;
-    check_u32_range(OP, "Vp * C", wte.len())?;
+    check
+        .arg("out", out)
+        .f32()?
+        .shape_in(&[&[b, t, c], &[b * t, c]])?;
+    check.arg("tokens", tokens).u32()?.len(b * t)?;
+    check.fits_u32("B * T * C", b * t * c)?;
+    check.fits_u32("Vp * C", wte.len())?;
     let n = (b * t * c) as u32;
-    let params = gpu.uniform(&piece.params(b * t, t, c, piece_rows));
+    let params = gpu.uniform(&piece.forward_params(b * t, t, c, piece_rows));
     gpu.dispatch(DispatchDesc {
-        shader: "embedding",
-        entry: "embedding_forward",
-        defines: defines![
-            ("FORWARD", 1),
-            ("WTE_T", wte.dtype.wgsl()),
-            ("WPE_T", wpe.dtype.wgsl())
-        ],
+        kernel: FORWARD.with([&wte.dtype, &wpe.dtype]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(tokens),
@@ -172,7 +192,6 @@ pub fn embedding_forward(
         ],
         workgroups: gpu.grid(n.div_ceil(WG)),
         label: OP.to_string(),
-        family: "embedding",
     })
 }
 
@@ -227,32 +246,13 @@ pub fn embedding_backward(
     b: usize,
     t: usize,
 ) -> Result<Vec<Dispatch>> {
-    let (vp, _) = table("embedding_backward", "dwte", dwte, 1)?;
+    let (vp, _) = Check::new(gpu, "embedding_backward")
+        .arg("dwte", dwte)
+        .matrix(1)?;
     Ok(vec![
         embedding_backward_wte(gpu, dwte, TablePiece::whole(vp), dout, buckets, b, t)?,
         embedding_backward_wpe(gpu, dwpe, dout, b, t)?,
     ])
-}
-
-/// Checks B and T are positive and `dout` is (B*T, C); returns C.
-fn check_dout(
-    gpu: &Gpu,
-    op: &'static str,
-    dout: &Tensor,
-    b: usize,
-    t: usize,
-    c: usize,
-) -> Result<()> {
-    if b == 0 || t == 0 {
-        return Err(Error::shape(
-            op,
-            format!("B = {b} and T = {t} must be positive"),
-        ));
-    }
-    check_float(gpu, op, "dout", dout)?;
-    activations(op, "dout", dout, b, t, c)?;
-    check_u32_range(op, "B * T * C", b * t * c)?;
-    Ok(())
 }
 
 /// `dwte[tok - piece.first, :] += sum of dout[pos, :]` over the positions holding `tok`, for the
@@ -275,20 +275,25 @@ pub fn embedding_backward_wte(
     t: usize,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_backward";
-    check_f32(OP, "dwte", dwte)?;
-    let (piece_rows, c) = table(OP, "dwte", dwte, 1)?;
-    piece.check(OP, piece_rows)?;
-    check_dout(gpu, OP, dout, b, t, c)?;
-    check_u32(OP, "buckets", buckets)?;
+    let check = Check::new(gpu, OP);
+    let (piece_rows, c) = check.arg("dwte", dwte).f32()?.matrix(1)?;
+    piece.check(&check, piece_rows)?;
+    if b == 0 || t == 0 {
+        return Err(check.error(format!("B = {b} and T = {t} must be positive")));
+    }
+    check
+        .arg("dout", dout)
+        .float()?
+        .shape_in(&[&[b, t, c], &[b * t, c]])?;
+    check.fits_u32("B * T * C", b * t * c)?;
     let positions = b * t;
-    buckets.expect_len(OP, "buckets", embedding_buckets_len(positions))?;
-    check_u32_range(OP, "buckets length", embedding_buckets_len(positions))?;
-    check_u32_range(OP, "piece elements", dwte.len())?;
-    let params = gpu.uniform(&piece.params(positions, 0, c, piece_rows));
+    let buckets_len = embedding_buckets_len(positions);
+    check.arg("buckets", buckets).u32()?.len(buckets_len)?;
+    check.fits_u32("buckets length", buckets_len)?;
+    check.fits_u32("piece elements", dwte.len())?;
+    let params = gpu.uniform(&piece.bucket_params(positions, c, piece_rows));
     gpu.dispatch(DispatchDesc {
-        shader: "embedding",
-        entry: "embedding_backward_wte",
-        defines: defines![("BACKWARD_WTE", 1), ("DOUT_T", dout.dtype.wgsl())],
+        kernel: BACKWARD_WTE.with([&dout.dtype]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(buckets),
@@ -297,7 +302,6 @@ pub fn embedding_backward_wte(
         ],
         workgroups: gpu.grid(positions as u32),
         label: format!("{OP}.wte"),
-        family: "embedding",
     })
 }
 
@@ -313,19 +317,24 @@ pub fn embedding_backward_wpe(
     t: usize,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_backward";
-    check_f32(OP, "dwpe", dwpe)?;
-    let (_, c) = table(OP, "dwpe", dwpe, t)?;
-    check_dout(gpu, OP, dout, b, t, c)?;
-    let wpe_params = gpu.uniform(&Params4 {
-        a: b as u32,
-        b: t as u32,
+    let check = Check::new(gpu, OP);
+    let (_, c) = check.arg("dwpe", dwpe).f32()?.matrix(t)?;
+    if b == 0 || t == 0 {
+        return Err(check.error(format!("B = {b} and T = {t} must be positive")));
+    }
+    check
+        .arg("dout", dout)
+        .float()?
+        .shape_in(&[&[b, t, c], &[b * t, c]])?;
+    check.fits_u32("B * T * C", b * t * c)?;
+    let wpe_params = gpu.uniform(&PosParams {
+        b: b as u32,
+        t: t as u32,
         c: c as u32,
-        d: 0,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "embedding",
-        entry: "embedding_backward_wpe",
-        defines: defines![("BACKWARD_WPE", 1), ("DOUT_T", dout.dtype.wgsl())],
+        kernel: BACKWARD_WPE.with([&dout.dtype]),
         bindings: &[
             Bind::Uniform(&wpe_params),
             Bind::Read(dout),
@@ -333,21 +342,12 @@ pub fn embedding_backward_wpe(
         ],
         workgroups: gpu.grid(((t * c) as u32).div_ceil(WG)),
         label: format!("{OP}.wpe"),
-        family: "embedding",
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let f = &["f32", "f16"][..];
-    let one = &["1"][..];
-    let mut v = super::combinations("embedding", &[("FORWARD", one), ("WTE_T", f), ("WPE_T", f)]);
-    v.extend(super::combinations(
-        "embedding",
-        &[("BACKWARD_WTE", one), ("DOUT_T", f)],
-    ));
-    v.extend(super::combinations(
-        "embedding",
-        &[("BACKWARD_WPE", one), ("DOUT_T", f)],
-    ));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FORWARD.variants();
+    v.extend(BACKWARD_WTE.variants());
+    v.extend(BACKWARD_WPE.variants());
     v
 }

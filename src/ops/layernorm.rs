@@ -5,10 +5,9 @@
 //! Activations are any shape whose last dimension is C (so `[B, T, C]` and `[B*T, C]` both work);
 //! N is the number of rows. `weight`, `bias`, `mean`, `rstd` and all gradients are f32.
 
-use super::{check_f32, check_float, check_u32_range, uses_subgroup_reductions, Params4};
-use crate::defines;
-use crate::error::{Error, Result};
-use crate::gpu::{Bind, Dispatch, DispatchDesc, Gpu, Tensor};
+use super::{uses_subgroup_reductions, Check, FLOATS, SUBGROUPS};
+use crate::error::Result;
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 /// Rows each workgroup of the backward pass handles (and sums parameter gradients over).
 /// 16 gives 1024 workgroups for GPT-2's 16384 rows: enough to fill a large GPU while keeping
@@ -18,6 +17,67 @@ pub const BACKWARD_ROWS_PER_GROUP: usize = 16;
 /// Stage 2 of the backward pass: columns per workgroup (the shader's LP_COLS).
 const PARAMS_COLS: u32 = 32;
 
+const SHADER: &str = "layernorm";
+
+/// Values: the input's, the output's storage type, [`uses_subgroup_reductions`].
+const FORWARD: Kernel<3> = Kernel {
+    shader: SHADER,
+    entry: "layernorm_forward",
+    fixed: &[("FORWARD", "1")],
+    axes: [
+        Axis::new("IN_T", FLOATS),
+        Axis::new("OUT_T", FLOATS),
+        SUBGROUPS,
+    ],
+};
+
+/// Values: the storage types of `a`, `b` and the output, [`uses_subgroup_reductions`].
+const FUSED_FORWARD: Kernel<4> = Kernel {
+    shader: SHADER,
+    entry: "fused_residual_layernorm_forward",
+    fixed: &[("FUSED", "1")],
+    axes: [
+        Axis::new("IN_T", FLOATS),
+        Axis::new("B_T", FLOATS),
+        Axis::new("OUT_T", FLOATS),
+        SUBGROUPS,
+    ],
+};
+
+/// Values: the storage types of the input and of dout, [`uses_subgroup_reductions`]. ROWS is
+/// [`BACKWARD_ROWS_PER_GROUP`].
+const BACKWARD: Kernel<3> = Kernel {
+    shader: SHADER,
+    entry: "layernorm_backward",
+    fixed: &[("BACKWARD", "1"), ("ROWS", "16")],
+    axes: [
+        Axis::new("IN_T", FLOATS),
+        Axis::new("DOUT_T", FLOATS),
+        SUBGROUPS,
+    ],
+};
+const _: () = assert!(BACKWARD_ROWS_PER_GROUP == 16, "BACKWARD's ROWS define");
+
+const BACKWARD_PARAMS: Kernel<0> = Kernel {
+    shader: SHADER,
+    entry: "layernorm_backward_params",
+    fixed: &[("BACKWARD_PARAMS", "1")],
+    axes: [],
+};
+
+/// Uniform block `Params` of `shaders/layernorm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    /// Rows.
+    n: u32,
+    /// Channels.
+    c: u32,
+    /// The backward pass: workgroups of its first stage, each one partial row of scratch.
+    groups: u32,
+    _pad: u32,
+}
+
 fn backward_groups(n: usize) -> usize {
     n.div_ceil(BACKWARD_ROWS_PER_GROUP).max(1)
 }
@@ -26,71 +86,6 @@ fn backward_groups(n: usize) -> usize {
 /// channels: one partial dweight and dbias row per group of [`BACKWARD_ROWS_PER_GROUP`] rows.
 pub fn layernorm_backward_scratch_len(n: usize, c: usize) -> usize {
     backward_groups(n) * 2 * c
-}
-
-/// Checks `t` is a float tensor whose last dimension is `c`; returns the number of rows.
-fn rows_of(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor, c: usize) -> Result<usize> {
-    check_float(gpu, op, what, t)?;
-    if t.shape.last() != Some(&c) {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected its last dimension to be C = {c}",
-                t.shape
-            ),
-        ));
-    }
-    Ok(t.len() / c)
-}
-
-/// Checks `t` is an f32 tensor of exactly `n` elements.
-fn f32_len(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    check_f32(op, what, t)?;
-    t.expect_len(op, what, n)
-}
-
-/// Checks weight is f32 `[C]` with C > 0; returns C.
-fn weight_c(op: &'static str, weight: &Tensor) -> Result<usize> {
-    check_f32(op, "weight", weight)?;
-    if weight.shape.len() != 1 || weight.is_empty() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "weight has shape {:?}, expected [C] with C > 0",
-                weight.shape
-            ),
-        ));
-    }
-    Ok(weight.len())
-}
-
-/// Checks weight and bias are f32 `[C]`; returns C.
-fn params_c(op: &'static str, weight: &Tensor, bias: &Tensor) -> Result<usize> {
-    let c = weight_c(op, weight)?;
-    f32_len(op, "bias", bias, c)?;
-    Ok(c)
-}
-
-/// Checks `t` has the same number of rows as `inp` (and last dimension C).
-fn same_rows(
-    gpu: &Gpu,
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    c: usize,
-    n: usize,
-) -> Result<()> {
-    let rows = rows_of(gpu, op, what, t, c)?;
-    if rows != n {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?} ({rows} rows), expected {n} rows of {c}",
-                t.shape
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// `out = (inp - mean) / sqrt(var + 1e-5) * weight + bias` per row, with the row statistics
@@ -109,27 +104,22 @@ pub fn layernorm_forward(
     bias: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "layernorm_forward";
-    let c = params_c(OP, weight, bias)?;
-    let n = rows_of(gpu, OP, "inp", inp, c)?;
-    same_rows(gpu, OP, "out", out, c, n)?;
-    f32_len(OP, "mean", mean, n)?;
-    f32_len(OP, "rstd", rstd, n)?;
-    check_u32_range(OP, "N * C", n * c)?;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: c as u32,
-        c: 0,
-        d: 0,
+    let check = Check::new(gpu, OP);
+    let c = check.arg("weight", weight).f32()?.vector()?;
+    check.arg("bias", bias).f32()?.len(c)?;
+    let n = check.arg("inp", inp).float()?.rows(c)?;
+    check.arg("out", out).float()?.rows_of(n, c)?;
+    check.arg("mean", mean).f32()?.len(n)?;
+    check.arg("rstd", rstd).f32()?.len(n)?;
+    check.fits_u32("N * C", n * c)?;
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        c: c as u32,
+        groups: 0,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "layernorm_forward",
-        defines: defines![
-            ("FORWARD", 1),
-            ("IN_T", inp.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: FORWARD.with([&inp.dtype, &out.dtype, &uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(inp),
@@ -141,7 +131,6 @@ pub fn layernorm_forward(
         ],
         workgroups: gpu.grid(n as u32),
         label: OP.to_string(),
-        family: "layernorm",
     })
 }
 
@@ -163,31 +152,32 @@ pub fn fused_residual_layernorm_forward(
     bias: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "fused_residual_layernorm_forward";
-    let c = params_c(OP, weight, bias)?;
-    let n = rows_of(gpu, OP, "a", a, c)?;
-    same_rows(gpu, OP, "b", b, c, n)?;
-    same_rows(gpu, OP, "out", out, c, n)?;
-    check_f32(OP, "residual_out", residual_out)?;
-    same_rows(gpu, OP, "residual_out", residual_out, c, n)?;
-    f32_len(OP, "mean", mean, n)?;
-    f32_len(OP, "rstd", rstd, n)?;
-    check_u32_range(OP, "N * C", n * c)?;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: c as u32,
-        c: 0,
-        d: 0,
+    let check = Check::new(gpu, OP);
+    let c = check.arg("weight", weight).f32()?.vector()?;
+    check.arg("bias", bias).f32()?.len(c)?;
+    let n = check.arg("a", a).float()?.rows(c)?;
+    check.arg("b", b).float()?.rows_of(n, c)?;
+    check.arg("out", out).float()?.rows_of(n, c)?;
+    check
+        .arg("residual_out", residual_out)
+        .f32()?
+        .rows_of(n, c)?;
+    check.arg("mean", mean).f32()?.len(n)?;
+    check.arg("rstd", rstd).f32()?.len(n)?;
+    check.fits_u32("N * C", n * c)?;
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        c: c as u32,
+        groups: 0,
+        _pad: 0,
     });
     gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "fused_residual_layernorm_forward",
-        defines: defines![
-            ("FUSED", 1),
-            ("IN_T", a.dtype.wgsl()),
-            ("B_T", b.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: FUSED_FORWARD.with([
+            &a.dtype,
+            &b.dtype,
+            &out.dtype,
+            &uses_subgroup_reductions(gpu),
+        ]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(a),
@@ -201,7 +191,6 @@ pub fn fused_residual_layernorm_forward(
         ],
         workgroups: gpu.grid(n as u32),
         label: OP.to_string(),
-        family: "layernorm",
     })
 }
 
@@ -230,46 +219,31 @@ pub fn layernorm_backward(
     rstd: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "layernorm_backward";
-    let c = weight_c(OP, weight)?;
-    let n = rows_of(gpu, OP, "inp", inp, c)?;
-    same_rows(gpu, OP, "dout", dout, c, n)?;
-    check_f32(OP, "dinp", dinp)?;
-    same_rows(gpu, OP, "dinp", dinp, c, n)?;
-    f32_len(OP, "dweight", dweight, c)?;
-    f32_len(OP, "dbias", dbias, c)?;
-    f32_len(OP, "mean", mean, n)?;
-    f32_len(OP, "rstd", rstd, n)?;
-    check_f32(OP, "scratch", scratch)?;
+    let check = Check::new(gpu, OP);
+    let c = check.arg("weight", weight).f32()?.vector()?;
+    let n = check.arg("inp", inp).float()?.rows(c)?;
+    check.arg("dout", dout).float()?.rows_of(n, c)?;
+    check.arg("dinp", dinp).f32()?.rows_of(n, c)?;
+    check.arg("dweight", dweight).f32()?.len(c)?;
+    check.arg("dbias", dbias).f32()?.len(c)?;
+    check.arg("mean", mean).f32()?.len(n)?;
+    check.arg("rstd", rstd).f32()?.len(n)?;
     let need = layernorm_backward_scratch_len(n, c);
-    if scratch.len() < need {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "scratch has {} elements, needs at least {need} (layernorm_backward_scratch_len)",
-                scratch.len()
-            ),
-        ));
-    }
-    check_u32_range(OP, "scratch length", need)?;
-    check_u32_range(OP, "N * C", n * c)?;
+    check
+        .arg("scratch", scratch)
+        .f32()?
+        .at_least(need, "layernorm_backward_scratch_len")?;
+    check.fits_u32("scratch length", need)?;
+    check.fits_u32("N * C", n * c)?;
     let groups = backward_groups(n) as u32;
-    let params = gpu.uniform(&Params4 {
-        a: n as u32,
-        b: c as u32,
-        c: groups,
-        d: 0,
+    let params = gpu.uniform(&Params {
+        n: n as u32,
+        c: c as u32,
+        groups,
+        _pad: 0,
     });
-    let rows = BACKWARD_ROWS_PER_GROUP.to_string();
     let rows_stage = gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "layernorm_backward",
-        defines: defines![
-            ("BACKWARD", 1),
-            ("IN_T", inp.dtype.wgsl()),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("ROWS", rows),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: BACKWARD.with([&inp.dtype, &dout.dtype, &uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(dout),
@@ -282,12 +256,9 @@ pub fn layernorm_backward(
         ],
         workgroups: gpu.grid(groups),
         label: OP.to_string(),
-        family: "layernorm",
     })?;
     let params_stage = gpu.dispatch(DispatchDesc {
-        shader: "layernorm",
-        entry: "layernorm_backward_params",
-        defines: defines![("BACKWARD_PARAMS", 1)],
+        kernel: BACKWARD_PARAMS.with([]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(scratch),
@@ -296,37 +267,14 @@ pub fn layernorm_backward(
         ],
         workgroups: gpu.grid((2 * c as u32).div_ceil(PARAMS_COLS)),
         label: format!("{OP}.params"),
-        family: "layernorm",
     })?;
     Ok(vec![rows_stage, params_stage])
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let f = &["f32", "f16"][..];
-    let one = &["1"][..];
-    let rows = BACKWARD_ROWS_PER_GROUP.to_string();
-    let sg = super::SUBGROUPS_AXIS;
-    let mut v = super::combinations(
-        "layernorm",
-        &[("FORWARD", one), ("IN_T", f), ("OUT_T", f), sg],
-    );
-    v.extend(super::combinations(
-        "layernorm",
-        &[("FUSED", one), ("IN_T", f), ("B_T", f), ("OUT_T", f), sg],
-    ));
-    v.extend(super::combinations(
-        "layernorm",
-        &[
-            ("BACKWARD", one),
-            ("IN_T", f),
-            ("DOUT_T", f),
-            ("ROWS", &[rows.as_str()]),
-            sg,
-        ],
-    ));
-    v.extend(super::combinations(
-        "layernorm",
-        &[("BACKWARD_PARAMS", one)],
-    ));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FORWARD.variants();
+    v.extend(FUSED_FORWARD.variants());
+    v.extend(BACKWARD.variants());
+    v.extend(BACKWARD_PARAMS.variants());
     v
 }

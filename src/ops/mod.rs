@@ -1,8 +1,14 @@
-//! One typed launcher per kernel: check shapes and dtypes (returning an error, never panicking),
-//! look the pipeline up in the cache, make the bind group, size the grid. A launcher returns a
-//! [`Dispatch`](crate::gpu::Dispatch) that the caller records once and may replay every step.
+//! One typed launcher per kernel: check shapes and dtypes (returning an error, never panicking;
+//! one set of checks for every op, `check::Check`), look the pipeline up in the cache, make the
+//! bind group, size the grid. A launcher returns a [`Dispatch`](crate::gpu::Dispatch) that the
+//! caller records once and may replay every step.
+//!
+//! Each kernel (entry point) is declared once, as a [`Kernel`](crate::gpu::Kernel) constant next
+//! to its launcher: the launcher specialises it with the values of its defines, and
+//! [`shader_variants`] lists the specialisations the tests validate from the same constant.
 
 pub mod attention;
+mod check;
 pub mod crossentropy;
 pub mod elementwise;
 pub mod embedding;
@@ -11,27 +17,9 @@ pub mod matmul;
 pub mod optimizer;
 pub mod sample;
 
-use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Tensor};
+pub(crate) use check::Check;
 
-/// Checks `t` holds floats the adapter can read (f16 needs SHADER_F16).
-pub(crate) fn check_float(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    match t.dtype {
-        DType::F32 => Ok(()),
-        DType::F16 if gpu.has_f16() => Ok(()),
-        DType::F16 => Err(Error::shape(
-            op,
-            format!(
-                "{what} is f16 but the adapter '{}' has no SHADER_F16; use f32",
-                gpu.info.name
-            ),
-        )),
-        DType::U32 => Err(Error::shape(
-            op,
-            format!("{what} is u32, expected f32 or f16"),
-        )),
-    }
-}
+use crate::gpu::{Axis, Gpu};
 
 /// Whether the row-reduction kernels (LayerNorm statistics and backward row sums, the
 /// cross-entropy row max / sum of exponentials and loss mean, the gradient norm's partial sums)
@@ -43,71 +31,55 @@ pub fn uses_subgroup_reductions(gpu: &Gpu) -> bool {
     gpu.has_subgroups()
 }
 
-/// The values of the `SUBGROUPS` define, for `shader_variants` of the kernels that take it.
-pub(crate) const SUBGROUPS_AXIS: (&str, &[&str]) = ("SUBGROUPS", &["false", "true"]);
+/// The define `SUBGROUPS` of the kernels that take it: [`uses_subgroup_reductions`].
+pub(crate) const SUBGROUPS: Axis = Axis::new("SUBGROUPS", &["false", "true"]);
 
-/// Checks `t` is f32.
-pub(crate) fn check_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    t.expect_dtype(op, what, &[DType::F32])
-}
+/// The storage types of a float tensor, as the values of a define.
+pub(crate) const FLOATS: &[&str] = &["f32", "f16"];
 
-/// Checks `t` holds token ids.
-pub(crate) fn check_u32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    t.expect_dtype(op, what, &[DType::U32])
-}
-
-/// Checks that a count fits the u32 indices the shaders use.
-pub(crate) fn check_u32_range(op: &'static str, what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::shape(op, format!("{what} = {n} does not fit in 32 bits")))
-}
-
-/// A uniform block of four u32 (the most common shape parameter layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct Params4 {
-    pub a: u32,
-    pub b: u32,
-    pub c: u32,
-    pub d: u32,
-}
-
-/// One specialisation of a shader file that some launcher uses.
+/// One specialisation of a shader file that some launcher uses, with the entry points that
+/// launchers compile from it.
 pub struct ShaderVariant {
     pub shader: &'static str,
+    pub entries: Vec<&'static str>,
     pub defines: Vec<(String, String)>,
 }
 
 /// Every shader specialisation the launchers can ask for (for the naga validation test, so a
-/// shader error fails fast with its file and line rather than when a model first runs).
+/// shader error fails fast with its file and line rather than when a model first runs): the
+/// variants of every kernel, those of one file with equal defines (entry points of one module)
+/// merged.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let mut v = Vec::new();
-    v.extend(elementwise::shader_variants());
-    v.extend(matmul::shader_variants());
-    v.extend(layernorm::shader_variants());
-    v.extend(attention::shader_variants());
-    v.extend(crossentropy::shader_variants());
-    v.extend(embedding::shader_variants());
-    v.extend(optimizer::shader_variants());
-    v.extend(sample::shader_variants());
-    v
-}
-
-/// All combinations of the given define values, for `shader_variants`.
-pub(crate) fn combinations(shader: &'static str, axes: &[(&str, &[&str])]) -> Vec<ShaderVariant> {
-    let mut out: Vec<Vec<(String, String)>> = vec![Vec::new()];
-    for (name, values) in axes {
-        out = out
-            .into_iter()
-            .flat_map(|d| {
-                values.iter().map(move |v| {
-                    let mut d = d.clone();
-                    d.push((name.to_string(), v.to_string()));
-                    d
-                })
-            })
-            .collect();
+    let kernels = [
+        elementwise::shader_variants(),
+        matmul::shader_variants(),
+        layernorm::shader_variants(),
+        attention::shader_variants(),
+        crossentropy::shader_variants(),
+        embedding::shader_variants(),
+        optimizer::shader_variants(),
+        sample::shader_variants(),
+    ];
+    let mut out: Vec<ShaderVariant> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for k in kernels.into_iter().flatten() {
+        match index.entry((k.shader, k.defines)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let v: &mut ShaderVariant = &mut out[*e.get()];
+                if !v.entries.contains(&k.entry) {
+                    v.entries.push(k.entry);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let (shader, defines) = e.key().clone();
+                e.insert(out.len());
+                out.push(ShaderVariant {
+                    shader,
+                    entries: vec![k.entry],
+                    defines,
+                });
+            }
+        }
     }
-    out.into_iter()
-        .map(|defines| ShaderVariant { shader, defines })
-        .collect()
+    out
 }

@@ -8,12 +8,42 @@
 //! [`GradNormScalars`], [`AdamWHyper`] bias corrections and dloss, so that steps can be queued
 //! back to back with only the learning rate written by the CPU.
 
-use super::{check_f32, check_u32, check_u32_range, uses_subgroup_reductions};
-use crate::defines;
+use super::{uses_subgroup_reductions, Check, SUBGROUPS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 const WG: u32 = 256;
+
+/// Value: [`uses_subgroup_reductions`].
+const NORM_PARTIALS: Kernel<1> = Kernel {
+    shader: "optimizer",
+    entry: "grad_norm_partials",
+    fixed: &[("NORM_PARTIALS", "1")],
+    axes: [SUBGROUPS],
+};
+
+/// Value: [`uses_subgroup_reductions`].
+const NORM_FINISH: Kernel<1> = Kernel {
+    shader: "optimizer",
+    entry: "grad_norm_finish",
+    fixed: &[("NORM_FINISH", "1")],
+    axes: [SUBGROUPS],
+};
+
+/// Value: the storage type of the parameters' copy, unset without one.
+const ADAMW: Kernel<1> = Kernel {
+    shader: "optimizer",
+    entry: "adamw",
+    fixed: &[("ADAMW", "1")],
+    axes: [Axis::optional("COPY_T", &["f16"])],
+};
+
+const STEP_STATE: Kernel<0> = Kernel {
+    shader: "optimizer",
+    entry: "advance_step_state",
+    fixed: &[("STEP_STATE", "1")],
+    axes: [],
+};
 
 /// Most workgroups of the norm's first stage: with a grid-stride loop any n works (GPT-2's 124M
 /// gradients: about 240 elements per thread), and the second stage sums at most this many
@@ -47,8 +77,10 @@ impl GradNormScalars {
 
     /// Writes these values into `t` (f32, [`Self::LEN`] elements).
     pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
-        check_f32("grad_norm", "scalars", t)?;
-        t.expect_len("grad_norm", "scalars", Self::LEN)?;
+        Check::new(gpu, "grad_norm")
+            .arg("scalars", t)
+            .f32()?
+            .len(Self::LEN)?;
         gpu.write_bytes(t, bytemuck::bytes_of(self))
     }
 }
@@ -96,19 +128,49 @@ impl AdamWHyper {
 
     /// Writes these values into `t` (f32, [`Self::LEN`] elements).
     pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
-        check_f32("adamw", "hyper", t)?;
-        t.expect_len("adamw", "hyper", Self::LEN)?;
+        Check::new(gpu, "adamw")
+            .arg("hyper", t)
+            .f32()?
+            .len(Self::LEN)?;
         gpu.write_bytes(t, bytemuck::bytes_of(self))
     }
 }
 
+/// Uniform block `NormParams` of `shaders/optimizer.wgsl` (both stages of the norm).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+struct NormParams {
+    /// Gradient elements of this buffer (stage 1).
     n: u32,
-    other: u32, // groups (norm) or n_decay (AdamW)
-    base: u32,  // norm partials: this buffer's first partial
-    total: u32, // norm partials: partials over all buffers
+    /// Stage 1: this buffer's workgroups; stage 2: partials over all buffers.
+    groups: u32,
+    /// Stage 1: this buffer's first partial in the scratch.
+    base: u32,
+    /// Partials over all buffers (the flags follow the sums).
+    total: u32,
+}
+
+/// Uniform block `AdamParams` of `shaders/optimizer.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AdamParams {
+    n: u32,
+    /// Elements `[0, n_decay)` get weight decay.
+    n_decay: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Uniform block `StateParams` of `shaders/optimizer.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StateParams {
+    growth_interval: u32,
+    /// 1: dynamic loss scaling; 0: the scale stays 1.
+    scaling: u32,
+    /// Bias-correction pairs in the table.
+    table_len: u32,
+    _pad: u32,
 }
 
 fn norm_groups(n: usize, max_groups: usize) -> usize {
@@ -160,13 +222,14 @@ pub fn grad_norm_with_groups(
     max_groups: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "grad_norm";
-    check_f32(OP, "status", status)?;
-    status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "scalars", scalars)?;
-    scalars.expect_len(OP, "scalars", GradNormScalars::LEN)?;
-    check_f32(OP, "scratch", scratch)?;
+    let check = Check::new(gpu, OP);
+    check.arg("status", status).f32()?.len(STATUS_LEN)?;
+    check
+        .arg("scalars", scalars)
+        .f32()?
+        .len(GradNormScalars::LEN)?;
     if grads.is_empty() {
-        return Err(Error::shape(OP, "no gradient buffers"));
+        return Err(check.error("no gradient buffers"));
     }
     let max_groups = max_groups.min(GRAD_NORM_MAX_GROUPS);
     let groups: Vec<usize> = grads
@@ -174,41 +237,29 @@ pub fn grad_norm_with_groups(
         .map(|g| norm_groups(g.len(), max_groups))
         .collect();
     let total: usize = groups.iter().sum();
-    if scratch.len() < 2 * total {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "scratch has {} elements, needs at least {} (grad_norm_scratch_len)",
-                scratch.len(),
-                2 * total
-            ),
-        ));
-    }
-    check_u32_range(OP, "partial sums", 2 * total)?;
+    check
+        .arg("scratch", scratch)
+        .f32()?
+        .at_least(2 * total, "grad_norm_scratch_len")?;
+    check.fits_u32("partial sums", 2 * total)?;
     let mut dispatches = Vec::with_capacity(grads.len() + 1);
     let mut base = 0;
     for (k, (grads, &groups)) in grads.iter().zip(&groups).enumerate() {
-        check_f32(OP, "grads", grads)?;
+        check.arg("grads", grads).f32()?;
         let n = grads.len();
         // The grid-stride loop's index (up to n + stride) must not wrap around.
-        check_u32_range(
-            OP,
+        check.fits_u32(
             "gradient elements plus the grid stride",
             n + groups * WG as usize,
         )?;
-        let params = gpu.uniform(&Params {
+        let params = gpu.uniform(&NormParams {
             n: n as u32,
-            other: groups as u32,
+            groups: groups as u32,
             base: base as u32,
             total: total as u32,
         });
         dispatches.push(gpu.dispatch(DispatchDesc {
-            shader: "optimizer",
-            entry: "grad_norm_partials",
-            defines: defines![
-                ("NORM_PARTIALS", 1),
-                ("SUBGROUPS", uses_subgroup_reductions(gpu))
-            ],
+            kernel: NORM_PARTIALS.with([&uses_subgroup_reductions(gpu)]),
             bindings: &[
                 Bind::Uniform(&params),
                 Bind::Read(grads),
@@ -217,23 +268,17 @@ pub fn grad_norm_with_groups(
             ],
             workgroups: [groups as u32, 1, 1],
             label: format!("{OP}.buffer{k}"),
-            family: "optimizer",
         })?);
         base += groups;
     }
-    let params = gpu.uniform(&Params {
+    let params = gpu.uniform(&NormParams {
         n: 0,
-        other: total as u32,
+        groups: total as u32,
         base: 0,
         total: total as u32,
     });
     let finish = gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "grad_norm_finish",
-        defines: defines![
-            ("NORM_FINISH", 1),
-            ("SUBGROUPS", uses_subgroup_reductions(gpu))
-        ],
+        kernel: NORM_FINISH.with([&uses_subgroup_reductions(gpu)]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(scratch),
@@ -242,7 +287,6 @@ pub fn grad_norm_with_groups(
         ],
         workgroups: [1, 1, 1],
         label: format!("{OP}.finish"),
-        family: "optimizer",
     })?;
     dispatches.push(finish);
     Ok(dispatches)
@@ -295,32 +339,29 @@ pub fn adamw_with_grid_limit(
     max_per_dim: u32,
 ) -> Result<Dispatch> {
     const OP: &str = "adamw";
+    let check = Check::new(gpu, OP);
     let n = params.len();
     for (what, t) in [("params", params), ("grads", grads), ("m", m), ("v", v)] {
-        check_f32(OP, what, t)?;
-        t.expect_len(OP, what, n)?;
+        check.arg(what, t).f32()?.len(n)?;
     }
-    check_f32(OP, "status", status)?;
-    status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "hyper", hyper)?;
-    hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
+    check.arg("status", status).f32()?.len(STATUS_LEN)?;
+    check.arg("hyper", hyper).f32()?.len(AdamWHyper::LEN)?;
     if n_decay > n {
-        return Err(Error::shape(
-            OP,
-            format!("n_decay = {n_decay} is beyond the {n} parameters"),
-        ));
+        return Err(check.error(format!("n_decay = {n_decay} is beyond the {n} parameters")));
     }
     if let Some(copy) = params_f16 {
-        copy.expect_dtype(OP, "params_f16", &[DType::F16])?;
-        copy.expect_len(OP, "params_f16", n)?;
-        super::check_float(gpu, OP, "params_f16", copy)?;
+        check
+            .arg("params_f16", copy)
+            .dtype(&[DType::F16])?
+            .len(n)?
+            .float()?;
     }
-    let n32 = check_u32_range(OP, "parameter count", n)?;
-    let uniform = gpu.uniform(&Params {
+    let n32 = check.fits_u32("parameter count", n)?;
+    let uniform = gpu.uniform(&AdamParams {
         n: n32,
-        other: n_decay as u32,
-        base: 0,
-        total: 0,
+        n_decay: n_decay as u32,
+        _pad0: 0,
+        _pad1: 0,
     });
     let mut bindings = vec![
         Bind::Uniform(&uniform),
@@ -331,22 +372,17 @@ pub fn adamw_with_grid_limit(
         Bind::Read(status),
         Bind::Read(hyper),
     ];
-    let mut defines = defines![("ADAMW", 1)];
     if let Some(copy) = params_f16 {
         bindings.push(Bind::Write(copy));
-        defines.push(("COPY_T".into(), "f16".into()));
     }
     let groups = n32.div_ceil(WG).max(1);
     let max = max_per_dim.clamp(1, gpu.limits.max_compute_workgroups_per_dimension);
     let y = groups.div_ceil(max);
     gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "adamw",
-        defines,
+        kernel: ADAMW.with([&params_f16.map(|c| c.dtype)]),
         bindings: &bindings,
         workgroups: [groups.div_ceil(y), y, 1],
         label: OP.to_string(),
-        family: "optimizer",
     })
 }
 
@@ -392,7 +428,7 @@ impl StepState {
     }
 
     pub fn write(&self, gpu: &Gpu, t: &Tensor) -> Result<()> {
-        check_state(t)?;
+        check_state(gpu, t)?;
         gpu.write_bytes(t, bytemuck::bytes_of(self))
     }
 
@@ -409,9 +445,13 @@ impl StepState {
     }
 }
 
-fn check_state(t: &Tensor) -> Result<()> {
-    check_u32("advance_step_state", "state", t)?;
-    t.expect_len("advance_step_state", "state", StepState::LEN)
+/// Checks `t` can hold a [`StepState`].
+fn check_state(gpu: &Gpu, t: &Tensor) -> Result<()> {
+    Check::new(gpu, "advance_step_state")
+        .arg("state", t)
+        .u32()?
+        .len(StepState::LEN)?;
+    Ok(())
 }
 
 /// Adam's bias corrections `(1 - beta1^t, 1 - beta2^t)` for the 1-based step `t`, computed in
@@ -456,29 +496,27 @@ pub fn advance_step_state(
     scaling: bool,
 ) -> Result<Dispatch> {
     const OP: &str = "advance_step_state";
-    check_state(state)?;
-    check_f32(OP, "status", status)?;
-    status.expect_len(OP, "status", STATUS_LEN)?;
-    check_f32(OP, "table", table)?;
+    let check = Check::new(gpu, OP);
+    check_state(gpu, state)?;
+    check.arg("status", status).f32()?.len(STATUS_LEN)?;
+    check.arg("table", table).f32()?;
     if !table.len().is_multiple_of(2) {
-        return Err(Error::shape(OP, "the bias-correction table holds pairs"));
+        return Err(check.error("the bias-correction table holds pairs"));
     }
-    check_f32(OP, "dloss", dloss)?;
-    dloss.expect_len(OP, "dloss", 1)?;
-    check_f32(OP, "norm_scalars", norm_scalars)?;
-    norm_scalars.expect_len(OP, "norm_scalars", GradNormScalars::LEN)?;
-    check_f32(OP, "hyper", hyper)?;
-    hyper.expect_len(OP, "hyper", AdamWHyper::LEN)?;
-    let uniform = gpu.uniform(&[
-        check_u32_range(OP, "growth interval", growth_interval.max(1))?,
-        scaling as u32,
-        (table.len() / 2) as u32,
-        0u32,
-    ]);
+    check.arg("dloss", dloss).f32()?.len(1)?;
+    check
+        .arg("norm_scalars", norm_scalars)
+        .f32()?
+        .len(GradNormScalars::LEN)?;
+    check.arg("hyper", hyper).f32()?.len(AdamWHyper::LEN)?;
+    let uniform = gpu.uniform(&StateParams {
+        growth_interval: check.fits_u32("growth interval", growth_interval.max(1))?,
+        scaling: scaling as u32,
+        table_len: (table.len() / 2) as u32,
+        _pad: 0,
+    });
     gpu.dispatch(DispatchDesc {
-        shader: "optimizer",
-        entry: "advance_step_state",
-        defines: defines![("STEP_STATE", 1)],
+        kernel: STEP_STATE.with([]),
         bindings: &[
             Bind::Uniform(&uniform),
             Bind::Read(status),
@@ -490,22 +528,13 @@ pub fn advance_step_state(
         ],
         workgroups: [1, 1, 1],
         label: OP.to_string(),
-        family: "optimizer",
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    let sg = super::SUBGROUPS_AXIS;
-    let mut v = super::combinations("optimizer", &[("NORM_PARTIALS", &["1"]), sg]);
-    v.extend(super::combinations(
-        "optimizer",
-        &[("NORM_FINISH", &["1"]), sg],
-    ));
-    v.extend(super::combinations("optimizer", &[("ADAMW", &["1"])]));
-    v.extend(super::combinations(
-        "optimizer",
-        &[("ADAMW", &["1"]), ("COPY_T", &["f16"])],
-    ));
-    v.extend(super::combinations("optimizer", &[("STEP_STATE", &["1"])]));
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = NORM_PARTIALS.variants();
+    v.extend(NORM_FINISH.variants());
+    v.extend(ADAMW.variants());
+    v.extend(STEP_STATE.variants());
     v
 }

@@ -5,10 +5,33 @@
 //! rewrites before each token; everything else is fixed when the dispatch is built.
 
 use super::embedding::TablePiece;
-use super::{check_float, check_u32, check_u32_range};
-use crate::defines;
+use super::{Check, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor, Uniform};
+use crate::gpu::{
+    Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor, Uniform,
+};
+
+/// The file's defines, the same for every entry point (one module): the storage types of the
+/// weights and of the activations, and the positions the cache holds (any; validated at 64 and
+/// 1024).
+const AXES: [Axis; 3] = [
+    Axis::new("W_T", FLOATS),
+    Axis::new("ACT_T", FLOATS),
+    Axis::new("T_MAX", &["64", "1024"]),
+];
+
+const fn kernel(entry: &'static str) -> Kernel<3> {
+    Kernel {
+        shader: "sample",
+        entry,
+        fixed: &[],
+        axes: AXES,
+    }
+}
+
+const EMBEDDING_AT: Kernel<3> = kernel("embedding_at");
+const ATTENTION_DECODE: Kernel<3> = kernel("attention_decode");
+const TOPK_SAMPLE: Kernel<3> = kernel("topk_sample");
 
 /// The decode problem's fixed sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +47,7 @@ pub struct DecodeDims {
     pub vp: usize,
 }
 
+/// Uniform block `Shape` of `shaders/sample.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ShapeUniform {
@@ -37,7 +61,7 @@ struct ShapeUniform {
     piece_rows: u32,
 }
 
-/// What changes from one token to the next.
+/// What changes from one token to the next: uniform block `Step` of `shaders/sample.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DecodeStep {
@@ -65,14 +89,13 @@ pub fn max_positions(gpu: &Gpu) -> usize {
     (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(1024) / 4
 }
 
-fn shape_uniform(gpu: &Gpu, op: &'static str, d: &DecodeDims) -> Result<Uniform> {
-    shape_uniform_for_piece(gpu, op, d, TablePiece::whole(d.vp), d.vp)
+fn shape_uniform(check: &Check, d: &DecodeDims) -> Result<Uniform> {
+    shape_uniform_for_piece(check, d, TablePiece::whole(d.vp), d.vp)
 }
 
 /// The shape uniform with the token-table piece `embedding_at` reads (`piece_rows` rows).
 fn shape_uniform_for_piece(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     d: &DecodeDims,
     piece: TablePiece,
     piece_rows: usize,
@@ -85,10 +108,10 @@ fn shape_uniform_for_piece(
         || d.v == 0
         || d.vp < d.v
     {
-        return Err(Error::shape(op, format!("invalid decode sizes {d:?}")));
+        return Err(check.error(format!("invalid decode sizes {d:?}")));
     }
-    let u = |what: &str, x: usize| check_u32_range(op, what, x);
-    Ok(gpu.uniform(&ShapeUniform {
+    let u = |what: &str, x: usize| check.fits_u32(what, x);
+    Ok(check.gpu().uniform(&ShapeUniform {
         s: u("samples", d.s)?,
         c: u("channels", d.c)?,
         nh: u("heads", d.nh)?,
@@ -115,42 +138,28 @@ pub fn embedding_at(
     wpe: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_at";
-    out.expect_dtype(OP, "out", &[DType::F32])?;
-    out.expect_len(OP, "out", d.s * d.c)?;
-    check_u32(OP, "tokens", tokens)?;
-    tokens.expect_len(OP, "tokens", d.s)?;
-    check_float(gpu, OP, "wte", wte)?;
+    let check = Check::new(gpu, OP);
+    check.arg("out", out).f32()?.len(d.s * d.c)?;
+    check.arg("tokens", tokens).u32()?.len(d.s)?;
+    check.arg("wte", wte).float()?;
     let piece_rows = wte.len() / d.c.max(1);
     if wte.len() != piece_rows * d.c || piece.total != d.vp || piece.first + piece_rows > d.vp {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "wte has shape {:?}; expected rows {}.. of a ({}, {}) table",
-                wte.shape, piece.first, d.vp, d.c
-            ),
-        ));
+        return Err(check.error(format!(
+            "wte has shape {:?}; expected rows {}.. of a ({}, {}) table",
+            wte.shape, piece.first, d.vp, d.c
+        )));
     }
-    check_float(gpu, OP, "wpe", wpe)?;
-    wpe.expect_dtype(OP, "wpe", &[wte.dtype])?;
+    check.arg("wpe", wpe).float()?.dtype(&[wte.dtype])?;
     if wpe.len() < d.t_max * d.c {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "wpe has {} elements, fewer than {} positions",
-                wpe.len(),
-                d.t_max
-            ),
-        ));
+        return Err(check.error(format!(
+            "wpe has {} elements, fewer than {} positions",
+            wpe.len(),
+            d.t_max
+        )));
     }
-    let shape = shape_uniform_for_piece(gpu, OP, d, piece, piece_rows)?;
+    let shape = shape_uniform_for_piece(&check, d, piece, piece_rows)?;
     gpu.dispatch(DispatchDesc {
-        shader: "sample",
-        entry: "embedding_at",
-        defines: defines![
-            ("W_T", wte.dtype.wgsl()),
-            ("ACT_T", "f32"),
-            ("T_MAX", d.t_max)
-        ],
+        kernel: EMBEDDING_AT.with([&wte.dtype, &"f32", &d.t_max]),
         bindings: &[
             Bind::Uniform(&shape),
             Bind::Uniform(step),
@@ -159,9 +168,8 @@ pub fn embedding_at(
             Bind::Read(wpe),
             Bind::Write(out),
         ],
-        workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
+        workgroups: [check.fits_u32("samples", d.s)?, 1, 1],
         label: OP.into(),
-        family: "embedding",
     })
 }
 
@@ -177,14 +185,13 @@ pub fn attention_decode(
     qkv: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "attention_decode";
+    let check = Check::new(gpu, OP);
     for (what, t, n) in [
         ("out", out, d.s * d.c),
         ("cache", cache, d.t_max * d.s * 3 * d.c),
         ("qkv", qkv, d.s * 3 * d.c),
     ] {
-        check_float(gpu, OP, what, t)?;
-        t.expect_dtype(OP, what, &[qkv.dtype])?;
-        t.expect_len(OP, what, n)?;
+        check.arg(what, t).float()?.dtype(&[qkv.dtype])?.len(n)?;
     }
     if d.t_max > max_positions(gpu) {
         return Err(Error::Limit {
@@ -195,15 +202,9 @@ pub fn attention_decode(
             hint: "use a model with a smaller block size".into(),
         });
     }
-    let shape = shape_uniform(gpu, OP, d)?;
+    let shape = shape_uniform(&check, d)?;
     gpu.dispatch(DispatchDesc {
-        shader: "sample",
-        entry: "attention_decode",
-        defines: defines![
-            ("W_T", "f32"),
-            ("ACT_T", qkv.dtype.wgsl()),
-            ("T_MAX", d.t_max)
-        ],
+        kernel: ATTENTION_DECODE.with([&"f32", &qkv.dtype, &d.t_max]),
         bindings: &[
             Bind::Uniform(&shape),
             Bind::Uniform(step),
@@ -211,9 +212,8 @@ pub fn attention_decode(
             Bind::Write(cache),
             Bind::Write(out),
         ],
-        workgroups: [check_u32_range(OP, "samples x heads", d.s * d.nh)?, 1, 1],
+        workgroups: [check.fits_u32("samples x heads", d.s * d.nh)?, 1, 1],
         label: OP.into(),
-        family: "attention",
     })
 }
 
@@ -229,21 +229,13 @@ pub fn topk_sample(
     uniforms: &Tensor,
 ) -> Result<Dispatch> {
     const OP: &str = "topk_sample";
-    check_u32(OP, "tokens", tokens)?;
-    tokens.expect_len(OP, "tokens", d.s)?;
-    check_float(gpu, OP, "logits", logits)?;
-    logits.expect_len(OP, "logits", d.s * d.vp)?;
-    uniforms.expect_dtype(OP, "uniforms", &[DType::F32])?;
-    uniforms.expect_len(OP, "uniforms", d.s)?;
-    let shape = shape_uniform(gpu, OP, d)?;
+    let check = Check::new(gpu, OP);
+    check.arg("tokens", tokens).u32()?.len(d.s)?;
+    check.arg("logits", logits).float()?.len(d.s * d.vp)?;
+    check.arg("uniforms", uniforms).f32()?.len(d.s)?;
+    let shape = shape_uniform(&check, d)?;
     gpu.dispatch(DispatchDesc {
-        shader: "sample",
-        entry: "topk_sample",
-        defines: defines![
-            ("W_T", "f32"),
-            ("ACT_T", logits.dtype.wgsl()),
-            ("T_MAX", d.t_max)
-        ],
+        kernel: TOPK_SAMPLE.with([&"f32", &logits.dtype, &d.t_max]),
         bindings: &[
             Bind::Uniform(&shape),
             Bind::Uniform(step),
@@ -251,19 +243,14 @@ pub fn topk_sample(
             Bind::Read(uniforms),
             Bind::Write(tokens),
         ],
-        workgroups: [check_u32_range(OP, "samples", d.s)?, 1, 1],
+        workgroups: [check.fits_u32("samples", d.s)?, 1, 1],
         label: OP.into(),
-        family: "sample",
     })
 }
 
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    super::combinations(
-        "sample",
-        &[
-            ("W_T", &["f32", "f16"]),
-            ("ACT_T", &["f32", "f16"]),
-            ("T_MAX", &["64", "1024"]),
-        ],
-    )
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    [EMBEDDING_AT, ATTENTION_DECODE, TOPK_SAMPLE]
+        .iter()
+        .flat_map(|k| k.variants())
+        .collect()
 }

@@ -1,5 +1,6 @@
 //! Every WGSL file, in every specialisation the launchers use, parsed and validated by naga, so a
-//! shader error fails here with its file and line.
+//! shader error fails here with its file and line; and every entry point a launcher names is in
+//! the module.
 
 use wgpt::gpu::shader::{preprocess, SHADERS};
 use wgpt::ops::shader_variants;
@@ -45,6 +46,11 @@ fn every_shader_variant_validates() {
                     v.defines,
                     e.emit_to_string_with_path(&text, &path)
                 ));
+            }
+            for entry in &v.entries {
+                if !module.entry_points.iter().any(|e| e.name == *entry) {
+                    failures.push(format!("{path} {:?}: no entry point {entry}", v.defines));
+                }
             }
         }
     }

@@ -9,14 +9,58 @@
 //! (as `MatmulKernel::CoopEmulated` does for the matmul), so that the kernels can be checked on
 //! adapters without cooperative matrices; never chosen for training.
 
-use super::{check_distinct, check_f32_tensor, check_tensor, flash_params, Dims, FAMILY};
-use crate::defines;
-use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
-use crate::ops::check_u32_range;
+use super::{flash_params, Dims};
+use crate::error::Result;
+use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 use crate::ops::matmul::{coop_disabled_by_env, coop_subgroup_size, relative_difference};
+use crate::ops::{Check, FLOATS};
 
 const SHADER: &str = "attention_coop";
+
+/// Values: [`CoopAttention::forward`]'s (the head size HS, the tile (WARPS, BN), the subgroup
+/// size SG, the slot stride SF, EMULATE_COOP set for [`CoopAttention::emulate`]), then the
+/// storage type of out.
+const FORWARD: Kernel<7> = Kernel {
+    shader: SHADER,
+    entry: "attention_coop_forward",
+    fixed: &[("FORWARD", "1"), ("H_T", "f16"), ("QKV_T", "f16")],
+    axes: [
+        Axis::computed("HS"),
+        Axis::computed("WARPS"),
+        Axis::computed("BN"),
+        Axis::computed("SG"),
+        Axis::computed("SF"),
+        Axis::optional("EMULATE_COOP", &["1"]),
+        Axis::new("OUT_T", FLOATS),
+    ],
+};
+
+/// The axes of the two backward kernels: as [`FORWARD`]'s, then the storage types of dout and
+/// dqkv (values from [`CoopAttention::backward`]).
+const BACKWARD_AXES: [Axis; 8] = [
+    Axis::computed("HS"),
+    Axis::computed("WARPS"),
+    Axis::computed("BN"),
+    Axis::computed("SG"),
+    Axis::computed("SF"),
+    Axis::optional("EMULATE_COOP", &["1"]),
+    Axis::new("DOUT_T", FLOATS),
+    Axis::new("DQKV_T", FLOATS),
+];
+
+const BACKWARD_DQ: Kernel<8> = Kernel {
+    shader: SHADER,
+    entry: "attention_coop_backward_dq",
+    fixed: &[("BACKWARD_DQ", "1"), ("H_T", "f16"), ("QKV_T", "f16")],
+    axes: BACKWARD_AXES,
+};
+
+const BACKWARD_DKDV: Kernel<8> = Kernel {
+    shader: SHADER,
+    entry: "attention_coop_backward_dkdv",
+    fixed: &[("BACKWARD_DKDV", "1"), ("H_T", "f16"), ("QKV_T", "f16")],
+    axes: BACKWARD_AXES,
+};
 
 /// (warps, BN): the outer block of a workgroup is 16 rows per warp (queries in the forward and
 /// dQ kernels, keys in the dK/dV kernel), the inner block BN rows. Largest first; the launcher
@@ -93,58 +137,63 @@ impl CoopAttention {
     }
 
     /// Checks the configuration, the adapter and the shapes; returns the subgroup size.
-    fn check(self, gpu: &Gpu, op: &'static str, d: &Dims, qkv: &Tensor) -> Result<u32> {
+    fn check(self, check: &Check, d: &Dims, qkv: &Tensor) -> Result<u32> {
+        let gpu = check.gpu();
         if !COOP_ATTENTION_TILES.contains(&(self.warps, self.bn)) {
-            return Err(Error::shape(
-                op,
-                format!("unsupported tile {self:?}; (warps, BN) one of {COOP_ATTENTION_TILES:?}"),
-            ));
+            return Err(check.error(format!(
+                "unsupported tile {self:?}; (warps, BN) one of {COOP_ATTENTION_TILES:?}"
+            )));
         }
         if !Self::supports_head_size(d.hs) {
-            return Err(Error::shape(
-                op,
-                format!("head size {} is not a multiple of 16", d.hs),
-            ));
+            return Err(check.error(format!("head size {} is not a multiple of 16", d.hs)));
         }
         if qkv.dtype != DType::F16 {
-            return Err(Error::shape(
-                op,
-                format!("qkv must be f16, got {}", qkv.dtype.name()),
-            ));
+            return Err(check.error(format!("qkv must be f16, got {}", qkv.dtype.name())));
         }
-        let subgroup = coop_subgroup_size(gpu, self.emulate).map_err(|w| Error::shape(op, w))?;
+        let subgroup = coop_subgroup_size(gpu, self.emulate).map_err(|w| check.error(w))?;
         if !self.fits(gpu, d.hs, subgroup) {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "{self:?} needs {} invocations and {} bytes of workgroup memory at head size \
+            return Err(check.error(format!(
+                "{self:?} needs {} invocations and {} bytes of workgroup memory at head size \
                      {}, the adapter offers {} and {}",
-                    self.warps * subgroup,
-                    self.workgroup_bytes(d.hs as u32),
-                    d.hs,
-                    gpu.limits.max_compute_invocations_per_workgroup,
-                    gpu.limits.max_compute_workgroup_storage_size
-                ),
-            ));
+                self.warps * subgroup,
+                self.workgroup_bytes(d.hs as u32),
+                d.hs,
+                gpu.limits.max_compute_invocations_per_workgroup,
+                gpu.limits.max_compute_workgroup_storage_size
+            )));
         }
         Ok(subgroup)
     }
 
-    fn defines(self, gate: &str, hs: usize, subgroup: u32) -> Vec<(String, String)> {
-        let mut d = defines![
-            (gate, 1),
-            ("HS", hs),
-            ("WARPS", self.warps),
-            ("BN", self.bn),
-            ("SG", subgroup),
-            ("SF", self.slot_stride(hs as u32)),
-            ("H_T", "f16"),
-            ("QKV_T", "f16"),
-        ];
-        if self.emulate {
-            d.extend(defines![("EMULATE_COOP", 1)]);
-        }
-        d
+    /// The forward kernel for this configuration at head size `hs` with subgroups of
+    /// `subgroup`, writing out as `out`.
+    fn forward(self, hs: usize, subgroup: u32, out: DType) -> Specialisation {
+        let emulate = self.emulate.then_some("1");
+        let sf = self.slot_stride(hs as u32);
+        FORWARD.with([&hs, &self.warps, &self.bn, &subgroup, &sf, &emulate, &out])
+    }
+
+    /// The backward kernel `kernel` ([`BACKWARD_DQ`] or [`BACKWARD_DKDV`]) for this
+    /// configuration, reading dout as `dout` and writing dqkv as `dqkv`.
+    fn backward(
+        self,
+        kernel: &Kernel<8>,
+        hs: usize,
+        subgroup: u32,
+        (dout, dqkv): (DType, DType),
+    ) -> Specialisation {
+        let emulate = self.emulate.then_some("1");
+        let sf = self.slot_stride(hs as u32);
+        kernel.with([
+            &hs,
+            &self.warps,
+            &self.bn,
+            &subgroup,
+            &sf,
+            &emulate,
+            &dout,
+            &dqkv,
+        ])
     }
 }
 
@@ -162,20 +211,17 @@ pub fn coop_attention_forward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "coop_attention_forward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    let subgroup = cfg.check(gpu, OP, &d, qkv)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "lse", lse, d.bht())?;
-    check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    let subgroup = cfg.check(&check, &d, qkv)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("lse", lse).f32()?.len(d.bht())?;
+    check.no_alias(&[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
-    let n_work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
+    let n_work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
     let params = gpu.uniform(&flash_params(&d, n_blocks, n_work));
-    let mut defs = cfg.defines("FORWARD", d.hs, subgroup);
-    defs.extend(defines![("OUT_T", out.dtype.wgsl())]);
     let dispatch = gpu.dispatch(DispatchDesc {
-        shader: SHADER,
-        entry: "attention_coop_forward",
-        defines: defs,
+        kernel: cfg.forward(d.hs, subgroup, out.dtype),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(qkv),
@@ -184,7 +230,6 @@ pub fn coop_attention_forward(
         ],
         workgroups: gpu.grid(n_work),
         label: OP.to_string(),
-        family: FAMILY,
     })?;
     Ok(vec![dispatch])
 }
@@ -207,23 +252,17 @@ pub fn coop_attention_backward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "coop_attention_backward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    let subgroup = cfg.check(gpu, OP, &d, qkv)?;
-    super::check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
-    let preprocess = super::flash_preprocess(gpu, OP, &d, dout, out, d_scratch)?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    let subgroup = cfg.check(&check, &d, qkv)?;
+    super::check_flash_backward(&check, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
+    let preprocess = super::flash_preprocess(&check, &d, dout, out, d_scratch)?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
-    let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
-    let pass = |entry: &'static str, gate: &str, what: &str| {
+    let work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
+    let pass = |kernel: &Kernel<8>, what: &str| {
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
-        let mut defs = cfg.defines(gate, d.hs, subgroup);
-        defs.extend(defines![
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("DQKV_T", dqkv.dtype.wgsl()),
-        ]);
         gpu.dispatch(DispatchDesc {
-            shader: SHADER,
-            entry,
-            defines: defs,
+            kernel: cfg.backward(kernel, d.hs, subgroup, (dout.dtype, dqkv.dtype)),
             bindings: &[
                 Bind::Uniform(&params),
                 Bind::Read(qkv),
@@ -234,18 +273,17 @@ pub fn coop_attention_backward(
             ],
             workgroups: gpu.grid(work),
             label: format!("{OP}.{what}"),
-            family: FAMILY,
         })
     };
-    let dq = pass("attention_coop_backward_dq", "BACKWARD_DQ", "dq")?;
-    let dkdv = pass("attention_coop_backward_dkdv", "BACKWARD_DKDV", "dkdv")?;
+    let dq = pass(&BACKWARD_DQ, "dq")?;
+    let dkdv = pass(&BACKWARD_DKDV, "dkdv")?;
     Ok(vec![preprocess, dq, dkdv])
 }
 
 /// Every specialisation: each tile at every head size the kernels take, for subgroups of 32
 /// (NVIDIA) with every storage type of out, dout and dqkv at head sizes 64 and 128, f16 at the
 /// others and at subgroups of 8, 16 and 64; the emulated kernel for subgroups of 8 and 32.
-pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
     let types = [DType::F32, DType::F16];
     let mut v = Vec::new();
     for emulate in [false, true] {
@@ -257,14 +295,10 @@ pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                 for (warps, bn) in COOP_ATTENTION_TILES {
                     let cfg = CoopAttention { warps, bn, emulate };
                     for &ty in tys {
-                        let mut f = cfg.defines("FORWARD", hs, subgroup);
-                        f.extend(defines![("OUT_T", ty.wgsl())]);
-                        v.push(f);
+                        v.push(cfg.forward(hs, subgroup, ty));
                         for &ty2 in tys {
-                            for gate in ["BACKWARD_DQ", "BACKWARD_DKDV"] {
-                                let mut g = cfg.defines(gate, hs, subgroup);
-                                g.extend(defines![("DOUT_T", ty.wgsl()), ("DQKV_T", ty2.wgsl())]);
-                                v.push(g);
+                            for kernel in [&BACKWARD_DQ, &BACKWARD_DKDV] {
+                                v.push(cfg.backward(kernel, hs, subgroup, (ty, ty2)));
                             }
                         }
                     }
@@ -272,12 +306,7 @@ pub(crate) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
             }
         }
     }
-    v.into_iter()
-        .map(|defines| crate::ops::ShaderVariant {
-            shader: SHADER,
-            defines,
-        })
-        .collect()
+    v
 }
 
 /// Whether f16 attention on `gpu` runs on cooperative matrices: `Ok`, or `Err` saying why not

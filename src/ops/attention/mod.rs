@@ -31,17 +31,125 @@ pub use coop::{
     coop_attention_status, CoopAttention, COOP_ATTENTION_TILES,
 };
 
-use super::check_u32_range;
-use crate::defines;
+use super::{Check, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{Axis, Bind, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 
 /// The largest head size the kernels accept.
 pub const MAX_HEAD_SIZE: usize = 128;
 
-const FAMILY: &str = "attention";
+const FLASH: &str = "attention_flash";
+const NAIVE: &str = "attention_naive";
 
-/// Uniform block of `shaders/attention_flash.wgsl`.
+/// Values: the storage types of qkv and out; the head size HS, [`dims_group`]`(HS)` and the
+/// tiles (BR, BC).
+const FLASH_FORWARD: Kernel<6> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_forward",
+    fixed: &[("FORWARD", "1")],
+    axes: [
+        Axis::new("QKV_T", FLOATS),
+        Axis::new("OUT_T", FLOATS),
+        Axis::computed("HS"),
+        Axis::computed("DG"),
+        Axis::computed("BR"),
+        Axis::computed("BC"),
+    ],
+};
+
+/// The axes of the two flash backward kernels. Values: the storage types of qkv, dout and dqkv;
+/// the head size HS, [`dims_group`]`(HS)` and the tiles (BQ, BK).
+const FLASH_BACKWARD_AXES: [Axis; 7] = [
+    Axis::new("QKV_T", FLOATS),
+    Axis::new("DOUT_T", FLOATS),
+    Axis::new("DQKV_T", FLOATS),
+    Axis::computed("HS"),
+    Axis::computed("DG"),
+    Axis::computed("BQ"),
+    Axis::computed("BK"),
+];
+
+const FLASH_BACKWARD_DQ: Kernel<7> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_backward_dq",
+    fixed: &[("BACKWARD_DQ", "1")],
+    axes: FLASH_BACKWARD_AXES,
+};
+
+const FLASH_BACKWARD_DKDV: Kernel<7> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_backward_dkdv",
+    fixed: &[("BACKWARD_DKDV", "1")],
+    axes: FLASH_BACKWARD_AXES,
+};
+
+/// Values: the storage types of dout and out.
+const FLASH_PREPROCESS: Kernel<2> = Kernel {
+    shader: FLASH,
+    entry: "flash_attention_backward_preprocess",
+    fixed: &[("BACKWARD_PREPROCESS", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS), Axis::new("OUT_T", FLOATS)],
+};
+
+/// Value: qkv's storage type.
+const NAIVE_SCORES: Kernel<1> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_scores",
+    fixed: &[("SCORES", "1")],
+    axes: [Axis::new("QKV_T", FLOATS)],
+};
+
+const NAIVE_SOFTMAX: Kernel<0> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_softmax",
+    fixed: &[("SOFTMAX", "1")],
+    axes: [],
+};
+
+/// Values: the storage types of qkv and out.
+const NAIVE_VALUES: Kernel<2> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_values",
+    fixed: &[("VALUES", "1")],
+    axes: [Axis::new("QKV_T", FLOATS), Axis::new("OUT_T", FLOATS)],
+};
+
+/// Values: the storage types of dout and qkv.
+const NAIVE_DSCORES: Kernel<2> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_dscores",
+    fixed: &[("DSCORES", "1")],
+    axes: [Axis::new("DOUT_T", FLOATS), Axis::new("QKV_T", FLOATS)],
+};
+
+const NAIVE_SOFTMAX_BACKWARD: Kernel<0> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_softmax_backward",
+    fixed: &[("SOFTMAX_BACKWARD", "1")],
+    axes: [],
+};
+
+/// Values: the storage types of qkv and dqkv.
+const NAIVE_DQ: Kernel<2> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_dq",
+    fixed: &[("DQ", "1")],
+    axes: [Axis::new("QKV_T", FLOATS), Axis::new("DQKV_T", FLOATS)],
+};
+
+/// Values: the storage types of qkv, dout and dqkv.
+const NAIVE_DKDV: Kernel<3> = Kernel {
+    shader: NAIVE,
+    entry: "naive_attention_dkdv",
+    fixed: &[("DKDV", "1")],
+    axes: [
+        Axis::new("QKV_T", FLOATS),
+        Axis::new("DOUT_T", FLOATS),
+        Axis::new("DQKV_T", FLOATS),
+    ],
+};
+
+/// Uniform block `Params` of `shaders/attention_flash.wgsl` and `shaders/attention_coop.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct FlashParams {
@@ -55,7 +163,7 @@ struct FlashParams {
     _pad: u32,
 }
 
-/// Uniform block of `shaders/attention_naive.wgsl`.
+/// Uniform block `Params` of `shaders/attention_naive.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct NaiveParams {
@@ -95,49 +203,30 @@ struct Dims {
 impl Dims {
     /// Derives C from `qkv` (B*T*3C elements) and checks everything that does not depend on the
     /// other tensors.
-    fn new(
-        gpu: &Gpu,
-        op: &'static str,
-        qkv: &Tensor,
-        b: usize,
-        t: usize,
-        nh: usize,
-    ) -> Result<Dims> {
+    fn new(check: &Check, qkv: &Tensor, b: usize, t: usize, nh: usize) -> Result<Dims> {
         if b == 0 || t == 0 || nh == 0 {
-            return Err(Error::shape(
-                op,
-                format!("B={b}, T={t} and NH={nh} must all be positive"),
-            ));
+            return Err(check.error(format!("B={b}, T={t} and NH={nh} must all be positive")));
         }
-        super::check_float(gpu, op, "qkv", qkv)?;
+        check.arg("qkv", qkv).float()?;
         let rows = b * t * 3;
         if qkv.is_empty() || !qkv.len().is_multiple_of(rows) {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "qkv has {} elements (shape {:?}), not B*T*3C for B={b}, T={t}",
-                    qkv.len(),
-                    qkv.shape
-                ),
-            ));
+            return Err(check.error(format!(
+                "qkv has {} elements (shape {:?}), not B*T*3C for B={b}, T={t}",
+                qkv.len(),
+                qkv.shape
+            )));
         }
         let c = qkv.len() / rows;
         if !c.is_multiple_of(nh) {
-            return Err(Error::shape(
-                op,
-                format!("C={c} is not divisible by NH={nh}"),
-            ));
+            return Err(check.error(format!("C={c} is not divisible by NH={nh}")));
         }
         let hs = c / nh;
         if hs > MAX_HEAD_SIZE {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "head size C/NH = {hs} is above the supported {MAX_HEAD_SIZE}; use more heads"
-                ),
-            ));
+            return Err(check.error(format!(
+                "head size C/NH = {hs} is above the supported {MAX_HEAD_SIZE}; use more heads"
+            )));
         }
-        check_u32_range(op, "B*T*3C", qkv.len())?;
+        check.fits_u32("B*T*3C", qkv.len())?;
         Ok(Dims { b, t, nh, c, hs })
     }
 
@@ -152,37 +241,6 @@ impl Dims {
     fn bht(&self) -> usize {
         self.b * self.nh * self.t
     }
-}
-
-fn check_tensor(gpu: &Gpu, op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    super::check_float(gpu, op, what, t)?;
-    t.expect_len(op, what, n)
-}
-
-fn check_f32_tensor(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    super::check_f32(op, what, t)?;
-    t.expect_len(op, what, n)
-}
-
-/// wgpu refuses a buffer bound both read-only and writable in one dispatch; say so by name.
-fn check_distinct(
-    op: &'static str,
-    writes: &[(&str, &Tensor)],
-    reads: &[(&str, &Tensor)],
-) -> Result<()> {
-    for (wn, w) in writes {
-        for (rn, r) in reads {
-            if w.buffer == r.buffer {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "{wn} and {rn} share a buffer; the output must live in a buffer of its own"
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The accumulate layout's number of threads across the head dimension: the largest power of
@@ -274,13 +332,12 @@ impl FlashTiles {
         })
     }
 
-    fn check(&self, gpu: &Gpu, op: &'static str, hs: usize) -> Result<()> {
+    fn check(&self, check: &Check, hs: usize) -> Result<()> {
+        let gpu = check.gpu();
         if !FORWARD_TILES.contains(&(self.br, self.bc))
             || !BACKWARD_TILES.contains(&(self.bq, self.bk))
         {
-            return Err(Error::shape(
-                op,
-                format!("unsupported tiles {self:?}; forward (BR, BC) one of {FORWARD_TILES:?}, backward (BQ, BK) one of {BACKWARD_TILES:?}"),
+            return Err(check.error(format!("unsupported tiles {self:?}; forward (BR, BC) one of {FORWARD_TILES:?}, backward (BQ, BK) one of {BACKWARD_TILES:?}"),
             ));
         }
         let limit = gpu.limits.max_compute_workgroup_storage_size as u64;
@@ -288,7 +345,7 @@ impl FlashTiles {
             .max(Self::backward_bytes(self.bq, self.bk, hs as u32));
         if need > limit {
             return Err(Error::Limit {
-                what: format!("{op} with tiles {self:?} at head size {hs}"),
+                what: format!("{} with tiles {self:?} at head size {hs}", check.op()),
                 needed: format!("{need} bytes of workgroup memory"),
                 available: format!("{limit} bytes"),
                 adapter: gpu.info.name.clone(),
@@ -323,7 +380,7 @@ pub fn flash_attention_forward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let d = Dims::new(gpu, "flash_attention_forward", qkv, b, t, nh)?;
+    let d = Dims::new(&Check::new(gpu, "flash_attention_forward"), qkv, b, t, nh)?;
     let tiles = FlashTiles::choose(gpu, d.hs)?;
     flash_attention_forward_tiled(gpu, tiles, out, lse, qkv, b, t, nh)
 }
@@ -341,26 +398,24 @@ pub fn flash_attention_forward_tiled(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "flash_attention_forward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    tiles.check(gpu, OP, d.hs)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "lse", lse, d.bht())?;
-    check_distinct(OP, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    tiles.check(&check, d.hs)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("lse", lse).f32()?.len(d.bht())?;
+    check.no_alias(&[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
     let n_qb = d.t.div_ceil(tiles.br as usize);
-    let n_work = check_u32_range(OP, "workgroups", n_qb * d.b * d.nh)?;
+    let n_work = check.fits_u32("workgroups", n_qb * d.b * d.nh)?;
     let params = gpu.uniform(&flash_params(&d, n_qb, n_work));
     let dispatch = gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_forward",
-        defines: defines![
-            ("FORWARD", 1),
-            ("QKV_T", qkv.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-            ("HS", d.hs),
-            ("DG", dims_group(d.hs)),
-            ("BR", tiles.br),
-            ("BC", tiles.bc),
-        ],
+        kernel: FLASH_FORWARD.with([
+            &qkv.dtype,
+            &out.dtype,
+            &d.hs,
+            &dims_group(d.hs),
+            &tiles.br,
+            &tiles.bc,
+        ]),
         bindings: &[
             Bind::Uniform(&params),
             Bind::Read(qkv),
@@ -369,7 +424,6 @@ pub fn flash_attention_forward_tiled(
         ],
         workgroups: gpu.grid(n_work),
         label: OP.to_string(),
-        family: FAMILY,
     })?;
     Ok(vec![dispatch])
 }
@@ -393,7 +447,7 @@ pub fn flash_attention_backward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let d = Dims::new(gpu, "flash_attention_backward", qkv, b, t, nh)?;
+    let d = Dims::new(&Check::new(gpu, "flash_attention_backward"), qkv, b, t, nh)?;
     let tiles = FlashTiles::choose(gpu, d.hs)?;
     flash_attention_backward_tiled(gpu, tiles, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
 }
@@ -411,7 +465,7 @@ pub fn attention_forward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let hs = Dims::new(gpu, "attention_forward", qkv, b, t, nh)?.hs;
+    let hs = Dims::new(&Check::new(gpu, "attention_forward"), qkv, b, t, nh)?.hs;
     match auto_coop_attention(gpu, hs, qkv.dtype) {
         Some(cfg) => coop_attention_forward(gpu, cfg, out, lse, qkv, b, t, nh),
         None => flash_attention_forward(gpu, out, lse, qkv, b, t, nh),
@@ -432,7 +486,7 @@ pub fn attention_backward(
     t: usize,
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
-    let hs = Dims::new(gpu, "attention_backward", qkv, b, t, nh)?.hs;
+    let hs = Dims::new(&Check::new(gpu, "attention_backward"), qkv, b, t, nh)?.hs;
     match auto_coop_attention(gpu, hs, qkv.dtype) {
         Some(cfg) => {
             coop_attention_backward(gpu, cfg, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
@@ -445,8 +499,7 @@ pub fn attention_backward(
 /// and that no output aliases an input.
 #[allow(clippy::too_many_arguments)]
 fn check_flash_backward(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     d: &Dims,
     dqkv: &Tensor,
     dout: &Tensor,
@@ -455,18 +508,13 @@ fn check_flash_backward(
     lse: &Tensor,
     d_scratch: &Tensor,
 ) -> Result<()> {
-    check_tensor(gpu, op, "dqkv", dqkv, d.bt() * 3 * d.c)?;
-    check_tensor(gpu, op, "dout", dout, d.bt() * d.c)?;
-    check_tensor(gpu, op, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(op, "lse", lse, d.bht())?;
-    check_f32_tensor(op, "d_scratch", d_scratch, d.bht())?;
-    check_distinct(
-        op,
-        &[("d_scratch", d_scratch)],
-        &[("dout", dout), ("out", out)],
-    )?;
-    check_distinct(
-        op,
+    check.arg("dqkv", dqkv).float()?.len(d.bt() * 3 * d.c)?;
+    check.arg("dout", dout).float()?.len(d.bt() * d.c)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("lse", lse).f32()?.len(d.bht())?;
+    check.arg("d_scratch", d_scratch).f32()?.len(d.bht())?;
+    check.no_alias(&[("d_scratch", d_scratch)], &[("dout", dout), ("out", out)])?;
+    check.no_alias(
         &[("dqkv", dqkv)],
         &[
             ("qkv", qkv),
@@ -494,32 +542,27 @@ pub fn flash_attention_backward_tiled(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "flash_attention_backward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    tiles.check(gpu, OP, d.hs)?;
-    check_flash_backward(gpu, OP, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
-    let hs_defines = |gate: &str| {
-        defines![
-            (gate, 1),
-            ("QKV_T", qkv.dtype.wgsl()),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("DQKV_T", dqkv.dtype.wgsl()),
-            ("HS", d.hs),
-            ("DG", dims_group(d.hs)),
-            ("BQ", tiles.bq),
-            ("BK", tiles.bk),
-        ]
-    };
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    tiles.check(&check, d.hs)?;
+    check_flash_backward(&check, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
 
     // Two passes over the same inputs: dQ per query block, which also sums D into `d_scratch`,
     // then dK/dV per key block, which reads it.
-    let pass = |entry: &'static str, gate: &str, block: u32, what: &str, d_bind: Bind<'_>| {
+    let pass = |kernel: &Kernel<7>, block: u32, what: &str, d_bind: Bind<'_>| {
         let n_blocks = d.t.div_ceil(block as usize);
-        let work = check_u32_range(OP, "workgroups", n_blocks * d.b * d.nh)?;
+        let work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
         let params = gpu.uniform(&flash_params(&d, n_blocks, work));
         gpu.dispatch(DispatchDesc {
-            shader: "attention_flash",
-            entry,
-            defines: hs_defines(gate),
+            kernel: kernel.with([
+                &qkv.dtype,
+                &dout.dtype,
+                &dqkv.dtype,
+                &d.hs,
+                &dims_group(d.hs),
+                &tiles.bq,
+                &tiles.bk,
+            ]),
             bindings: &[
                 Bind::Uniform(&params),
                 Bind::Read(qkv),
@@ -530,19 +573,11 @@ pub fn flash_attention_backward_tiled(
             ],
             workgroups: gpu.grid(work),
             label: format!("{OP}.{what}"),
-            family: FAMILY,
         })
     };
-    let dq = pass(
-        "flash_attention_backward_dq",
-        "BACKWARD_DQ",
-        tiles.bq,
-        "dq",
-        Bind::Write(d_scratch),
-    )?;
+    let dq = pass(&FLASH_BACKWARD_DQ, tiles.bq, "dq", Bind::Write(d_scratch))?;
     let dkdv = pass(
-        "flash_attention_backward_dkdv",
-        "BACKWARD_DKDV",
+        &FLASH_BACKWARD_DKDV,
         tiles.bk,
         "dkdv",
         Bind::Read(d_scratch),
@@ -553,23 +588,17 @@ pub fn flash_attention_backward_tiled(
 /// The cooperative-matrix backward's first dispatch: D = rowsum(dout * out) into `d_scratch`
 /// (B, NH, T) f32.
 fn flash_preprocess(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     d: &Dims,
     dout: &Tensor,
     out: &Tensor,
     d_scratch: &Tensor,
 ) -> Result<Dispatch> {
-    let n_rows = check_u32_range(op, "B*T*NH", d.bht())?;
+    let gpu = check.gpu();
+    let n_rows = check.fits_u32("B*T*NH", d.bht())?;
     let pre_params = gpu.uniform(&flash_params(d, 0, n_rows));
     gpu.dispatch(DispatchDesc {
-        shader: "attention_flash",
-        entry: "flash_attention_backward_preprocess",
-        defines: defines![
-            ("BACKWARD_PREPROCESS", 1),
-            ("DOUT_T", dout.dtype.wgsl()),
-            ("OUT_T", out.dtype.wgsl()),
-        ],
+        kernel: FLASH_PREPROCESS.with([&dout.dtype, &out.dtype]),
         bindings: &[
             Bind::Uniform(&pre_params),
             Bind::Read(dout),
@@ -577,8 +606,7 @@ fn flash_preprocess(
             Bind::Write(d_scratch),
         ],
         workgroups: gpu.grid(n_rows.div_ceil(256)),
-        label: format!("{op}.preprocess"),
-        family: FAMILY,
+        label: format!("{}.preprocess", check.op()),
     })
 }
 
@@ -598,34 +626,25 @@ fn naive_params(d: &Dims, n_work: u32) -> NaiveParams {
 }
 
 /// Workgroup counts of the naive kernels: (score tiles, rows, (row tile x head-dim tile)s).
-fn naive_grids(op: &'static str, d: &Dims) -> Result<(u32, u32, u32)> {
+fn naive_grids(check: &Check, d: &Dims) -> Result<(u32, u32, u32)> {
     let bh = d.b * d.nh;
     let tiles_t = d.t.div_ceil(16);
-    check_u32_range(op, "B*NH*T*T", bh * d.t * d.t)?;
+    check.fits_u32("B*NH*T*T", bh * d.t * d.t)?;
     Ok((
-        check_u32_range(op, "workgroups", bh * tiles_t * tiles_t)?,
-        check_u32_range(op, "workgroups", bh * d.t)?,
-        check_u32_range(op, "workgroups", bh * tiles_t * d.hs.div_ceil(16))?,
+        check.fits_u32("workgroups", bh * tiles_t * tiles_t)?,
+        check.fits_u32("workgroups", bh * d.t)?,
+        check.fits_u32("workgroups", bh * tiles_t * d.hs.div_ceil(16))?,
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn naive_dispatch(
     gpu: &Gpu,
     d: &Dims,
-    entry: &'static str,
-    gate: &str,
-    types: &[(&str, DType)],
+    kernel: Specialisation,
     bindings: &[Bind<'_>],
     n_work: u32,
     label: String,
 ) -> Result<Dispatch> {
-    let mut defs = defines![(gate, 1)];
-    defs.extend(
-        types
-            .iter()
-            .map(|(k, t)| (k.to_string(), t.wgsl().to_string())),
-    );
     let params = gpu.uniform(&naive_params(d, n_work));
     let mut all = vec![Bind::Uniform(&params)];
     all.extend(bindings.iter().map(|b| match b {
@@ -634,13 +653,10 @@ fn naive_dispatch(
         Bind::Write(t) => Bind::Write(t),
     }));
     gpu.dispatch(DispatchDesc {
-        shader: "attention_naive",
-        entry,
-        defines: defs,
+        kernel,
         bindings: &all,
         workgroups: gpu.grid(n_work),
         label,
-        family: FAMILY,
     })
 }
 
@@ -657,19 +673,17 @@ pub fn naive_attention_forward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "naive_attention_forward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    check_tensor(gpu, OP, "out", out, d.bt() * d.c)?;
-    check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
-    check_distinct(OP, &[("out", out), ("att", att)], &[("qkv", qkv)])?;
-    let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
-    let q = ("QKV_T", qkv.dtype);
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    check.arg("out", out).float()?.len(d.bt() * d.c)?;
+    check.arg("att", att).f32()?.len(d.bht() * d.t)?;
+    check.no_alias(&[("out", out), ("att", att)], &[("qkv", qkv)])?;
+    let (score_wg, row_wg, value_wg) = naive_grids(&check, &d)?;
     Ok(vec![
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_scores",
-            "SCORES",
-            &[q],
+            NAIVE_SCORES.with([&qkv.dtype]),
             &[Bind::Read(qkv), Bind::Write(att)],
             score_wg,
             format!("{OP}.scores"),
@@ -677,9 +691,7 @@ pub fn naive_attention_forward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_softmax",
-            "SOFTMAX",
-            &[],
+            NAIVE_SOFTMAX.with([]),
             &[Bind::Write(att)],
             row_wg,
             format!("{OP}.softmax"),
@@ -687,9 +699,7 @@ pub fn naive_attention_forward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_values",
-            "VALUES",
-            &[q, ("OUT_T", out.dtype)],
+            NAIVE_VALUES.with([&qkv.dtype, &out.dtype]),
             &[Bind::Read(att), Bind::Read(qkv), Bind::Write(out)],
             value_wg,
             format!("{OP}.values"),
@@ -714,18 +724,20 @@ pub fn naive_attention_backward(
     nh: usize,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "naive_attention_backward";
-    let d = Dims::new(gpu, OP, qkv, b, t, nh)?;
-    check_tensor(gpu, OP, "dqkv", dqkv, d.bt() * 3 * d.c)?;
-    check_tensor(gpu, OP, "dout", dout, d.bt() * d.c)?;
-    check_f32_tensor(OP, "att", att, d.bht() * d.t)?;
-    check_f32_tensor(OP, "datt_scratch", datt_scratch, d.bht() * d.t)?;
-    check_distinct(
-        OP,
+    let check = Check::new(gpu, OP);
+    let d = Dims::new(&check, qkv, b, t, nh)?;
+    check.arg("dqkv", dqkv).float()?.len(d.bt() * 3 * d.c)?;
+    check.arg("dout", dout).float()?.len(d.bt() * d.c)?;
+    check.arg("att", att).f32()?.len(d.bht() * d.t)?;
+    check
+        .arg("datt_scratch", datt_scratch)
+        .f32()?
+        .len(d.bht() * d.t)?;
+    check.no_alias(
         &[("datt_scratch", datt_scratch)],
         &[("dout", dout), ("qkv", qkv), ("att", att)],
     )?;
-    check_distinct(
-        OP,
+    check.no_alias(
         &[("dqkv", dqkv)],
         &[
             ("dout", dout),
@@ -734,17 +746,12 @@ pub fn naive_attention_backward(
             ("datt_scratch", datt_scratch),
         ],
     )?;
-    let (score_wg, row_wg, value_wg) = naive_grids(OP, &d)?;
-    let q = ("QKV_T", qkv.dtype);
-    let g = ("DOUT_T", dout.dtype);
-    let dq = ("DQKV_T", dqkv.dtype);
+    let (score_wg, row_wg, value_wg) = naive_grids(&check, &d)?;
     Ok(vec![
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_dscores",
-            "DSCORES",
-            &[g, q],
+            NAIVE_DSCORES.with([&dout.dtype, &qkv.dtype]),
             &[Bind::Read(dout), Bind::Read(qkv), Bind::Write(datt_scratch)],
             score_wg,
             format!("{OP}.dscores"),
@@ -752,9 +759,7 @@ pub fn naive_attention_backward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_softmax_backward",
-            "SOFTMAX_BACKWARD",
-            &[],
+            NAIVE_SOFTMAX_BACKWARD.with([]),
             &[Bind::Read(att), Bind::Write(datt_scratch)],
             row_wg,
             format!("{OP}.softmax_backward"),
@@ -762,9 +767,7 @@ pub fn naive_attention_backward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_dq",
-            "DQ",
-            &[q, dq],
+            NAIVE_DQ.with([&qkv.dtype, &dqkv.dtype]),
             &[Bind::Read(datt_scratch), Bind::Read(qkv), Bind::Write(dqkv)],
             value_wg,
             format!("{OP}.dq"),
@@ -772,9 +775,7 @@ pub fn naive_attention_backward(
         naive_dispatch(
             gpu,
             &d,
-            "naive_attention_dkdv",
-            "DKDV",
-            &[q, g, dq],
+            NAIVE_DKDV.with([&qkv.dtype, &dout.dtype, &dqkv.dtype]),
             &[
                 Bind::Read(att),
                 Bind::Read(datt_scratch),
@@ -791,68 +792,41 @@ pub fn naive_attention_backward(
 /// Every specialisation the launchers can ask for: every head size 1..=MAX_HEAD_SIZE with every
 /// tile size in f32, and every storage-type combination at the head sizes GPT-2 and the tests
 /// use (the types only change loads and stores; the head size and tiles shape everything else).
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
-    use super::{combinations, ShaderVariant};
-    let ty: &[&str] = &["f32", "f16"];
-    let f32_only: &[&str] = &["f32"];
-    let mut v = Vec::new();
-    let mut flash = |defs: Vec<(String, String)>, axes: &[(&str, &[&str])]| {
-        for mut c in combinations("attention_flash", axes) {
-            let mut d = defs.clone();
-            d.append(&mut c.defines);
-            v.push(ShaderVariant {
-                shader: "attention_flash",
-                defines: d,
-            });
-        }
-    };
-    flash(
-        defines![("BACKWARD_PREPROCESS", 1)],
-        &[("DOUT_T", ty), ("OUT_T", ty)],
-    );
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
+    let mut v = FLASH_PREPROCESS.variants();
     for hs in 1..=MAX_HEAD_SIZE {
         let types = if [8, 16, 24, 32, 64, 128].contains(&hs) {
-            ty
+            FLOATS
         } else {
-            f32_only
+            &["f32"]
         };
-        let common = defines![("HS", hs), ("DG", dims_group(hs))];
+        let dg = dims_group(hs);
         for (br, bc) in FORWARD_TILES {
-            let mut fwd = defines![("FORWARD", 1), ("BR", br), ("BC", bc)];
-            fwd.extend(common.clone());
-            flash(fwd, &[("QKV_T", types), ("OUT_T", types)]);
+            for qkv in types {
+                for out in types {
+                    v.push(FLASH_FORWARD.with([qkv, out, &hs, &dg, &br, &bc]));
+                }
+            }
         }
         for (bq, bk) in BACKWARD_TILES {
-            for gate in ["BACKWARD_DKDV", "BACKWARD_DQ"] {
-                let mut bwd = defines![(gate, 1), ("BQ", bq), ("BK", bk)];
-                bwd.extend(common.clone());
-                flash(
-                    bwd,
-                    &[("QKV_T", types), ("DOUT_T", types), ("DQKV_T", types)],
-                );
+            for kernel in [FLASH_BACKWARD_DKDV, FLASH_BACKWARD_DQ] {
+                for qkv in types {
+                    for dout in types {
+                        for dqkv in types {
+                            v.push(kernel.with([qkv, dout, dqkv, &hs, &dg, &bq, &bk]));
+                        }
+                    }
+                }
             }
         }
     }
-    let naive: [(&str, &[&str]); 7] = [
-        ("SCORES", &["QKV_T"]),
-        ("SOFTMAX", &[]),
-        ("VALUES", &["QKV_T", "OUT_T"]),
-        ("DSCORES", &["DOUT_T", "QKV_T"]),
-        ("SOFTMAX_BACKWARD", &[]),
-        ("DQ", &["QKV_T", "DQKV_T"]),
-        ("DKDV", &["QKV_T", "DOUT_T", "DQKV_T"]),
-    ];
-    for (gate, types) in naive {
-        let axes: Vec<(&str, &[&str])> = types.iter().map(|&t| (t, ty)).collect();
-        for mut c in combinations("attention_naive", &axes) {
-            let mut d = defines![(gate, 1)];
-            d.append(&mut c.defines);
-            v.push(ShaderVariant {
-                shader: "attention_naive",
-                defines: d,
-            });
-        }
-    }
+    v.extend(NAIVE_SCORES.variants());
+    v.extend(NAIVE_SOFTMAX.variants());
+    v.extend(NAIVE_VALUES.variants());
+    v.extend(NAIVE_DSCORES.variants());
+    v.extend(NAIVE_SOFTMAX_BACKWARD.variants());
+    v.extend(NAIVE_DQ.variants());
+    v.extend(NAIVE_DKDV.variants());
     v.extend(coop::shader_variants());
     v
 }

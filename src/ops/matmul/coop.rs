@@ -2,9 +2,35 @@
 //! the defines of its specialisations, real and emulated.
 
 use super::choice::output_tiles;
-use super::{epilogue_defines, flag, COOP_SHADER};
-use crate::defines;
-use crate::gpu::DType;
+use super::{flag, with_epilogue, EpilogueValues, FLAGS};
+use crate::gpu::{Axis, DType, Kernel, Specialisation};
+use crate::ops::FLOATS;
+
+/// Values from [`CoopVariant::specialise`]: the output's storage type, whether A and B are read
+/// transposed, the tile (WM, WN, FM, FN), the subgroup size SG, ACCUMULATE, ROW_SUMS, packet
+/// loads of A and B, DIRECT_STORE, EMULATE_COOP (set for the emulated kernel); then the
+/// epilogue's. A and B are f16.
+const COOP: Kernel<20> = Kernel {
+    shader: "matmul_coop",
+    entry: "matmul_coop",
+    fixed: &[("AB_T", "f16"), ("A_T", "f16"), ("B_T", "f16")],
+    axes: with_epilogue([
+        Axis::new("C_T", FLOATS),
+        Axis::new("A_TRANS", FLAGS),
+        Axis::new("B_TRANS", FLAGS),
+        Axis::computed("WM"),
+        Axis::computed("WN"),
+        Axis::computed("FM"),
+        Axis::computed("FN"),
+        Axis::computed("SG"),
+        Axis::new("ACCUMULATE", FLAGS),
+        Axis::new("ROW_SUMS", FLAGS),
+        Axis::new("A_VEC", FLAGS),
+        Axis::new("B_VEC", FLAGS),
+        Axis::new("DIRECT_STORE", FLAGS),
+        Axis::optional("EMULATE_COOP", &["1"]),
+    ]),
+};
 
 /// Output tile of the cooperative-matrix kernel: a workgroup of `warps_m x warps_n` subgroups,
 /// each summing `frags_m x frags_n` fragments of 16 x 16 outputs, stepping [`CoopTile::BK`]
@@ -121,38 +147,39 @@ pub(super) struct CoopVariant {
 }
 
 impl CoopVariant {
-    pub(super) fn defines(&self) -> Vec<(String, String)> {
+    pub(super) fn specialise(&self) -> Specialisation {
         let t = self.tile;
-        let mut d = defines![
-            ("AB_T", DType::F16.wgsl()),
-            ("A_T", DType::F16.wgsl()),
-            ("B_T", DType::F16.wgsl()),
-            ("C_T", self.c_dtype.wgsl()),
-            ("A_TRANS", flag(self.a_trans)),
-            ("B_TRANS", flag(self.b_trans)),
-            ("WM", t.warps_m),
-            ("WN", t.warps_n),
-            ("FM", t.frags_m),
-            ("FN", t.frags_n),
-            ("SG", self.subgroup),
-            ("ACCUMULATE", flag(self.accumulate)),
-            ("ROW_SUMS", flag(self.row_sums)),
-            ("A_VEC", flag(self.a_vec)),
-            ("B_VEC", flag(self.b_vec)),
-            ("DIRECT_STORE", flag(self.direct_store)),
-        ];
-        if self.emulate {
-            d.extend(defines![("EMULATE_COOP", "1")]);
-        }
-        d.extend(epilogue_defines(self.bias_dtype, self.gelu));
-        d
+        let epilogue = EpilogueValues::new(self.bias_dtype, self.gelu);
+        let [e0, e1, e2, e3, e4, e5] = epilogue.values();
+        COOP.with([
+            &self.c_dtype,
+            &flag(self.a_trans),
+            &flag(self.b_trans),
+            &t.warps_m,
+            &t.warps_n,
+            &t.frags_m,
+            &t.frags_n,
+            &self.subgroup,
+            &flag(self.accumulate),
+            &flag(self.row_sums),
+            &flag(self.a_vec),
+            &flag(self.b_vec),
+            &flag(self.direct_store),
+            &self.emulate.then_some("1"),
+            e0,
+            e1,
+            e2,
+            e3,
+            e4,
+            e5,
+        ])
     }
 }
 
 /// Every `matmul_coop` specialisation: each tile, output dtype and epilogue for subgroups of
 /// 32 (NVIDIA), the plain products for the other subgroup sizes the launcher accepts, and the
 /// emulated kernel.
-pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
+pub(super) fn shader_variants() -> Vec<Specialisation> {
     let floats = [DType::F32, DType::F16];
     let mut variants = Vec::new();
     for tile in COOP_TILES {
@@ -252,10 +279,7 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                 )
             })
         })
-        .map(|v| crate::ops::ShaderVariant {
-            shader: COOP_SHADER,
-            defines: v.defines(),
-        })
+        .map(|v| v.specialise())
         .collect()
 }
 

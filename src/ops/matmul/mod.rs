@@ -45,19 +45,16 @@ pub use split::{
 };
 pub use tiled::{TileConfig, TILE_CONFIGS};
 
-use super::{check_f32, check_float, check_u32_range};
-use crate::defines;
+use super::check::Arg;
+use super::{Check, FLOATS};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
+use crate::gpu::{
+    Axis, Bind, DType, DefineValue, Dispatch, DispatchDesc, Gpu, Specialisation, Tensor,
+};
 use choice::{check_kernel, choose_kernel, no_split};
 use coop::CoopVariant;
 use rows::{RowsVariant, ROWS_COLS};
 use tiled::{packets_fit, TiledVariant};
-
-const SHADER: &str = "matmul";
-const COOP_SHADER: &str = "matmul_coop";
-const ROWS_SHADER: &str = "matmul_rows";
-const FAMILY: &str = "matmul";
 
 /// `2 * M * K * N`: the floating-point operations of an (M, K) x (K, N) product.
 pub fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
@@ -226,29 +223,75 @@ fn flag(b: bool) -> &'static str {
     }
 }
 
-/// The epilogue defines, shared by both kernels: `BIAS` (+ `BIAS_T`), `GELU_FWD` or `GELU_BWD`
-/// (+ `PRE_T`, `PRE_BINDING`).
-fn epilogue_defines(
-    bias_dtype: Option<DType>,
-    gelu: Option<(DType, bool)>,
-) -> Vec<(String, String)> {
-    let mut d = Vec::new();
-    if let Some(bt) = bias_dtype {
-        d.extend(defines![("BIAS", "1"), ("BIAS_T", bt.wgsl())]);
+/// The values of a define that is a flag: `0` or `1`.
+const FLAGS: &[&str] = &["0", "1"];
+
+/// The epilogue's defines, the last axes of every product kernel: `BIAS` (+ `BIAS_T`),
+/// `GELU_FWD` or `GELU_BWD` (+ `PRE_T`, `PRE_BINDING`). Values from [`EpilogueValues`].
+const EPILOGUE_AXES: [Axis; 6] = [
+    Axis::optional("BIAS", &["1"]),
+    Axis::optional("BIAS_T", FLOATS),
+    Axis::optional("GELU_FWD", &["1"]),
+    Axis::optional("GELU_BWD", &["1"]),
+    Axis::optional("PRE_T", FLOATS),
+    Axis::computed_optional("PRE_BINDING"),
+];
+
+/// A product kernel's axes: `head`, then [`EPILOGUE_AXES`] (`M` must be `N` + 6).
+const fn with_epilogue<const N: usize, const M: usize>(head: [Axis; N]) -> [Axis; M] {
+    assert!(M == N + EPILOGUE_AXES.len());
+    let mut out = [EPILOGUE_AXES[0]; M];
+    let mut i = 0;
+    while i < N {
+        out[i] = head[i];
+        i += 1;
     }
-    if let Some((pt, forward)) = gelu {
-        let entry = if forward { "GELU_FWD" } else { "GELU_BWD" };
-        // Bindings are numbered in order: params, A, B, C, [bias], [pre].
-        let binding = 4 + u32::from(bias_dtype.is_some());
-        d.extend(defines![
-            (entry, "1"),
-            ("PRE_T", pt.wgsl()),
-            ("PRE_BINDING", binding)
-        ]);
+    while i < M {
+        out[i] = EPILOGUE_AXES[i - N];
+        i += 1;
     }
-    d
+    out
 }
 
+/// The values of [`EPILOGUE_AXES`], shared by every product kernel.
+struct EpilogueValues {
+    bias: Option<&'static str>,
+    bias_t: Option<DType>,
+    gelu_fwd: Option<&'static str>,
+    gelu_bwd: Option<&'static str>,
+    pre_t: Option<DType>,
+    pre_binding: Option<u32>,
+}
+
+impl EpilogueValues {
+    /// A bias of `bias_dtype`, and a GELU epilogue of a pre-activation of that dtype, written
+    /// (forward) or read (backward).
+    fn new(bias_dtype: Option<DType>, gelu: Option<(DType, bool)>) -> EpilogueValues {
+        let forward = gelu.map(|(_, forward)| forward);
+        EpilogueValues {
+            bias: bias_dtype.map(|_| "1"),
+            bias_t: bias_dtype,
+            gelu_fwd: forward.filter(|&f| f).map(|_| "1"),
+            gelu_bwd: forward.filter(|&f| !f).map(|_| "1"),
+            pre_t: gelu.map(|(dtype, _)| dtype),
+            // Bindings are numbered in order: params, A, B, C, [bias], [pre].
+            pre_binding: gelu.map(|_| 4 + u32::from(bias_dtype.is_some())),
+        }
+    }
+
+    fn values(&self) -> [&dyn DefineValue; 6] {
+        [
+            &self.bias,
+            &self.bias_t,
+            &self.gelu_fwd,
+            &self.gelu_bwd,
+            &self.pre_t,
+            &self.pre_binding,
+        ]
+    }
+}
+
+/// Uniform block `Params` of the product kernels (`shaders/matmul_io.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct TiledParams {
@@ -268,29 +311,24 @@ struct TiledParams {
 
 fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result<Dispatch> {
     let op = prod.op;
+    let check = Check::new(gpu, op);
     // Every element index the shader forms must fit its u32 arithmetic.
     let a_rows = if prod.a_trans { prod.inner } else { prod.rows };
-    check_u32_range(
-        op,
+    check.fits_u32(
         "A's last element",
         prod.a_window.start + a_rows * prod.a_window.stride,
     )?;
-    check_u32_range(op, "inner * cols", prod.inner * prod.cols)?;
-    check_u32_range(
-        op,
+    check.fits_u32("inner * cols", prod.inner * prod.cols)?;
+    check.fits_u32(
         "C's last element",
         prod.c_window.start + prod.slices.count * prod.rows * prod.c_window.stride,
     )?;
     if prod.row_sums.is_some() {
         if prod.bias.is_some() || !matches!(prod.epilogue, Epilogue::Plain) {
-            return Err(Error::shape(
-                op,
-                "row sums go with a plain product only (no bias, no GELU)",
-            ));
+            return Err(check.error("row sums go with a plain product only (no bias, no GELU)"));
         }
         // A split product stores them after C's partials.
-        check_u32_range(
-            op,
+        check.fits_u32(
             "the row sums' partials",
             prod.slices.count * (prod.rows * prod.cols + prod.rows),
         )?;
@@ -303,7 +341,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         None => choose_kernel(gpu, prod, &no_split)?,
     };
     if prod.row_sums.is_some() && kernel == MatmulKernel::Rows {
-        return Err(Error::shape(op, "the rows kernel does not sum rows"));
+        return Err(check.error("the rows kernel does not sum rows"));
     }
     let row_sums = prod.row_sums.is_some();
     let gelu = match prod.epilogue {
@@ -321,7 +359,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
     );
     let b_len = if prod.b_trans { prod.inner } else { prod.cols };
     let b_vec = packets_fit(prod.b.dtype, b_len, b_len, 0, prod.b.len());
-    let (shader, entry, bm, bn, defines) = match kernel {
+    let (bm, bn, specialisation) = match kernel {
         MatmulKernel::Tiled(tile) => {
             let variant = TiledVariant {
                 tile,
@@ -337,13 +375,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 a_vec,
                 b_vec,
             };
-            (
-                SHADER,
-                "matmul_tiled",
-                tile.bm(),
-                tile.bn(),
-                variant.defines(),
-            )
+            (tile.bm(), tile.bn(), variant.specialise())
         }
         MatmulKernel::Rows => {
             let variant = RowsVariant {
@@ -354,19 +386,13 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                 gelu,
                 accumulate: prod.accumulate,
             };
-            (
-                ROWS_SHADER,
-                "matmul_rows",
-                ROWS_MAX as u32,
-                ROWS_COLS as u32,
-                variant.defines(),
-            )
+            (ROWS_MAX as u32, ROWS_COLS as u32, variant.specialise())
         }
         MatmulKernel::Coop(tile) | MatmulKernel::CoopEmulated(tile) => {
             let emulate = matches!(kernel, MatmulKernel::CoopEmulated(_));
             let variant = CoopVariant {
                 tile,
-                subgroup: coop_subgroup_size(gpu, emulate).map_err(|why| Error::shape(op, why))?,
+                subgroup: coop_subgroup_size(gpu, emulate).map_err(|why| check.error(why))?,
                 c_dtype: prod.c.dtype,
                 a_trans: prod.a_trans,
                 b_trans: prod.b_trans,
@@ -385,20 +411,13 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
                     && prod.c_window.stride.is_multiple_of(4)
                     && prod.c.offset.is_multiple_of(16),
             };
-            (
-                COOP_SHADER,
-                "matmul_coop",
-                tile.bm(),
-                tile.bn(),
-                variant.defines(),
-            )
+            (tile.bm(), tile.bn(), variant.specialise())
         }
     };
-    let tiles_m = check_u32_range(op, "row tiles", prod.rows.div_ceil(bm as usize))?;
-    let tiles_n = check_u32_range(op, "column tiles", prod.cols.div_ceil(bn as usize))?;
-    let tiles = check_u32_range(op, "tiles", tiles_m as usize * tiles_n as usize)?;
-    let workgroups = check_u32_range(
-        op,
+    let tiles_m = check.fits_u32("row tiles", prod.rows.div_ceil(bm as usize))?;
+    let tiles_n = check.fits_u32("column tiles", prod.cols.div_ceil(bn as usize))?;
+    let tiles = check.fits_u32("tiles", tiles_m as usize * tiles_n as usize)?;
+    let workgroups = check.fits_u32(
         "workgroups (tiles x K slices)",
         tiles as usize * prod.slices.count,
     )?;
@@ -434,9 +453,7 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         bindings.push(Bind::Write(sums));
     }
     gpu.dispatch(DispatchDesc {
-        shader,
-        entry,
-        defines,
+        kernel: specialisation,
         bindings: &bindings,
         workgroups: gpu.grid(workgroups),
         label: if prod.slices.count > 1 {
@@ -444,135 +461,32 @@ fn launch(gpu: &Gpu, prod: &Product<'_>, forced: Option<MatmulKernel>) -> Result
         } else {
             op.to_string()
         },
-        family: FAMILY,
     })
-}
-
-/// (N, K) of a weight, which must be 2-D and non-empty.
-fn weight_dims(op: &'static str, what: &str, w: &Tensor) -> Result<(usize, usize)> {
-    match w.shape[..] {
-        [n, k] if n > 0 && k > 0 => Ok((n, k)),
-        _ => Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected a non-empty (N, K) matrix",
-                w.shape
-            ),
-        )),
-    }
-}
-
-/// Rows of `t` seen as (rows, width) with leading dimensions flattened. A tensor of rank >= 2
-/// must have `width` as its last dimension; a flat one just a multiple of `width` elements.
-fn rows_of(op: &'static str, what: &str, t: &Tensor, width: usize) -> Result<usize> {
-    let last_ok = t.shape.len() < 2 || t.shape.last() == Some(&width);
-    if !last_ok || t.is_empty() || !t.len().is_multiple_of(width) {
-        return Err(Error::shape(
-            op,
-            format!("{what} has shape {:?}, expected (..., {width})", t.shape),
-        ));
-    }
-    Ok(t.len() / width)
-}
-
-/// Checks `t` is (rows, width) up to flattening of its leading dimensions.
-fn expect_rows(op: &'static str, what: &str, t: &Tensor, rows: usize, width: usize) -> Result<()> {
-    let got = rows_of(op, what, t, width)?;
-    if got != rows {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}, expected {rows} rows of {width}",
-                t.shape
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// The window of `t` (rows of `width` elements, leading dimensions flattened) that holds a
 /// `rows x cols` matrix: columns `start..start + cols` when `columns` is `Some(start)` (the
 /// matrix lies inside wider rows), else the whole tensor, which must then be `rows x cols`.
-fn window(
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    rows: usize,
-    cols: usize,
-    columns: Option<usize>,
-) -> Result<Window> {
-    let Some(start) = columns else {
-        expect_rows(op, what, t, rows, cols)?;
-        return Ok(Window::whole(cols));
-    };
-    let width = *t.shape.last().unwrap_or(&0);
-    if width == 0 || start + cols > width {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{what} has shape {:?}: columns {start}..{} are outside its rows",
-                t.shape,
-                start + cols
-            ),
-        ));
-    }
-    expect_rows(op, what, t, rows, width)?;
-    Ok(Window {
-        start,
-        stride: width,
+fn window(t: Arg<'_>, rows: usize, cols: usize, columns: Option<usize>) -> Result<Window> {
+    Ok(match columns {
+        Some(start) => Window {
+            start,
+            stride: t.columns(rows, start, cols)?,
+        },
+        None => {
+            t.rows_of(rows, cols)?;
+            Window::whole(cols)
+        }
     })
 }
 
 /// Rows of a matrix operand `cols` wide, or of the wider rows it is a window of (`columns`).
-fn window_rows(
-    op: &'static str,
-    what: &str,
-    t: &Tensor,
-    cols: usize,
-    columns: Option<usize>,
-) -> Result<usize> {
+fn window_rows(t: Arg<'_>, cols: usize, columns: Option<usize>) -> Result<usize> {
     let width = match columns {
-        Some(_) => *t.shape.last().unwrap_or(&0),
+        Some(_) => *t.tensor().shape.last().unwrap_or(&0),
         None => cols,
     };
-    rows_of(op, what, t, width.max(1))
-}
-
-/// Whether two tensor views share any byte.
-fn overlaps(x: &Tensor, y: &Tensor) -> bool {
-    x.buffer == y.buffer
-        && x.offset < y.offset + y.byte_size()
-        && y.offset < x.offset + x.byte_size()
-}
-
-/// Outputs may not share a buffer with any input (wgpu forbids binding one buffer both read-only
-/// and writable in a dispatch), nor overlap each other.
-fn check_no_alias(
-    op: &'static str,
-    outputs: &[(&str, &Tensor)],
-    inputs: &[(&str, &Tensor)],
-) -> Result<()> {
-    for (i, (out_name, out)) in outputs.iter().enumerate() {
-        for (in_name, inp) in inputs {
-            if out.buffer == inp.buffer {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "{out_name} shares a buffer with {in_name}; outputs may not alias inputs"
-                    ),
-                ));
-            }
-        }
-        for (other_name, other) in &outputs[i + 1..] {
-            if overlaps(out, other) {
-                return Err(Error::shape(
-                    op,
-                    format!("{out_name} overlaps {other_name}"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    t.rows(width.max(1))
 }
 
 /// `out (=|+=) inp @ weight^T (+ bias)`, optionally followed by GELU (see [`MatmulForward`]).
@@ -587,31 +501,27 @@ pub fn matmul_forward(
     opts: &MatmulForward<'_>,
 ) -> Result<Dispatch> {
     const OP: &str = "matmul_forward";
-    check_float(gpu, OP, "out", out)?;
-    check_float(gpu, OP, "inp", inp)?;
-    check_float(gpu, OP, "weight", weight)?;
-    let (n, k) = weight_dims(OP, "weight", weight)?;
-    let m = rows_of(OP, "inp", inp, k)?;
-    let c_window = window(OP, "out", out, m, n, opts.out_columns)?;
+    let check = Check::new(gpu, OP);
+    let out_arg = check.arg("out", out).float()?;
+    let inp_arg = check.arg("inp", inp).float()?;
+    let (n, k) = check.arg("weight", weight).float()?.matrix(1)?;
+    let m = inp_arg.rows(k)?;
+    let c_window = window(out_arg, m, n, opts.out_columns)?;
     if opts.out_columns.is_some() && opts.gelu_pre.is_some() {
-        return Err(Error::shape(
-            OP,
-            "a GELU epilogue writes whole rows; it cannot be combined with out_columns",
-        ));
+        return Err(check
+            .error("a GELU epilogue writes whole rows; it cannot be combined with out_columns"));
     }
     let mut inputs = vec![("inp", inp), ("weight", weight)];
     if let Some(bias) = opts.bias {
-        check_float(gpu, OP, "bias", bias)?;
-        bias.expect_len(OP, "bias", n)?;
+        check.arg("bias", bias).float()?.len(n)?;
         inputs.push(("bias", bias));
     }
     let mut outputs = vec![("out", out)];
     if let Some(pre) = opts.gelu_pre {
-        check_float(gpu, OP, "gelu_pre", pre)?;
-        expect_rows(OP, "gelu_pre", pre, m, n)?;
+        check.arg("gelu_pre", pre).float()?.rows_of(m, n)?;
         outputs.push(("gelu_pre", pre));
     }
-    check_no_alias(OP, &outputs, &inputs)?;
+    check.no_alias(&outputs, &inputs)?;
     let prod = Product {
         op: OP,
         c: out,
@@ -659,20 +569,19 @@ fn backward_input_product<'a>(
     opts: &MatmulBackwardInput<'a>,
 ) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_input";
-    check_float(gpu, OP, "dinp", dinp)?;
-    check_float(gpu, OP, "dout", dout)?;
-    check_float(gpu, OP, "weight", weight)?;
-    let (n, k) = weight_dims(OP, "weight", weight)?;
-    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
-    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
-    expect_rows(OP, "dinp", dinp, m, k)?;
+    let check = Check::new(gpu, OP);
+    let dinp_arg = check.arg("dinp", dinp).float()?;
+    let dout_arg = check.arg("dout", dout).float()?;
+    let (n, k) = check.arg("weight", weight).float()?.matrix(1)?;
+    let m = window_rows(dout_arg, n, opts.dout_columns)?;
+    let a_window = window(dout_arg, m, n, opts.dout_columns)?;
+    dinp_arg.rows_of(m, k)?;
     let mut inputs = vec![("dout", dout), ("weight", weight)];
     if let Some(pre) = opts.gelu_pre {
-        check_float(gpu, OP, "gelu_pre", pre)?;
-        expect_rows(OP, "gelu_pre", pre, m, k)?;
+        check.arg("gelu_pre", pre).float()?.rows_of(m, k)?;
         inputs.push(("gelu_pre", pre));
     }
-    check_no_alias(OP, &[("dinp", dinp)], &inputs)?;
+    check.no_alias(&[("dinp", dinp)], &inputs)?;
     Ok(Product {
         op: OP,
         c: dinp,
@@ -729,20 +638,20 @@ fn backward_weight_product<'a>(
     opts: &MatmulBackwardWeight<'a>,
 ) -> Result<Product<'a>> {
     const OP: &str = "matmul_backward_weight";
-    check_float(gpu, OP, "dweight", dweight)?;
-    check_float(gpu, OP, "dout", dout)?;
-    check_float(gpu, OP, "inp", inp)?;
-    let (n, k) = weight_dims(OP, "dweight", dweight)?;
-    let m = window_rows(OP, "dout", dout, n, opts.dout_columns)?;
-    let a_window = window(OP, "dout", dout, m, n, opts.dout_columns)?;
-    expect_rows(OP, "inp", inp, m, k)?;
+    let check = Check::new(gpu, OP);
+    let dweight_arg = check.arg("dweight", dweight).float()?;
+    let dout_arg = check.arg("dout", dout).float()?;
+    let inp_arg = check.arg("inp", inp).float()?;
+    let (n, k) = dweight_arg.matrix(1)?;
+    let m = window_rows(dout_arg, n, opts.dout_columns)?;
+    let a_window = window(dout_arg, m, n, opts.dout_columns)?;
+    inp_arg.rows_of(m, k)?;
     let mut outputs = vec![("dweight", dweight)];
     if let Some(dbias) = opts.dbias {
-        check_f32(OP, "dbias", dbias)?;
-        dbias.expect_len(OP, "dbias", n)?;
+        check.arg("dbias", dbias).f32()?.len(n)?;
         outputs.push(("dbias", dbias));
     }
-    check_no_alias(OP, &outputs, &[("dout", dout), ("inp", inp)])?;
+    check.no_alias(&outputs, &[("dout", dout), ("inp", inp)])?;
     Ok(Product {
         op: OP,
         c: dweight,
@@ -764,7 +673,7 @@ fn backward_weight_product<'a>(
 }
 
 /// Every specialisation of the three product kernels and the split-K reduction.
-pub(crate) fn shader_variants() -> Vec<super::ShaderVariant> {
+pub(crate) fn shader_variants() -> Vec<Specialisation> {
     let mut out = tiled::shader_variants();
     out.extend(split::shader_variants());
     out.extend(coop::shader_variants());

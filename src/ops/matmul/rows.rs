@@ -1,14 +1,28 @@
 //! The few-rows kernel `matmul_rows` (shaders/matmul_rows.wgsl): forward products of decoding.
 
-use super::{epilogue_defines, flag, Product, ROWS_SHADER};
-use crate::defines;
-use crate::gpu::DType;
+use super::{flag, with_epilogue, EpilogueValues, Product, FLAGS};
+use crate::gpu::{Axis, DType, Kernel, Specialisation};
+use crate::ops::FLOATS;
 
 /// Most rows `matmul_rows` takes (MAX_ROWS in the shader): the forward products of decoding up
 /// to this many samples at once.
 pub const ROWS_MAX: usize = 8;
 /// Output columns per workgroup of `matmul_rows` (COLS in the shader).
 pub(super) const ROWS_COLS: usize = 32;
+
+/// Values from [`RowsVariant::specialise`]: the operands' and the output's storage types,
+/// ACCUMULATE, then the epilogue's. A is read as is, B transposed.
+const ROWS: Kernel<10> = Kernel {
+    shader: "matmul_rows",
+    entry: "matmul_rows",
+    fixed: &[("A_TRANS", "0"), ("B_TRANS", "1")],
+    axes: with_epilogue([
+        Axis::new("A_T", FLOATS),
+        Axis::new("B_T", FLOATS),
+        Axis::new("C_T", FLOATS),
+        Axis::new("ACCUMULATE", FLAGS),
+    ]),
+};
 
 /// Whether `matmul_rows` computes a product: a forward product (A as is, B transposed) with at
 /// most [`ROWS_MAX`] rows.
@@ -27,23 +41,27 @@ pub(super) struct RowsVariant {
 }
 
 impl RowsVariant {
-    pub(super) fn defines(&self) -> Vec<(String, String)> {
-        let mut d = defines![
-            ("A_T", self.a_dtype.wgsl()),
-            ("B_T", self.b_dtype.wgsl()),
-            ("C_T", self.c_dtype.wgsl()),
-            ("A_TRANS", "0"),
-            ("B_TRANS", "1"),
-            ("ACCUMULATE", flag(self.accumulate)),
-        ];
-        d.extend(epilogue_defines(self.bias_dtype, self.gelu));
-        d
+    pub(super) fn specialise(&self) -> Specialisation {
+        let epilogue = EpilogueValues::new(self.bias_dtype, self.gelu);
+        let [e0, e1, e2, e3, e4, e5] = epilogue.values();
+        ROWS.with([
+            &self.a_dtype,
+            &self.b_dtype,
+            &self.c_dtype,
+            &flag(self.accumulate),
+            e0,
+            e1,
+            e2,
+            e3,
+            e4,
+            e5,
+        ])
     }
 }
 
 /// Every `matmul_rows` specialisation: every dtype, accumulation, bias and GELU combination of a
 /// forward product.
-pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
+pub(super) fn shader_variants() -> Vec<Specialisation> {
     let floats = [DType::F32, DType::F16];
     let mut out = Vec::new();
     for a_dtype in floats {
@@ -60,10 +78,7 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
                                 gelu,
                                 accumulate,
                             };
-                            out.push(crate::ops::ShaderVariant {
-                                shader: ROWS_SHADER,
-                                defines: v.defines(),
-                            });
+                            out.push(v.specialise());
                         }
                     }
                 }

@@ -28,14 +28,12 @@ use super::choice::{auto_kernel_sliced, check_kernel, choose_kernel, output_tile
 use super::coop::COOP_TILES;
 use super::tiled::TILE_CONFIGS;
 use super::{
-    backward_input_product, backward_weight_product, check_no_alias, flag, launch, Epilogue,
-    MatmulBackwardInput, MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, FAMILY,
-    ROWS_COLS, SHADER,
+    backward_input_product, backward_weight_product, flag, launch, Epilogue, MatmulBackwardInput,
+    MatmulBackwardWeight, MatmulKernel, Product, Slices, Window, FLAGS, ROWS_COLS,
 };
-use crate::defines;
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Dispatch, DispatchDesc, Gpu, Tensor};
-use crate::ops::{check_f32, check_u32_range};
+use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
+use crate::ops::{Check, FLOATS};
 
 /// Fewest rows of M a K slice sums. Each slice's partial is written and read back once, 8 bytes
 /// per output element, against 2 flops per output element and row: at least 1024 rows keeps
@@ -47,6 +45,19 @@ pub const SPLIT_MAX: usize = 16;
 const SLICE_STEP: usize = 64;
 /// Threads per workgroup of `split_k_reduce`.
 const REDUCE_THREADS: usize = 256;
+
+/// Values: the output's storage type, four elements a thread (VEC4), ACCUMULATE, ROW_SUMS.
+const SPLIT_K_REDUCE: Kernel<4> = Kernel {
+    shader: "matmul",
+    entry: "split_k_reduce",
+    fixed: &[("SPLIT_REDUCE", "1")],
+    axes: [
+        Axis::new("C_T", FLOATS),
+        Axis::new("VEC4", FLAGS),
+        Axis::new("ACCUMULATE", FLAGS),
+        Axis::new("ROW_SUMS", FLAGS),
+    ],
+};
 
 /// K slices for a product of `inner` rows whose output makes `tiles` workgroups: 1 when the
 /// tiles are [`ENOUGH_TILES`] already or the rows too few for two slices of
@@ -211,13 +222,14 @@ fn launch_split(
     splits: Option<usize>,
 ) -> Result<Vec<Dispatch>> {
     let op = prod.op;
+    let check = Check::new(gpu, op);
     let outputs = prod.rows * prod.cols;
     // A slice's partials: C's, then the row sums'.
     let per_slice = outputs + prod.row_sums.map_or(0, |_| prod.rows);
     let scratch_len = match scratch {
         Some(s) => {
-            check_f32(op, "scratch", s)?;
-            check_no_alias(op, &[("scratch", s)], others)?;
+            check.arg("scratch", s).f32()?;
+            check.no_alias(&[("scratch", s)], others)?;
             s.len()
         }
         None => 0,
@@ -231,19 +243,16 @@ fn launch_split(
         None => choose_kernel(gpu, &prod, &|tiles| split_count(tiles, prod.inner).min(cap))?,
     };
     let count = match splits {
-        Some(0) => return Err(Error::shape(op, "splits = 0: at least one K slice")),
+        Some(0) => return Err(check.error("splits = 0: at least one K slice")),
         Some(s) if s > cap => {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "{s} K slices of ({}, {}) need a scratch of {} f32 elements; it has \
+            return Err(check.error(format!(
+                "{s} K slices of ({}, {}) need a scratch of {} f32 elements; it has \
                      {scratch_len} (and the adapter binds at most {} bytes)",
-                    prod.rows,
-                    prod.cols,
-                    s * per_slice,
-                    gpu.limits.max_storage_buffer_binding_size
-                ),
-            ))
+                prod.rows,
+                prod.cols,
+                s * per_slice,
+                gpu.limits.max_storage_buffer_binding_size
+            )))
         }
         Some(s) => s,
         None => {
@@ -264,8 +273,7 @@ fn launch_split(
     };
     let partial = launch(gpu, &partial, Some(kernel))?;
     let reduce = split_k_reduce(
-        gpu,
-        op,
+        &check,
         (prod.c, prod.row_sums),
         scratch,
         (prod.rows, prod.cols),
@@ -275,6 +283,7 @@ fn launch_split(
     Ok(vec![partial, reduce])
 }
 
+/// Uniform block `ReduceParams` of `split_k_reduce` (`shaders/matmul.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ReduceParams {
@@ -288,16 +297,16 @@ struct ReduceParams {
 /// lead `scratch`, and `row_sums (=|+=)` that of the `splits` blocks of `rows` partials after
 /// them; four elements of `out` a thread (16-byte loads) when the sizes and offsets allow.
 fn split_k_reduce(
-    gpu: &Gpu,
-    op: &'static str,
+    check: &Check,
     (out, row_sums): (&Tensor, Option<&Tensor>),
     scratch: &Tensor,
     (rows, cols): (usize, usize),
     splits: usize,
     accumulate: bool,
 ) -> Result<Dispatch> {
+    let gpu = check.gpu();
     let outputs = rows * cols;
-    check_u32_range(op, "scratch elements", splits * (outputs + rows))?;
+    check.fits_u32("scratch elements", splits * (outputs + rows))?;
     let vec4 = outputs.is_multiple_of(4)
         && out.offset.is_multiple_of(16)
         && scratch.offset.is_multiple_of(16);
@@ -309,7 +318,7 @@ fn split_k_reduce(
         _pad: 0,
     });
     let threads = len + row_sums.map_or(0, |_| rows);
-    let groups = check_u32_range(op, "workgroups", threads.div_ceil(REDUCE_THREADS))?;
+    let groups = check.fits_u32("workgroups", threads.div_ceil(REDUCE_THREADS))?;
     let mut bindings = vec![
         Bind::Uniform(&params),
         Bind::Read(scratch),
@@ -319,49 +328,23 @@ fn split_k_reduce(
         bindings.extend([Bind::Read(scratch), Bind::Write(sums)]);
     }
     gpu.dispatch(DispatchDesc {
-        shader: SHADER,
-        entry: "split_k_reduce",
-        defines: reduce_defines(out.dtype, vec4, accumulate, row_sums.is_some()),
+        kernel: SPLIT_K_REDUCE.with([
+            &out.dtype,
+            &flag(vec4),
+            &flag(accumulate),
+            &flag(row_sums.is_some()),
+        ]),
         bindings: &bindings,
         workgroups: gpu.grid(groups),
-        label: format!("{op}.reduce[{splits} K slices]"),
-        family: FAMILY,
+        label: format!("{}.reduce[{splits} K slices]", check.op()),
     })
-}
-
-fn reduce_defines(
-    out: DType,
-    vec4: bool,
-    accumulate: bool,
-    row_sums: bool,
-) -> Vec<(String, String)> {
-    defines![
-        ("SPLIT_REDUCE", "1"),
-        ("C_T", out.wgsl()),
-        ("VEC4", flag(vec4)),
-        ("ACCUMULATE", flag(accumulate)),
-        ("ROW_SUMS", flag(row_sums)),
-    ]
 }
 
 /// The `split_k_reduce` specialisations: each output dtype, vectorised or not, with and without
 /// accumulation and row sums. (The partial products are the plain f32-output specialisations
 /// of the product kernels, which their own variants include.)
-pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
-    let mut out = Vec::new();
-    for dtype in [DType::F32, DType::F16] {
-        for vec4 in [false, true] {
-            for accumulate in [false, true] {
-                for row_sums in [false, true] {
-                    out.push(crate::ops::ShaderVariant {
-                        shader: SHADER,
-                        defines: reduce_defines(dtype, vec4, accumulate, row_sums),
-                    });
-                }
-            }
-        }
-    }
-    out
+pub(super) fn shader_variants() -> Vec<Specialisation> {
+    SPLIT_K_REDUCE.variants()
 }
 
 impl MatmulKernel {

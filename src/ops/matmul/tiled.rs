@@ -2,9 +2,38 @@
 //! its specialisations.
 
 use super::choice::output_tiles;
-use super::{epilogue_defines, flag, SHADER};
-use crate::defines;
-use crate::gpu::DType;
+use super::{flag, with_epilogue, EpilogueValues, FLAGS};
+use crate::gpu::{Axis, DType, Kernel, Specialisation};
+use crate::ops::FLOATS;
+
+/// Values from [`TiledVariant::specialise`]: the operands' and the output's storage types,
+/// whether A and B are read transposed, the tile (TM, TN, BK), ACCUMULATE, ROW_SUMS, the type
+/// the operands are staged in, packet loads of A and B and their packet sizes, whether A and B
+/// are f16; then the epilogue's.
+const TILED: Kernel<23> = Kernel {
+    shader: "matmul",
+    entry: "matmul_tiled",
+    fixed: &[],
+    axes: with_epilogue([
+        Axis::new("A_T", FLOATS),
+        Axis::new("B_T", FLOATS),
+        Axis::new("C_T", FLOATS),
+        Axis::new("A_TRANS", FLAGS),
+        Axis::new("B_TRANS", FLAGS),
+        Axis::computed("TM"),
+        Axis::computed("TN"),
+        Axis::computed("BK"),
+        Axis::new("ACCUMULATE", FLAGS),
+        Axis::new("ROW_SUMS", FLAGS),
+        Axis::new("STAGE_T", FLOATS),
+        Axis::new("A_VEC", FLAGS),
+        Axis::new("B_VEC", FLAGS),
+        Axis::computed("A_PACK"),
+        Axis::computed("B_PACK"),
+        Axis::new("A_HALF", FLAGS),
+        Axis::new("B_HALF", FLAGS),
+    ]),
+};
 
 /// Threads per workgroup of the tiled kernel (16 x 16).
 pub(super) const TILED_THREADS: u32 = 256;
@@ -101,7 +130,7 @@ pub(super) fn packets_fit(
 }
 
 /// Define-level description of one `matmul_tiled` specialisation; the launcher and
-/// `shader_variants` both build their define lists through it.
+/// `shader_variants` both specialise the kernel through it.
 pub(super) struct TiledVariant {
     pub(super) tile: TileConfig,
     pub(super) a_dtype: DType,
@@ -130,35 +159,41 @@ impl TiledVariant {
         }
     }
 
-    pub(super) fn defines(&self) -> Vec<(String, String)> {
+    pub(super) fn specialise(&self) -> Specialisation {
         let t = self.tile;
-        let mut d = defines![
-            ("A_T", self.a_dtype.wgsl()),
-            ("B_T", self.b_dtype.wgsl()),
-            ("C_T", self.c_dtype.wgsl()),
-            ("A_TRANS", flag(self.a_trans)),
-            ("B_TRANS", flag(self.b_trans)),
-            ("TM", t.tm),
-            ("TN", t.tn),
-            ("BK", t.bk),
-            ("ACCUMULATE", flag(self.accumulate)),
-            ("ROW_SUMS", flag(self.row_sums)),
-            ("STAGE_T", self.stage().wgsl()),
-            ("A_VEC", flag(self.a_vec)),
-            ("B_VEC", flag(self.b_vec)),
-            ("A_PACK", 16 / self.a_dtype.size()),
-            ("B_PACK", 16 / self.b_dtype.size()),
-            ("A_HALF", flag(self.a_dtype == DType::F16)),
-            ("B_HALF", flag(self.b_dtype == DType::F16)),
-        ];
-        d.extend(epilogue_defines(self.bias_dtype, self.gelu));
-        d
+        let epilogue = EpilogueValues::new(self.bias_dtype, self.gelu);
+        let [e0, e1, e2, e3, e4, e5] = epilogue.values();
+        TILED.with([
+            &self.a_dtype,
+            &self.b_dtype,
+            &self.c_dtype,
+            &flag(self.a_trans),
+            &flag(self.b_trans),
+            &t.tm,
+            &t.tn,
+            &t.bk,
+            &flag(self.accumulate),
+            &flag(self.row_sums),
+            &self.stage(),
+            &flag(self.a_vec),
+            &flag(self.b_vec),
+            &(16 / self.a_dtype.size()),
+            &(16 / self.b_dtype.size()),
+            &flag(self.a_dtype == DType::F16),
+            &flag(self.b_dtype == DType::F16),
+            e0,
+            e1,
+            e2,
+            e3,
+            e4,
+            e5,
+        ])
     }
 }
 
 /// Every `matmul_tiled` specialisation the launchers ask for: each tile, dtype combination and
 /// accumulation, with the epilogues of each product.
-pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
+pub(super) fn shader_variants() -> Vec<Specialisation> {
     let floats = [DType::F32, DType::F16];
     let mut out = Vec::new();
     // Each with every combination of packet and element loads.
@@ -166,10 +201,7 @@ pub(super) fn shader_variants() -> Vec<crate::ops::ShaderVariant> {
         for a_vec in [false, true] {
             for b_vec in [false, true] {
                 let v = TiledVariant { a_vec, b_vec, ..v };
-                out.push(crate::ops::ShaderVariant {
-                    shader: SHADER,
-                    defines: v.defines(),
-                })
+                out.push(v.specialise())
             }
         }
     };
