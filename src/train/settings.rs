@@ -32,6 +32,22 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl Precision {
+    /// Refuses f16 on an adapter without SHADER_F16: the one place this rule is checked.
+    pub fn check_adapter(self, gpu: &crate::gpu::Gpu) -> Result<()> {
+        if self == Precision::F16 && !gpu.has_f16() {
+            return Err(Error::setting(
+                Setting::Precision,
+                format!(
+                    "f16 needs SHADER_F16, which the adapter '{}' lacks; use f32",
+                    gpu.info.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
