@@ -1,6 +1,8 @@
 //! Training: schedule, optimiser settings, the training loop.
 
+pub mod job;
 pub mod ladder;
+pub mod launch;
 pub mod metrics;
 pub mod parallel;
 pub mod plan;
