@@ -252,16 +252,16 @@ impl WgptApp {
     }
 
     pub(crate) fn start_run(&mut self) {
-        match self.train.run_spec(&self.gpu) {
-            Ok(spec) => {
+        match self.train.run_request() {
+            Ok(request) => {
                 self.run = RunView::default();
                 self.status = RunStatus::Starting;
                 self.log.push(format!(
                     "starting: data {}, checkpoints in {}",
-                    spec.data.display(),
-                    spec.checkpoint_dir.display()
+                    request.data.display(),
+                    self.train.checkpoint_dir.trim()
                 ));
-                self.send(Command::Start(Box::new(spec)));
+                self.send(Command::Start(Box::new(request)));
             }
             Err(e) => self.report(e),
         }

@@ -1,12 +1,13 @@
 //! What the user has typed into the Train and Generate panels, and how it becomes a
-//! [`RunSpec`] or [`GenSpec`] (with errors that say which field is wrong).
+//! [`RunRequest`] or [`GenSpec`] (with errors that say which field is wrong).
 
-use crate::worker::{GenSpec, Init, RunSpec, WeightsSource};
+use crate::worker::{GenSpec, RunRequest, WeightsSource};
 use std::path::PathBuf;
 use wgpt::gpu::Gpu;
-use wgpt::model::config::{pad_vocab, GPT2_VOCAB};
 use wgpt::model::GptConfig;
 use wgpt::sample::SampleOptions;
+use wgpt::train::launch::{Init, ModelSpec, RunSpec, SettingsSpec};
+use wgpt::train::run::RunOptions;
 use wgpt::train::settings::{AdapterDefaults, AttentionKind, Precision, TrainSettings};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +39,17 @@ impl Preset {
             Preset::Gpt2Large => "gpt2-large (774M)",
             Preset::Gpt2Xl => "gpt2-xl (1.5B)",
             Preset::Custom => "custom",
+        }
+    }
+
+    /// The library's preset the model's fields change (custom: gpt2, for its vocabulary).
+    fn base(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Gpt2 | Preset::Custom => "gpt2",
+            Preset::Gpt2Medium => "gpt2-medium",
+            Preset::Gpt2Large => "gpt2-large",
+            Preset::Gpt2Xl => "gpt2-xl",
         }
     }
 
@@ -160,33 +172,40 @@ impl TrainForm {
         self.seq_len = self.seq_len.min(c.block_size);
     }
 
-    pub fn config(&self) -> GptConfig {
-        GptConfig {
-            n_layer: self.n_layer,
-            n_head: self.n_head,
-            n_embd: self.n_embd,
-            block_size: self.block_size,
-            vocab_size: GPT2_VOCAB,
-            padded_vocab_size: pad_vocab(GPT2_VOCAB),
+    /// The model the fields describe.
+    pub fn model(&self) -> ModelSpec {
+        ModelSpec {
+            preset: Some(self.preset.base().into()),
+            n_layer: Some(self.n_layer),
+            n_head: Some(self.n_head),
+            n_embd: Some(self.n_embd),
+            block_size: Some(self.block_size),
+            ..ModelSpec::default()
         }
     }
 
-    pub fn settings(&self) -> TrainSettings {
-        let mut s = TrainSettings::new(self.config(), self.batch_size, self.seq_len);
-        s.steps = self.steps;
-        s.max_lr = self.max_lr;
-        s.warmup_steps = self.warmup_steps;
-        s.weight_decay = self.weight_decay;
-        s.grad_clip = self.grad_clip;
-        s.seed = self.seed;
-        s.precision = self.precision;
-        s.attention = self.attention;
-        s.shuffle = self.shuffle;
-        s
+    /// The settings the fields give; those the panel has no field for keep the recipe's (or,
+    /// resuming, the checkpoint's).
+    pub fn settings(&self) -> SettingsSpec {
+        SettingsSpec {
+            batch_size: Some(self.batch_size),
+            seq_len: Some(self.seq_len),
+            steps: Some(self.steps),
+            max_lr: Some(self.max_lr),
+            warmup_steps: Some(self.warmup_steps),
+            weight_decay: Some(self.weight_decay),
+            grad_clip: Some(self.grad_clip),
+            seed: Some(self.seed),
+            precision: Some(self.precision),
+            attention: Some(self.attention),
+            shuffle: Some(self.shuffle),
+            ..SettingsSpec::default()
+        }
     }
 
-    /// The run to start, or what is wrong with the form.
-    pub fn run_spec(&self, gpu: &Gpu) -> Result<RunSpec, String> {
+    /// The run to start, or what is wrong with the form. The library checks the settings when
+    /// the engine starts the run.
+    pub fn run_request(&self) -> Result<RunRequest, String> {
         let data = self.data_path.trim();
         if data.is_empty() {
             return Err(
@@ -201,30 +220,32 @@ impl TrainForm {
                 "choose the checkpoint or Hugging Face folder to start from, or start from scratch"
                     .into(),
             ),
-            InitChoice::Checkpoint => Init::Checkpoint(init_path.into()),
-            InitChoice::HuggingFace => Init::HuggingFace(init_path.into()),
+            InitChoice::Checkpoint => Init::Resume(init_path.into()),
+            InitChoice::HuggingFace => Init::Pretrained(init_path.into()),
         };
         let dir = self.checkpoint_dir.trim();
         if dir.is_empty() {
             return Err("choose a checkpoint folder (Stop and the end of a run save there)".into());
         }
-        let settings = self.settings();
-        if init == Init::Scratch {
-            settings.validate().map_err(crate::worker::in_app_words)?;
-        }
-        if settings.precision == Precision::F16 && !gpu.has_f16() {
-            return Err(format!(
-                "f16 needs SHADER_F16, which '{}' lacks; choose f32",
-                gpu.info.name
-            ));
-        }
-        Ok(RunSpec {
-            settings,
+        // Weights bring their own shape.
+        let model = match init {
+            Init::Scratch => self.model(),
+            _ => ModelSpec::default(),
+        };
+        Ok(RunRequest {
             data: data.into(),
-            init,
-            checkpoint_dir: dir.into(),
-            val_every: (self.val_every > 0).then_some(self.val_every),
-            sample_every: (self.sample_every > 0).then_some(self.sample_every),
+            spec: RunSpec {
+                model,
+                init,
+                settings: self.settings(),
+                options: RunOptions {
+                    checkpoint_dir: Some(dir.into()),
+                    val_every: (self.val_every > 0).then_some(self.val_every),
+                    sample_every: (self.sample_every > 0).then_some(self.sample_every),
+                    ..RunOptions::default()
+                },
+                parallel: None,
+            },
         })
     }
 }

@@ -11,38 +11,21 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use wgpt::checkpoint::{self, hf, Checkpoint};
+use wgpt::checkpoint::hf;
 use wgpt::data::{Corpus, Tokenizer};
 use wgpt::error::Setting;
 use wgpt::gpu::Gpu;
 use wgpt::sample::{Generator, SampleOptions};
-use wgpt::train::run::{self as lib_run, Progress, RunEvent, RunOptions};
+use wgpt::train::launch::{Launch, Note, RunSpec};
+use wgpt::train::run::{self as lib_run, Progress, RunEvent};
 use wgpt::train::settings::TrainSettings;
 use wgpt::train::trainer::{StepStats, Trainer};
 
-/// Where a run's weights come from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Init {
-    /// Seeded GPT-2 initialisation.
-    Scratch,
-    /// One of our checkpoints (a file, or a folder: its newest). A checkpoint with optimiser
-    /// state continues its run exactly; the model's shape is the checkpoint's.
-    Checkpoint(PathBuf),
-    /// A Hugging Face GPT-2 folder (`model.safetensors` + `config.json`); its shape wins.
-    HuggingFace(PathBuf),
-}
-
-/// Everything needed to start a run.
+/// A run to start: its data (a text file or a folder of shards) and the rest of its description.
 #[derive(Clone, Debug)]
-pub struct RunSpec {
-    pub settings: TrainSettings,
+pub struct RunRequest {
     pub data: PathBuf,
-    pub init: Init,
-    pub checkpoint_dir: PathBuf,
-    /// Validation loss every N steps (a shard folder's validation split).
-    pub val_every: Option<usize>,
-    /// Samples from the live weights every N steps.
-    pub sample_every: Option<usize>,
+    pub spec: RunSpec,
 }
 
 /// Which weights to sample from.
@@ -63,7 +46,7 @@ pub struct GenSpec {
 }
 
 pub enum Command {
-    Start(Box<RunSpec>),
+    Start(Box<RunRequest>),
     Pause,
     Resume,
     /// Saves a checkpoint at the step boundary and ends the run (its weights stay loaded for
@@ -383,7 +366,7 @@ impl Engine {
         Ok(corpus)
     }
 
-    fn start(&mut self, spec: RunSpec) {
+    fn start(&mut self, request: RunRequest) {
         if self
             .run
             .as_ref()
@@ -394,7 +377,7 @@ impl Engine {
         }
         // The previous run's buffers go before the new ones are allocated.
         self.run = None;
-        match self.build_run(spec) {
+        match self.build_run(request) {
             Ok(run) => {
                 let t = run.trainer();
                 self.emit(Event::RunStarted {
@@ -419,66 +402,31 @@ impl Engine {
         }
     }
 
-    fn build_run(&mut self, spec: RunSpec) -> wgpt::Result<Run> {
-        let tokens = self.load_data(&spec.data)?;
+    /// The run the library launches from the request, its notes shown in the log (but the hint
+    /// for a CPU adapter's default preset, which speaks of headless-train's flag).
+    fn build_run(&mut self, request: RunRequest) -> wgpt::Result<Run> {
+        let corpus = self.load_data(&request.data)?;
         self.emit(Event::Log(format!(
             "loaded {} tokens from {}{}",
-            tokens.train_tokens(),
-            spec.data.display(),
-            tokens
+            corpus.train_tokens(),
+            request.data.display(),
+            corpus
                 .describe_shards()
                 .map(|l| format!(" ({l})"))
                 .unwrap_or_default()
         )));
-        let mut resumed_from = None;
-        let weights: Option<Checkpoint> = match &spec.init {
-            Init::Scratch => None,
-            Init::Checkpoint(p) => {
-                let c = if p.is_dir() {
-                    let (file, c) = checkpoint::load_newest(p)?;
-                    self.emit(Event::Log(format!("loaded {}", file.display())));
-                    resumed_from = Some(file);
-                    c
-                } else {
-                    resumed_from = Some(p.clone());
-                    Checkpoint::load(p)?
-                };
-                Some(c)
+        let (events, notify) = (self.events.clone(), self.notify.clone());
+        let mut note = move |n: Note| {
+            if !matches!(n, Note::DefaultPreset { .. }) {
+                for line in n.to_string().lines() {
+                    let _ = events.send(Event::Log(line.into()));
+                }
+                notify();
             }
-            Init::HuggingFace(p) => Some(hf::load_any(p)?),
         };
-        let mut settings = spec.settings;
-        // A run's checkpoint continues with its settings: the panel's must agree (the model's
-        // shape always comes from the weights).
-        let resuming = resumed_from.as_deref().zip(weights.as_ref());
-        settings = lib_run::settings_for_resume(settings, resuming, |s| s != Setting::Model)?;
-        if let Some(w) = &weights {
-            if w.config != settings.config {
-                self.emit(Event::Log(format!(
-                    "the model's shape comes from the weights: {}",
-                    w.config.describe()
-                )));
-                settings.config = w.config;
-                settings.seq_len = settings.seq_len.min(w.config.block_size);
-            }
-        }
-        self.emit(Event::Log(format!(
-            "building the training step for {} | B {} | T {} | {} | attention {}",
-            settings.config.describe(),
-            settings.batch_size,
-            settings.seq_len,
-            settings.precision,
-            settings.attention
-        )));
-        let trainer = Trainer::new(self.gpu.clone(), settings, tokens.clone(), weights.as_ref())?;
-        let opts = RunOptions {
-            checkpoint_dir: Some(spec.checkpoint_dir),
-            val_every: spec.val_every,
-            sample_every: spec.sample_every,
-            ..RunOptions::default()
-        };
+        let launch = Launch::prepare(self.gpu.clone(), corpus, request.spec, &mut note)?;
         Ok(Run {
-            run: lib_run::Run::new(trainer, &tokens, opts, resumed_from)?,
+            run: launch.start(&mut note)?,
             state: RunState::Running,
         })
     }

@@ -68,6 +68,9 @@ pub struct RunOptions {
     /// A HellaSwag jsonl file, evaluated every `eval_every` steps (and at the end).
     pub hellaswag: Option<PathBuf>,
     pub eval_every: Option<usize>,
+    /// Time every node of a step on the GPU (timestamp queries): each [`RunEvent::Step`] comes
+    /// with its node times.
+    pub profile: bool,
 }
 
 impl Default for RunOptions {
@@ -83,6 +86,7 @@ impl Default for RunOptions {
             sample: SampleSpec::default(),
             hellaswag: None,
             eval_every: None,
+            profile: false,
         }
     }
 }
@@ -118,6 +122,56 @@ pub enum RunEvent<'a> {
         ranks: usize,
         checksum: u64,
     },
+}
+
+/// The lines headless-train prints: a step's is the documented
+/// `step {step:4} | loss: {loss:.6} | lr {lr:.4e} | norm: {norm:.4} | dt: {ms:.2}ms | tok/sec: {tps:.2}`.
+impl std::fmt::Display for RunEvent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunEvent::Step { stats: s, .. } => {
+                write!(
+                    f,
+                    "step {:4} | loss: {:.6} | lr {:.4e} | norm: {:.4} | dt: {:.2}ms | tok/sec: {:.2}",
+                    s.step, s.loss, s.lr, s.norm, s.dt_ms, s.tok_per_sec
+                )?;
+                if s.skipped {
+                    write!(
+                        f,
+                        " | skipped: non-finite gradients, loss scale now {}",
+                        s.loss_scale
+                    )?;
+                }
+                Ok(())
+            }
+            RunEvent::Validation { step, loss } => write!(f, "step {step:4} | val loss: {loss:.6}"),
+            RunEvent::Samples { step, texts } => {
+                for (i, t) in texts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("\n")?;
+                    }
+                    write!(f, "step {step:4} | sample {i}: {t:?}")?;
+                }
+                Ok(())
+            }
+            RunEvent::HellaSwag { step, score } => write!(
+                f,
+                "step {step:4} | hellaswag acc_norm: {}/{} = {:.4}",
+                score.correct,
+                score.total,
+                score.acc_norm()
+            ),
+            RunEvent::Saved { path } => write!(f, "saved {}", path.display()),
+            RunEvent::Replicas {
+                step,
+                ranks,
+                checksum,
+            } => write!(
+                f,
+                "step {step:4} | weights identical on {ranks} ranks: checksum {checksum:016x}"
+            ),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,11 +211,14 @@ impl Run {
     /// now, before any step): validation needs a shard folder, samples must fit the context,
     /// the HellaSwag file must parse, the checkpoint folder must be writable.
     pub fn new(
-        trainer: Trainer,
+        mut trainer: Trainer,
         corpus: &Corpus,
         mut opts: RunOptions,
         resumed_from: Option<PathBuf>,
     ) -> Result<Run> {
+        if opts.profile {
+            trainer.enable_profiling()?;
+        }
         // 0: only at the end.
         opts.checkpoint_every = opts.checkpoint_every.filter(|&e| e > 0);
         positive(Setting::ValEvery, opts.val_every)?;
@@ -612,6 +669,52 @@ mod tests {
         asked.grad_accum = 1;
         let e = resume_settings(&stored, &asked, |_| false).unwrap_err();
         assert!(e.to_string().contains("3 ranks cannot share"), "{e}");
+    }
+
+    #[test]
+    fn events_print_as_the_log_lines_of_the_contract() {
+        let mut s = StepStats {
+            step: 7,
+            loss: 3.25,
+            norm: 0.5,
+            lr: 6e-4,
+            dt_ms: 12.345,
+            tok_per_sec: 1000.0,
+            skipped: false,
+            loss_scale: 1.0,
+            encode_ms: 0.0,
+            submit_ms: 0.0,
+            gpu_ms: None,
+            gpu_idle_ms: None,
+            reduce: None,
+        };
+        let line = |s: &StepStats| {
+            RunEvent::Step {
+                stats: s,
+                nodes: &[],
+            }
+            .to_string()
+        };
+        assert_eq!(
+            line(&s),
+            "step    7 | loss: 3.250000 | lr 6.0000e-4 | norm: 0.5000 | dt: 12.35ms | tok/sec: 1000.00"
+        );
+        s.skipped = true;
+        s.loss_scale = 32768.0;
+        assert!(line(&s).ends_with(" | skipped: non-finite gradients, loss scale now 32768"));
+        let val = RunEvent::Validation {
+            step: 20,
+            loss: 4.5,
+        };
+        assert_eq!(val.to_string(), "step   20 | val loss: 4.500000");
+        let samples = RunEvent::Samples {
+            step: 3,
+            texts: vec!["a".into(), "b\n".into()],
+        };
+        assert_eq!(
+            samples.to_string(),
+            "step    3 | sample 0: \"a\"\nstep    3 | sample 1: \"b\\n\""
+        );
     }
 
     #[test]

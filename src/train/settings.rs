@@ -11,6 +11,22 @@ pub const ADAM_EPS: f32 = 1e-8;
 
 pub use crate::graph::step::{AttentionKind, Precision};
 
+impl Precision {
+    /// Refuses f16 on an adapter without SHADER_F16: the one place this rule is checked.
+    pub fn check_adapter(self, gpu: &crate::gpu::Gpu) -> Result<()> {
+        if self == Precision::F16 && !gpu.has_f16() {
+            return Err(Error::setting(
+                Setting::Precision,
+                format!(
+                    "f16 needs SHADER_F16, which the adapter '{}' lacks; use f32",
+                    gpu.info.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a run defaults to on an adapter (both front ends start from these): GPT-2 124M at
 /// B=16, T=1024 on a GPU; the tiny model at B=4, T=64 on a CPU rasteriser, where GPT-2's
 /// steps would take minutes; f16 mixed precision where the adapter has SHADER_F16.

@@ -190,12 +190,7 @@ impl Trainer {
                 )));
             }
         }
-        if settings.precision == Precision::F16 && !gpu.has_f16() {
-            return Err(Error::Config(format!(
-                "f16 precision needs SHADER_F16, which '{}' lacks; use f32",
-                gpu.info.name
-            )));
-        }
+        settings.precision.check_adapter(&gpu)?;
         let shuffle = settings.shuffle.then_some(settings.seed);
         let loader = DataLoader::train(&corpus, settings.batch_size, settings.seq_len, shuffle)?;
         let layout = ParamLayout::new(&cfg);
