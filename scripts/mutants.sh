@@ -32,7 +32,7 @@ mutations() {
     's/\.filter\(\|\(_, p\)\| p\.buffer == k\)/.filter(|(j, p)| p.buffer == k \&\& !(id == crate::model::ParamId::Wte \&\& *j == 1))/' \
     '--test it -- train::split_storage'
   mutation classifier-input-gradient-unsplit src/graph/gpt.rs \
-    's/let split_len = matmul::matmul_backward_input_scratch_len/let split_len = 0 * matmul::matmul_backward_input_scratch_len/' \
+    's/let len = matmul_backward_input_scratch_len/let len = 0 * matmul_backward_input_scratch_len/' \
     '--test it -- train::gpt2_124m'
   mutation hellaswag-highest-loss src/eval/hellaswag.rs \
     's/\.min_by\(\|&a, &b\| l\[a\]\.total_cmp/.max_by(|&a, &b| l[a].total_cmp/' \
@@ -46,12 +46,18 @@ mutations() {
   mutation step-state-upper-clamp-off shaders/optimizer.wgsl \
     's/if \(\(\*s\)\.scale \* 2\.0 > MAX_SCALE\)/if ((*s).scale * 2.0 > MAX_SCALE * 2.0)/' \
     '--test it -- optimizer::step_state'
-  mutation resume-without-first-moments src/train/trainer/mod.rs \
-    's/\n\s*self\.io\.m\.upload\(&self\.gpu, &self\.layout, m\)\?;//' \
+  mutation resume-without-first-moments src/train/trainer/weights.rs \
+    's/\n\s*self\.weights\.m\.upload\(&self\.gpu, &self\.layout, m\)\?;//' \
     '--test it -- faults::'
-  mutation resume-without-rng-state src/train/trainer/mod.rs \
+  mutation resume-without-rng-state src/train/trainer/weights.rs \
     's/\n\s*self\.rng = Rng::from_state\(s\.rng_state\);//' \
     '--test it -- faults::'
+  mutation undeclared-binding-allowed src/graph/mod.rs \
+    's/if !self\.declared\.contains\(&id\)/if false \&\& !self.declared.contains(\&id)/' \
+    '--lib -- graph::'
+  mutation poll-before-the-step-finished src/train/trainer/ring.rs \
+    's/Ok\(self\.slots\[p\.slot\]\.mapped\.load\(Ordering::Acquire\) != MAPPING\)/Ok(true)/' \
+    '--test it -- train::queued_steps'
 }
 
 if [ "${1:-}" = "--list" ]; then
