@@ -274,13 +274,15 @@ pub fn build_train_graph(
                     .map(|part| {
                         embedding::embedding_forward(
                             gpu,
-                            r.t(emb),
-                            r.t(tokens),
-                            r.t(part.ids.p),
-                            part.piece,
-                            r.t(wpe.p),
-                            b,
-                            t,
+                            &embedding::EmbeddingForward {
+                                out: r.t(emb),
+                                tokens: r.t(tokens),
+                                wte: r.t(part.ids.p),
+                                piece: part.piece,
+                                wpe: r.t(wpe.p),
+                                b,
+                                t,
+                            },
                         )
                     })
                     .collect()
@@ -784,15 +786,17 @@ pub fn build_train_graph(
                     move |gpu, r| {
                         attention::attention_backward(
                             gpu,
-                            r.t(dqkv),
-                            r.t(datty),
-                            r.t(qkv),
-                            r.t(atty),
-                            r.t(stats),
-                            r.t(dscratch),
-                            b,
-                            t,
-                            nh,
+                            &attention::AttentionBackward {
+                                dqkv: r.t(dqkv),
+                                dout: r.t(datty),
+                                qkv: r.t(qkv),
+                                out: r.t(atty),
+                                lse: r.t(stats),
+                                d_scratch: r.t(dscratch),
+                                b,
+                                t,
+                                nh,
+                            },
                         )
                     },
                 );
@@ -808,14 +812,16 @@ pub fn build_train_graph(
                     move |gpu, r| {
                         attention::naive_attention_backward(
                             gpu,
-                            r.t(dqkv),
-                            r.t(datt),
-                            r.t(datty),
-                            r.t(qkv),
-                            r.t(stats),
-                            b,
-                            t,
-                            nh,
+                            &attention::NaiveAttentionBackward {
+                                dqkv: r.t(dqkv),
+                                datt_scratch: r.t(datt),
+                                dout: r.t(datty),
+                                qkv: r.t(qkv),
+                                att: r.t(stats),
+                                b,
+                                t,
+                                nh,
+                            },
                         )
                     },
                 );
@@ -868,12 +874,14 @@ pub fn build_train_graph(
                 for part in &parts {
                     ds.push(embedding::embedding_backward_wte(
                         gpu,
-                        r.t(part.ids.g),
-                        part.piece,
-                        r.t(dres),
-                        r.t(buckets),
-                        b,
-                        t,
+                        &embedding::EmbeddingBackwardWte {
+                            dwte: r.t(part.ids.g),
+                            piece: part.piece,
+                            dout: r.t(dres),
+                            buckets: r.t(buckets),
+                            b,
+                            t,
+                        },
                     )?);
                 }
                 ds.push(embedding::embedding_backward_wpe(
@@ -964,14 +972,16 @@ pub fn build_train_graph(
                 };
                 Ok(vec![optimizer::adamw(
                     gpu,
-                    &sl(params_k)?,
-                    &sl(grads_k)?,
-                    &sl(m_k)?,
-                    &sl(v_k)?,
-                    p16.as_ref(),
-                    r.t(status),
-                    r.t(hyper),
-                    n_decay,
+                    &optimizer::AdamW {
+                        params: &sl(params_k)?,
+                        grads: &sl(grads_k)?,
+                        m: &sl(m_k)?,
+                        v: &sl(v_k)?,
+                        params_f16: p16.as_ref(),
+                        status: r.t(status),
+                        hyper: r.t(hyper),
+                        n_decay,
+                    },
                 )?])
             });
         }
@@ -988,14 +998,16 @@ pub fn build_train_graph(
         move |gpu, r| {
             Ok(vec![optimizer::advance_step_state(
                 gpu,
-                r.t(state),
-                r.t(status),
-                r.t(bias_table),
-                r.t(dloss),
-                r.t(norm_scalars),
-                r.t(hyper),
-                LossScaler::GROWTH_INTERVAL,
-                scaling,
+                &optimizer::AdvanceStepState {
+                    state: r.t(state),
+                    status: r.t(status),
+                    table: r.t(bias_table),
+                    dloss: r.t(dloss),
+                    norm_scalars: r.t(norm_scalars),
+                    hyper: r.t(hyper),
+                    growth_interval: LossScaler::GROWTH_INTERVAL,
+                    scaling,
+                },
             )?])
         },
     );
@@ -1097,14 +1109,16 @@ pub(crate) fn residual_layernorm<E: Clone>(
         move |gpu, r| {
             Ok(vec![layernorm::fused_residual_layernorm_forward(
                 gpu,
-                r.t(res_out),
-                r.t(out),
-                r.t(mean),
-                r.t(rstd),
-                r.t(a),
-                r.t(b),
-                r.t(w),
-                r.t(bias),
+                &layernorm::FusedResidualLayerNorm {
+                    residual_out: r.t(res_out),
+                    out: r.t(out),
+                    mean: r.t(mean),
+                    rstd: r.t(rstd),
+                    a: r.t(a),
+                    b: r.t(b),
+                    weight: r.t(w),
+                    bias: r.t(bias),
+                },
             )?])
         },
     );
@@ -1140,15 +1154,17 @@ fn layernorm_backward(
         move |gpu, r| {
             layernorm::layernorm_backward(
                 gpu,
-                r.t(dres),
-                r.t(gw),
-                r.t(gb),
-                r.t(scratch),
-                r.t(dout),
-                r.t(inp),
-                r.t(wp),
-                r.t(mean),
-                r.t(rstd),
+                &layernorm::LayerNormBackward {
+                    dinp: r.t(dres),
+                    dweight: r.t(gw),
+                    dbias: r.t(gb),
+                    scratch: r.t(scratch),
+                    dout: r.t(dout),
+                    inp: r.t(inp),
+                    weight: r.t(wp),
+                    mean: r.t(mean),
+                    rstd: r.t(rstd),
+                },
             )
         },
     );

@@ -192,11 +192,13 @@ impl Generator {
                                 gpu,
                                 &d,
                                 &sb,
-                                r.t(x0),
-                                r.t(tin),
-                                r.t(w),
-                                piece,
-                                r.t(wpe),
+                                &ops::EmbeddingAt {
+                                    out: r.t(x0),
+                                    tokens: r.t(tin),
+                                    wte: r.t(w),
+                                    piece,
+                                    wpe: r.t(wpe),
+                                },
                             )
                         })
                         .collect()
