@@ -372,7 +372,18 @@ fn run(args: Args) -> Result<()> {
         (
             "flash backward",
             attention::flash_attention_backward(
-                &gpu, &dqkv, &dout, &qkv, &out, &lse, &dscratch, b, t, nh,
+                &gpu,
+                &attention::AttentionBackward {
+                    dqkv: &dqkv,
+                    dout: &dout,
+                    qkv: &qkv,
+                    out: &out,
+                    lse: &lse,
+                    d_scratch: &dscratch,
+                    b,
+                    t,
+                    nh,
+                },
             )?,
             bwd_flops,
         ),
@@ -382,13 +393,36 @@ fn run(args: Args) -> Result<()> {
         Some(cfg) => {
             rows.push((
                 "coop forward",
-                attention::coop_attention_forward(&gpu, cfg, &out, &lse, &qkv, b, t, nh)?,
+                attention::coop_attention_forward(
+                    &gpu,
+                    cfg,
+                    &attention::AttentionForward {
+                        out: &out,
+                        lse: &lse,
+                        qkv: &qkv,
+                        b,
+                        t,
+                        nh,
+                    },
+                )?,
                 fwd_flops,
             ));
             rows.push((
                 "coop backward",
                 attention::coop_attention_backward(
-                    &gpu, cfg, &dqkv, &dout, &qkv, &out, &lse, &dscratch, b, t, nh,
+                    &gpu,
+                    cfg,
+                    &attention::AttentionBackward {
+                        dqkv: &dqkv,
+                        dout: &dout,
+                        qkv: &qkv,
+                        out: &out,
+                        lse: &lse,
+                        d_scratch: &dscratch,
+                        b,
+                        t,
+                        nh,
+                    },
                 )?,
                 bwd_flops,
             ));
@@ -410,7 +444,19 @@ fn run(args: Args) -> Result<()> {
         ));
         rows.push((
             "naive backward",
-            attention::naive_attention_backward(&gpu, &dqkv, &datt, &dout, &qkv, &att, b, t, nh)?,
+            attention::naive_attention_backward(
+                &gpu,
+                &attention::NaiveAttentionBackward {
+                    dqkv: &dqkv,
+                    datt_scratch: &datt,
+                    dout: &dout,
+                    qkv: &qkv,
+                    att: &att,
+                    b,
+                    t,
+                    nh,
+                },
+            )?,
             bwd_flops,
         ));
     }

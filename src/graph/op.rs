@@ -534,16 +534,16 @@ impl Op {
             } => wte
                 .iter()
                 .map(|part| {
-                    embedding::embedding_forward(
-                        gpu,
-                        r.t(*out),
-                        r.t(*tokens),
-                        r.t(part.table),
-                        part.piece,
-                        r.t(*wpe),
-                        *b,
-                        *t,
-                    )
+                    let args = embedding::EmbeddingForward {
+                        out: r.t(*out),
+                        tokens: r.t(*tokens),
+                        wte: r.t(part.table),
+                        piece: part.piece,
+                        wpe: r.t(*wpe),
+                        b: *b,
+                        t: *t,
+                    };
+                    embedding::embedding_forward(gpu, &args)
                 })
                 .collect(),
             EmbeddingBackward {
@@ -556,15 +556,15 @@ impl Op {
             } => {
                 let mut ds = Vec::with_capacity(dwte.len() + 1);
                 for part in dwte {
-                    ds.push(embedding::embedding_backward_wte(
-                        gpu,
-                        r.t(part.table),
-                        part.piece,
-                        r.t(*dout),
-                        r.t(*buckets),
-                        *b,
-                        *t,
-                    )?);
+                    let args = embedding::EmbeddingBackwardWte {
+                        dwte: r.t(part.table),
+                        piece: part.piece,
+                        dout: r.t(*dout),
+                        buckets: r.t(*buckets),
+                        b: *b,
+                        t: *t,
+                    };
+                    ds.push(embedding::embedding_backward_wte(gpu, &args)?);
                 }
                 ds.push(embedding::embedding_backward_wpe(
                     gpu,
@@ -602,14 +602,16 @@ impl Op {
                 bias,
             } => one(layernorm::fused_residual_layernorm_forward(
                 gpu,
-                r.t(*res),
-                r.t(*out),
-                r.t(*mean),
-                r.t(*rstd),
-                r.t(*a),
-                r.t(*b),
-                r.t(*weight),
-                r.t(*bias),
+                &layernorm::FusedResidualLayerNorm {
+                    residual_out: r.t(*res),
+                    out: r.t(*out),
+                    mean: r.t(*mean),
+                    rstd: r.t(*rstd),
+                    a: r.t(*a),
+                    b: r.t(*b),
+                    weight: r.t(*weight),
+                    bias: r.t(*bias),
+                },
             )),
             LayerNormBackward {
                 dinp,
@@ -623,15 +625,17 @@ impl Op {
                 rstd,
             } => layernorm::layernorm_backward(
                 gpu,
-                r.t(*dinp),
-                r.t(*dweight),
-                r.t(*dbias),
-                r.t(*scratch),
-                r.t(*dout),
-                r.t(*inp),
-                r.t(*weight),
-                r.t(*mean),
-                r.t(*rstd),
+                &layernorm::LayerNormBackward {
+                    dinp: r.t(*dinp),
+                    dweight: r.t(*dweight),
+                    dbias: r.t(*dbias),
+                    scratch: r.t(*scratch),
+                    dout: r.t(*dout),
+                    inp: r.t(*inp),
+                    weight: r.t(*weight),
+                    mean: r.t(*mean),
+                    rstd: r.t(*rstd),
+                },
             ),
             Residual { out, a, b } => one(ew::residual_forward(gpu, r.t(*out), r.t(*a), r.t(*b))),
             Gelu { out, inp } => one(ew::gelu_forward(gpu, r.t(*out), r.t(*inp))),
@@ -741,15 +745,17 @@ impl Op {
                 heads: h,
             } => attention::attention_backward(
                 gpu,
-                r.t(*dqkv),
-                r.t(*dout),
-                r.t(*qkv),
-                r.t(*out),
-                r.t(*lse),
-                r.t(*d),
-                h.b,
-                h.t,
-                h.nh,
+                &attention::AttentionBackward {
+                    dqkv: r.t(*dqkv),
+                    dout: r.t(*dout),
+                    qkv: r.t(*qkv),
+                    out: r.t(*out),
+                    lse: r.t(*lse),
+                    d_scratch: r.t(*d),
+                    b: h.b,
+                    t: h.t,
+                    nh: h.nh,
+                },
             ),
             NaiveAttention {
                 out,
@@ -774,14 +780,16 @@ impl Op {
                 heads: h,
             } => attention::naive_attention_backward(
                 gpu,
-                r.t(*dqkv),
-                r.t(*dprobs),
-                r.t(*dout),
-                r.t(*qkv),
-                r.t(*probs),
-                h.b,
-                h.t,
-                h.nh,
+                &attention::NaiveAttentionBackward {
+                    dqkv: r.t(*dqkv),
+                    datt_scratch: r.t(*dprobs),
+                    dout: r.t(*dout),
+                    qkv: r.t(*qkv),
+                    att: r.t(*probs),
+                    b: h.b,
+                    t: h.t,
+                    nh: h.nh,
+                },
             ),
             CrossEntropy {
                 losses,
@@ -824,14 +832,16 @@ impl Op {
                 hyper,
             } => one(optimizer::adamw(
                 gpu,
-                r.t(span.params),
-                r.t(span.grads),
-                r.t(span.m),
-                r.t(span.v),
-                span.half.map(|h| r.t(h)),
-                r.t(*status),
-                r.t(*hyper),
-                span.n_decay,
+                &optimizer::AdamW {
+                    params: r.t(span.params),
+                    grads: r.t(span.grads),
+                    m: r.t(span.m),
+                    v: r.t(span.v),
+                    params_f16: span.half.map(|h| r.t(h)),
+                    status: r.t(*status),
+                    hyper: r.t(*hyper),
+                    n_decay: span.n_decay,
+                },
             )),
             AdvanceStepState {
                 state,
@@ -844,14 +854,16 @@ impl Op {
                 scaling,
             } => one(optimizer::advance_step_state(
                 gpu,
-                r.t(*state),
-                r.t(*status),
-                r.t(*bias_table),
-                r.t(*dloss),
-                r.t(*norm_scalars),
-                r.t(*hyper),
-                *growth_interval,
-                *scaling,
+                &optimizer::AdvanceStepState {
+                    state: r.t(*state),
+                    status: r.t(*status),
+                    table: r.t(*bias_table),
+                    dloss: r.t(*dloss),
+                    norm_scalars: r.t(*norm_scalars),
+                    hyper: r.t(*hyper),
+                    growth_interval: *growth_interval,
+                    scaling: *scaling,
+                },
             )),
             EmbeddingAt {
                 out,
@@ -863,16 +875,14 @@ impl Op {
             } => wte
                 .iter()
                 .map(|part| {
-                    sample::embedding_at(
-                        gpu,
-                        dims,
-                        step,
-                        r.t(*out),
-                        r.t(*tokens),
-                        r.t(part.table),
-                        part.piece,
-                        r.t(*wpe),
-                    )
+                    let args = sample::EmbeddingAt {
+                        out: r.t(*out),
+                        tokens: r.t(*tokens),
+                        wte: r.t(part.table),
+                        piece: part.piece,
+                        wpe: r.t(*wpe),
+                    };
+                    sample::embedding_at(gpu, dims, step, &args)
                 })
                 .collect(),
             AttentionDecode {

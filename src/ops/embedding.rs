@@ -142,6 +142,18 @@ struct PosParams {
     _pad: u32,
 }
 
+/// The arguments of [`embedding_forward`].
+#[derive(Clone, Copy)]
+pub struct EmbeddingForward<'a> {
+    pub out: &'a Tensor,
+    pub tokens: &'a Tensor,
+    pub wte: &'a Tensor,
+    pub piece: TablePiece,
+    pub wpe: &'a Tensor,
+    pub b: usize,
+    pub t: usize,
+}
+
 /// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`, for the positions whose token lies in
 /// `piece` (every position when `wte` is the whole table).
 ///
@@ -150,18 +162,17 @@ struct PosParams {
 ///   `piece.total - 1`.
 /// - `wte`: `[rows, C]` f32 | f16, rows `piece.first..` of the table. `wpe`: `[block, C]` f32 |
 ///   f16 with `block >= T`.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_forward(
-    gpu: &Gpu,
-    out: &Tensor,
-    tokens: &Tensor,
-    wte: &Tensor,
-    piece: TablePiece,
-    wpe: &Tensor,
-    b: usize,
-    t: usize,
-) -> Result<Dispatch> {
+pub fn embedding_forward(gpu: &Gpu, args: &EmbeddingForward<'_>) -> Result<Dispatch> {
     const OP: &str = "embedding_forward";
+    let &EmbeddingForward {
+        out,
+        tokens,
+        wte,
+        piece,
+        wpe,
+        b,
+        t,
+    } = args;
     let check = Check::new(gpu, OP);
     if b == 0 || t == 0 {
         return Err(check.error(format!("B = {b} and T = {t} must be positive")));
@@ -250,9 +261,30 @@ pub fn embedding_backward(
         .arg("dwte", dwte)
         .matrix(1)?;
     Ok(vec![
-        embedding_backward_wte(gpu, dwte, TablePiece::whole(vp), dout, buckets, b, t)?,
+        embedding_backward_wte(
+            gpu,
+            &EmbeddingBackwardWte {
+                dwte,
+                piece: TablePiece::whole(vp),
+                dout,
+                buckets,
+                b,
+                t,
+            },
+        )?,
         embedding_backward_wpe(gpu, dwpe, dout, b, t)?,
     ])
+}
+
+/// The arguments of [`embedding_backward_wte`].
+#[derive(Clone, Copy)]
+pub struct EmbeddingBackwardWte<'a> {
+    pub dwte: &'a Tensor,
+    pub piece: TablePiece,
+    pub dout: &'a Tensor,
+    pub buckets: &'a Tensor,
+    pub b: usize,
+    pub t: usize,
 }
 
 /// `dwte[tok - piece.first, :] += sum of dout[pos, :]` over the positions holding `tok`, for the
@@ -264,17 +296,16 @@ pub fn embedding_backward(
 ///   this batch's tokens (for the whole table's `total` rows). The grid is sized for the worst
 ///   case (every position a distinct token), so the dispatch can be recorded once and only the
 ///   buckets rewritten each step.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_backward_wte(
-    gpu: &Gpu,
-    dwte: &Tensor,
-    piece: TablePiece,
-    dout: &Tensor,
-    buckets: &Tensor,
-    b: usize,
-    t: usize,
-) -> Result<Dispatch> {
+pub fn embedding_backward_wte(gpu: &Gpu, args: &EmbeddingBackwardWte<'_>) -> Result<Dispatch> {
     const OP: &str = "embedding_backward";
+    let &EmbeddingBackwardWte {
+        dwte,
+        piece,
+        dout,
+        buckets,
+        b,
+        t,
+    } = args;
     let check = Check::new(gpu, OP);
     let (piece_rows, c) = check.arg("dwte", dwte).f32()?.matrix(1)?;
     piece.check(&check, piece_rows)?;

@@ -134,24 +134,39 @@ pub fn layernorm_forward(
     })
 }
 
+/// The tensors of [`fused_residual_layernorm_forward`].
+#[derive(Clone, Copy)]
+pub struct FusedResidualLayerNorm<'a> {
+    pub residual_out: &'a Tensor,
+    pub out: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+}
+
 /// `residual_out = a + b`, then LayerNorm of it, in one pass (the residual stream between blocks).
 ///
 /// - `residual_out`: `[N, C]` f32, overwritten (the sum, kept in f32).
 /// - `out`: `[N, C]` f32 | f16, overwritten. `mean`, `rstd`: `[N]` f32, overwritten.
 /// - `a`, `b`: `[N, C]` f32 | f16 each. `weight`, `bias`: `[C]` f32.
-#[allow(clippy::too_many_arguments)]
 pub fn fused_residual_layernorm_forward(
     gpu: &Gpu,
-    residual_out: &Tensor,
-    out: &Tensor,
-    mean: &Tensor,
-    rstd: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    args: &FusedResidualLayerNorm<'_>,
 ) -> Result<Dispatch> {
     const OP: &str = "fused_residual_layernorm_forward";
+    let &FusedResidualLayerNorm {
+        residual_out,
+        out,
+        mean,
+        rstd,
+        a,
+        b,
+        weight,
+        bias,
+    } = args;
     let check = Check::new(gpu, OP);
     let c = check.arg("weight", weight).f32()?.vector()?;
     check.arg("bias", bias).f32()?.len(c)?;
@@ -194,6 +209,20 @@ pub fn fused_residual_layernorm_forward(
     })
 }
 
+/// The tensors of [`layernorm_backward`].
+#[derive(Clone, Copy)]
+pub struct LayerNormBackward<'a> {
+    pub dinp: &'a Tensor,
+    pub dweight: &'a Tensor,
+    pub dbias: &'a Tensor,
+    pub scratch: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+}
+
 /// LayerNorm backward. Returns two dispatches to run in order.
 ///
 /// - `dinp`: `[N, C]` f32, ACCUMULATED (`+=`: it is the residual stream's gradient).
@@ -205,20 +234,19 @@ pub fn fused_residual_layernorm_forward(
 ///
 /// Parameter gradients are summed over rows in a fixed order (per chunk of
 /// [`BACKWARD_ROWS_PER_GROUP`] rows, then over chunks): bitwise reproducible.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
-    gpu: &Gpu,
-    dinp: &Tensor,
-    dweight: &Tensor,
-    dbias: &Tensor,
-    scratch: &Tensor,
-    dout: &Tensor,
-    inp: &Tensor,
-    weight: &Tensor,
-    mean: &Tensor,
-    rstd: &Tensor,
-) -> Result<Vec<Dispatch>> {
+pub fn layernorm_backward(gpu: &Gpu, args: &LayerNormBackward<'_>) -> Result<Vec<Dispatch>> {
     const OP: &str = "layernorm_backward";
+    let &LayerNormBackward {
+        dinp,
+        dweight,
+        dbias,
+        scratch,
+        dout,
+        inp,
+        weight,
+        mean,
+        rstd,
+    } = args;
     let check = Check::new(gpu, OP);
     let c = check.arg("weight", weight).f32()?.vector()?;
     let n = check.arg("inp", inp).float()?.rows(c)?;

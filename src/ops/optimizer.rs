@@ -292,6 +292,19 @@ pub fn grad_norm_with_groups(
     Ok(dispatches)
 }
 
+/// The arguments of [`adamw`].
+#[derive(Clone, Copy)]
+pub struct AdamW<'a> {
+    pub params: &'a Tensor,
+    pub grads: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub params_f16: Option<&'a Tensor>,
+    pub status: &'a Tensor,
+    pub hyper: &'a Tensor,
+    pub n_decay: usize,
+}
+
 /// Fused AdamW (PyTorch semantics) over one parameter buffer in one dispatch:
 /// `g = grad * inv_loss_scale * clip_coef`; `p *= 1 - lr * wd` for elements `[0, n_decay)`
 /// only; `m = b1 m + (1 - b1) g`; `v = b2 v + (1 - b2) g^2`;
@@ -303,42 +316,27 @@ pub fn grad_norm_with_groups(
 ///   values in the same pass (mixed precision).
 /// - `status`: `[4]` f32 from [`grad_norm`]. `hyper`: f32 `[AdamWHyper::LEN]` holding an
 ///   [`AdamWHyper`].
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    gpu: &Gpu,
-    params: &Tensor,
-    grads: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    params_f16: Option<&Tensor>,
-    status: &Tensor,
-    hyper: &Tensor,
-    n_decay: usize,
-) -> Result<Dispatch> {
+pub fn adamw(gpu: &Gpu, args: &AdamW<'_>) -> Result<Dispatch> {
     let max = gpu.limits.max_compute_workgroups_per_dimension;
-    adamw_with_grid_limit(
-        gpu, params, grads, m, v, params_f16, status, hyper, n_decay, max,
-    )
+    adamw_with_grid_limit(gpu, args, max)
 }
 
 /// [`adamw`] with the grid laid out as if at most `max_per_dim` workgroups fitted in one
 /// dimension, so that tests reach the 2-D grid GPT-2's 124M parameters need (485k workgroups)
 /// with small inputs.
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_with_grid_limit(
-    gpu: &Gpu,
-    params: &Tensor,
-    grads: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    params_f16: Option<&Tensor>,
-    status: &Tensor,
-    hyper: &Tensor,
-    n_decay: usize,
-    max_per_dim: u32,
-) -> Result<Dispatch> {
+pub fn adamw_with_grid_limit(gpu: &Gpu, args: &AdamW<'_>, max_per_dim: u32) -> Result<Dispatch> {
     const OP: &str = "adamw";
+    let &AdamW {
+        params,
+        grads,
+        m,
+        v,
+        params_f16,
+        status,
+        hyper,
+        n_decay,
+    } = args;
     let check = Check::new(gpu, OP);
     let n = params.len();
     for (what, t) in [("params", params), ("grads", grads), ("m", m), ("v", v)] {
@@ -475,6 +473,19 @@ pub fn bias_correction_table(beta1: f64, beta2: f64) -> Vec<f32> {
     table
 }
 
+/// The arguments of [`advance_step_state`].
+#[derive(Clone, Copy)]
+pub struct AdvanceStepState<'a> {
+    pub state: &'a Tensor,
+    pub status: &'a Tensor,
+    pub table: &'a Tensor,
+    pub dloss: &'a Tensor,
+    pub norm_scalars: &'a Tensor,
+    pub hyper: &'a Tensor,
+    pub growth_interval: usize,
+    pub scaling: bool,
+}
+
 /// The last node of a training step: advances the loss scaler and Adam's step count in `state`
 /// from the step's finiteness flag (`status[2]`, from [`grad_norm`]) as [`LossScaler`] rules
 /// (skip and halve on non-finite gradients; with `scaling`, double every `growth_interval` clean
@@ -483,19 +494,18 @@ pub fn bias_correction_table(beta1: f64, beta2: f64) -> Vec<f32> {
 /// `table` = [`bias_correction_table`]). AdamW's `lr` is left for the CPU to write.
 ///
 /// [`LossScaler`]: crate::reference::scaler::LossScaler
-#[allow(clippy::too_many_arguments)]
-pub fn advance_step_state(
-    gpu: &Gpu,
-    state: &Tensor,
-    status: &Tensor,
-    table: &Tensor,
-    dloss: &Tensor,
-    norm_scalars: &Tensor,
-    hyper: &Tensor,
-    growth_interval: usize,
-    scaling: bool,
-) -> Result<Dispatch> {
+pub fn advance_step_state(gpu: &Gpu, args: &AdvanceStepState<'_>) -> Result<Dispatch> {
     const OP: &str = "advance_step_state";
+    let &AdvanceStepState {
+        state,
+        status,
+        table,
+        dloss,
+        norm_scalars,
+        hyper,
+        growth_interval,
+        scaling,
+    } = args;
     let check = Check::new(gpu, OP);
     check_state(gpu, state)?;
     check.arg("status", status).f32()?.len(STATUS_LEN)?;

@@ -123,21 +123,33 @@ fn shape_uniform_for_piece(
     }))
 }
 
+/// The tensors of [`embedding_at`] and the table piece `wte` holds.
+#[derive(Clone, Copy)]
+pub struct EmbeddingAt<'a> {
+    pub out: &'a Tensor,
+    pub tokens: &'a Tensor,
+    pub wte: &'a Tensor,
+    pub piece: TablePiece,
+    pub wpe: &'a Tensor,
+}
+
 /// `out[s] = wte[tokens[s]] + wpe[step.pos]` for every sample whose token lies in `piece`.
 /// out: (S, C) f32; tokens: (S) u32; wte: (rows, C) rows `piece.first..` of the (Vp, C) table;
 /// wpe: (block, C); f32 or f16 (same dtype).
-#[allow(clippy::too_many_arguments)]
 pub fn embedding_at(
     gpu: &Gpu,
     d: &DecodeDims,
     step: &Uniform,
-    out: &Tensor,
-    tokens: &Tensor,
-    wte: &Tensor,
-    piece: TablePiece,
-    wpe: &Tensor,
+    args: &EmbeddingAt<'_>,
 ) -> Result<Dispatch> {
     const OP: &str = "embedding_at";
+    let &EmbeddingAt {
+        out,
+        tokens,
+        wte,
+        piece,
+        wpe,
+    } = args;
     let check = Check::new(gpu, OP);
     check.arg("out", out).f32()?.len(d.s * d.c)?;
     check.arg("tokens", tokens).u32()?.len(d.s)?;

@@ -70,11 +70,34 @@ fn flash(k: &Case, dtype: DType, tiles: FlashTiles) -> (Vec<f32>, Vec<f32>, Vec<
     let dqkv = poisoned("dqkv", &[k.b, k.t, 3 * k.c], dtype);
     let dd = poisoned("d", &[k.b, k.nh, k.t], DType::F32);
     let g = gpu();
-    let mut d =
-        attn::flash_attention_forward_tiled(g, tiles, &out, &lse, &k.qkv, k.b, k.t, k.nh).unwrap();
+    let mut d = attn::flash_attention_forward_tiled(
+        g,
+        tiles,
+        &attn::AttentionForward {
+            out: &out,
+            lse: &lse,
+            qkv: &k.qkv,
+            b: k.b,
+            t: k.t,
+            nh: k.nh,
+        },
+    )
+    .unwrap();
     d.extend(
         attn::flash_attention_backward_tiled(
-            g, tiles, &dqkv, &k.dout, &k.qkv, &out, &lse, &dd, k.b, k.t, k.nh,
+            g,
+            tiles,
+            &attn::AttentionBackward {
+                dqkv: &dqkv,
+                dout: &k.dout,
+                qkv: &k.qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &dd,
+                b: k.b,
+                t: k.t,
+                nh: k.nh,
+            },
         )
         .unwrap(),
     );
@@ -91,8 +114,20 @@ fn naive(k: &Case, dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let g = gpu();
     let mut d = attn::naive_attention_forward(g, &out, &att, &k.qkv, k.b, k.t, k.nh).unwrap();
     d.extend(
-        attn::naive_attention_backward(g, &dqkv, &datt, &k.dout, &k.qkv, &att, k.b, k.t, k.nh)
-            .unwrap(),
+        attn::naive_attention_backward(
+            g,
+            &attn::NaiveAttentionBackward {
+                dqkv: &dqkv,
+                datt_scratch: &datt,
+                dout: &k.dout,
+                qkv: &k.qkv,
+                att: &att,
+                b: k.b,
+                t: k.t,
+                nh: k.nh,
+            },
+        )
+        .unwrap(),
     );
     run(&d);
     (read(&out), read(&att), read(&dqkv))
@@ -258,8 +293,21 @@ fn mixed_storage_types_match_reference() {
         let dqkv = poisoned("dqkv", &[b, t, 3 * c], DType::F32);
         let mut d = attn::flash_attention_forward(g, &out, &lse, &qkv, b, t, nh).unwrap();
         d.extend(
-            attn::flash_attention_backward(g, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)
-                .unwrap(),
+            attn::flash_attention_backward(
+                g,
+                &attn::AttentionBackward {
+                    dqkv: &dqkv,
+                    dout: &dout,
+                    qkv: &qkv,
+                    out: &out,
+                    lse: &lse,
+                    d_scratch: &dd,
+                    b,
+                    t,
+                    nh,
+                },
+            )
+            .unwrap(),
         );
         run(&d);
         let tol = tol_for_output(out_t);
@@ -289,7 +337,20 @@ fn mixed_storage_types_match_reference() {
         let dqkv = poisoned("dqkv", &[b, t, 3 * c], DType::F32);
         let mut d = attn::naive_attention_forward(g, &out, &att, &qkv, b, t, nh).unwrap();
         d.extend(
-            attn::naive_attention_backward(g, &dqkv, &datt, &dout, &qkv, &att, b, t, nh).unwrap(),
+            attn::naive_attention_backward(
+                g,
+                &attn::NaiveAttentionBackward {
+                    dqkv: &dqkv,
+                    datt_scratch: &datt,
+                    dout: &dout,
+                    qkv: &qkv,
+                    att: &att,
+                    b,
+                    t,
+                    nh,
+                },
+            )
+            .unwrap(),
         );
         run(&d);
         assert_close(
@@ -337,14 +398,38 @@ fn finite_difference_check(flash_path: bool) {
     loss(&x0);
     let backward = if flash_path {
         let dd = poisoned("d", &[b, nh, t], DType::F32);
-        run(
-            &attn::flash_attention_backward(g, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)
-                .unwrap(),
-        );
+        run(&attn::flash_attention_backward(
+            g,
+            &attn::AttentionBackward {
+                dqkv: &dqkv,
+                dout: &dout,
+                qkv: &qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &dd,
+                b,
+                t,
+                nh,
+            },
+        )
+        .unwrap());
         read(&dqkv)
     } else {
         let datt = poisoned("datt", &[b, nh, t, t], DType::F32);
-        run(&attn::naive_attention_backward(g, &dqkv, &datt, &dout, &qkv, &att, b, t, nh).unwrap());
+        run(&attn::naive_attention_backward(
+            g,
+            &attn::NaiveAttentionBackward {
+                dqkv: &dqkv,
+                datt_scratch: &datt,
+                dout: &dout,
+                qkv: &qkv,
+                att: &att,
+                b,
+                t,
+                nh,
+            },
+        )
+        .unwrap());
         read(&dqkv)
     };
     let h = 1e-2f32;
@@ -390,7 +475,18 @@ fn flash_backward_is_deterministic() {
         let dqkv = poisoned("dqkv", &[k.b, k.t, 3 * k.c], DType::F32);
         let dd = poisoned("d", &[k.b, k.nh, k.t], DType::F32);
         run(&attn::flash_attention_backward(
-            g, &dqkv, &k.dout, &k.qkv, &out, &lse, &dd, k.b, k.t, k.nh,
+            g,
+            &attn::AttentionBackward {
+                dqkv: &dqkv,
+                dout: &k.dout,
+                qkv: &k.qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &dd,
+                b: k.b,
+                t: k.t,
+                nh: k.nh,
+            },
         )
         .unwrap());
         runs.push(read(&dqkv));
@@ -473,41 +569,70 @@ fn shape_errors_are_returned() {
     // Backward: scratch of the wrong size, dqkv of the wrong size, output aliasing an input.
     let dqkv = f32t(&[b, t, 3 * c]);
     expect_err(
-        attn::flash_attention_backward(g, &dqkv, &out, &qkv, &out, &lse, &f32t(&[b, nh]), b, t, nh),
+        attn::flash_attention_backward(
+            g,
+            &attn::AttentionBackward {
+                dqkv: &dqkv,
+                dout: &out,
+                qkv: &qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &f32t(&[b, nh]),
+                b,
+                t,
+                nh,
+            },
+        ),
         "d_scratch len",
     );
     expect_err(
         attn::flash_attention_backward(
             g,
-            &f32t(&[b, t, c]),
-            &out,
-            &qkv,
-            &out,
-            &lse,
-            &lse,
-            b,
-            t,
-            nh,
+            &attn::AttentionBackward {
+                dqkv: &f32t(&[b, t, c]),
+                dout: &out,
+                qkv: &qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &lse,
+                b,
+                t,
+                nh,
+            },
         ),
         "dqkv len",
     );
     expect_err(
         attn::flash_attention_backward(
             g,
-            &qkv,
-            &out,
-            &qkv,
-            &out,
-            &lse,
-            &f32t(&[b, nh, t]),
-            b,
-            t,
-            nh,
+            &attn::AttentionBackward {
+                dqkv: &qkv,
+                dout: &out,
+                qkv: &qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &f32t(&[b, nh, t]),
+                b,
+                t,
+                nh,
+            },
         ),
         "dqkv aliasing qkv",
     );
     expect_err(
-        attn::naive_attention_backward(g, &dqkv, &f32t(&[b, nh, t]), &out, &qkv, &att, b, t, nh),
+        attn::naive_attention_backward(
+            g,
+            &attn::NaiveAttentionBackward {
+                dqkv: &dqkv,
+                datt_scratch: &f32t(&[b, nh, t]),
+                dout: &out,
+                qkv: &qkv,
+                att: &att,
+                b,
+                t,
+                nh,
+            },
+        ),
         "datt len",
     );
     // Tiles that are not offered.
@@ -518,7 +643,18 @@ fn shape_errors_are_returned() {
         bk: 16,
     };
     expect_err(
-        attn::flash_attention_forward_tiled(g, bad, &out, &lse, &qkv, b, t, nh),
+        attn::flash_attention_forward_tiled(
+            g,
+            bad,
+            &attn::AttentionForward {
+                out: &out,
+                lse: &lse,
+                qkv: &qkv,
+                b,
+                t,
+                nh,
+            },
+        ),
         "bad tiles",
     );
     // The error names the op.
@@ -632,7 +768,19 @@ fn coop_cases(emulate: bool) -> Vec<(Shape, CoopAttention)> {
 fn coop_forward(k: &Case, cfg: CoopAttention) -> (Vec<f32>, Vec<f32>) {
     let out = poisoned("out", &[k.b, k.t, k.c], DType::F16);
     let lse = poisoned("lse", &[k.b, k.nh, k.t], DType::F32);
-    run(&attn::coop_attention_forward(gpu(), cfg, &out, &lse, &k.qkv, k.b, k.t, k.nh).unwrap());
+    run(&attn::coop_attention_forward(
+        gpu(),
+        cfg,
+        &attn::AttentionForward {
+            out: &out,
+            lse: &lse,
+            qkv: &k.qkv,
+            b: k.b,
+            t: k.t,
+            nh: k.nh,
+        },
+    )
+    .unwrap());
     (read(&out), read(&lse))
 }
 
@@ -681,10 +829,34 @@ fn coop_backward(k: &Case, cfg: CoopAttention) -> Vec<f32> {
     let lse = poisoned("lse", &[k.b, k.nh, k.t], DType::F32);
     let dqkv = poisoned("dqkv", &[k.b, k.t, 3 * k.c], DType::F16);
     let dd = poisoned("d", &[k.b, k.nh, k.t], DType::F32);
-    let mut d = attn::coop_attention_forward(g, cfg, &out, &lse, &k.qkv, k.b, k.t, k.nh).unwrap();
+    let mut d = attn::coop_attention_forward(
+        g,
+        cfg,
+        &attn::AttentionForward {
+            out: &out,
+            lse: &lse,
+            qkv: &k.qkv,
+            b: k.b,
+            t: k.t,
+            nh: k.nh,
+        },
+    )
+    .unwrap();
     d.extend(
         attn::coop_attention_backward(
-            g, cfg, &dqkv, &k.dout, &k.qkv, &out, &lse, &dd, k.b, k.t, k.nh,
+            g,
+            cfg,
+            &attn::AttentionBackward {
+                dqkv: &dqkv,
+                dout: &k.dout,
+                qkv: &k.qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &dd,
+                b: k.b,
+                t: k.t,
+                nh: k.nh,
+            },
         )
         .unwrap(),
     );

@@ -26,7 +26,18 @@ fn forward_whole(
     t: usize,
 ) -> wgpt::Result<wgpt::Dispatch> {
     let rows = wte.shape[0];
-    emb::embedding_forward(g, out, tokens, wte, emb::TablePiece::whole(rows), wpe, b, t)
+    emb::embedding_forward(
+        g,
+        &emb::EmbeddingForward {
+            out,
+            tokens,
+            wte,
+            piece: emb::TablePiece::whole(rows),
+            wpe,
+            b,
+            t,
+        },
+    )
 }
 
 /// Tokens with many repeats: drawn from a small range, plus the last id.
@@ -272,10 +283,34 @@ fn a_table_in_pieces_equals_the_whole_table() {
             let grad = gpu()
                 .zeros("dwte piece", &[r1 - r0, c], DType::F32)
                 .unwrap();
-            dispatches
-                .push(emb::embedding_forward(gpu(), &out, &tt, &piece, at, &wpe_g, b, t).unwrap());
             dispatches.push(
-                emb::embedding_backward_wte(gpu(), &grad, at, &dout_g, &buckets, b, t).unwrap(),
+                emb::embedding_forward(
+                    gpu(),
+                    &emb::EmbeddingForward {
+                        out: &out,
+                        tokens: &tt,
+                        wte: &piece,
+                        piece: at,
+                        wpe: &wpe_g,
+                        b,
+                        t,
+                    },
+                )
+                .unwrap(),
+            );
+            dispatches.push(
+                emb::embedding_backward_wte(
+                    gpu(),
+                    &emb::EmbeddingBackwardWte {
+                        dwte: &grad,
+                        piece: at,
+                        dout: &dout_g,
+                        buckets: &buckets,
+                        b,
+                        t,
+                    },
+                )
+                .unwrap(),
             );
             grads.push(grad);
         }

@@ -80,14 +80,16 @@ fn fused_residual_layernorm_forward_matches_reference() {
                     let rstd = poisoned("rstd", &[n], DType::F32);
                     let d = ln::fused_residual_layernorm_forward(
                         gpu(),
-                        &residual,
-                        &out,
-                        &mean,
-                        &rstd,
-                        &at,
-                        &bt,
-                        &wt,
-                        &biast,
+                        &ln::FusedResidualLayerNorm {
+                            residual_out: &residual,
+                            out: &out,
+                            mean: &mean,
+                            rstd: &rstd,
+                            a: &at,
+                            b: &bt,
+                            weight: &wt,
+                            bias: &biast,
+                        },
                     )
                     .unwrap();
                     gpu().run(&[&d]).unwrap();
@@ -153,15 +155,17 @@ fn backward_case(seed: u64, n: usize, c: usize, in_t: DType, dout_t: DType) -> B
     );
     let dispatches = ln::layernorm_backward(
         gpu(),
-        &dinp,
-        &dweight,
-        &dbias,
-        &scratch,
-        &dt,
-        &xt,
-        &wt,
-        &mt,
-        &rt,
+        &ln::LayerNormBackward {
+            dinp: &dinp,
+            dweight: &dweight,
+            dbias: &dbias,
+            scratch: &scratch,
+            dout: &dt,
+            inp: &xt,
+            weight: &wt,
+            mean: &mt,
+            rstd: &rt,
+        },
     )
     .unwrap();
     let (mut want_dinp, mut want_dweight, mut want_dbias) = init.clone();
@@ -301,15 +305,17 @@ fn layernorm_backward_matches_finite_differences() {
             .unwrap();
         let ds = ln::layernorm_backward(
             gpu(),
-            &dinp,
-            &dweight,
-            &dbias,
-            &scratch,
-            &dt,
-            &xt,
-            &wt,
-            &mean,
-            &rstd,
+            &ln::LayerNormBackward {
+                dinp: &dinp,
+                dweight: &dweight,
+                dbias: &dbias,
+                scratch: &scratch,
+                dout: &dt,
+                inp: &xt,
+                weight: &wt,
+                mean: &mean,
+                rstd: &rstd,
+            },
         )
         .unwrap();
         gpu().run(&ds.iter().collect::<Vec<_>>()).unwrap();
@@ -362,11 +368,36 @@ fn launchers_pick_the_reduction_variant_of_the_device() {
             &ln::layernorm_forward(g, &out, &mean, &rstd, &x, &w, &b).unwrap(),
         );
         assert_reduction_variant(
-            &ln::fused_residual_layernorm_forward(g, &res, &out, &mean, &rstd, &x, &x, &w, &b)
-                .unwrap(),
+            &ln::fused_residual_layernorm_forward(
+                g,
+                &ln::FusedResidualLayerNorm {
+                    residual_out: &res,
+                    out: &out,
+                    mean: &mean,
+                    rstd: &rstd,
+                    a: &x,
+                    b: &x,
+                    weight: &w,
+                    bias: &b,
+                },
+            )
+            .unwrap(),
         );
-        let ds =
-            ln::layernorm_backward(g, &res, &w, &b, &scratch, &x, &x, &w, &mean, &rstd).unwrap();
+        let ds = ln::layernorm_backward(
+            g,
+            &ln::LayerNormBackward {
+                dinp: &res,
+                dweight: &w,
+                dbias: &b,
+                scratch: &scratch,
+                dout: &x,
+                inp: &x,
+                weight: &w,
+                mean: &mean,
+                rstd: &rstd,
+            },
+        )
+        .unwrap();
         assert_reduction_variant(&ds[0]);
     });
 }
@@ -395,80 +426,125 @@ fn shape_errors_are_reported() {
     assert!(ln::layernorm_forward(g, &out, &mean, &rstd, &z(&[4, 8], DType::U32), &w, &b).is_err());
     assert!(ln::layernorm_forward(g, &out, &mean, &rstd, &inp, &z(&[8], DType::F16), &b).is_err());
     let res = z(&[4, 8], f);
-    assert!(
-        ln::fused_residual_layernorm_forward(g, &res, &out, &mean, &rstd, &inp, &inp, &w, &b)
-            .is_ok()
-    );
     assert!(ln::fused_residual_layernorm_forward(
         g,
-        &res,
-        &out,
-        &mean,
-        &rstd,
-        &inp,
-        &z(&[5, 8], f),
-        &w,
-        &b
+        &ln::FusedResidualLayerNorm {
+            residual_out: &res,
+            out: &out,
+            mean: &mean,
+            rstd: &rstd,
+            a: &inp,
+            b: &inp,
+            weight: &w,
+            bias: &b
+        }
+    )
+    .is_ok());
+    assert!(ln::fused_residual_layernorm_forward(
+        g,
+        &ln::FusedResidualLayerNorm {
+            residual_out: &res,
+            out: &out,
+            mean: &mean,
+            rstd: &rstd,
+            a: &inp,
+            b: &z(&[5, 8], f),
+            weight: &w,
+            bias: &b
+        }
     )
     .is_err());
     assert!(ln::fused_residual_layernorm_forward(
         g,
-        &z(&[4, 8], DType::U32),
-        &out,
-        &mean,
-        &rstd,
-        &inp,
-        &inp,
-        &w,
-        &b
+        &ln::FusedResidualLayerNorm {
+            residual_out: &z(&[4, 8], DType::U32),
+            out: &out,
+            mean: &mean,
+            rstd: &rstd,
+            a: &inp,
+            b: &inp,
+            weight: &w,
+            bias: &b
+        }
     )
     .is_err());
     let scratch = z(&[ln::layernorm_backward_scratch_len(4, 8)], f);
-    assert!(
-        ln::layernorm_backward(g, &out, &w, &b, &scratch, &inp, &inp, &w, &mean, &rstd).is_ok()
-    );
+    assert!(ln::layernorm_backward(
+        g,
+        &ln::LayerNormBackward {
+            dinp: &out,
+            dweight: &w,
+            dbias: &b,
+            scratch: &scratch,
+            dout: &inp,
+            inp: &inp,
+            weight: &w,
+            mean: &mean,
+            rstd: &rstd
+        }
+    )
+    .is_ok());
     let small = z(&[ln::layernorm_backward_scratch_len(4, 8) - 1], f);
-    let e = ln::layernorm_backward(g, &out, &w, &b, &small, &inp, &inp, &w, &mean, &rstd)
-        .err()
-        .expect("scratch");
+    let e = ln::layernorm_backward(
+        g,
+        &ln::LayerNormBackward {
+            dinp: &out,
+            dweight: &w,
+            dbias: &b,
+            scratch: &small,
+            dout: &inp,
+            inp: &inp,
+            weight: &w,
+            mean: &mean,
+            rstd: &rstd,
+        },
+    )
+    .err()
+    .expect("scratch");
     assert!(e.to_string().contains("scratch"), "{e}");
     assert!(ln::layernorm_backward(
         g,
-        &out,
-        &z(&[9], f),
-        &b,
-        &scratch,
-        &inp,
-        &inp,
-        &w,
-        &mean,
-        &rstd
+        &ln::LayerNormBackward {
+            dinp: &out,
+            dweight: &z(&[9], f),
+            dbias: &b,
+            scratch: &scratch,
+            dout: &inp,
+            inp: &inp,
+            weight: &w,
+            mean: &mean,
+            rstd: &rstd
+        }
     )
     .is_err());
     assert!(ln::layernorm_backward(
         g,
-        &z(&[4, 8], DType::F16),
-        &w,
-        &b,
-        &scratch,
-        &inp,
-        &inp,
-        &w,
-        &mean,
-        &rstd
+        &ln::LayerNormBackward {
+            dinp: &z(&[4, 8], DType::F16),
+            dweight: &w,
+            dbias: &b,
+            scratch: &scratch,
+            dout: &inp,
+            inp: &inp,
+            weight: &w,
+            mean: &mean,
+            rstd: &rstd
+        }
     )
     .is_err());
     assert!(ln::layernorm_backward(
         g,
-        &out,
-        &w,
-        &b,
-        &scratch,
-        &z(&[3, 8], f),
-        &inp,
-        &w,
-        &mean,
-        &rstd
+        &ln::LayerNormBackward {
+            dinp: &out,
+            dweight: &w,
+            dbias: &b,
+            scratch: &scratch,
+            dout: &z(&[3, 8], f),
+            inp: &inp,
+            weight: &w,
+            mean: &mean,
+            rstd: &rstd
+        }
     )
     .is_err());
 }

@@ -224,14 +224,16 @@ fn adam_state(
     dispatches.push(
         opt::adamw_with_grid_limit(
             gpu(),
-            &params,
-            &grads,
-            &m,
-            &v,
-            copy.as_ref(),
-            &status,
-            &hyper,
-            n_decay,
+            &opt::AdamW {
+                params: &params,
+                grads: &grads,
+                m: &m,
+                v: &v,
+                params_f16: copy.as_ref(),
+                status: &status,
+                hyper: &hyper,
+                n_decay,
+            },
             grid_limit,
         )
         .unwrap(),
@@ -435,27 +437,106 @@ fn shape_errors_are_reported() {
     assert!(opt::grad_norm(g, &status, &[&grads], &scratch, &z(2, f)).is_err());
 
     let (p, m, v, hyper) = (z(n, f), z(n, f), z(n, f), z(AdamWHyper::LEN, f));
-    assert!(opt::adamw(g, &p, &grads, &m, &v, None, &status, &hyper, n).is_ok());
-    let e = opt::adamw(g, &p, &grads, &m, &v, None, &status, &hyper, n + 1)
-        .err()
-        .expect("n_decay");
-    assert!(e.to_string().contains("adamw"), "{e}");
-    assert!(opt::adamw(g, &p, &z(n - 1, f), &m, &v, None, &status, &hyper, 0).is_err());
     assert!(opt::adamw(
         g,
-        &p,
-        &grads,
-        &z(n, DType::F16),
-        &v,
-        None,
-        &status,
-        &hyper,
-        0
+        &opt::AdamW {
+            params: &p,
+            grads: &grads,
+            m: &m,
+            v: &v,
+            params_f16: None,
+            status: &status,
+            hyper: &hyper,
+            n_decay: n
+        }
+    )
+    .is_ok());
+    let e = opt::adamw(
+        g,
+        &opt::AdamW {
+            params: &p,
+            grads: &grads,
+            m: &m,
+            v: &v,
+            params_f16: None,
+            status: &status,
+            hyper: &hyper,
+            n_decay: n + 1,
+        },
+    )
+    .err()
+    .expect("n_decay");
+    assert!(e.to_string().contains("adamw"), "{e}");
+    assert!(opt::adamw(
+        g,
+        &opt::AdamW {
+            params: &p,
+            grads: &z(n - 1, f),
+            m: &m,
+            v: &v,
+            params_f16: None,
+            status: &status,
+            hyper: &hyper,
+            n_decay: 0
+        }
     )
     .is_err());
-    assert!(opt::adamw(g, &p, &grads, &m, &v, Some(&z(n, f)), &status, &hyper, 0).is_err());
-    assert!(opt::adamw(g, &p, &grads, &m, &v, None, &status, &z(4, f), 0).is_err());
-    assert!(opt::adamw(g, &p, &grads, &m, &v, None, &z(2, f), &hyper, 0).is_err());
+    assert!(opt::adamw(
+        g,
+        &opt::AdamW {
+            params: &p,
+            grads: &grads,
+            m: &z(n, DType::F16),
+            v: &v,
+            params_f16: None,
+            status: &status,
+            hyper: &hyper,
+            n_decay: 0
+        }
+    )
+    .is_err());
+    assert!(opt::adamw(
+        g,
+        &opt::AdamW {
+            params: &p,
+            grads: &grads,
+            m: &m,
+            v: &v,
+            params_f16: Some(&z(n, f)),
+            status: &status,
+            hyper: &hyper,
+            n_decay: 0
+        }
+    )
+    .is_err());
+    assert!(opt::adamw(
+        g,
+        &opt::AdamW {
+            params: &p,
+            grads: &grads,
+            m: &m,
+            v: &v,
+            params_f16: None,
+            status: &status,
+            hyper: &z(4, f),
+            n_decay: 0
+        }
+    )
+    .is_err());
+    assert!(opt::adamw(
+        g,
+        &opt::AdamW {
+            params: &p,
+            grads: &grads,
+            m: &m,
+            v: &v,
+            params_f16: None,
+            status: &z(2, f),
+            hyper: &hyper,
+            n_decay: 0
+        }
+    )
+    .is_err());
     assert!(GradNormScalars::new(1.0, 1.0).write(g, &z(3, f)).is_err());
     assert!(AdamWHyper::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
         .write(g, &z(4, f))
@@ -532,7 +613,17 @@ fn step_state_advances_on_the_gpu_as_the_cpu_rules_say() {
         let hyper = f32_tensor("hyper", &hyper_in);
         let status = f32_tensor("status", &[0.0; 4]);
         let d = opt::advance_step_state(
-            g, &state, &status, &table_t, &dloss, &norm, &hyper, 3, scaling,
+            g,
+            &opt::AdvanceStepState {
+                state: &state,
+                status: &status,
+                table: &table_t,
+                dloss: &dloss,
+                norm_scalars: &norm,
+                hyper: &hyper,
+                growth_interval: 3,
+                scaling,
+            },
         )
         .unwrap();
         let mut want = (start, 0u32, adam_t0 as u32);

@@ -337,14 +337,16 @@ fn fused_residual_layernorm_forward(size: u32) {
         let rstd = poisoned("rstd", &[n], DType::F32);
         let d = ln::fused_residual_layernorm_forward(
             gpu(),
-            &residual,
-            &out,
-            &mean,
-            &rstd,
-            &f32_input("a", &a, &[n, c]),
-            &f32_input("b", &b, &[n, c]),
-            &f32_input("weight", &w, &[c]),
-            &f32_input("bias", &bias, &[c]),
+            &ln::FusedResidualLayerNorm {
+                residual_out: &residual,
+                out: &out,
+                mean: &mean,
+                rstd: &rstd,
+                a: &f32_input("a", &a, &[n, c]),
+                b: &f32_input("b", &b, &[n, c]),
+                weight: &f32_input("weight", &w, &[c]),
+                bias: &f32_input("bias", &bias, &[c]),
+            },
         )
         .unwrap();
         if s == 0 {
@@ -387,15 +389,17 @@ fn layernorm_backward(size: u32) {
         );
         let ds = ln::layernorm_backward(
             gpu(),
-            &dinp,
-            &dweight,
-            &dbias,
-            &scratch,
-            &f32_input("dout", &dout, &[n, c]),
-            &f32_input("inp", &x, &[n, c]),
-            &f32_input("weight", &w, &[c]),
-            &f32_input("mean", &mean, &[n]),
-            &f32_input("rstd", &rstd, &[n]),
+            &ln::LayerNormBackward {
+                dinp: &dinp,
+                dweight: &dweight,
+                dbias: &dbias,
+                scratch: &scratch,
+                dout: &f32_input("dout", &dout, &[n, c]),
+                inp: &f32_input("inp", &x, &[n, c]),
+                weight: &f32_input("weight", &w, &[c]),
+                mean: &f32_input("mean", &mean, &[n]),
+                rstd: &f32_input("rstd", &rstd, &[n]),
+            },
         )
         .unwrap();
         if s == 0 {
@@ -645,7 +649,18 @@ fn coop_emulated_attention(size: u32) {
     let dqkv = poisoned("dqkv", &[b, t, 3 * c], DType::F32);
     let dd = poisoned("d", &[b, nh, t], DType::F32);
     let what = format!("subgroups of {size}: {cfg:?}");
-    let forward = attn::coop_attention_forward(gpu(), cfg, &out, &lse, &qkv, b, t, nh);
+    let forward = attn::coop_attention_forward(
+        gpu(),
+        cfg,
+        &attn::AttentionForward {
+            out: &out,
+            lse: &lse,
+            qkv: &qkv,
+            b,
+            t,
+            nh,
+        },
+    );
     if size < 8 {
         let e = forward
             .err()
@@ -657,8 +672,22 @@ fn coop_emulated_attention(size: u32) {
     }
     let mut d = forward.unwrap();
     d.extend(
-        attn::coop_attention_backward(gpu(), cfg, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)
-            .unwrap(),
+        attn::coop_attention_backward(
+            gpu(),
+            cfg,
+            &attn::AttentionBackward {
+                dqkv: &dqkv,
+                dout: &dout,
+                qkv: &qkv,
+                out: &out,
+                lse: &lse,
+                d_scratch: &dd,
+                b,
+                t,
+                nh,
+            },
+        )
+        .unwrap(),
     );
     gpu().run(&d.iter().collect::<Vec<_>>()).unwrap();
     let want = cpu::attention::attention_forward(&qkv_v, b, t, c, nh);

@@ -9,7 +9,7 @@
 //! (as `MatmulKernel::CoopEmulated` does for the matmul), so that the kernels can be checked on
 //! adapters without cooperative matrices; never chosen for training.
 
-use super::{flash_params, Dims};
+use super::{flash_params, AttentionBackward, AttentionForward, Dims};
 use crate::error::Result;
 use crate::gpu::{Axis, Bind, DType, Dispatch, DispatchDesc, Gpu, Kernel, Specialisation, Tensor};
 use crate::ops::matmul::{coop_disabled_by_env, coop_subgroup_size, relative_difference};
@@ -199,18 +199,20 @@ impl CoopAttention {
 
 /// Flash attention forward on cooperative matrices: `out` (B, T, C) and `lse` (B, NH, T) f32
 /// from f16 `qkv` (B, T, 3C), as [`super::flash_attention_forward`]. One dispatch.
-#[allow(clippy::too_many_arguments)]
 pub fn coop_attention_forward(
     gpu: &Gpu,
     cfg: CoopAttention,
-    out: &Tensor,
-    lse: &Tensor,
-    qkv: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
+    args: &AttentionForward<'_>,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "coop_attention_forward";
+    let &AttentionForward {
+        out,
+        lse,
+        qkv,
+        b,
+        t,
+        nh,
+    } = args;
     let check = Check::new(gpu, OP);
     let d = Dims::new(&check, qkv, b, t, nh)?;
     let subgroup = cfg.check(&check, &d, qkv)?;
@@ -237,25 +239,27 @@ pub fn coop_attention_forward(
 /// Flash attention backward on cooperative matrices, as [`super::flash_attention_backward`]
 /// (f16 `qkv`): D into `d_scratch`, then dQ (one workgroup per query block) and dK, dV (one per
 /// key block). Three dispatches; deterministic.
-#[allow(clippy::too_many_arguments)]
 pub fn coop_attention_backward(
     gpu: &Gpu,
     cfg: CoopAttention,
-    dqkv: &Tensor,
-    dout: &Tensor,
-    qkv: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    d_scratch: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
+    args: &AttentionBackward<'_>,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "coop_attention_backward";
+    let &AttentionBackward {
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+        d_scratch,
+        b,
+        t,
+        nh,
+    } = args;
     let check = Check::new(gpu, OP);
     let d = Dims::new(&check, qkv, b, t, nh)?;
     let subgroup = cfg.check(&check, &d, qkv)?;
-    super::check_flash_backward(&check, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
+    super::check_flash_backward(&check, &d, args)?;
     let preprocess = super::flash_preprocess(&check, &d, dout, out, d_scratch)?;
     let n_blocks = d.t.div_ceil(cfg.rows() as usize);
     let work = check.fits_u32("workgroups", n_blocks * d.b * d.nh)?;
@@ -395,14 +399,52 @@ pub fn agreement_with_flash(gpu: &Gpu, cfg: CoopAttention) -> std::result::Resul
                 gpu.poison(x)?;
             }
             let mut d = if coop {
-                coop_attention_forward(gpu, cfg, &out, &lse, &qkv, b, t, nh)?
+                coop_attention_forward(
+                    gpu,
+                    cfg,
+                    &AttentionForward {
+                        out: &out,
+                        lse: &lse,
+                        qkv: &qkv,
+                        b,
+                        t,
+                        nh,
+                    },
+                )?
             } else {
                 super::flash_attention_forward(gpu, &out, &lse, &qkv, b, t, nh)?
             };
             d.extend(if coop {
-                coop_attention_backward(gpu, cfg, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)?
+                coop_attention_backward(
+                    gpu,
+                    cfg,
+                    &AttentionBackward {
+                        dqkv: &dqkv,
+                        dout: &dout,
+                        qkv: &qkv,
+                        out: &out,
+                        lse: &lse,
+                        d_scratch: &dd,
+                        b,
+                        t,
+                        nh,
+                    },
+                )?
             } else {
-                super::flash_attention_backward(gpu, &dqkv, &dout, &qkv, &out, &lse, &dd, b, t, nh)?
+                super::flash_attention_backward(
+                    gpu,
+                    &super::AttentionBackward {
+                        dqkv: &dqkv,
+                        dout: &dout,
+                        qkv: &qkv,
+                        out: &out,
+                        lse: &lse,
+                        d_scratch: &dd,
+                        b,
+                        t,
+                        nh,
+                    },
+                )?
             });
             let refs: Vec<&Dispatch> = d.iter().collect();
             gpu.run(&refs)?;

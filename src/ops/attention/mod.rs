@@ -382,22 +382,47 @@ pub fn flash_attention_forward(
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::new(&Check::new(gpu, "flash_attention_forward"), qkv, b, t, nh)?;
     let tiles = FlashTiles::choose(gpu, d.hs)?;
-    flash_attention_forward_tiled(gpu, tiles, out, lse, qkv, b, t, nh)
+    flash_attention_forward_tiled(
+        gpu,
+        tiles,
+        &AttentionForward {
+            out,
+            lse,
+            qkv,
+            b,
+            t,
+            nh,
+        },
+    )
+}
+
+/// The arguments of the attention forward launchers that take them in one struct
+/// ([`flash_attention_forward_tiled`], [`coop_attention_forward`]).
+#[derive(Clone, Copy)]
+pub struct AttentionForward<'a> {
+    pub out: &'a Tensor,
+    pub lse: &'a Tensor,
+    pub qkv: &'a Tensor,
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
 }
 
 /// [`flash_attention_forward`] with explicit tiles (which must fit the adapter).
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attention_forward_tiled(
     gpu: &Gpu,
     tiles: FlashTiles,
-    out: &Tensor,
-    lse: &Tensor,
-    qkv: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
+    args: &AttentionForward<'_>,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "flash_attention_forward";
+    let &AttentionForward {
+        out,
+        lse,
+        qkv,
+        b,
+        t,
+        nh,
+    } = args;
     let check = Check::new(gpu, OP);
     let d = Dims::new(&check, qkv, b, t, nh)?;
     tiles.check(&check, d.hs)?;
@@ -428,28 +453,33 @@ pub fn flash_attention_forward_tiled(
     Ok(vec![dispatch])
 }
 
+/// The arguments of the attention backward launchers ([`attention_backward`],
+/// [`flash_attention_backward`], [`flash_attention_backward_tiled`],
+/// [`coop_attention_backward`]).
+#[derive(Clone, Copy)]
+pub struct AttentionBackward<'a> {
+    pub dqkv: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub qkv: &'a Tensor,
+    pub out: &'a Tensor,
+    pub lse: &'a Tensor,
+    pub d_scratch: &'a Tensor,
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+}
+
 /// Flash attention backward: writes every element of `dqkv` (B, T, 3C) from `dout` (B, T, C),
 /// the forward's `qkv` and `lse` (`out` is checked, not read). `d_scratch` (B, NH, T) f32
 /// receives D = rowsum(P * dP), dP = dout v^T, summed by the first of two dispatches: dQ (one
 /// workgroup per query block), then dK/dV (one workgroup per key block); deterministic (no
 /// atomics). (See shaders/attention_flash.wgsl for why D is not FlashAttention-2's
 /// rowsum(dout * out).)
-#[allow(clippy::too_many_arguments)]
-pub fn flash_attention_backward(
-    gpu: &Gpu,
-    dqkv: &Tensor,
-    dout: &Tensor,
-    qkv: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    d_scratch: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
-) -> Result<Vec<Dispatch>> {
+pub fn flash_attention_backward(gpu: &Gpu, args: &AttentionBackward<'_>) -> Result<Vec<Dispatch>> {
+    let &AttentionBackward { qkv, b, t, nh, .. } = args;
     let d = Dims::new(&Check::new(gpu, "flash_attention_backward"), qkv, b, t, nh)?;
     let tiles = FlashTiles::choose(gpu, d.hs)?;
-    flash_attention_backward_tiled(gpu, tiles, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
+    flash_attention_backward_tiled(gpu, tiles, args)
 }
 
 /// Causal attention forward on the fastest kernels `gpu` has for it: on cooperative matrices
@@ -467,47 +497,44 @@ pub fn attention_forward(
 ) -> Result<Vec<Dispatch>> {
     let hs = Dims::new(&Check::new(gpu, "attention_forward"), qkv, b, t, nh)?.hs;
     match auto_coop_attention(gpu, hs, qkv.dtype) {
-        Some(cfg) => coop_attention_forward(gpu, cfg, out, lse, qkv, b, t, nh),
+        Some(cfg) => coop_attention_forward(
+            gpu,
+            cfg,
+            &AttentionForward {
+                out,
+                lse,
+                qkv,
+                b,
+                t,
+                nh,
+            },
+        ),
         None => flash_attention_forward(gpu, out, lse, qkv, b, t, nh),
     }
 }
 
 /// The backward pass of [`attention_forward`], on the kernels it chose.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    gpu: &Gpu,
-    dqkv: &Tensor,
-    dout: &Tensor,
-    qkv: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    d_scratch: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
-) -> Result<Vec<Dispatch>> {
+pub fn attention_backward(gpu: &Gpu, args: &AttentionBackward<'_>) -> Result<Vec<Dispatch>> {
+    let &AttentionBackward { qkv, b, t, nh, .. } = args;
     let hs = Dims::new(&Check::new(gpu, "attention_backward"), qkv, b, t, nh)?.hs;
     match auto_coop_attention(gpu, hs, qkv.dtype) {
-        Some(cfg) => {
-            coop_attention_backward(gpu, cfg, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh)
-        }
-        None => flash_attention_backward(gpu, dqkv, dout, qkv, out, lse, d_scratch, b, t, nh),
+        Some(cfg) => coop_attention_backward(gpu, cfg, args),
+        None => flash_attention_backward(gpu, args),
     }
 }
 
 /// Checks the tensors of a flash backward pass (either kernel family): sizes, storage types
 /// and that no output aliases an input.
-#[allow(clippy::too_many_arguments)]
-fn check_flash_backward(
-    check: &Check,
-    d: &Dims,
-    dqkv: &Tensor,
-    dout: &Tensor,
-    qkv: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    d_scratch: &Tensor,
-) -> Result<()> {
+fn check_flash_backward(check: &Check, d: &Dims, args: &AttentionBackward<'_>) -> Result<()> {
+    let &AttentionBackward {
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+        d_scratch,
+        ..
+    } = args;
     check.arg("dqkv", dqkv).float()?.len(d.bt() * 3 * d.c)?;
     check.arg("dout", dout).float()?.len(d.bt() * d.c)?;
     check.arg("out", out).float()?.len(d.bt() * d.c)?;
@@ -527,25 +554,27 @@ fn check_flash_backward(
 }
 
 /// [`flash_attention_backward`] with explicit tiles (which must fit the adapter).
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward_tiled(
     gpu: &Gpu,
     tiles: FlashTiles,
-    dqkv: &Tensor,
-    dout: &Tensor,
-    qkv: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    d_scratch: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
+    args: &AttentionBackward<'_>,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "flash_attention_backward";
+    let &AttentionBackward {
+        dqkv,
+        dout,
+        qkv,
+        lse,
+        d_scratch,
+        b,
+        t,
+        nh,
+        ..
+    } = args;
     let check = Check::new(gpu, OP);
     let d = Dims::new(&check, qkv, b, t, nh)?;
     tiles.check(&check, d.hs)?;
-    check_flash_backward(&check, &d, dqkv, dout, qkv, out, lse, d_scratch)?;
+    check_flash_backward(&check, &d, args)?;
 
     // Two passes over the same inputs: dQ per query block, which also sums D into `d_scratch`,
     // then dK/dV per key block, which reads it.
@@ -707,23 +736,38 @@ pub fn naive_attention_forward(
     ])
 }
 
+/// The arguments of [`naive_attention_backward`].
+#[derive(Clone, Copy)]
+pub struct NaiveAttentionBackward<'a> {
+    pub dqkv: &'a Tensor,
+    pub datt_scratch: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub qkv: &'a Tensor,
+    pub att: &'a Tensor,
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+}
+
 /// Naive attention backward: writes every element of `dqkv` (B, T, 3C) from `dout` (B, T, C),
 /// `qkv` and the forward's probabilities `att` (B, NH, T, T) f32. `datt_scratch` (B, NH, T, T)
 /// f32 receives dP = dout v^T, then in place dS = scale * P * (dP - rowsum(P * dP)). Four
 /// dispatches: dP, softmax backward, dq, dk and dv; deterministic.
-#[allow(clippy::too_many_arguments)]
 pub fn naive_attention_backward(
     gpu: &Gpu,
-    dqkv: &Tensor,
-    datt_scratch: &Tensor,
-    dout: &Tensor,
-    qkv: &Tensor,
-    att: &Tensor,
-    b: usize,
-    t: usize,
-    nh: usize,
+    args: &NaiveAttentionBackward<'_>,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "naive_attention_backward";
+    let &NaiveAttentionBackward {
+        dqkv,
+        datt_scratch,
+        dout,
+        qkv,
+        att,
+        b,
+        t,
+        nh,
+    } = args;
     let check = Check::new(gpu, OP);
     let d = Dims::new(&check, qkv, b, t, nh)?;
     check.arg("dqkv", dqkv).float()?.len(d.bt() * 3 * d.c)?;
